@@ -1,0 +1,42 @@
+"""``masrefine`` command line: one sub-command per module in :mod:`MASRefineLib.commands`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import Cancelled, MASRefineError
+
+# Order = order in --help. Each name is a module MASRefineLib.commands.<name> with add_parser().
+COMMANDS: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="masrefine", description="Multi-atlas segmentation with registration "
+                                     "refinement (VoteNet++).")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__package__}.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MASRefineError as e:
+        print(f"masrefine {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (Cancelled, KeyboardInterrupt):
+        print(f"masrefine {args.command}: cancelled", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Displacement-field files and field diagnostics.
+
+Files are NRRD, LPS millimetres, on the target grid, written so that 3D Slicer loads them as a
+grid transform and SimpleITK reads them as a vector image for ``sitk.DisplacementFieldTransform``::
+
+    type: double, dimension: 4, sizes: 3 X Y Z, kinds: vector domain domain domain,
+    space: left-posterior-superior, space directions: none (d_i) (d_j) (d_k),
+    intent_code:=1006 (NIfTI's displacement-vector intent), resampling convention.
+
+The convention is the "resampling" one of :mod:`MASRefineLib.warp`: target point p maps to the
+atlas point p + u(p).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import MASRefineError
+from .geometry import Grid
+
+
+def _as_numpy(field) -> np.ndarray:
+    if isinstance(field, torch.Tensor):
+        field = field.detach().cpu().numpy()
+    field = np.asarray(field)
+    if field.ndim == 5:
+        if field.shape[0] != 1:
+            raise ValueError("pass one field at a time (batch size 1)")
+        field = field[0]
+    if field.ndim != 4 or field.shape[0] != 3:
+        raise ValueError(f"expected a field of shape (3, Z, Y, X), got {field.shape}")
+    return field
+
+
+def write_field(field, grid: Grid, path: str | os.PathLike) -> Path:
+    """Write a displacement field (3, Z, Y, X) in LPS mm on ``grid`` as an NRRD grid transform, atomically."""
+    f = _as_numpy(field).astype(np.float64)
+    if f.shape[1:] != grid.shape:
+        raise ValueError(f"field shape {f.shape[1:]} does not match grid shape {grid.shape}")
+    # NRRD (pynrrd, index_order='C') wants the fastest axis last: (Z, Y, X, 3).
+    data = np.ascontiguousarray(np.moveaxis(f, 0, -1))
+    m = grid.direction_matrix @ np.diag(grid.spacing)  # columns: LPS step of i, j, k
+    header = {
+        "type": "double",
+        "dimension": 4,
+        "space": "left-posterior-superior",
+        "kinds": ["vector", "domain", "domain", "domain"],
+        "space directions": np.vstack([[np.nan] * 3, m.T]),
+        "space origin": np.asarray(grid.origin, dtype=np.float64),
+        "encoding": "gzip",
+        "intent_code": "1006",
+        "displacement_convention": "resampling",
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nrrd", dir=path.parent)
+    os.close(fd)
+    try:
+        # pynrrd index_order='C' reverses axes: data (Z, Y, X, 3) -> sizes 3 X Y Z, so the header
+        # lists the vector axis first, matching 'kinds'.
+        nrrd.write(tmp, data, header, index_order="C")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_field(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
+    """Read a displacement field NRRD (as written by :func:`write_field` or Slicer) -> ((3, Z, Y, X) mm, grid)."""
+    path = Path(path)
+    if not path.exists():
+        raise MASRefineError(f"{path}: file not found")
+    img = sitk.ReadImage(str(path))
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
+        raise MASRefineError(f"{path}: not a 3D displacement field (3-vector per voxel)")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (Z, Y, X, 3)
+    return np.moveaxis(arr, -1, 0).copy(), Grid.from_image(img)
+
+
+def field_to_sitk(field, grid: Grid) -> sitk.Image:
+    """A field (3, Z, Y, X) as a SimpleITK vector image (float64), ready for DisplacementFieldTransform."""
+    f = _as_numpy(field).astype(np.float64)
+    img = sitk.GetImageFromArray(np.moveaxis(f, 0, -1), isVector=True)
+    return grid.apply_to(img)
+
+
+def field_to_transform(field, grid: Grid) -> sitk.DisplacementFieldTransform:
+    """The ITK transform equivalent to warping with ``field`` (for ``sitk.Resample``)."""
+    return sitk.DisplacementFieldTransform(field_to_sitk(field, grid))
+
+
+def spatial_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """du_a/dx_b in physical units: (B, 3, 3, Z, Y, X), a = component, b = LPS axis.
+
+    Central differences in index space (one-sided at the border), mapped to LPS through
+    (direction * spacing)^-1, so oblique and anisotropic grids are handled.
+    """
+    if field.dim() == 4:
+        field = field.unsqueeze(0)
+    # torch.gradient along dims X (i), Y (j), Z (k)
+    d_i, d_j, d_k = (torch.gradient(field, dim=d)[0] for d in (4, 3, 2))
+    g_idx = torch.stack([d_i, d_j, d_k], dim=2)  # (B, 3 comps, 3 index axes, Z, Y, X)
+    minv = torch.as_tensor(np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing)), dtype=field.dtype,
+                           device=field.device)
+    # du/dp = du/didx @ didx/dp, didx/dp = M^-1 (rows: index axes, cols: LPS axes)
+    return torch.einsum("bcizyx,ij->bcjzyx", g_idx, minv)
+
+
+def jacobian_determinant(field, grid: Grid) -> torch.Tensor:
+    """det(I + du/dp) per voxel: (B, Z, Y, X). Values <= 0 mean folding."""
+    if not isinstance(field, torch.Tensor):
+        field = torch.as_tensor(np.asarray(field, dtype=np.float32))
+    g = spatial_gradient(field.float(), grid)
+    eye = torch.eye(3, dtype=g.dtype, device=g.device).view(1, 3, 3, 1, 1, 1)
+    j = (g + eye).permute(0, 3, 4, 5, 1, 2)
+    return torch.linalg.det(j)
+
+
+def folding_fraction(field, grid: Grid) -> torch.Tensor:
+    """Fraction of voxels with Jacobian determinant <= 0, per batch item: (B,)."""
+    det = jacobian_determinant(field, grid)
+    return (det <= 0).float().mean(dim=(1, 2, 3))
+
+
+def jacobian_image(field, grid: Grid) -> sitk.Image:
+    """Jacobian-determinant map of one field as a float32 image on ``grid`` (for QA in Slicer)."""
+    det = jacobian_determinant(field, grid)[0].cpu().numpy().astype(np.float32)
+    return grid.apply_to(sitk.GetImageFromArray(det))

@@ -1,0 +1,177 @@
+"""Label tables (value -> name, colour) and label-map outputs, including Slicer ``.seg.nrrd``.
+
+A label table maps each non-zero label value to ``{"name": str, "color": [r, g, b]}`` with colour
+components 0..255. Value 0 is background and is never listed. Values are never renumbered: what
+goes in comes out.
+"""
+from __future__ import annotations
+
+import colorsys
+import csv
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import MASRefineError
+from .geometry import Grid
+from .imageio import write_image
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    color: tuple[int, int, int]
+
+
+def default_color(value: int) -> tuple[int, int, int]:
+    """A stable, distinct colour for a label value (golden-ratio hue walk)."""
+    h = (value * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.55 + 0.3 * ((value * 7) % 3) / 2, 0.9)
+    return (int(round(r * 255)), int(round(g * 255)), int(round(b * 255)))
+
+
+class LabelTable(dict):
+    """``{value: Label}`` for the non-zero labels, ordered by value."""
+
+    @classmethod
+    def from_json_dict(cls, d: dict, source: str = "label table") -> "LabelTable":
+        t = cls()
+        for k, v in d.items():
+            try:
+                value = int(k)
+            except ValueError:
+                raise MASRefineError(f"{source}: label value {k!r} is not an integer") from None
+            if value <= 0:
+                continue
+            if isinstance(v, str):
+                v = {"name": v}
+            color = v.get("color") or default_color(value)
+            if len(color) != 3:
+                raise MASRefineError(f"{source}: label {value} colour must have 3 components")
+            if all(isinstance(c, float) and c <= 1.0 for c in color):
+                color = [int(round(c * 255)) for c in color]
+            t[value] = Label(str(v.get("name", f"label {value}")), tuple(int(c) for c in color))
+        return cls(sorted(t.items()))
+
+    def to_json_dict(self) -> dict:
+        return {str(k): {"name": v.name, "color": list(v.color)} for k, v in sorted(self.items())}
+
+    @classmethod
+    def from_values(cls, values) -> "LabelTable":
+        return cls((int(v), Label(f"label {int(v)}", default_color(int(v)))) for v in sorted(set(int(v) for v in values)) if v > 0)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LabelTable":
+        """Read a label table: JSON ``{value: {name, color}}`` (also synth_knee's labels.json), a CSV with
+        ``Index`` and ``Name`` columns (IXI's MUSE_listROIs.csv), or a Slicer colour table (.ctbl/.txt:
+        ``value name r g b a``)."""
+        path = Path(path)
+        if not path.exists():
+            raise MASRefineError(f"{path}: label table not found")
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix.lower() == ".json":
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise MASRefineError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+            return cls.from_json_dict(d.get("labels", d), str(path))
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+            if not rows or "Index" not in rows[0] or "Name" not in rows[0]:
+                raise MASRefineError(f"{path}: CSV label table needs 'Index' and 'Name' columns")
+            return cls.from_json_dict({r["Index"]: {"name": r["Name"]} for r in rows}, str(path))
+        t = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if len(parts) < 5:
+                raise MASRefineError(f"{path}: colour-table line needs 'value name r g b [a]': {line.strip()}")
+            t[parts[0]] = {"name": parts[1], "color": [int(float(c)) for c in parts[2:5]]}
+        return cls.from_json_dict(t, str(path))
+
+    def subset(self, values) -> "LabelTable":
+        """Only the given values (e.g. those present in an atlas set), in value order."""
+        keep = set(int(v) for v in values)
+        return LabelTable((k, v) for k, v in self.items() if k in keep)
+
+
+def write_label_outputs(label: sitk.Image | np.ndarray, table: LabelTable, path_stem: str | os.PathLike,
+                        grid: Grid | None = None) -> dict[str, Path]:
+    """Write a label map as ``<stem>.nii.gz`` and ``<stem>.seg.nrrd`` (names/colours); returns the paths."""
+    if isinstance(label, np.ndarray):
+        if grid is None:
+            raise ValueError("grid is required for an array label map")
+        label = grid.apply_to(sitk.GetImageFromArray(label.astype(np.uint16)))
+    stem = Path(path_stem)
+    nii = write_image(sitk.Cast(label, sitk.sitkUInt16), stem.with_name(stem.name + ".nii.gz"))
+    seg = write_seg_nrrd(label, table, stem.with_name(stem.name + ".seg.nrrd"))
+    return {"nifti": nii, "seg_nrrd": seg}
+
+
+def write_seg_nrrd(label: sitk.Image, table: LabelTable, path: str | os.PathLike) -> Path:
+    """Write a label map as a Slicer segmentation file, one segment per table entry, atomically.
+
+    Each segment keeps the label value as its ``labelValue`` (so values survive a round trip), the
+    table's name, and its colour (0..1 floats as Slicer stores them).
+    """
+    import slicerio
+
+    arr = sitk.GetArrayFromImage(label)  # (z, y, x)
+    present = set(np.unique(arr).tolist()) - {0}
+    missing = present - set(table)
+    if missing:
+        raise MASRefineError(f"{path}: label values {sorted(missing)[:10]} are not in the label table")
+    grid = Grid.from_image(label)
+    vox = np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.uint16)  # slicerio voxels are (i, j, k)
+    segments = []
+    for value, lab in table.items():
+        segments.append({"id": f"Segment_{value}", "name": lab.name, "labelValue": int(value), "layer": 0,
+                         "color": [c / 255.0 for c in lab.color]})
+    seg = {"voxels": vox, "ijkToLPS": grid.index_to_physical(), "segments": segments, "encoding": "gzip",
+           "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.seg.nrrd", dir=path.parent)
+    os.close(fd)
+    try:
+        slicerio.write_segmentation(tmp, seg)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, LabelTable]:
+    """Read a Slicer ``.seg.nrrd`` (single layer) back into (label map, label table)."""
+    import slicerio
+
+    path = Path(path)
+    if not path.exists():
+        raise MASRefineError(f"{path}: file not found")
+    seg = slicerio.read_segmentation(str(path))
+    vox = np.asarray(seg["voxels"])
+    if vox.ndim == 4:
+        raise MASRefineError(f"{path}: overlapping segments (several layers) cannot be a label map")
+    table = {}
+    out = np.zeros(vox.shape, dtype=np.uint16)
+    for s in seg["segments"]:
+        value = int(s["labelValue"])
+        color = [int(round(c * 255)) for c in s.get("color", [0.5, 0.5, 0.5])]
+        table[str(value)] = {"name": s.get("name", s.get("id", str(value))), "color": color}
+        out[vox == value] = value
+    ijk = np.asarray(seg["ijkToLPS"], dtype=np.float64)
+    spacing = np.linalg.norm(ijk[:3, :3], axis=0)
+    direction = ijk[:3, :3] / spacing
+    img = sitk.GetImageFromArray(np.ascontiguousarray(out.transpose(2, 1, 0)))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in ijk[:3, 3]))
+    img.SetDirection(tuple(float(d) for d in direction.ravel()))
+    return img, LabelTable.from_json_dict(table, str(path))
