@@ -1,0 +1,126 @@
+"""The one set of losses for registration and refinement (paper Eq. 4-6), batched: every loss
+returns one value per batch item, shape (B,), so several atlases are optimised together and each
+reports its own terms.
+
+Images are (B, 1, Z, Y, X); segmentations (B, K, Z, Y, X) probabilities; displacement fields
+(B, 3, Z, Y, X). Derivative-based regularisers take ``spacing`` (x, y, z) in the field's length
+unit per voxel, so the same function serves fields in mm (spacing in mm) and fields in normalised
+coordinates (spacing 2/(n-1)); see :mod:`MASRefineLib.refine` for the units of gamma.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-5
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _voxel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Sum over channels (field components), mean over voxels: (B,)."""
+    return _flat(x.sum(1)).mean(1)
+
+
+def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Global normalised cross-correlation per batch item (B,), in [-1, 1]. Loss (Eq. 4): ``1 - ncc``."""
+    a, b = _flat(a), _flat(b)
+    if mask is not None:
+        w = _flat(mask.to(a.dtype)).expand_as(a)
+    else:
+        w = torch.ones_like(a)
+    n = w.sum(1).clamp(min=1.0)
+    ma, mb = (w * a).sum(1) / n, (w * b).sum(1) / n
+    da, db = a - ma[:, None], b - mb[:, None]
+    cov = (w * da * db).sum(1)
+    va, vb = (w * da * da).sum(1), (w * db * db).sum(1)
+    return cov / torch.sqrt(va * vb + _EPS)
+
+
+def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """Local NCC (squared local correlation, as in VoxelMorph/ANTs' CC) averaged over voxels: (B,).
+
+    ``window`` is the side of the cubic window in voxels. Loss: ``1 - lncc``.
+    """
+    pad = window // 2
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool3d(x, window, stride=1, padding=pad, count_include_pad=False)
+
+    ma, mb = box(a), box(b)
+    cov = box(a * b) - ma * mb
+    va = (box(a * a) - ma * ma).clamp(min=0)
+    vb = (box(b * b) - mb * mb).clamp(min=0)
+    cc = cov * cov / (va * vb + _EPS)
+    return _flat(cc).mean(1)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference per batch item (B,)."""
+    return _flat((a - b) ** 2).mean(1)
+
+
+def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, include_background: bool = False) -> torch.Tensor:
+    """Soft multi-class Dice loss (paper Eq. 5) per batch item (B,), in [0, 1].
+
+    ``pred`` and ``target`` are (B, K+1, ...) class probabilities with channel 0 = background; the
+    mean runs over the K structures (k = 1..K) unless ``include_background``. Eq. 5 as printed lacks
+    the factor 2 of the Dice coefficient (its minimum would be 0.5); we use the standard
+    2 * sum(p q) / (sum p + sum q) so a perfect match gives loss 0.
+    """
+    if not include_background:
+        pred, target = pred[:, 1:], target[:, 1:]
+    dims = tuple(range(2, pred.dim()))
+    inter = (pred * target).sum(dims)
+    denom = pred.sum(dims) + target.sum(dims)
+    dice = (2 * inter + _EPS) / (denom + _EPS)
+    return 1.0 - dice.mean(1)
+
+
+def _d2(f: torch.Tensor, axis: int, h: float) -> torch.Tensor:
+    """Compact second difference f(x+1) - 2 f(x) + f(x-1) along a spatial axis (2, 3, 4), / h^2."""
+    n = f.shape[axis]
+    return (f.narrow(axis, 2, n - 2) - 2 * f.narrow(axis, 1, n - 2) + f.narrow(axis, 0, n - 2)) / (h * h)
+
+
+def _dxy(f: torch.Tensor, a: int, b: int, ha: float, hb: float) -> torch.Tensor:
+    """Compact mixed difference over one 2x2 cell: f(+a,+b) - f(+a) - f(+b) + f, / (ha hb)."""
+    na, nb = f.shape[a], f.shape[b]
+    f11 = f.narrow(a, 1, na - 1).narrow(b, 1, nb - 1)
+    f10 = f.narrow(a, 1, na - 1).narrow(b, 0, nb - 1)
+    f01 = f.narrow(a, 0, na - 1).narrow(b, 1, nb - 1)
+    f00 = f.narrow(a, 0, na - 1).narrow(b, 0, nb - 1)
+    return (f11 - f10 - f01 + f00) / (ha * hb)
+
+
+def bending_energy(field: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Bending energy (paper Eq. 6) per batch item (B,): mean over voxels of sum_i ||H(f_i)||_F^2.
+
+    ``field`` is (B, 3, Z, Y, X); ``spacing`` is the voxel size (x, y, z) in the field's length unit,
+    so the result is in (field unit)^2 / (length unit)^4. Uses compact stencils: the three pure
+    second differences f(x+1) - 2f(x) + f(x-1) and the three mixed differences over a 2x2 cell (each
+    counted twice, as d2/dxdy and d2/dydx appear twice in the Frobenius norm). MONAI's
+    ``BendingEnergyLoss`` before 1.6 applied central first differences twice, a stride-2 stencil
+    blind to a voxel-wise checkerboard; these compact stencils penalise one (tested).
+    """
+    sx, sy, sz = (float(s) for s in spacing)
+    h = {4: sx, 3: sy, 2: sz}  # tensor axis -> spacing
+    total = 0.0
+    for ax in (2, 3, 4):
+        total = total + _voxel_mean(_d2(field, ax, h[ax]) ** 2)
+    for a, b in ((2, 3), (2, 4), (3, 4)):
+        total = total + 2.0 * _voxel_mean(_dxy(field, a, b, h[a], h[b]) ** 2)
+    return total
+
+
+def diffusion(field: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Diffusion regulariser per batch item (B,): mean over voxels of sum ||grad f_i||^2 (forward differences)."""
+    sx, sy, sz = (float(s) for s in spacing)
+    total = 0.0
+    for ax, h in ((2, sz), (3, sy), (4, sx)):
+        total = total + _voxel_mean((torch.diff(field, dim=ax) / h) ** 2)
+    return total
