@@ -1,0 +1,136 @@
+"""The hand-off between stages: atlases warped onto one target grid.
+
+Registration produces a :class:`WarpedSet`; refinement takes one and returns a new one (fields
+composed, images and labels re-warped from the original atlas in one interpolation); fusion and
+evaluation read one. On disk (what ``masrefine register``/``refine`` write and read)::
+
+    OUT/report.json                 written last, atomically: target, grid, stage, label table, atlases
+    OUT/<id>_image.nii.gz           warped atlas image (float32, intensities normalised to [0, 1])
+    OUT/<id>_label.nii.gz           warped atlas label map (uint16, original label values)
+    OUT/<id>_label.seg.nrrd         the same as a Slicer segmentation (names, colours)
+    OUT/<id>_field.nrrd             displacement field, LPS mm on the target grid (Slicer grid transform)
+
+Arrays are (Z, Y, X) on ``target_grid``; fields (3, Z, Y, X) in LPS mm, resampling convention
+(target p -> atlas p + u(p)), always the *total* field from the original atlas to the target.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import MASRefineError
+from .fields import read_field, write_field
+from .geometry import Grid
+from .imageio import array_to_image, atomic_write_text, write_image
+from .labels import LabelTable, write_label_outputs
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class WarpedAtlas:
+    id: str
+    image: np.ndarray                 # (Z, Y, X) float32, normalised intensities
+    label: np.ndarray                 # (Z, Y, X) uint16 label values
+    field: np.ndarray                 # (3, Z, Y, X) float32, LPS mm
+    source_image: str | None = None   # the original atlas files (absolute paths)
+    source_label: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # seconds, similarity, folding_fraction, ...
+
+
+@dataclass
+class WarpedSet:
+    target_grid: Grid
+    label_table: LabelTable
+    atlases: list[WarpedAtlas]
+    stage: str                        # "affine", "deformable", "refined-I", "refined-IS"
+    target_path: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    failed: list[dict[str, str]] = field(default_factory=list)  # [{"id", "error"}]
+
+    @property
+    def ids(self) -> list[str]:
+        return [a.id for a in self.atlases]
+
+    def images(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, 1, Z, Y, X) float32."""
+        return torch.from_numpy(np.stack([a.image for a in self.atlases])).unsqueeze(1).to(device)
+
+    def labels(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, 1, Z, Y, X) int64 label values."""
+        return torch.from_numpy(np.stack([a.label.astype(np.int64) for a in self.atlases])).unsqueeze(1).to(device)
+
+    def fields(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, 3, Z, Y, X) float32 mm."""
+        return torch.from_numpy(np.stack([a.field for a in self.atlases])).to(device)
+
+    def files(self, atlas_id: str) -> dict[str, str]:
+        return {"image": f"{atlas_id}_image.nii.gz", "label": f"{atlas_id}_label.nii.gz",
+                "segmentation": f"{atlas_id}_label.seg.nrrd", "field": f"{atlas_id}_field.nrrd"}
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write every atlas's files, then ``report.json`` last (atomically). Returns the report path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for a in self.atlases:
+            f = self.files(a.id)
+            write_image(array_to_image(a.image.astype(np.float32), self.target_grid), out / f["image"])
+            write_label_outputs(array_to_image(a.label.astype(np.uint16), self.target_grid), self.label_table,
+                                out / f"{a.id}_label")
+            write_field(a.field, self.target_grid, out / f["field"])
+            entries.append({"id": a.id, "files": f, "source_image": a.source_image, "source_label": a.source_label,
+                            **{k: v for k, v in a.info.items()}})
+        report = {"schema_version": SCHEMA_VERSION, "stage": self.stage, "target": self.target_path,
+                  "grid": self.target_grid.to_json(), "labels": self.label_table.to_json_dict(),
+                  "atlases": entries, "failed": self.failed, "info": self.info}
+        return atomic_write_text(json.dumps(report, indent=1, default=_json_default), out / "report.json")
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "WarpedSet":
+        out = Path(out_dir)
+        rp = out / "report.json"
+        if not rp.exists():
+            raise MASRefineError(f"{rp}: not found (is {out} a folder written by 'masrefine register'?)")
+        try:
+            report = json.loads(rp.read_text())
+        except json.JSONDecodeError as e:
+            raise MASRefineError(f"{rp}: invalid JSON ({e.msg})") from None
+        if report.get("schema_version") != SCHEMA_VERSION:
+            raise MASRefineError(f"{rp}: unsupported schema_version {report.get('schema_version')!r}")
+        grid = Grid.from_json(report["grid"])
+        atlases = []
+        for e in report["atlases"]:
+            f = e["files"]
+            for key in ("image", "label", "field"):
+                if not (out / f[key]).exists():
+                    raise MASRefineError(f"{out / f[key]}: listed in report.json but missing")
+            img = sitk.ReadImage(str(out / f["image"]), sitk.sitkFloat32)
+            lab = sitk.ReadImage(str(out / f["label"]), sitk.sitkUInt16)
+            fld, fgrid = read_field(out / f["field"])
+            for path, g in ((f["image"], Grid.from_image(img)), (f["label"], Grid.from_image(lab)), (f["field"], fgrid)):
+                if not g.isclose(grid):
+                    raise MASRefineError(f"{out / path}: grid does not match the target grid in report.json")
+            info = {k: v for k, v in e.items() if k not in ("id", "files", "source_image", "source_label")}
+            atlases.append(WarpedAtlas(e["id"], sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab), fld,
+                                       e.get("source_image"), e.get("source_label"), info))
+        return cls(grid, LabelTable.from_json_dict(report["labels"], str(rp)), atlases, report["stage"],
+                   report.get("target"), report.get("info", {}), report.get("failed", []))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
