@@ -1,0 +1,180 @@
+"""``job.json``: the request a caller (the Slicer module, a script) hands to the background worker.
+
+Schema (version 1)::
+
+    {
+      "schema_version": 1,
+      "pipeline": "segment",                     # optional; a name in PIPELINES or "package.module:function"
+      "inputs": {"target": "/abs/target.nii.gz", "atlas_dir": "/abs/atlas-set"},
+      "parameters": {"prereg": "deformable", "refine": "IS", "fusion": "votenet", "device": "auto",
+                     "preset": "default", ...},  # see PARAMETERS; missing ones take their defaults
+      "output_dir": "/abs/out",
+      "cancel_file": "/abs/out/.cancel"          # the worker stops when this file appears
+    }
+
+Paths are absolute (:func:`make_job` resolves them). The worker (``python -m MASRefineLib.worker
+job.json``) validates the job with :func:`validate_job` and refuses an invalid one with exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import MASRefineError
+from .imageio import atomic_write_text, is_image_file
+
+SCHEMA_VERSION = 1
+CANCEL_FILE_NAME = ".cancel"
+
+#: pipeline names the worker knows (``"module:function"``); a job may also name one directly.
+PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job"}
+
+# name -> (type, allowed values or (min, max) for numbers or None, default, help). ``None`` as a
+# default means "the preset decides".
+PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
+    "prereg": (str, ("affine", "deformable"), "deformable", "pre-registration of the atlases to the target"),
+    "refine": (str, ("none", "I", "IS"), "IS", "registration refinement: none, image only (I), image + segmentation (IS)"),
+    "fusion": (str, ("pv", "wv", "jlf", "staple", "votenet"), "votenet", "label fusion method"),
+    "device": (str, ("auto", "cpu", "cuda"), "auto", "torch device"),
+    "preset": (str, ("fast", "default", "accurate"), "default", "speed/accuracy preset of every stage"),
+    "alpha": (float, (0.0, 1e6), None, "refinement: weight of the segmentation loss (paper: 3)"),
+    "gamma": (float, (0.0, 1e12), None, "refinement: weight of the bending energy (units: see refine.py)"),
+    "iterations": (int, (1, 100000), None, "refinement: iterations at the finest level"),
+    "train_missing": (bool, None, True, "train missing models (segmenter, VoteNet+) on the atlas set first"),
+    "save_atlases": (bool, None, True, "write each atlas's warped image, labels and displacement field"),
+    "qa_picture": (bool, None, True, "write the PNG montage of target, fused labels and atlases"),
+    "seed": (int, (0, 2 ** 31 - 1), 0, "random seed"),
+    "threads": (int, (0, 1024), 0, "CPU threads for torch (0: torch's default)"),
+}
+
+
+def default_parameters() -> dict[str, Any]:
+    return {k: v[2] for k, v in PARAMETERS.items()}
+
+
+def make_job(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
+             cancel_file: str | os.PathLike | None = None, pipeline: str = "segment", **params: Any) -> dict[str, Any]:
+    """A job dict with absolute paths and every parameter (defaults filled in, ``params`` override).
+
+    ``cancel_file`` defaults to ``<out_dir>/.cancel``. Nothing is written or checked here (see
+    :func:`validate_job`, :func:`write_job`)."""
+    out = Path(out_dir).expanduser().resolve()
+    p = default_parameters() if pipeline == "segment" else {}
+    p.update(params)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "pipeline": pipeline,
+        "inputs": {"target": str(Path(target_path).expanduser().resolve()),
+                   "atlas_dir": str(Path(atlas_dir).expanduser().resolve())},
+        "parameters": p,
+        "output_dir": str(out),
+        "cancel_file": str(Path(cancel_file).expanduser().resolve() if cancel_file else out / CANCEL_FILE_NAME),
+    }
+
+
+def write_job(job: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``job`` as JSON, atomically. Returns the path."""
+    return atomic_write_text(json.dumps(job, indent=1) + "\n", Path(path))
+
+
+def read_job(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a job file (:class:`MASRefineError` naming the file when it is missing or not JSON)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MASRefineError(f"{path}: job file not found") from None
+    except OSError as e:
+        raise MASRefineError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        job = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MASRefineError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(job, dict):
+        raise MASRefineError(f"{path}: a job must be a JSON object")
+    return job
+
+
+def _check_value(name: str, value: Any) -> str | None:
+    typ, allowed, _, _ = PARAMETERS[name]
+    if value is None and PARAMETERS[name][2] is None:
+        return None
+    if typ is bool:
+        return None if isinstance(value, bool) else f"parameter '{name}' must be true or false, got {value!r}"
+    if typ in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (typ is float or float(value).is_integer())
+        if not ok:
+            return f"parameter '{name}' must be {'an integer' if typ is int else 'a number'}, got {value!r}"
+        lo, hi = allowed
+        if not lo <= value <= hi:
+            return f"parameter '{name}' must be between {lo:g} and {hi:g}, got {value!r}"
+        return None
+    if not isinstance(value, str) or (allowed is not None and value not in allowed):
+        return f"parameter '{name}' must be one of {', '.join(allowed)}, got {value!r}"
+    return None
+
+
+def validate_job(job: Any, check_files: bool = True) -> list[str]:
+    """Problems with a job, one line each (empty: valid). ``check_files`` also checks that the
+    target image and the atlas set's ``atlas.json`` exist."""
+    if not isinstance(job, dict):
+        return ["a job must be a JSON object"]
+    problems: list[str] = []
+    version = job.get("schema_version")
+    if version != SCHEMA_VERSION:
+        problems.append(f"unsupported schema_version {version!r} (this MASRefine reads {SCHEMA_VERSION})")
+    pipeline = job.get("pipeline", "segment")
+    if not isinstance(pipeline, str) or not (pipeline in PIPELINES or ":" in pipeline):
+        problems.append(f"unknown pipeline {pipeline!r} (known: {', '.join(PIPELINES)}, or 'module:function')")
+    inputs = job.get("inputs")
+    if not isinstance(inputs, dict):
+        problems.append("'inputs' must be an object with 'target' and 'atlas_dir'")
+        inputs = {}
+    for key in ("target", "atlas_dir"):
+        v = inputs.get(key)
+        if not isinstance(v, str) or not v:
+            problems.append(f"inputs.{key} must be a path")
+        elif not os.path.isabs(v):
+            problems.append(f"inputs.{key} must be an absolute path, got {v!r}")
+        elif check_files:
+            if key == "target":
+                if not os.path.isfile(v):
+                    problems.append(f"{v}: target image not found")
+                elif not is_image_file(v):
+                    problems.append(f"{v}: target is not a NIfTI/NRRD/MHA image file")
+            elif not os.path.isfile(os.path.join(v, "atlas.json")):
+                problems.append(f"{v}: not an atlas set (no atlas.json; build one with 'masrefine atlas init')")
+    for key in ("output_dir", "cancel_file"):
+        v = job.get(key)
+        if not isinstance(v, str) or not v:
+            problems.append(f"'{key}' must be a path")
+        elif not os.path.isabs(v):
+            problems.append(f"'{key}' must be an absolute path, got {v!r}")
+    out = job.get("output_dir")
+    if isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
+        problems.append(f"{out}: output_dir exists and is not a folder")
+    params = job.get("parameters", {})
+    if not isinstance(params, dict):
+        problems.append("'parameters' must be an object")
+    elif pipeline == "segment":
+        for name, value in params.items():
+            if name not in PARAMETERS:
+                problems.append(f"unknown parameter '{name}' (known: {', '.join(PARAMETERS)})")
+                continue
+            msg = _check_value(name, value)
+            if msg:
+                problems.append(msg)
+    known = {"schema_version", "pipeline", "inputs", "parameters", "output_dir", "cancel_file"}
+    for k in job:
+        if k not in known:
+            problems.append(f"unknown job field '{k}'")
+    return problems
+
+
+def resolved_parameters(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's parameters with defaults filled in for the ones it leaves out."""
+    p = default_parameters()
+    p.update(job.get("parameters") or {})
+    return p
