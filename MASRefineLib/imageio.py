@@ -7,6 +7,7 @@ Every read keeps origin, spacing and direction exactly as in the file (LPS mm). 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,18 @@ from .errors import MASRefineError
 from .geometry import Grid
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def new_file_mode(path: str | os.PathLike) -> int:
+    """Permissions for a file written atomically through a temporary file: those of the file it replaces,
+    else 0o666 less the umask, as ``open()`` would give (``mkstemp`` alone leaves 0o600)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -89,6 +102,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, new_file_mode(path))
     try:
         sitk.WriteImage(image, tmp, compress)
         os.replace(tmp, path)
@@ -104,6 +118,7 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, new_file_mode(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import json
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import SimpleITK as sitk
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import write_image
+from .imageio import image_stem, is_image_file, new_file_mode, write_image
 
 
 @dataclass(frozen=True)
@@ -40,22 +41,27 @@ class LabelTable(dict):
 
     @classmethod
     def from_json_dict(cls, d: dict, source: str = "label table") -> "LabelTable":
-        t = cls()
+        """``{value: {"name": str, "color": [r, g, b]}}`` (or ``{value: name}``). Colours are 0..255, or
+        0..1 floats (as Slicer stores them) when all components are <= 1 and one is written as a float;
+        a missing colour gets :func:`default_color`. Value 0 (background) is skipped."""
+        if not isinstance(d, dict):
+            raise MASRefineError(f"{source}: a label table must be an object {{value: {{name, color}}}}")
+        t = {}
         for k, v in d.items():
             try:
-                value = int(k)
+                value = int(str(k).strip())
             except ValueError:
                 raise MASRefineError(f"{source}: label value {k!r} is not an integer") from None
-            if value <= 0:
+            if not 0 <= value <= 65535:
+                raise MASRefineError(f"{source}: label value {value} is outside 0..65535")
+            if value == 0:
                 continue
             if isinstance(v, str):
                 v = {"name": v}
-            color = v.get("color") or default_color(value)
-            if len(color) != 3:
-                raise MASRefineError(f"{source}: label {value} colour must have 3 components")
-            if all(isinstance(c, float) and c <= 1.0 for c in color):
-                color = [int(round(c * 255)) for c in color]
-            t[value] = Label(str(v.get("name", f"label {value}")), tuple(int(c) for c in color))
+            if not isinstance(v, dict):
+                raise MASRefineError(f"{source}: label {value} must be a name or {{name, color}}, got {v!r}")
+            name = _one_line(str(v.get("name") or f"label {value}"))
+            t[value] = Label(name, _parse_color(v.get("color"), value, source))
         return cls(sorted(t.items()))
 
     def to_json_dict(self) -> dict:
@@ -79,12 +85,16 @@ class LabelTable(dict):
                 d = json.loads(text)
             except json.JSONDecodeError as e:
                 raise MASRefineError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-            return cls.from_json_dict(d.get("labels", d), str(path))
+            if isinstance(d, dict) and isinstance(d.get("labels"), dict):  # an atlas.json
+                d = d["labels"]
+            return cls.from_json_dict(d, str(path))
         if path.suffix.lower() == ".csv":
-            rows = list(csv.DictReader(text.splitlines()))
-            if not rows or "Index" not in rows[0] or "Name" not in rows[0]:
-                raise MASRefineError(f"{path}: CSV label table needs 'Index' and 'Name' columns")
-            return cls.from_json_dict({r["Index"]: {"name": r["Name"]} for r in rows}, str(path))
+            reader = csv.DictReader(text.splitlines())
+            reader.fieldnames = [f.strip() for f in (reader.fieldnames or [])]
+            rows = [r for r in reader if (r.get("Index") or "").strip()]
+            if "Index" not in reader.fieldnames or "Name" not in reader.fieldnames or not rows:
+                raise MASRefineError(f"{path}: CSV label table needs 'Index' and 'Name' columns and at least one row")
+            return cls.from_json_dict({r["Index"]: {"name": (r["Name"] or "").strip()} for r in rows}, str(path))
         t = {}
         for line in text.splitlines():
             parts = line.split()
@@ -103,15 +113,37 @@ class LabelTable(dict):
 
 def write_label_outputs(label: sitk.Image | np.ndarray, table: LabelTable, path_stem: str | os.PathLike,
                         grid: Grid | None = None) -> dict[str, Path]:
-    """Write a label map as ``<stem>.nii.gz`` and ``<stem>.seg.nrrd`` (names/colours); returns the paths."""
+    """Write a label map as ``<stem>.nii.gz`` (uint16) and ``<stem>.seg.nrrd`` (names/colours); returns
+    ``{"nifti": path, "seg_nrrd": path}``. ``path_stem`` may also end in ``.nii.gz`` or ``.seg.nrrd``.
+    Every non-zero value must be in ``table`` (checked before anything is written)."""
     if isinstance(label, np.ndarray):
         if grid is None:
             raise ValueError("grid is required for an array label map")
         label = grid.apply_to(sitk.GetImageFromArray(label.astype(np.uint16)))
     stem = Path(path_stem)
+    if is_image_file(stem):
+        stem = stem.with_name(image_stem(stem))
+    seg_path = stem.with_name(stem.name + ".seg.nrrd")
+    _label_voxels(label, table, seg_path)  # validate first: no half-written outputs
     nii = write_image(sitk.Cast(label, sitk.sitkUInt16), stem.with_name(stem.name + ".nii.gz"))
-    seg = write_seg_nrrd(label, table, stem.with_name(stem.name + ".seg.nrrd"))
+    seg = write_seg_nrrd(label, table, seg_path)
     return {"nifti": nii, "seg_nrrd": seg}
+
+
+def _label_voxels(label: sitk.Image, table: LabelTable, path: str | os.PathLike) -> np.ndarray:
+    """The label map's (z, y, x) array as integers, checking every non-zero value is in the table."""
+    arr = sitk.GetArrayFromImage(label)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise MASRefineError(f"{path}: label map must hold integer values")
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise MASRefineError(f"{path}: label values must be within 0..65535")
+    arr = arr.astype(np.int64)
+    present = set(np.flatnonzero(np.bincount(arr.ravel())).tolist()) - {0}
+    missing = present - set(table)
+    if missing:
+        raise MASRefineError(f"{path}: label values {sorted(missing)[:10]} are not in the label table")
+    return arr
 
 
 def write_seg_nrrd(label: sitk.Image, table: LabelTable, path: str | os.PathLike) -> Path:
@@ -122,16 +154,14 @@ def write_seg_nrrd(label: sitk.Image, table: LabelTable, path: str | os.PathLike
     """
     import slicerio
 
-    arr = sitk.GetArrayFromImage(label)  # (z, y, x)
-    present = set(np.unique(arr).tolist()) - {0}
-    missing = present - set(table)
-    if missing:
-        raise MASRefineError(f"{path}: label values {sorted(missing)[:10]} are not in the label table")
+    arr = _label_voxels(label, table, path)  # (z, y, x)
     grid = Grid.from_image(label)
-    vox = np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.uint16)  # slicerio voxels are (i, j, k)
+    # slicerio voxels are (i, j, k); 8 bits when every value fits, as Slicer itself writes them
+    dtype = np.uint8 if max(list(table) + [0]) <= 255 else np.uint16
+    vox = np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(dtype)
     segments = []
     for value, lab in table.items():
-        segments.append({"id": f"Segment_{value}", "name": lab.name, "labelValue": int(value), "layer": 0,
+        segments.append({"id": f"Segment_{value}", "name": _one_line(lab.name), "labelValue": int(value), "layer": 0,
                          "color": [c / 255.0 for c in lab.color]})
     seg = {"voxels": vox, "ijkToLPS": grid.index_to_physical(), "segments": segments, "encoding": "gzip",
            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
@@ -139,6 +169,7 @@ def write_seg_nrrd(label: sitk.Image, table: LabelTable, path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.seg.nrrd", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, new_file_mode(path))
     try:
         slicerio.write_segmentation(tmp, seg)
         os.replace(tmp, path)
@@ -161,12 +192,12 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, LabelTable]:
     if vox.ndim == 4:
         raise MASRefineError(f"{path}: overlapping segments (several layers) cannot be a label map")
     table = {}
-    out = np.zeros(vox.shape, dtype=np.uint16)
     for s in seg["segments"]:
-        value = int(s["labelValue"])
+        value = int(s.get("labelValue", 1))  # slicerio's default for files without LabelValue
         color = [int(round(c * 255)) for c in s.get("color", [0.5, 0.5, 0.5])]
         table[str(value)] = {"name": s.get("name", s.get("id", str(value))), "color": color}
-        out[vox == value] = value
+    values = np.array(sorted(int(v) for v in table), dtype=np.int64)
+    out = np.where(np.isin(vox, values), vox, 0).astype(np.uint16)  # voxels of no segment -> background
     ijk = np.asarray(seg["ijkToLPS"], dtype=np.float64)
     spacing = np.linalg.norm(ijk[:3, :3], axis=0)
     direction = ijk[:3, :3] / spacing
@@ -175,3 +206,22 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, LabelTable]:
     img.SetOrigin(tuple(float(o) for o in ijk[:3, 3]))
     img.SetDirection(tuple(float(d) for d in direction.ravel()))
     return img, LabelTable.from_json_dict(table, str(path))
+
+
+def _one_line(text: str) -> str:
+    """Names go into one-line NRRD header fields and one-line messages."""
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split()) if ("\n" in text or "\r" in text) else text.strip()
+
+
+def _parse_color(color, value: int, source: str) -> tuple[int, int, int]:
+    if color is None or (isinstance(color, (list, tuple)) and not color):
+        return default_color(value)
+    if (not isinstance(color, (list, tuple)) or len(color) not in (3, 4)
+            or not all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in color)):
+        raise MASRefineError(f"{source}: label {value} colour must be [r, g, b], got {color!r}")
+    rgb = [float(c) for c in color[:3]]
+    if all(c <= 1.0 for c in rgb) and any(not isinstance(c, numbers.Integral) for c in color[:3]):
+        rgb = [c * 255.0 for c in rgb]
+    if any(c < 0 or c > 255 for c in rgb):
+        raise MASRefineError(f"{source}: label {value} colour {list(color)} is outside 0..255")
+    return tuple(int(round(c)) for c in rgb)

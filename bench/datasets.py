@@ -1,0 +1,205 @@
+"""The project's data sets for benchmarks and tests: IXI brains, synthesized knees, subject splits and
+atlas sets built in ``.cache/``.
+
+``../shared`` (read-only) is found beside the repository root; the environment variable
+``MASREFINE_SHARED`` overrides it. Everything generated goes under the repository's ``.cache/``
+(relative ``cache`` arguments are relative to the repository root, not the working directory).
+
+Typical use::
+
+    from bench.datasets import ixi_subjects, split, make_atlas_set, ixi_case
+    atlas_ids, target_ids = split(ixi_subjects(), n_atlases=10, n_targets=5, seed=0)
+    aset = make_atlas_set("ixi", atlas_ids)                  # AtlasSet in .cache/atlas-sets/
+    image_path, label_path = ixi_case(target_ids[0])
+
+    knee_dir = knee_dataset(knee_subjects()[:6])            # synthesizes missing knees only
+    aset = make_atlas_set("knee", knee_subjects()[:4])
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # so `python bench/<x>.py` can import MASRefineLib from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from MASRefineLib.atlas import AtlasSet, init_atlas_set  # noqa: E402
+from MASRefineLib.errors import MASRefineError  # noqa: E402
+from MASRefineLib.imageio import atomic_write_text  # noqa: E402
+from MASRefineLib.labels import LabelTable  # noqa: E402
+
+
+def shared_dir() -> Path:
+    """``$MASREFINE_SHARED`` or ``<repo>/../shared``."""
+    return Path(os.environ.get("MASREFINE_SHARED") or ROOT.parent / "shared")
+
+
+def ixi_dir() -> Path:
+    return shared_dir() / "data" / "ixi-dlmuse"
+
+
+def knee_labels_dir() -> Path:
+    return shared_dir() / "data" / "knee-oai" / "labels"
+
+
+def synth_knee_script() -> Path:
+    return shared_dir() / "tools" / "synth_knee.py"
+
+
+def available() -> bool:
+    """Whether ../shared (with both data sets and synth_knee.py) is present."""
+    return ixi_dir().is_dir() and knee_labels_dir().is_dir() and synth_knee_script().is_file()
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise MASRefineError(f"{path}: not found (set MASREFINE_SHARED to the shared folder)")
+    return path
+
+
+def _cache_path(p: str | os.PathLike) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else ROOT / p
+
+
+# -- IXI ------------------------------------------------------------------------------------------
+def ixi_subjects() -> list[str]:
+    """The 135 IXI subject ids, in the order of subjects.txt."""
+    return _need(ixi_dir() / "subjects.txt").read_text().split()
+
+
+def ixi_case(subject: str) -> tuple[Path, Path]:
+    """(image, label map) of an IXI subject (2 mm T1, DLMUSE labels)."""
+    return ixi_dir() / "images" / f"{subject}.nii.gz", ixi_dir() / "labels" / f"{subject}.nii.gz"
+
+
+def ixi_label_table() -> Path:
+    return ixi_dir() / "MUSE_listROIs.csv"
+
+
+# -- knees ----------------------------------------------------------------------------------------
+def knee_subjects() -> list[str]:
+    """The 32 OAI knee ids, in the order of subjects.txt."""
+    return _need(knee_labels_dir().parent / "subjects.txt").read_text().split()
+
+
+def knee_cache(seed: int = 0, cache: str | os.PathLike | None = None) -> Path:
+    """Folder of synthesized knees for ``seed``: ``.cache/knee`` (seed 0) or ``.cache/knee-seed<N>``."""
+    return _cache_path(cache if cache is not None else (".cache/knee" if seed == 0 else f".cache/knee-seed{seed}"))
+
+
+def knee_dataset(ids: Sequence[str], cache: str | os.PathLike | None = None, seed: int = 0,
+                 verbose: bool = True) -> Path:
+    """Synthesize (with ../shared/tools/synth_knee.py) the knees of ``ids`` that are not in the cache yet;
+    returns the cache folder holding ``images/<id>.nii.gz``, ``labels/<id>.nii.gz`` and ``labels.json``.
+
+    About 12 s per missing knee. Files appear atomically (synthesized into a temporary folder, then
+    renamed), so an interrupted or concurrent run never leaves a half-written knee. A cache folder
+    remembers its seed (``synth.json``); asking it for another seed is an error.
+    """
+    out = knee_cache(seed, cache)
+    ids = list(ids)
+    known = set(knee_subjects())
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise MASRefineError(f"{knee_labels_dir()}: no knee label map for {unknown[:5]}")
+    manifest = out / "synth.json"
+    if manifest.exists():
+        prev = json.loads(manifest.read_text())
+        if prev.get("seed") != seed:
+            raise MASRefineError(f"{manifest}: this cache holds knees synthesized with seed {prev.get('seed')}, "
+                                 f"not {seed}; use another cache folder")
+    missing = [i for i in ids if not ((out / "images" / f"{i}.nii.gz").exists()
+                                      and (out / "labels" / f"{i}.nii.gz").exists())]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    if missing == [] and ids and not (out / "labels.json").exists():
+        missing = ids[:1]  # labels.json comes with every synthesis run
+    if not manifest.exists():
+        atomic_write_text(json.dumps({"seed": seed, "tool": str(synth_knee_script()),
+                                        "tool_sha256": _sha256(synth_knee_script())}, indent=1) + "\n", manifest)
+    if missing:
+        tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=out))
+        try:
+            cmd = [sys.executable, str(_need(synth_knee_script())), "--labels", str(knee_labels_dir()),
+                   "--out", str(tmp), "--seed", str(seed), "--ids", *missing]
+            if verbose:
+                print(f"synthesizing {len(missing)} knee(s) into {out} (about {12 * len(missing)} s)", file=sys.stderr)
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE, text=True)
+            if r.returncode != 0:
+                tail = (r.stderr or "").strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
+                raise MASRefineError(f"{synth_knee_script()}: knee synthesis failed ({tail[0]})")
+            for i in missing:
+                for sub in ("labels", "images"):  # image last: its presence marks a complete knee
+                    os.replace(tmp / sub / f"{i}.nii.gz", out / sub / f"{i}.nii.gz")
+            os.replace(tmp / "labels.json", out / "labels.json")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def knee_case(subject: str, seed: int = 0, cache: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """(image, label map) of a synthesized knee (synthesized now if missing)."""
+    out = knee_dataset([subject], cache, seed)
+    return out / "images" / f"{subject}.nii.gz", out / "labels" / f"{subject}.nii.gz"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+# -- splits and atlas sets --------------------------------------------------------------------------
+def split(ids: Sequence[str], n_atlases: int, n_targets: int, seed: int = 0,
+          shuffle: bool = True) -> tuple[list[str], list[str]]:
+    """Disjoint (atlas ids, target ids): no subject is ever both an atlas and a target.
+
+    With ``shuffle`` the subjects are drawn at random (reproducible for a ``seed``); otherwise the
+    first ``n_atlases`` are atlases and the next ``n_targets`` targets.
+    """
+    ids = list(ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("subject ids must be unique")
+    if n_atlases < 1 or n_targets < 0:
+        raise ValueError("need at least one atlas and a non-negative number of targets")
+    if n_atlases + n_targets > len(ids):
+        raise ValueError(f"{n_atlases} atlases + {n_targets} targets > {len(ids)} subjects")
+    order = random.Random(seed).sample(ids, len(ids)) if shuffle else ids
+    atlases, targets = order[:n_atlases], order[n_atlases:n_atlases + n_targets]
+    assert not set(atlases) & set(targets)
+    return atlases, targets
+
+
+def make_atlas_set(dataset: str, ids: Sequence[str], name: str | None = None, seed: int = 0,
+                   cache: str | os.PathLike = ".cache/atlas-sets") -> AtlasSet:
+    """An atlas set of ``ids`` from ``dataset`` ("ixi" or "knee") in ``<cache>/<name>``, referencing the
+    data where they are (IXI in ../shared, knees in the knee cache). Reused when it already lists exactly
+    these ids; rebuilt (only atlas.json) otherwise. The default name encodes the data set and the ids."""
+    ids = list(ids)
+    if dataset == "ixi":
+        images, labels, table = ixi_dir() / "images", ixi_dir() / "labels", ixi_label_table()
+    elif dataset == "knee":
+        kd = knee_dataset(ids, seed=seed)
+        images, labels, table = kd / "images", kd / "labels", kd / "labels.json"
+    else:
+        raise ValueError(f"dataset must be 'ixi' or 'knee', got {dataset!r}")
+    if name is None:
+        digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:10]
+        name = f"{dataset}{'' if dataset == 'ixi' or seed == 0 else f'-seed{seed}'}-{len(ids)}-{digest}"
+    out = _cache_path(cache) / name
+    if (out / "atlas.json").exists():
+        try:
+            existing = AtlasSet.load(out)
+            if existing.ids == ids and all(existing.image_path(i).exists() for i in ids):
+                return existing
+        except MASRefineError:
+            pass
+    return init_atlas_set(out, images, labels, LabelTable.load(table), ids=ids, overwrite=True)
