@@ -135,7 +135,20 @@ def resample_field(field: torch.Tensor, from_grid: Grid, to_grid: Grid) -> torch
     to another over the same space. Vectors are physical, so only positions are interpolated."""
     if from_grid == to_grid:
         return field
+    if same_box(from_grid, to_grid):
+        # Both grids tile the same box (one is Grid.resized of the other): voxel centres sit at the
+        # same normalised positions as F.interpolate's align_corners=False, whose edge clamping is
+        # border padding -- the same result as the general path below, several times faster.
+        return F.interpolate(field, size=to_grid.shape, mode="trilinear", align_corners=False)
     return warp(field, from_grid, None, to_grid, padding="border")
+
+
+def same_box(a: Grid, b: Grid, atol_mm: float = 1e-4) -> bool:
+    """True when ``a`` and ``b`` cover the same box (same direction, centre and extent ``size * spacing``),
+    i.e. one is :meth:`Grid.resized` of the other, as all working grids of one image are."""
+    return (np.allclose(a.direction_matrix, b.direction_matrix, atol=1e-6)
+            and np.allclose(a.center_mm(), b.center_mm(), atol=atol_mm)
+            and np.allclose(a.extent_mm(), b.extent_mm(), atol=atol_mm))
 
 
 def compose(prior: torch.Tensor, refinement: torch.Tensor, grid: Grid) -> torch.Tensor:

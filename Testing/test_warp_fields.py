@@ -160,3 +160,16 @@ def test_jacobian_of_affine_and_folding(ixi_crop):
     flip = torch.eye(4).unsqueeze(0).double()
     flip[0, 0, 0] = -1.0
     assert folding_fraction(affine_to_field(flip, grid), grid).item() == 1.0
+
+
+def test_resample_field_fast_path_equals_general_path(ixi_crop):
+    from MASRefineLib.warp import resample_field, same_box
+    grid = Grid.from_image(make_oblique(ixi_crop[0]))
+    coarse = grid.with_spacing(5.0)
+    assert same_box(coarse, grid)
+    assert not same_box(coarse, Grid(coarse.size, coarse.spacing, grid.origin, grid.direction))  # shifted
+    f = _smooth_field(coarse, amp_mm=4.0, seed=3)
+    fast = resample_field(f, coarse, grid)
+    general = warp(f, coarse, None, grid, padding="border")
+    assert fast.shape == general.shape
+    assert torch.allclose(fast, general, atol=1e-4)
