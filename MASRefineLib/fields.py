@@ -13,7 +13,6 @@ atlas point p + u(p).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nrrd
@@ -23,6 +22,7 @@ import torch
 
 from .errors import MASRefineError
 from .geometry import Grid
+from .imageio import atomic_path
 
 
 def _as_numpy(field) -> np.ndarray:
@@ -57,20 +57,11 @@ def write_field(field, grid: Grid, path: str | os.PathLike) -> Path:
         "intent_code": "1006",
         "displacement_convention": "resampling",
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nrrd", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".nrrd") as tmp:
         # pynrrd index_order='C' reverses axes: data (Z, Y, X, 3) -> sizes 3 X Y Z, so the header
         # lists the vector axis first, matching 'kinds'.
         nrrd.write(tmp, data, header, index_order="C")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def read_field(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:

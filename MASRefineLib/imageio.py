@@ -6,10 +6,12 @@ Every read keeps origin, spacing and direction exactly as in the file (LPS mm). 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -91,43 +93,43 @@ def read_label(path: str | os.PathLike) -> sitk.Image:
     return sitk.Cast(raw, sitk.sitkUInt16)
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write ``image`` atomically: to a temporary file in the same folder, then rename.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success rename it to ``path``, else delete it.
 
-    A reader never sees a half-written file, and an existing file is replaced only once the new
-    one is complete.
+    The one way outputs are written: a reader never sees a half-written file, and an existing file
+    is replaced only once the new one is complete. ``suffix`` (default: the path's own, e.g.
+    ``.nii.gz``) lets writers that pick a format by extension work on the temporary name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    if suffix is None:
+        suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith((".nii.gz", ".seg.nrrd")) else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, new_file_mode(path))
     try:
-        sitk.WriteImage(image, tmp, compress)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, tmp, compress)
+    return Path(path)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write bytes atomically (temp file in the same folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, new_file_mode(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write bytes atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:

@@ -11,7 +11,6 @@ import csv
 import json
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import SimpleITK as sitk
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import image_stem, is_image_file, new_file_mode, write_image
+from .imageio import atomic_path, image_stem, is_image_file, write_image
 
 
 @dataclass(frozen=True)
@@ -165,19 +164,9 @@ def write_seg_nrrd(label: sitk.Image, table: LabelTable, path: str | os.PathLike
                          "color": [c / 255.0 for c in lab.color]})
     seg = {"voxels": vox, "ijkToLPS": grid.index_to_physical(), "segments": segments, "encoding": "gzip",
            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.seg.nrrd", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, new_file_mode(path))
-    try:
+    with atomic_path(path, ".seg.nrrd") as tmp:
         slicerio.write_segmentation(tmp, seg)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, LabelTable]:
