@@ -78,8 +78,11 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     return img
 
 
-def read_label(path: str | os.PathLike) -> sitk.Image:
-    """Read a 3D label map; values must be non-negative integers (kept exactly, stored as uint16)."""
+def read_label(path: str | os.PathLike, allow_empty: bool = False) -> sitk.Image:
+    """Read a 3D label map; values must be non-negative integers (kept exactly, stored as uint16).
+
+    An all-background map is an error (an atlas without labels is useless) unless ``allow_empty``
+    (e.g. a prediction being evaluated, where it simply scores 0)."""
     raw = _read(path, sitk.sitkFloat64)
     arr = sitk.GetArrayViewFromImage(raw)
     if not np.isfinite(arr).all():
@@ -88,7 +91,7 @@ def read_label(path: str | os.PathLike) -> sitk.Image:
         raise MASRefineError(f"{path}: label map must hold non-negative integer values")
     if arr.max() > 65535:
         raise MASRefineError(f"{path}: label value {int(arr.max())} exceeds 65535")
-    if not (arr > 0).any():
+    if not allow_empty and not (arr > 0).any():
         raise MASRefineError(f"{path}: label map is empty (no voxel is labelled)")
     return sitk.Cast(raw, sitk.sitkUInt16)
 

@@ -326,7 +326,7 @@ def evaluate_files(pred: str | os.PathLike, ref: str | os.PathLike, groups=None,
     """:func:`evaluate` on two label-map files (read with :func:`MASRefineLib.imageio.read_label`)."""
     from .imageio import read_label
 
-    return evaluate(read_label(pred), read_label(ref), groups=groups, tolerance_mm=tolerance_mm, labels=labels,
+    return evaluate(read_label(pred, allow_empty=True), read_label(ref), groups=groups, tolerance_mm=tolerance_mm, labels=labels,
                     pred_name=str(pred), ref_name=str(ref))
 
 
