@@ -60,7 +60,9 @@ def write_field(field, grid: Grid, path: str | os.PathLike) -> Path:
     with atomic_path(path, ".nrrd") as tmp:
         # pynrrd index_order='C' reverses axes: data (Z, Y, X, 3) -> sizes 3 X Y Z, so the header
         # lists the vector axis first, matching 'kinds'.
-        nrrd.write(tmp, data, header, index_order="C")
+        # gzip level 1: random-looking float fields compress ~10% worse than at pynrrd's default
+        # level 9 but ~40x faster (measured: 64^3 field 0.24 s vs 10 s on the 2-core machine)
+        nrrd.write(tmp, data, header, index_order="C", compression_level=1)
     return Path(path)
 
 
