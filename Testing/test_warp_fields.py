@@ -173,3 +173,28 @@ def test_resample_field_fast_path_equals_general_path(ixi_crop):
     general = warp(f, coarse, None, grid, padding="border")
     assert fast.shape == general.shape
     assert torch.allclose(fast, general, atol=1e-4)
+
+
+def test_onehot_label_warp_equals_argmax_of_interpolated_indicators(ixi_crop):
+    """The 8-corner computation gives the label of the largest trilinearly warped indicator (outside = 0)."""
+    _, lab = ixi_crop
+    moving = make_oblique(lab)
+    mgrid = Grid.from_image(moving)
+    tgrid = mgrid.resized((40, 44, 36))
+    arr = sitk.GetArrayFromImage(moving).astype(np.int64)
+    t = image_tensor(arr, dtype=torch.int64)
+    field = _smooth_field(tgrid, amp_mm=3.0, seed=5)
+    values = sorted(set(np.unique(arr).tolist()) | {0})
+    onehot = torch.cat([(t == v).float() for v in values], dim=1)
+    prob = warp(onehot, mgrid, field, tgrid, padding="zeros")
+    prob[:, values.index(0)] += 1.0 - warp(torch.ones_like(t, dtype=torch.float32), mgrid, field, tgrid)[:, 0]
+    top2 = prob.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1] > 1e-4)[0].numpy()  # ties aside
+    ref = torch.as_tensor(values)[prob.argmax(dim=1)][0].numpy()
+    ours = warp_labels(t, mgrid, field, tgrid, method="onehot")[0, 0].numpy()
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(ours[clear], ref[clear])
+    # restricting the allowed values: a removed label is never assigned
+    drop = values[len(values) // 2]
+    restricted = warp_labels(t, mgrid, field, tgrid, values=[v for v in values if v != drop])[0, 0].numpy()
+    assert drop not in set(np.unique(restricted)) and (ours == drop).any()
