@@ -1,0 +1,306 @@
+"""Stand-ins for Slicer's Python modules (``slicer``, ``qt``, ``ctk``, ``vtk``): just enough to import
+``MASRefine/MASRefine.py`` outside Slicer and drive the parts of it that do not need Slicer's C++
+(the job handle, the runner, the load plan consumption). Nodes are recorded, not rendered: a test can
+see which files were loaded as which kind of node, with which names, references and folders.
+
+Nothing here claims Slicer behaves like this; what only Slicer can verify is listed in docs/slicer.md.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_PY = ROOT / "MASRefine" / "MASRefine.py"
+STUBBED = ("slicer", "slicer.util", "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule",
+           "qt", "ctk", "vtk", "MASRefine")
+
+
+class FakeDisplayNode:
+    def __init__(self):
+        self.visible, self.colorNodeID, self.window, self.autoWindowLevel = True, None, None, True
+
+    def SetVisibility(self, v):
+        self.visible = bool(v)
+
+    def GetVisibility(self):
+        return self.visible
+
+    def SetAndObserveColorNodeID(self, i):
+        self.colorNodeID = i
+
+    def AutoWindowLevelOff(self):
+        self.autoWindowLevel = False
+
+    def SetWindowLevelMinMax(self, lo, hi):
+        self.window = (lo, hi)
+
+
+class FakeNode:
+    _ids = itertools.count(1)
+
+    def __init__(self, cls: str, name: str = "", path: str | None = None, image=None):
+        self.cls, self.name, self.path, self.image = cls, name, path, image
+        self.id = f"{cls}{next(self._ids)}"
+        self.attributes: dict[str, str] = {}
+        self.references: dict[str, str] = {}
+        self.transformNodeID = None
+        self.referenceGeometryFrom = None
+        self.display = FakeDisplayNode()
+
+    def GetID(self):
+        return self.id
+
+    def GetName(self):
+        return self.name
+
+    def SetName(self, name):
+        self.name = name
+
+    def IsA(self, cls):
+        return cls == self.cls or (cls == "vtkMRMLTransformNode" and self.cls.endswith("TransformNode"))
+
+    def GetImageData(self):
+        return self.image
+
+    def SetAttribute(self, key, value):
+        self.attributes[key] = value
+
+    def SetNodeReferenceID(self, role, nodeID):
+        self.references[role] = nodeID
+
+    def GetNodeReferenceID(self, role):
+        return self.references.get(role)
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, node):
+        self.referenceGeometryFrom = node.GetID()
+
+    def CreateDefaultDisplayNodes(self):
+        pass
+
+    def GetDisplayNode(self):
+        return self.display
+
+    def SetAndObserveTransformNodeID(self, nodeID):
+        self.transformNodeID = nodeID
+
+
+class FakeSubjectHierarchy:
+    SCENE = 1
+
+    def __init__(self):
+        self._ids = itertools.count(2)
+        self.parent: dict[int, int] = {}
+        self.name: dict[int, str] = {}
+        self.byNode: dict[str, int] = {}
+
+    def GetSceneItemID(self):
+        return self.SCENE
+
+    def CreateFolderItem(self, parent, name):
+        i = next(self._ids)
+        self.parent[i], self.name[i] = parent, name
+        return i
+
+    def GetItemByDataNode(self, node):
+        if node.GetID() not in self.byNode:
+            i = next(self._ids)
+            self.byNode[node.GetID()], self.parent[i], self.name[i] = i, self.SCENE, node.GetName()
+        return self.byNode[node.GetID()]
+
+    def SetItemParent(self, item, parent):
+        self.parent[item] = parent
+
+    def GetItemParent(self, item):
+        return self.parent.get(item, 0)
+
+    def GetItemName(self, item):
+        return self.name[item]
+
+    def path(self, node) -> list[str]:
+        """Folder names from the scene down to the node's parent."""
+        out, item = [], self.parent[self.GetItemByDataNode(node)]
+        while item != self.SCENE:
+            out.insert(0, self.name[item])
+            item = self.parent[item]
+        return out
+
+
+class FakeScene:
+    StartCloseEvent, EndCloseEvent = 1, 2
+
+    def __init__(self):
+        self.observers: list[tuple[int, Callable]] = []
+        self.nodes: list[FakeNode] = []
+
+    def AddObserver(self, event, callback):
+        self.observers.append((event, callback))
+        return len(self.observers)
+
+    def close(self):
+        """What closing the scene does for observers: StartCloseEvent, then EndCloseEvent."""
+        for event in (self.StartCloseEvent, self.EndCloseEvent):
+            for e, cb in list(self.observers):
+                if e == event:
+                    cb(self, event)
+
+
+class FakeApp:
+    def __init__(self, temporaryPath: str, cachePath: str):
+        self.temporaryPath, self.cachePath = temporaryPath, cachePath
+        self.connections: list[tuple[str, Callable]] = []
+
+    def connect(self, signal, slot):
+        self.connections.append((signal, slot))
+
+    def emit(self, signal):
+        for s, slot in list(self.connections):
+            if s == signal:
+                slot()
+
+    def processEvents(self, *args):
+        pass
+
+    def layoutManager(self):
+        return None
+
+
+class FakeTimer:
+    def __init__(self):
+        self.interval, self.slots, self.active = 0, [], False
+
+    def setInterval(self, ms):
+        self.interval = ms
+
+    def connect(self, signal, slot):
+        self.slots.append((signal, slot))
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def fire(self):
+        for _, slot in self.slots:
+            slot()
+
+
+def _loader(kind: str, record: list) -> Callable:
+    def load(path, properties=None):
+        props = dict(properties or {})
+        node = FakeNode(kind, props.get("name", Path(path).name), str(path))
+        node.properties = props
+        record.append(node)
+        return node
+    return load
+
+
+def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
+    """Fresh stub modules; ``slicer.loaded`` lists the nodes the glue loaded, ``slicer.exported`` the
+    ``exportNode`` calls."""
+    slicer = types.ModuleType("slicer")
+    slicer.app = FakeApp(str(tmp / "slicer-temp"), str(tmp / "slicer-cache"))
+    slicer.mrmlScene = FakeScene()
+    slicer.loaded, slicer.exported, slicer.layers = [], [], []
+    sh = FakeSubjectHierarchy()
+    slicer.subjectHierarchy = sh
+    slicer.vtkMRMLSubjectHierarchyNode = type("vtkMRMLSubjectHierarchyNode", (), {
+        "GetSubjectHierarchyNode": staticmethod(lambda scene: sh)})
+    slicer.vtkMRMLScalarVolumeNode = type("vtkMRMLScalarVolumeNode", (), {})
+
+    util = types.ModuleType("slicer.util")
+
+    class VTKObservationMixin:
+        def __init__(self):
+            self.observations = []
+
+    def exportNode(node, filename, properties=None, world=False):
+        import SimpleITK as sitk
+        slicer.exported.append({"node": node, "filename": str(filename), "world": world})
+        sitk.WriteImage(node.image, str(filename))
+        return True
+
+    util.VTKObservationMixin = VTKObservationMixin
+    util.exportNode = exportNode
+    util.loadVolume = _loader("vtkMRMLScalarVolumeNode", slicer.loaded)
+    util.loadLabelVolume = _loader("vtkMRMLLabelMapVolumeNode", slicer.loaded)
+    util.loadSegmentation = _loader("vtkMRMLSegmentationNode", slicer.loaded)
+    util.loadTransform = _loader("vtkMRMLGridTransformNode", slicer.loaded)
+    util.loadTable = _loader("vtkMRMLTableNode", slicer.loaded)
+    util.setSliceViewerLayers = lambda **kw: slicer.layers.append(kw)
+    slicer.util = util
+
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    slicer.i18n = i18n
+
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    class WithinRange:
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
+
+    pnw.WithinRange = WithinRange
+    pnw.parameterNodeWrapper = lambda cls: cls
+    slicer.parameterNodeWrapper = pnw
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+        def getParameterNode(self):
+            return None
+
+    class ScriptedLoadableModuleTest:
+        pass
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
+        setattr(slm, cls.__name__, cls)
+    slicer.ScriptedLoadableModule = slm
+
+    qt = types.ModuleType("qt")
+    qt.QTimer = FakeTimer
+    ctk = types.ModuleType("ctk")
+    vtk = types.ModuleType("vtk")
+    vtk.vtkCommand = type("vtkCommand", (), {"ModifiedEvent": 33})
+    return {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
+            "slicer.ScriptedLoadableModule": slm, "qt": qt, "ctk": ctk, "vtk": vtk}
+
+
+def load_module(monkeypatch, tmp: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """Import MASRefine.py against fresh stubs (undone by ``monkeypatch``); returns (module, slicer)."""
+    stubs = make_slicer(tmp)
+    for name in STUBBED:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name, mod in stubs.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    spec = importlib.util.spec_from_file_location("MASRefine", MODULE_PY)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "MASRefine", module)
+    spec.loader.exec_module(module)
+    return module, stubs["slicer"]
+
+
+def volume_node(image, name: str = "knee target") -> FakeNode:
+    """A stand-in scalar volume node holding a SimpleITK image (what exportNode writes)."""
+    return FakeNode("vtkMRMLScalarVolumeNode", name, image=image)
+
+
+def fake_parameter_node(**values: Any) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**values)
