@@ -1,0 +1,565 @@
+"""The end-to-end pipeline: atlas set + target -> pre-registration -> refinement -> fusion -> outputs.
+
+:func:`segment` is what ``masrefine segment`` and the background worker (:func:`run_job`) run. Its
+output folder::
+
+    OUT/fused_labels.nii.gz, .seg.nrrd      fused segmentation (label values and names of the atlas set)
+    OUT/posteriors/<value>_<name>.nii.gz    per-label posterior probability (float32, 0..1)
+    OUT/atlases/<id>_image.nii.gz           per atlas: refined warped image (normalised intensities)
+    OUT/atlases/<id>_label.nii.gz, .seg.nrrd   refined warped labels
+    OUT/atlases/<id>_field.nrrd             total displacement field (LPS mm; a Slicer grid transform)
+    OUT/atlases/<id>_jacobian.nii.gz        its Jacobian determinant
+    OUT/atlases/<id>_image_unrefined.nii.gz, <id>_label_unrefined.nii.gz   before refinement (compare)
+    OUT/atlases/<id>_weights.nii.gz         fusion weight map (methods that have one)
+    OUT/atlases/report.json                 the WarpedSet report (per-atlas info)
+    OUT/qa.csv, OUT/qa.png                  per-atlas QA numbers and the QA montage
+    OUT/metrics.csv, metrics.json           only when a reference segmentation (truth) is given
+    OUT/manifest.json                       written last, atomically (see manifest.py)
+
+Per-atlas QA numbers: ``similarity`` (global NCC of the warped atlas image with the target),
+``agreement`` (mean Dice over labels of the atlas's warped labels with the fused result),
+``folding_fraction`` (fraction of voxels with Jacobian determinant <= 0 of its total field),
+``mean_weight`` (its mean fusion weight where any atlas has a label), and the seconds spent on it.
+
+Stages run what is installed: each stage uses the project's module for it (registration, refinement,
+fusion); when one is missing (a development checkout), the stage falls back as documented in its
+function and says so in a warning and in the manifest (``summary.fallbacks``).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import MASRefineError
+from .geometry import Grid
+from .imageio import (array_to_image, image_stem, normalize_intensity, read_image, read_label, resample_image,
+                      write_image)
+from .labels import LabelTable, write_label_outputs
+from .manifest import Manifest, begin_output
+from .progress import ProgressCallback, ProgressEvent, report
+from .warped import WarpedAtlas, WarpedSet
+
+log = logging.getLogger("MASRefineLib.pipeline")
+
+PREREGS = ("affine", "deformable")
+REFINES = ("none", "I", "IS")
+FUSIONS = ("pv", "wv", "jlf", "staple", "votenet")
+PRESETS = ("fast", "default", "accurate")
+
+
+@dataclass
+class SegmentOptions:
+    """Settings of one run (see ``masrefine segment --help`` and :data:`MASRefineLib.jobs.PARAMETERS`)."""
+    prereg: str = "deformable"
+    refine: str = "IS"
+    fusion: str = "votenet"
+    device: str = "auto"
+    preset: str = "default"
+    alpha: Optional[float] = None       # refinement: weight of L_seg (None: refine.py's default)
+    gamma: Optional[float] = None       # refinement: weight of the bending energy, mm^2 (None: default)
+    iterations: Optional[int] = None    # refinement iterations per level (None: preset)
+    train_missing: bool = True          # train missing models on the atlas set first
+    save_atlases: bool = True
+    qa_picture: bool = True
+    seed: int = 0
+    threads: int = 0                    # torch CPU threads (0: leave torch's default)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("prereg", PREREGS), ("refine", REFINES), ("fusion", FUSIONS), ("preset", PRESETS)):
+            if getattr(self, name) not in allowed:
+                raise MASRefineError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, Any]) -> "SegmentOptions":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ progress
+class _Plan:
+    """Maps each stage's 0..1 onto the whole run (``data["overall"]`` of progress events)."""
+
+    def __init__(self, progress: Optional[ProgressCallback], weights: dict[str, float]):
+        self.progress = progress
+        total = sum(weights.values()) or 1.0
+        self.start: dict[str, float] = {}
+        self.width: dict[str, float] = {}
+        acc = 0.0
+        for k, w in weights.items():
+            self.start[k], self.width[k] = acc / total, w / total
+            acc += w
+
+    def cb(self, stage: str) -> Optional[ProgressCallback]:
+        if self.progress is None:
+            return None
+        s, w = self.start.get(stage, 0.0), self.width.get(stage, 0.0)
+
+        def f(ev: ProgressEvent) -> None:
+            self.progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**ev.data, "overall": s + w * ev.fraction}))
+        return f
+
+    def report(self, stage: str, fraction: float, message: str = "") -> None:
+        report(self.cb(stage), stage, fraction, message)
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------ stages
+def load_inputs(target_path: str | os.PathLike, atlas_dir: str | os.PathLike):
+    """(target image, normalised target array, AtlasSet) with the checks a user needs."""
+    from .atlas import AtlasSet
+    target = read_image(target_path)
+    aset = AtlasSet.load(atlas_dir)
+    if len(aset) == 0:
+        raise MASRefineError(f"{aset.json_path}: the atlas set has no atlases")
+    return target, normalize_intensity(sitk.GetArrayFromImage(target)), aset
+
+
+def resample_atlases(target: sitk.Image, aset, device: torch.device,
+                     progress: Optional[ProgressCallback] = None) -> WarpedSet:
+    """Fallback pre-registration when the registration engine is not installed: each atlas resampled
+    onto the target grid in physical space (identity transform, zero displacement field)."""
+    from .warp import image_tensor, warp, warp_labels
+    grid = Grid.from_image(target)
+    values = sorted(set(aset.label_table) | {0})
+    out = []
+    for i, aid in enumerate(aset.ids):
+        report(progress, "register", i / len(aset), f"atlas {aid}")
+        t0 = time.perf_counter()
+        img, lab = aset.read(aid)
+        g = Grid.from_image(img)
+        arr = normalize_intensity(sitk.GetArrayFromImage(img))
+        wi = warp(image_tensor(arr, device), g, None, grid)[0, 0].cpu().numpy()
+        lt = torch.from_numpy(sitk.GetArrayFromImage(lab).astype(np.int64))[None, None].to(device)
+        wl = warp_labels(lt, g, None, grid, values=values)[0, 0].cpu().numpy().astype(np.uint16)
+        out.append(WarpedAtlas(aid, wi.astype(np.float32), wl, np.zeros((3, *grid.shape), np.float32),
+                               str(aset.image_path(aid)), str(aset.label_path(aid)),
+                               {"seconds": time.perf_counter() - t0, "folding_fraction": 0.0}))
+    report(progress, "register", 1.0, "done")
+    return WarpedSet(grid, aset.label_table, out, "resampled")
+
+
+def register_stage(target_path: str, target: sitk.Image, aset, opts: SegmentOptions, device: torch.device,
+                   progress: Optional[ProgressCallback], fallbacks: list[str]) -> WarpedSet:
+    """Pre-registration of every atlas to the target (``opts.prereg``), by the registration engine."""
+    register = None
+    if _have(f"{__package__}.registration"):
+        from . import registration
+        register = getattr(registration, "register_atlas_set", None)
+    if register is not None:
+        return register(aset, target_path, stage=opts.prereg, preset=opts.preset, device=device,
+                        progress=progress, seed=opts.seed)
+    fallbacks.append("register: registration engine not installed; atlases only resampled onto the target grid")
+    log.warning("the registration engine is not available in this installation: atlases are resampled onto the "
+                "target grid without registration")
+    return resample_atlases(target, aset, device, progress)
+
+
+def plurality_vote(labels: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Fallback fusion when the fusion module is not installed: plurality vote over (B, Z, Y, X) label
+    values (ties to the smaller value); returns (fused uint16, {value: posterior = vote fraction})."""
+    values = np.unique(labels)
+    counts = np.stack([(labels == v).sum(0) for v in values]).astype(np.float32)
+    fused = values[np.argmax(counts, axis=0)].astype(np.uint16)
+    post = {int(v): counts[i] / labels.shape[0] for i, v in enumerate(values)}
+    return fused, post
+
+
+@dataclass
+class Fused:
+    labels: np.ndarray                                   # (Z, Y, X) uint16
+    posteriors: dict[int, np.ndarray] = field(default_factory=dict)  # value -> (Z, Y, X) float32
+    weights: Optional[np.ndarray] = None                 # (B, Z, Y, X) float32 per-atlas weights
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def fuse_stage(ws: WarpedSet, target_arr: np.ndarray, aset, opts: SegmentOptions, device: torch.device,
+               progress: Optional[ProgressCallback], fallbacks: list[str]) -> Fused:
+    """Label fusion (``opts.fusion``) by the fusion module; plurality vote when it is not installed."""
+    report(progress, "fuse", 0.0, opts.fusion)
+    fusion = None
+    if _have(f"{__package__}.fusion"):
+        from . import fusion as fusion_mod
+        fusion = getattr(fusion_mod, "fuse", None)
+    if fusion is not None:
+        kw = {}
+        if opts.fusion == "votenet":
+            kw["model"] = votenet_model_path(aset)
+        r = fusion(ws, target_arr, method=opts.fusion, device=device, progress=progress, **kw)
+        post = {int(v): r.posteriors.map(int(v)) for v in r.posteriors.values}
+        out = Fused(np.asarray(r.labels, np.uint16), post, r.weights,
+                    {"method": r.method, "params": r.params, "seconds": r.seconds, **(r.info or {})})
+    else:
+        fallbacks.append(f"fuse: fusion module not installed; plurality vote used instead of {opts.fusion}")
+        log.warning(f"the fusion module is not available in this installation: plurality vote instead of {opts.fusion}")
+        fused, post = plurality_vote(np.stack([a.label for a in ws.atlases]))
+        out = Fused(fused, post, None, {"method": "pv (fallback)"})
+    report(progress, "fuse", 1.0, "done")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ QA
+def _dice_mean(a: np.ndarray, b: np.ndarray, values) -> float:
+    ds = []
+    for v in values:
+        x, y = a == v, b == v
+        s = int(x.sum()) + int(y.sum())
+        if s:
+            ds.append(2.0 * int((x & y).sum()) / s)
+    return float(np.mean(ds)) if ds else float("nan")
+
+
+def atlas_qa(ws: WarpedSet, target_arr: np.ndarray, fused: Fused) -> list[dict[str, Any]]:
+    """Per-atlas QA numbers (see the module doc)."""
+    from .losses import ncc
+    values = [v for v in ws.label_table]
+    t = torch.from_numpy(target_arr)[None, None].float()
+    fg = fused.labels > 0
+    if fused.weights is not None:
+        fg = fg | (np.stack([a.label for a in ws.atlases]) > 0).any(0)
+    rows = []
+    for i, a in enumerate(ws.atlases):
+        sim = float(ncc(torch.from_numpy(a.image)[None, None].float(), t)[0])
+        row = {"id": a.id, "similarity": round(sim, 4),
+               "agreement": round(_dice_mean(a.label, fused.labels, values), 4),
+               "folding_fraction": float(a.info.get("folding_fraction", float("nan")))}
+        if fused.weights is not None:
+            row["mean_weight"] = round(float(fused.weights[i][fg].mean()), 4) if fg.any() else float("nan")
+        if "seconds" in a.info:
+            row["seconds"] = round(float(a.info["seconds"]), 2)
+        rows.append(row)
+    return rows
+
+
+def write_qa_csv(rows: list[dict[str, Any]], path: Path) -> list[str]:
+    cols = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    os.replace(tmp, path)
+    return cols
+
+
+def _best_slices(labels: np.ndarray) -> tuple[int, int, int]:
+    """(z, y, x) indices of the slices with the most labelled voxels."""
+    fg = labels > 0
+    if not fg.any():
+        return tuple(s // 2 for s in labels.shape)
+    return (int(np.argmax(fg.sum((1, 2)))), int(np.argmax(fg.sum((0, 2)))), int(np.argmax(fg.sum((0, 1)))))
+
+
+def qa_picture(path: Path, target_arr: np.ndarray, fused: np.ndarray, ws: WarpedSet, qa: list[dict[str, Any]],
+               title: str = "") -> Path:
+    """PNG montage: the target with the fused labels in three orientations, then every atlas (warped,
+    with its labels) at the same slice, titled with its agreement; written atomically."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    grid = ws.target_grid
+    vmax = max(ws.label_table) if ws.label_table else 1
+    colors = np.zeros((vmax + 1, 4))
+    for v, lab in ws.label_table.items():
+        colors[v, :3] = np.asarray(lab.color) / 255.0
+        colors[v, 3] = 0.45
+    cmap = ListedColormap(colors)
+    z, y, x = _best_slices(fused)
+    sz, sy, sx = grid.spacing[2], grid.spacing[1], grid.spacing[0]
+    views = [("axial", lambda a: a[z], sy / sx), ("coronal", lambda a: a[:, y][::-1], sz / sx),
+             ("sagittal", lambda a: a[:, :, x][::-1], sz / sy)]
+    # the view with the most labelled area shows each atlas
+    areas = [int((v[1](fused) > 0).sum()) for v in views]
+    main = views[int(np.argmax(areas))]
+    n = len(ws.atlases)
+    ncol = max(3, min(6, n))
+    nrow = 1 + int(np.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.7 * nrow), squeeze=False)
+    for axr in axes:
+        for ax in axr:
+            ax.axis("off")
+
+    def show(ax, img, lab, view, ttl):
+        name, cut, aspect = view
+        ax.imshow(cut(img), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        ax.imshow(cut(lab).astype(int), cmap=cmap, vmin=0, vmax=vmax, aspect=aspect, interpolation="nearest")
+        ax.set_title(ttl, fontsize=8)
+
+    for c, view in enumerate(views):
+        show(axes[0][c], target_arr, fused, view, f"target + fused ({view[0]})")
+    for i, a in enumerate(ws.atlases):
+        ax = axes[1 + i // ncol][i % ncol]
+        q = qa[i] if i < len(qa) else {}
+        show(ax, a.image, a.label, main, f"{a.id}  agree {q.get('agreement', float('nan')):.2f}")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def _write_atlases(out: Path, ws: WarpedSet, pre: Optional[WarpedSet], fused: Fused, m: Manifest,
+                   progress: Optional[ProgressCallback]) -> None:
+    from .fields import jacobian_image
+    adir = out / "atlases"
+    report_path = ws.save(adir)
+    m.add(report_path, "json", "report", name="atlases report")
+    n = len(ws.atlases)
+    for i, a in enumerate(ws.atlases):
+        report(progress, "write", 0.2 + 0.6 * i / n, f"atlas {a.id}")
+        f = ws.files(a.id)
+        m.add(adir / f["image"], "volume", "atlas-image", atlas_id=a.id)
+        m.add(adir / f["segmentation"], "segmentation", "atlas-labels", atlas_id=a.id)
+        m.add(adir / f["label"], "segmentation", "atlas-labels", atlas_id=a.id)
+        m.add(adir / f["field"], "transform", "atlas-field", atlas_id=a.id, moving=a.source_image)
+        jac = write_image(jacobian_image(a.field, ws.target_grid), adir / f"{a.id}_jacobian.nii.gz")
+        m.add(jac, "volume", "atlas-jacobian", atlas_id=a.id)
+        if pre is not None:
+            b = next((x for x in pre.atlases if x.id == a.id), None)
+            if b is not None:
+                p1 = write_image(array_to_image(b.image.astype(np.float32), ws.target_grid),
+                                 adir / f"{a.id}_image_unrefined.nii.gz")
+                p2 = write_image(array_to_image(b.label.astype(np.uint16), ws.target_grid),
+                                 adir / f"{a.id}_label_unrefined.nii.gz")
+                m.add(p1, "volume", "atlas-image-unrefined", atlas_id=a.id)
+                m.add(p2, "segmentation", "atlas-labels-unrefined", atlas_id=a.id)
+        if fused.weights is not None:
+            p = write_image(array_to_image(fused.weights[i].astype(np.float32), ws.target_grid),
+                            adir / f"{a.id}_weights.nii.gz")
+            m.add(p, "volume", "atlas-weights", atlas_id=a.id)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "label"
+
+
+def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
+            options: SegmentOptions | None = None, progress: Optional[ProgressCallback] = None,
+            truth: str | os.PathLike | None = None, groups=None) -> dict[str, Any]:
+    """Segment ``target_path`` with the atlas set at ``atlas_dir`` into ``out_dir`` (layout: module doc).
+
+    ``truth``: an optional reference label map of the target; then ``metrics.csv``/``.json`` are
+    written (volume Dice, surface Dice, ASD, HD95 per label and per group of ``groups``, a mapping
+    name -> label values or anything :func:`metrics.parse_groups` reads). Returns ``{"manifest",
+    "output_dir", "fused", "summary"}``. Raises :class:`MASRefineError` for bad inputs and
+    :class:`~MASRefineLib.errors.Cancelled` when ``progress`` asks to stop (no manifest then).
+    """
+    from .device import resolve_device
+    opts = options or SegmentOptions()
+    if opts.threads:
+        torch.set_num_threads(int(opts.threads))
+    torch.manual_seed(opts.seed)
+    device = resolve_device(opts.device)
+    target_path = str(Path(target_path).resolve())
+    out = begin_output(Path(out_dir).resolve())
+    weights = {"load": 0.03, "models": 0.0, "register": 0.4, "refine": 0.3 if opts.refine != "none" else 0.0,
+               "fuse": 0.12, "write": 0.1, "qa": 0.05}
+    plan = _Plan(progress, weights)
+    m = Manifest(out, {"target": target_path, "atlas_dir": str(Path(atlas_dir).resolve()),
+                       **({"truth": str(Path(truth).resolve())} if truth else {})}, opts.to_json())
+    fallbacks: list[str] = []
+
+    with m.stage("load"):
+        plan.report("load", 0.0, "reading inputs")
+        target, target_arr, aset = load_inputs(target_path, atlas_dir)
+        grid = Grid.from_image(target)
+        m.set("labels", aset.label_table.to_json_dict())
+        m.set("target_grid", grid.to_json())
+        plan.report("load", 1.0, f"{len(aset)} atlases")
+
+    segmenter = None
+    if opts.refine == "IS" or opts.fusion == "votenet":
+        with m.stage("models"):
+            segmenter = ensure_models(aset, opts, device, plan.cb("models"), fallbacks)
+
+    with m.stage("register"):
+        ws = register_stage(target_path, target, aset, opts, device, plan.cb("register"), fallbacks)
+        ws.target_path = target_path
+    if not ws.atlases:
+        raise MASRefineError(f"{aset.json_path}: no atlas could be registered to {target_path}")
+    pre = None
+    if opts.refine != "none":
+        with m.stage("refine"):
+            pre = ws
+            ws = refine_stage(ws, target_arr, opts, segmenter, device, plan.cb("refine"), fallbacks)
+    with m.stage("fuse"):
+        fused = fuse_stage(ws, target_arr, aset, opts, device, plan.cb("fuse"), fallbacks)
+
+    with m.stage("write"):
+        wcb = plan.cb("write")
+        report(wcb, "write", 0.0, "fused labels")
+        paths = write_label_outputs(array_to_image(fused.labels, grid), aset.label_table, out / "fused_labels")
+        m.add(paths["seg_nrrd"], "segmentation", "fused-labels", name="fused labels")
+        m.add(paths["nifti"], "segmentation", "fused-labels", name="fused labels")
+        for v, p in sorted(fused.posteriors.items()):
+            if v == 0:
+                continue
+            nm = aset.label_table[v].name if v in aset.label_table else f"label {v}"
+            pp = write_image(array_to_image(p.astype(np.float32), grid), out / "posteriors" / f"{v}_{_safe(nm)}.nii.gz")
+            m.add(pp, "volume", "posterior", name=f"P({nm})", label=int(v))
+        if opts.save_atlases:
+            _write_atlases(out, ws, pre, fused, m, wcb)
+        report(wcb, "write", 1.0, "done")
+
+    with m.stage("qa"):
+        qcb = plan.cb("qa")
+        report(qcb, "qa", 0.0, "QA numbers")
+        qa = atlas_qa(ws, target_arr, fused)
+        cols = write_qa_csv(qa, out / "qa.csv")
+        m.add(out / "qa.csv", "table", "qa-table", name="atlas QA", columns=cols)
+        m.set("atlases", [{"id": r["id"], "qa": {k: v for k, v in r.items() if k != "id"}} for r in qa])
+        if opts.qa_picture:
+            report(qcb, "qa", 0.4, "QA picture")
+            try:
+                qa_picture(out / "qa.png", target_arr, fused.labels, ws, qa,
+                           f"{image_stem(target_path)}: {opts.prereg}, refine {opts.refine}, {opts.fusion}")
+                m.add(out / "qa.png", "picture", "qa-picture", name="QA montage")
+            except ImportError:
+                log.warning("matplotlib is not installed: no QA picture (pip install matplotlib)")
+        metrics = None
+        if truth:
+            report(qcb, "qa", 0.8, "metrics against the reference")
+            metrics = _write_metrics(out, fused.labels, grid, truth, aset.label_table, m, groups)
+        report(qcb, "qa", 1.0, "done")
+
+    summary = {"target": target_path, "atlases": len(ws.atlases), "failed": ws.failed,
+               "stage": ws.stage, "fusion": fused.info.get("method", opts.fusion), "fallbacks": fallbacks,
+               "seconds": m.stage_seconds()}
+    if metrics is not None:
+        summary["metrics"] = metrics
+    m.set("summary", summary)
+    manifest = m.write()
+    return {"manifest": str(manifest), "output_dir": str(out), "fused": str(paths["nifti"]), "summary": summary}
+
+
+def refine_stage(ws: WarpedSet, target_arr: np.ndarray, opts: SegmentOptions, segmenter, device: torch.device,
+                 progress: Optional[ProgressCallback], fallbacks: list[str]) -> WarpedSet:
+    """Registration refinement (paper Eq. 3-6), variant ``opts.refine``."""
+    if not _have(f"{__package__}.refine"):
+        fallbacks.append("refine: refinement module not installed; atlases not refined")
+        log.warning("the refinement module is not available in this installation: no refinement")
+        return ws
+    from . import refine as refmod
+    kw: dict[str, Any] = {}
+    if opts.alpha is not None:
+        kw["alpha"] = float(opts.alpha)
+    if opts.gamma is not None:
+        kw["gamma"] = float(opts.gamma)
+    if opts.iterations is not None:
+        kw["iterations"] = int(opts.iterations)
+    variant = opts.refine
+    if variant == "IS" and segmenter is None:
+        fallbacks.append("refine: no segmenter available; variant I used instead of IS")
+        log.warning("no surrogate segmenter available: refinement variant I instead of IS")
+        variant = "I"
+    return refmod.refine(ws, target_arr, variant, segmenter=segmenter, device=device, progress=progress, **kw)
+
+
+def votenet_model_path(aset, prereg: str | None = None) -> Optional[Path]:
+    """The VoteNet+ model of an atlas set for a pre-registration kind: ``models/votenet-<prereg>.json``,
+    else ``models/votenet.json``; None when there is none."""
+    names = ([f"votenet-{prereg}"] if prereg else []) + ["votenet"]
+    for n in names:
+        p = Path(aset.models_dir) / f"{n}.json"
+        if p.exists():
+            return p
+    return None
+
+
+def _votenet_trainer() -> Optional[Callable]:
+    """The function that trains VoteNet+ on an atlas set alone, when the fusion module provides one."""
+    if not _have(f"{__package__}.fusion.votenet"):
+        return None
+    from .fusion import votenet
+    return getattr(votenet, "train_for_atlas_set", None)
+
+
+def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Optional[ProgressCallback],
+                  fallbacks: list[str]):
+    """The surrogate segmenter (for refinement IS) and the VoteNet+ model (fusion votenet) of the atlas
+    set: loaded from ``<atlas set>/models``, trained first when missing and ``opts.train_missing``,
+    else :class:`MASRefineError` naming the ``masrefine train`` command. Returns the segmenter (or None);
+    may change ``opts.fusion`` (recorded in ``fallbacks``) when VoteNet+ can be neither found nor trained."""
+    segmenter = None
+    if opts.refine == "IS":
+        if not _have(f"{__package__}.segmenter"):
+            fallbacks.append("models: segmenter module not installed")
+        else:
+            from . import segmenter as segmod
+            segmenter = segmod.ensure_segmenter(aset, train_missing=opts.train_missing, preset=opts.preset,
+                                                device=device, progress=progress)
+    if opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg) is None:
+        cmd = f"masrefine train votenet {aset.root} --prereg {opts.prereg}"
+        if not opts.train_missing:
+            raise MASRefineError(f"{aset.models_dir}: no VoteNet+ model for {opts.prereg} pre-registration; "
+                                 f"train one with '{cmd}' (or choose another --fusion)")
+        trainer = _votenet_trainer()
+        if trainer is None:
+            fallbacks.append("models: VoteNet+ cannot be trained in this installation; joint label fusion used")
+            log.warning("no VoteNet+ model and no VoteNet+ trainer in this installation: joint label fusion instead")
+            opts.fusion = "jlf"
+        else:
+            log.info(f"training VoteNet+ on the atlas set first (once; stored in {aset.models_dir})")
+            trainer(aset, prereg=opts.prereg, refine=opts.refine if opts.refine != "none" else None,
+                    preset=opts.preset, device=device, progress=progress, segmenter=segmenter)
+    return segmenter
+
+
+def _write_metrics(out: Path, fused: np.ndarray, grid: Grid, truth, table: LabelTable, m: Manifest,
+                   groups=None) -> dict:
+    """Evaluate the fused labels against a reference label map: metrics.json and metrics.csv."""
+    from .imageio import atomic_write_text, resample_label
+    from .metrics import evaluate
+    ref = read_label(truth)
+    if not Grid.from_image(ref).isclose(grid):
+        ref = resample_label(ref, grid)
+    ev = evaluate(array_to_image(fused, grid), ref, groups=groups, labels=list(table),
+                  pred_name="fused labels", ref_name=str(truth))
+    names = {v: lab.name for v, lab in table.items()}
+    d = ev.to_json_dict(names, reference=str(truth))
+    p = atomic_write_text(json.dumps(d, indent=1), out / "metrics.json")
+    m.add(p, "json", "metrics", name="metrics")
+    rows = [{"label": r["label"], "name": r.get("name", ""), **{k: v for k, v in r.items() if k not in ("label", "name")}}
+            for r in d["labels"]]
+    rows += [{"label": "", "name": f"group {k}", **{x: g[x] for x in ("dice", "surface_dice", "asd_mm", "hd95_mm")}}
+             for k, g in d["groups"].items()]
+    rows.append({"label": "", "name": "mean", **{x: d["mean"][x] for x in ("dice", "surface_dice", "asd_mm", "hd95_mm")}})
+    write_qa_csv(rows, out / "metrics.csv")
+    m.add(out / "metrics.csv", "table", "metrics", name="metrics")
+    return {"mean": d["mean"], "groups": d["groups"]}
+
+
+# ------------------------------------------------------------------------------------------ worker
+def run_job(job: dict[str, Any], progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
+    """The worker's ``segment`` pipeline: :func:`segment` with the job's inputs and parameters."""
+    from .jobs import resolved_parameters
+    opts = SegmentOptions.from_parameters(resolved_parameters(job))
+    return segment(job["inputs"]["target"], job["inputs"]["atlas_dir"], job["output_dir"], opts, progress)

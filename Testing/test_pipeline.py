@@ -1,0 +1,127 @@
+"""The end-to-end pipeline on the built-in phantom: a real segment job through the worker, its
+manifest and load plan; cancellation in process; the ``masrefine segment`` command with metrics."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MASRefineLib import jobs, sampledata
+from MASRefineLib.cli import main as cli_main
+from MASRefineLib.errors import Cancelled
+from MASRefineLib.labels import read_seg_nrrd
+from MASRefineLib.loadplan import load_plan, qa_rows
+from MASRefineLib.manifest import MANIFEST_NAME, read_manifest
+from MASRefineLib.pipeline import SegmentOptions, segment
+from MASRefineLib.progress import cancel_after
+from MASRefineLib.runner import JobRunner
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return sampledata.make_sample(tmp_path_factory.mktemp("pipe-sample"), n_atlases=3, size=(36, 36, 36), spacing=2.5)
+
+
+def test_segment_job_through_worker(sample, tmp_path):
+    out = tmp_path / "run"
+    job = jobs.make_job(sample["target"], sample["atlas_dir"], out, prereg="affine", refine="I", fusion="pv",
+                        iterations=8, preset="fast", threads=1)
+    r = JobRunner(jobs.write_job(job, tmp_path / "job.json")).start()
+    evs = list(r.events(120))
+    assert r.returncode == 0, [e for e in evs if e["event"] in ("error", "output")][-5:]
+    stages = [e["stage"] for e in evs if e["event"] == "stage"]
+    for s in ("load", "register", "refine", "fuse", "write", "qa"):
+        assert s in stages
+    overall = [e["overall"] for e in evs if e["event"] == "progress" and "overall" in e]
+    assert overall and all(b >= a - 1e-9 for a, b in zip(overall, overall[1:])) and overall[-1] == 1.0
+
+    m = read_manifest(r.result["manifest"])
+    roles = {}
+    for e in m["outputs"]:
+        roles.setdefault(e["role"], []).append(e)
+        assert os.path.isfile(e["abs_path"])
+    assert {e["format"] for e in roles["fused-labels"]} == {"seg.nrrd", "nifti"}
+    assert sorted(e["label"] for e in roles["posterior"]) == [1, 2, 3, 4]
+    for role in ("atlas-image", "atlas-labels", "atlas-field", "atlas-jacobian", "atlas-image-unrefined"):
+        assert sorted({e["atlas_id"] for e in roles[role]}) == ["knee01", "knee02", "knee03"], role
+    assert [s["name"] for s in m["stages"]] == ["load", "register", "refine", "fuse", "write", "qa"]
+    assert m["parameters"]["refine"] == "I" and m["inputs"]["target"] == sample["target"]
+
+    # the fused labels: values of the atlas set, names and colours in the seg.nrrd, target geometry
+    seg = next(e for e in roles["fused-labels"] if e["format"] == "seg.nrrd")
+    lab, table = read_seg_nrrd(seg["abs_path"])
+    assert {v: t.name for v, t in table.items()} == sample["labels"]
+    target = sitk.ReadImage(sample["target"])
+    assert lab.GetSize() == target.GetSize() and np.allclose(lab.GetOrigin(), target.GetOrigin())
+    fused = sitk.GetArrayFromImage(lab)
+    # posteriors: in [0, 1], the fused label has the largest posterior among the labels
+    post = {e["label"]: sitk.GetArrayFromImage(sitk.ReadImage(e["abs_path"])) for e in roles["posterior"]}
+    stack = np.stack([post[v] for v in (1, 2, 3, 4)])
+    assert stack.min() >= 0 and stack.max() <= 1 + 1e-6 and stack.sum(0).max() <= 1 + 1e-5
+    fg = fused > 0
+    assert (np.array([1, 2, 3, 4])[stack.argmax(0)][fg] == fused[fg]).mean() > 0.99
+
+    # QA numbers are what they claim to be
+    rows = qa_rows(r.result["manifest"])
+    assert [q["id"] for q in rows] == ["knee01", "knee02", "knee03"]
+    for q in rows:
+        assert -1 <= q["similarity"] <= 1 and 0 <= q["agreement"] <= 1 and 0 <= q["folding_fraction"] <= 1
+        warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "atlases" / f"{q['id']}_label.nii.gz")))
+        d = [2 * ((warped == v) & (fused == v)).sum() / ((warped == v).sum() + (fused == v).sum()) for v in (1, 2, 3, 4)]
+        assert q["agreement"] == pytest.approx(np.mean(d), abs=1e-3)
+    with open(out / "qa.csv") as f:
+        assert [row["id"] for row in csv.DictReader(f)] == ["knee01", "knee02", "knee03"]
+    assert (out / "qa.png").stat().st_size > 10_000
+
+    # the load plan for the Slicer module
+    plan = load_plan(r.result["manifest"])
+    assert [(i["kind"], i["role"]) for i in plan] == [("segmentation", "fused-labels"), ("table", "qa-table")]
+    assert plan[0]["path"].endswith(".seg.nrrd") and plan[0]["labels"][2]["name"] == "femoral cartilage"
+    assert plan[0]["reference"] == "target" and plan[0]["show"]
+    full = load_plan(r.result["manifest"], atlases=["knee02"], posteriors=True)
+    a2 = [i for i in full if i["atlas_id"] == "knee02"]
+    assert [i["role"] for i in a2 if i["role"] != "atlas-weights"] == [
+        "atlas-image", "atlas-labels", "atlas-field", "atlas-jacobian", "atlas-image-unrefined", "atlas-labels-unrefined"]
+    tr = next(i for i in a2 if i["kind"] == "transform")
+    assert tr["fixed"] == "target" and tr["moving"].endswith("knee02.nii.gz") and os.path.isfile(tr["moving"])
+    assert next(i for i in a2 if i["role"] == "atlas-labels")["path"].endswith(".seg.nrrd")
+    assert next(i for i in a2 if i["role"] == "atlas-image-unrefined")["compare_with"].endswith("knee02_image.nii.gz")
+    assert len([i for i in full if i["role"] == "posterior"]) == 4
+    assert all(i["folder"][0] == "MASRefine target01" for i in full)
+    with pytest.raises(KeyError):
+        load_plan(r.result["manifest"], atlases=["nope"])
+
+
+def test_cancel_leaves_no_manifest(sample, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(Cancelled):
+        segment(sample["target"], sample["atlas_dir"], out,
+                SegmentOptions(prereg="affine", refine="none", fusion="pv", preset="fast"), progress=cancel_after(6))
+    assert not (out / MANIFEST_NAME).exists()
+
+
+def test_segment_command_with_truth(sample, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = cli_main(["segment", "--atlases", sample["atlas_dir"], "--target", sample["target"], "--out", str(out),
+                   "--prereg", "affine", "--refine", "none", "--fusion", "pv", "--preset", "fast",
+                   "--no-atlas-outputs", "--no-qa-picture", "--truth", sample["truth"],
+                   "--groups", json.dumps(sampledata.GROUPS), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "manifest:" in text and "cartilage: Dice" in text
+    m = read_manifest(out)
+    assert not any(e["role"].startswith("atlas-") for e in m["outputs"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["groups"]) == {"bone", "cartilage"}
+    # the metrics are of the fused labels that were written
+    fused = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "fused_labels.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(sample["truth"]))
+    d1 = 2 * ((fused == 1) & (truth == 1)).sum() / ((fused == 1).sum() + (truth == 1).sum())
+    assert next(r for r in metrics["labels"] if r["label"] == 1)["dice"] == pytest.approx(d1, abs=1e-6)
