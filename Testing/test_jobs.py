@@ -261,3 +261,12 @@ def test_worker_exits_when_parent_dies(sample, tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_protocol_modules_stay_light():
+    """What the Slicer process imports (jobs, runner, manifest, loadplan) never pulls in torch or MONAI."""
+    code = ("import sys; import MASRefineLib.jobs, MASRefineLib.runner, MASRefineLib.manifest, MASRefineLib.loadplan; "
+            "print(sorted(m for m in ('torch', 'monai', 'matplotlib', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.stdout.strip() == "[]"
