@@ -164,10 +164,17 @@ def register_stage(target_path: str, target: sitk.Image, aset, opts: SegmentOpti
     register = None
     if _have(f"{__package__}.registration"):
         from . import registration
-        register = getattr(registration, "register_atlas_set", None)
+        register = getattr(registration, "register", None)
     if register is not None:
-        return register(aset, target_path, stage=opts.prereg, preset=opts.preset, device=device,
-                        progress=progress, seed=opts.seed)
+        from .registration import AtlasInput, get_params
+        params = get_params(opts.preset, stage=opts.prereg, seed=opts.seed)
+        inputs = [AtlasInput(aid, load=(lambda a=aid: aset.read(a)), source_image=str(aset.image_path(aid)),
+                             source_label=str(aset.label_path(aid))) for aid in aset.ids]
+        ws = register(target, inputs, aset.label_table, params=params, device=device, progress=progress,
+                      target_path=target_path)
+        for f in ws.failed:
+            log.warning(f"atlas {f['id']} skipped: {f['error']}")
+        return ws
     fallbacks.append("register: registration engine not installed; atlases only resampled onto the target grid")
     log.warning("the registration engine is not available in this installation: atlases are resampled onto the "
                 "target grid without registration")
