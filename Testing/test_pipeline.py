@@ -125,3 +125,14 @@ def test_segment_command_with_truth(sample, tmp_path, capsys):
     truth = sitk.GetArrayFromImage(sitk.ReadImage(sample["truth"]))
     d1 = 2 * ((fused == 1) & (truth == 1)).sum() / ((fused == 1).sum() + (truth == 1).sum())
     assert next(r for r in metrics["labels"] if r["label"] == 1)["dice"] == pytest.approx(d1, abs=1e-6)
+
+
+def test_missing_models_without_training_name_the_command(sample, tmp_path):
+    from MASRefineLib.errors import MASRefineError
+    with pytest.raises(MASRefineError, match="masrefine train segmenter"):
+        segment(sample["target"], sample["atlas_dir"], tmp_path / "o",
+                SegmentOptions(prereg="affine", refine="IS", fusion="pv", train_missing=False))
+    with pytest.raises(MASRefineError, match="masrefine train votenet"):
+        segment(sample["target"], sample["atlas_dir"], tmp_path / "o",
+                SegmentOptions(prereg="affine", refine="none", fusion="votenet", train_missing=False))
+    assert not (tmp_path / "o" / MANIFEST_NAME).exists()
