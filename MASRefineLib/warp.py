@@ -51,18 +51,27 @@ def grid_points(grid: Grid, device: torch.device | str = "cpu", dtype: torch.dty
     return pts.to(device=device, dtype=dtype)
 
 
-def sample(moving: torch.Tensor, moving_grid: Grid, points: torch.Tensor, mode: str = "bilinear",
+def sample(moving: torch.Tensor, moving_grid: Grid | Sequence[Grid], points: torch.Tensor, mode: str = "bilinear",
            padding: str = "zeros") -> torch.Tensor:
     """Sample ``moving`` (B, C, z, y, x) on ``moving_grid`` at LPS mm ``points`` (B or 1, Z, Y, X, 3).
 
-    ``mode`` is grid_sample's (``bilinear`` is trilinear in 3D, or ``nearest``); ``padding`` is
-    ``zeros`` (outside is 0, as ITK's default pixel value), ``border`` or ``reflection``.
-    Returns (B, C, Z, Y, X).
+    ``moving_grid`` may also be one grid per batch item (same array shape, e.g. atlases with different
+    origins or directions), sampled in one call. ``mode`` is grid_sample's (``bilinear`` is trilinear in
+    3D, or ``nearest``); ``padding`` is ``zeros`` (outside is 0, as ITK's default pixel value),
+    ``border`` or ``reflection``. Returns (B, C, Z, Y, X).
     """
     if points.dim() == 4:
         points = points.unsqueeze(0)
-    a = _tensor(physical_to_normalized(moving_grid), points)
-    norm = points @ a[:3, :3].T + a[:3, 3]
+    if isinstance(moving_grid, Grid):
+        a = _tensor(physical_to_normalized(moving_grid), points)
+        norm = points @ a[:3, :3].T + a[:3, 3]
+    else:
+        if len(moving_grid) != moving.shape[0]:
+            raise ValueError(f"{len(moving_grid)} grids for a batch of {moving.shape[0]}")
+        a = _tensor(np.stack([physical_to_normalized(g) for g in moving_grid]), points)
+        if points.shape[0] != moving.shape[0]:
+            points = points.expand(moving.shape[0], *points.shape[1:])
+        norm = torch.einsum("bij,bzyxj->bzyxi", a[:, :3, :3], points) + a[:, None, None, None, :3, 3]
     if norm.shape[0] != moving.shape[0]:
         norm = norm.expand(moving.shape[0], *norm.shape[1:])
     return F.grid_sample(moving, norm.to(moving.dtype), mode=mode, padding_mode=padding, align_corners=True)
@@ -107,11 +116,14 @@ def warp_labels(labels: torch.Tensor, moving_grid: Grid, field: torch.Tensor | N
     out = torch.empty((labels.shape[0], base.shape[0]), dtype=torch.int32, device=dev)
     for b in range(labels.shape[0]):
         flat = labels[b, 0].reshape(-1).to(torch.int32)
+        keep = allowed
+        if keep is not None and bool(torch.isin(torch.unique(flat), keep).all()):
+            keep = None  # every value in this map may be assigned: no restriction to apply
         for s in range(0, base.shape[0], chunk):
             pts = base[s:s + chunk]
             if field is not None:
                 pts = pts + field[b].reshape(3, -1)[:, s:s + chunk].T.to(torch.float64)
-            out[b, s:s + chunk] = _onehot_argmax(flat, pts @ m[:3, :3].T + m[:3, 3], (nx, ny, nz), allowed)
+            out[b, s:s + chunk] = _onehot_argmax(flat, pts @ m[:3, :3].T + m[:3, 3], (nx, ny, nz), keep)
     return out.reshape(labels.shape[0], 1, *target_grid.shape).to(labels.dtype)
 
 

@@ -198,3 +198,15 @@ def test_onehot_label_warp_equals_argmax_of_interpolated_indicators(ixi_crop):
     drop = values[len(values) // 2]
     restricted = warp_labels(t, mgrid, field, tgrid, values=[v for v in values if v != drop])[0, 0].numpy()
     assert drop not in set(np.unique(restricted)) and (ours == drop).any()
+
+
+def test_sample_with_one_grid_per_batch_item(ixi_crop):
+    from MASRefineLib.warp import sample
+    img = ixi_crop[0]
+    g1 = Grid.from_image(img)
+    g2 = Grid.from_image(make_oblique(img))
+    x = image_tensor([sitk.GetArrayFromImage(img)] * 2)
+    pts = grid_points(g1.resized((20, 22, 18))).unsqueeze(0) + torch.tensor([1.5, -2.0, 0.7])
+    both = sample(x, [g1, g2], pts)
+    assert torch.allclose(both[:1], sample(x[:1], g1, pts), atol=1e-6)
+    assert torch.allclose(both[1:], sample(x[1:], g2, pts), atol=1e-6)
