@@ -1,0 +1,57 @@
+"""``masrefine experiment``: the paper's Table 1 on a labelled data set (resumable)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "experiment", help="reproduce the paper's Table 1 on a labelled data set (resumable)",
+        description="Split a labelled data set into atlases and targets, train the models on the atlases, and "
+                    "evaluate PV, VoteNet+, VoteNet+ (I) and VoteNet+ (IS) after affine and deformable "
+                    "pre-registration, plus the U-Net baseline: ASD, surface Dice, 95%% HD and volume Dice, "
+                    "mean (sd) per label group, and seconds per stage. Writes table1.md, table1.csv, "
+                    "results.csv and table1.png. Finished cells are kept: run the same command again to resume.")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="an atlas set (atlas.json) or a folder with images/ and labels/ (and labels.json)")
+    p.add_argument("--atlases", type=int, required=True, metavar="N", help="number of atlases")
+    p.add_argument("--targets", type=int, required=True, metavar="M", help="number of targets")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (resumes what is there)")
+    p.add_argument("--prereg", nargs="+", choices=("affine", "deformable"), default=["affine", "deformable"],
+                   help="pre-registrations (rows) to run (default: both)")
+    p.add_argument("--no-unet", dest="unet", action="store_false", help="leave out the U-Net baseline row")
+    p.add_argument("--rows", nargs="+", metavar="ROW",
+                   help="only these rows: affine-pv, affine-votenet, affine-votenet-I, affine-votenet-IS, the same "
+                        "with deformable-, and unet (default: all rows of --prereg, and unet)")
+    p.add_argument("--preset", choices=("fast", "default", "accurate"), default="default")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--groups", metavar="JSON",
+                   help='label groups (columns), e.g. {"bone": [1, 3], "cartilage": [2, 4]} '
+                        "(default: bones/cartilages when the label names say so, else all labels)")
+    p.add_argument("--labels", metavar="FILE", help="label table, when the data folder has no labels.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the methods")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiment import run_experiment
+    from .segment import terminal_progress
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    groups = None
+    if args.groups:
+        from ..metrics import parse_groups
+        groups = parse_groups(args.groups)
+    with terminal_progress(args.quiet) as bar:
+        r = run_experiment(args.data, args.atlases, args.targets, args.out, preregs=args.prereg, preset=args.preset,
+                           device=args.device, seed=args.seed, groups=groups, label_table=args.labels,
+                           unet=args.unet, rows=args.rows, progress=bar)
+    print(r["markdown"])
+    print()
+    print(f"table: {r['table']}\ncsv:   {r['csv']}\nplot:  {r['plot']}")
+    return 0
