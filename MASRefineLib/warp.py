@@ -77,6 +77,28 @@ def sample(moving: torch.Tensor, moving_grid: Grid | Sequence[Grid], points: tor
     return F.grid_sample(moving, norm.to(moving.dtype), mode=mode, padding_mode=padding, align_corners=True)
 
 
+def sample_mapped(moving: torch.Tensor, moving_grid: Grid | Sequence[Grid], matrices: torch.Tensor,
+                  points: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
+    """Sample ``moving`` (B, C, z, y, x) at ``A_b q`` for LPS mm points ``q`` given channel-first,
+    (B or 1, 3, Z, Y, X) like a displacement field, and affine maps ``matrices`` (B, 4, 4) LPS mm -> LPS mm.
+
+    The same as :func:`sample` at the mapped points, with the map folded into the normalisation so the
+    whole mapping is one batched 3x3 product (differentiable in ``matrices`` and ``points``): the inner
+    loop of affine and deformable registration. ``moving_grid``: one grid, or one per batch item.
+    """
+    b = moving.shape[0]
+    grids = [moving_grid] * b if isinstance(moving_grid, Grid) else list(moving_grid)
+    if len(grids) != b:
+        raise ValueError(f"{len(grids)} grids for a batch of {b}")
+    norm = _tensor(np.stack([physical_to_normalized(g) for g in grids]), matrices) @ matrices  # (B, 4, 4)
+    q = points.reshape(points.shape[0], 3, -1).to(norm.dtype)
+    if q.shape[0] != b:
+        q = q.expand(b, -1, -1)
+    mapped = torch.baddbmm(norm[:, :3, 3:], norm[:, :3, :3], q)  # (B, 3, N)
+    grid = mapped.reshape(b, 3, *points.shape[2:]).permute(0, 2, 3, 4, 1)
+    return F.grid_sample(moving, grid.to(moving.dtype), mode=mode, padding_mode=padding, align_corners=True)
+
+
 def warp(moving: torch.Tensor, moving_grid: Grid, field: torch.Tensor | None, target_grid: Grid,
          mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
     """Warp ``moving`` (B, C, z, y, x) onto ``target_grid`` with ``field`` (B, 3, Z, Y, X) in LPS mm.
