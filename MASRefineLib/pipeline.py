@@ -210,7 +210,7 @@ def fuse_stage(ws: WarpedSet, target_arr: np.ndarray, aset, opts: SegmentOptions
     if fusion is not None:
         kw = {}
         if opts.fusion == "votenet":
-            kw["model"] = votenet_model_path(aset)
+            kw["model"] = votenet_model_path(aset, opts.prereg)
         r = fusion(ws, target_arr, method=opts.fusion, device=device, progress=progress, **kw)
         post = {int(v): r.posteriors.map(int(v)) for v in r.posteriors.values}
         out = Fused(np.asarray(r.labels, np.uint16), post, r.weights,
@@ -555,8 +555,10 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
             opts.fusion = "jlf"
         else:
             log.info(f"training VoteNet+ on the atlas set first (once; stored in {aset.models_dir})")
-            trainer(aset, prereg=opts.prereg, refine=opts.refine if opts.refine != "none" else None,
-                    preset=opts.preset, device=device, progress=progress, segmenter=segmenter)
+            # as in the paper, VoteNet+ learns from pre-registration results (one model per pre-registration);
+            # the refined variants (I), (IS) use the same model
+            trainer(aset, prereg=opts.prereg, refine=None, preset=opts.preset, device=device, progress=progress,
+                    seed=opts.seed)
     return segmenter
 
 
