@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Benchmark: the whole pipeline (``masrefine segment``) against ANTs SyN + ANTs joint label fusion.
+
+On the same atlases and targets (different subjects; splits from bench/datasets.py):
+
+- **MASRefine**: deformable pre-registration + refinement (IS) + VoteNet+ fusion (``--preset``), with the
+  models (surrogate segmenter, VoteNet+) trained on the atlas set beforehand (training time reported
+  separately, once; the per-target time is "with trained models").
+- **ANTs**: ``ants.registration(type_of_transform="SyN")`` of every atlas to the target (antspyx
+  defaults), labels warped with ``genericLabel``, then ``ants.joint_label_fusion`` (ANTs defaults: beta 4,
+  patch radius 2, search radius 3) inside the union of the warped labels dilated by 3 voxels.
+
+Prints one table: per method, Dice / surface Dice (0.7 mm) per label group (knee: bone, cartilage; IXI:
+mean over all labels), ASD, and seconds per target; then MASRefine's seconds per stage and the speed-up.
+ANTs results are cached in ``.cache/bench-pipeline/`` (they take long); rerun to add targets.
+
+    .venv/bin/python bench/pipeline.py --dataset knee --atlases 10 --targets 3
+    .venv/bin/python bench/pipeline.py --dataset ixi --atlases 10 --targets 5
+    .venv/bin/python bench/pipeline.py --dataset knee --skip-ants     # MASRefine only
+
+Needs the bench extra for ANTs: ``.venv/bin/pip install -e '.[bench]'`` (antspyx).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from bench import datasets  # noqa: E402
+from MASRefineLib.imageio import atomic_write_text, read_label  # noqa: E402
+from MASRefineLib.metrics import evaluate  # noqa: E402
+
+CACHE = ROOT / ".cache" / "bench-pipeline"
+
+
+def ants_segment(target: Path, atlases: list[tuple[str, Path, Path]], out: Path, threads: int) -> dict:
+    """ANTs SyN of every atlas to the target + ANTs JLF; cached in ``out`` (seg.nii.gz + timing.json)."""
+    seg_path, info_path = out / "ants_jlf.nii.gz", out / "ants.json"
+    if seg_path.exists() and info_path.exists():
+        return json.loads(info_path.read_text())
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    import ants
+    out.mkdir(parents=True, exist_ok=True)
+    fixed = ants.image_read(str(target))
+    imgs, labs = [], []
+    t0 = time.perf_counter()
+    for aid, img_p, lab_p in atlases:
+        print(f"  ANTs SyN {aid} -> {target.name}", file=sys.stderr, flush=True)
+        moving = ants.image_read(str(img_p))
+        reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyN")
+        imgs.append(reg["warpedmovout"])
+        labs.append(ants.apply_transforms(fixed, ants.image_read(str(lab_p)), reg["fwdtransforms"],
+                                          interpolator="genericLabel"))
+    t_reg = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    union = labs[0].numpy() > 0
+    for lab in labs[1:]:
+        union |= lab.numpy() > 0
+    from scipy import ndimage
+    mask = fixed.new_image_like(ndimage.binary_dilation(union, iterations=3).astype(np.float32))
+    print(f"  ANTs joint label fusion ({len(imgs)} atlases)", file=sys.stderr, flush=True)
+    jlf = ants.joint_label_fusion(fixed, mask, atlas_list=imgs, label_list=labs)
+    t_jlf = time.perf_counter() - t1
+    ants.image_write(jlf["segmentation"], str(seg_path))
+    info = {"seconds_register": t_reg, "seconds_jlf": t_jlf, "seconds": t_reg + t_jlf, "threads": threads}
+    atomic_write_text(json.dumps(info, indent=1), info_path)
+    return info
+
+
+def score(pred: Path, truth: Path, groups) -> dict:
+    import SimpleITK as sitk
+    from MASRefineLib.imageio import resample_label
+    from MASRefineLib.geometry import Grid
+    p, r = read_label(pred, allow_empty=True), read_label(truth)
+    if not Grid.from_image(p).isclose(Grid.from_image(r)):
+        p = resample_label(sitk.Cast(p, sitk.sitkUInt16), Grid.from_image(r))
+    ev = evaluate(p, r, groups=groups)
+    return {g: {"dice": s.dice, "surface_dice": s.surface_dice, "asd_mm": s.asd_mm, "hd95_mm": s.hd95_mm}
+            for g, s in list(ev.groups.items()) + [("mean", ev.mean)]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=("knee", "ixi"), default="knee")
+    ap.add_argument("--atlases", type=int, default=10)
+    ap.add_argument("--targets", type=int, default=3)
+    ap.add_argument("--preset", choices=("fast", "default", "accurate"), default="default")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and ITK (default 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-ants", action="store_true")
+    a = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(a.threads)
+    from MASRefineLib.atlas import AtlasSet
+    from MASRefineLib.device import resolve_device
+    from MASRefineLib.manifest import read_manifest
+    from MASRefineLib.pipeline import SegmentOptions, ensure_models, segment
+
+    if a.dataset == "knee":
+        ids = datasets.knee_subjects()
+        groups = {"bone": [1, 3], "cartilage": [2, 4]}
+        case = datasets.knee_case
+    else:
+        ids = datasets.ixi_subjects()
+        groups = None
+        case = datasets.ixi_case
+    atlas_ids, target_ids = datasets.split(ids, a.atlases, a.targets, seed=a.seed)
+    aset = datasets.make_atlas_set(a.dataset, atlas_ids)
+    work = CACHE / f"{a.dataset}-{aset.root.name}"
+    dev = resolve_device(a.device)
+
+    # models, trained once on the atlas set
+    opts = SegmentOptions(prereg="deformable", refine="IS", fusion="votenet", device=a.device, preset=a.preset,
+                          seed=a.seed, threads=a.threads)
+    t0 = time.perf_counter()
+    fallbacks: list[str] = []
+    ensure_models(aset, opts, dev, None, fallbacks)
+    t_models = time.perf_counter() - t0
+    for f in fallbacks:
+        print(f"note: {f}", file=sys.stderr)
+
+    rows = []
+    for tid in target_ids:
+        img_p, lab_p = case(tid)
+        print(f"target {tid}", file=sys.stderr, flush=True)
+        out = work / tid / f"masrefine-{a.preset}"
+        r = segment(img_p, aset.root, out, SegmentOptions(**{**opts.to_json(), "train_missing": False}),
+                    truth=None)
+        secs = read_manifest(r["manifest"])["summary"]["seconds"]
+        rows.append({"method": "MASRefine", "target": tid, "seconds": sum(secs.values()), "stages": secs,
+                     "metrics": score(Path(r["fused"]), lab_p, groups)})
+        if not a.skip_ants:
+            atl = [(i, aset.image_path(i), aset.label_path(i)) for i in aset.ids]
+            info = ants_segment(Path(img_p), atl, work / tid, a.threads)
+            rows.append({"method": "ANTs SyN + JLF", "target": tid, "seconds": info["seconds"], "stages": info,
+                         "metrics": score(work / tid / "ants_jlf.nii.gz", lab_p, groups)})
+
+    gnames = list(groups) if groups else ["mean"]
+    print()
+    print(f"{a.dataset}: {len(atlas_ids)} atlases -> {len(target_ids)} targets (different subjects), preset "
+          f"{a.preset}, {a.threads} threads, device {dev}")
+    head = f"{'method':<18}" + "".join(f"{'Dice ' + g:>16}{'SD ' + g:>16}{'ASD ' + g:>14}" for g in gnames) + f"{'s/target':>10}"
+    print(head)
+    print("-" * len(head))
+    for method in ("MASRefine", "ANTs SyN + JLF"):
+        rs = [r for r in rows if r["method"] == method]
+        if not rs:
+            continue
+        line = f"{method:<18}"
+        for g in gnames:
+            for key, w, sc in (("dice", 16, 100), ("surface_dice", 16, 100), ("asd_mm", 14, 1)):
+                v = [r["metrics"][g][key] for r in rs]
+                line += f"{np.mean(v) * sc:>{w - 7}.2f} ({np.std(v) * sc:4.2f})"
+        line += f"{np.mean([r['seconds'] for r in rs]):>10.0f}"
+        print(line)
+    ours = [r for r in rows if r["method"] == "MASRefine"]
+    stages = {k: np.mean([r["stages"].get(k, 0.0) for r in ours]) for k in ours[0]["stages"]}
+    print("MASRefine seconds per stage (mean per target): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    print(f"model training (once per atlas set): {t_models:.0f} s")
+    theirs = [r for r in rows if r["method"] != "MASRefine"]
+    if theirs:
+        print(f"speed-up vs ANTs: {np.mean([r['seconds'] for r in theirs]) / np.mean([r['seconds'] for r in ours]):.1f}x")
+    atomic_write_text(json.dumps(rows, indent=1, default=float), work / f"results-{a.preset}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
