@@ -135,7 +135,7 @@ def test_cancel_mid_run(sample, tmp_path):
 def test_cancel_kills_unresponsive_worker(sample, tmp_path):
     r = JobRunner(_job(sample, tmp_path / "run", "worker_pipelines:slow", steps=3, sleep=60), env=ENV).start()
     for ev in r.events(30):
-        if ev["event"] == "started":
+        if ev["event"] == "progress":  # the pipeline now sleeps 60 s before its next progress report
             break
     t = time.monotonic()
     r.cancel(grace_s=0.5)
