@@ -1,0 +1,136 @@
+"""Batched 12-degree-of-freedom affine registration in physical space.
+
+A matrix here is 4x4 (float64) mapping *target* LPS mm to *atlas* LPS mm, as
+:func:`MASRefineLib.warp.affine_to_field` expects: the atlas value at ``A p`` is moved to target point ``p``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import losses
+from ..geometry import Grid
+from ..warp import grid_points
+from .params import RegistrationParams
+from .pyramid import AtlasPyramid, TargetPyramid
+
+Tick = Callable[[int, str, dict], None]
+
+
+def image_moments(image: sitk.Image, spacing_mm: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+    """Centre of intensity mass (LPS mm, (3,)) and intensity-weighted covariance (mm^2, (3, 3)) of a
+    non-negative (normalised) image, computed on a coarse working grid."""
+    from .pyramid import downsample
+
+    arr, g = downsample(image, spacing_mm)
+    w = np.clip(arr, 0, None).astype(np.float64).ravel()
+    pts = grid_points(g, dtype=torch.float64).reshape(-1, 3).numpy()
+    total = w.sum()
+    if total <= 0:
+        return g.center_mm(), np.eye(3)
+    c = (w[:, None] * pts).sum(0) / total
+    d = pts - c
+    cov = (w[:, None, None] * (d[:, :, None] * d[:, None, :])).sum(0) / total
+    return c, cov
+
+
+def initial_matrices(target: sitk.Image, atlases: list[sitk.Image], mode: str) -> torch.Tensor:
+    """Initial target->atlas matrices (B, 4, 4) float64.
+
+    ``moments``: the target's centre of intensity mass maps to each atlas's, with an isotropic scale
+    from the ratio of the second-moment volumes (det of the covariances)^(1/6); ``centers``: centre of
+    the target's field of view to the atlas's; ``identity``.
+    """
+    mats = []
+    if mode == "moments":
+        ct, cov_t = image_moments(target)
+    for atlas in atlases:
+        m = np.eye(4)
+        if mode == "moments":
+            ca, cov_a = image_moments(atlas)
+            dt, da = np.linalg.det(cov_t), np.linalg.det(cov_a)
+            s = (da / dt) ** (1.0 / 6.0) if dt > 0 and da > 0 else 1.0
+            s = float(np.clip(s, 0.67, 1.5))
+            m[:3, :3] *= s
+            m[:3, 3] = ca - s * ct
+        elif mode == "centers":
+            m[:3, 3] = Grid.from_image(atlas).center_mm() - Grid.from_image(target).center_mm()
+        mats.append(m)
+    return torch.as_tensor(np.stack(mats), dtype=torch.float64)
+
+
+def similarity_loss(kind: str, warped: torch.Tensor, target: torch.Tensor, window: int = 5) -> torch.Tensor:
+    """Per-atlas loss (B,) to minimise for similarity ``kind`` (ncc, lncc, mse), plus the similarity itself."""
+    if kind == "ncc":
+        return 1.0 - losses.ncc(warped, target.expand_as(warped))
+    if kind == "lncc":
+        return 1.0 - losses.lncc(warped, target.expand_as(warped), window)
+    if kind == "mse":
+        return losses.mse(warped, target.expand_as(warped))
+    raise ValueError(f"unknown similarity {kind!r}")
+
+
+def cosine_lr(lr: float, it: int, n: int, floor: float = 0.05) -> float:
+    """Cosine decay from ``lr`` to ``floor * lr`` over ``n`` iterations."""
+    if n <= 1:
+        return lr
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * it / (n - 1))))
+
+
+def lncc_window(window_mm: float, spacing: tuple[float, ...]) -> int:
+    """LNCC window side in voxels: ``window_mm`` over the mean spacing, odd, at least 3."""
+    w = int(round(window_mm / float(np.mean(spacing))))
+    return max(3, w | 1)
+
+
+def optimize_affine(target: TargetPyramid, atlases: AtlasPyramid, init: torch.Tensor, params: RegistrationParams,
+                    tick: Optional[Tick] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refine ``init`` (B, 4, 4) by Adam over ``params.affine_*`` levels; returns (matrices (B, 4, 4)
+    float64, similarity at the last level (B,)).
+
+    Parametrisation: ``A p = (M0 + L / R)(p - c) + (a0 + t)`` with ``c`` the target's working-grid centre,
+    ``M0, a0`` from ``init``, ``R = affine_radius_mm``; ``L`` (3x3) and ``t`` (mm) start at 0 and share
+    one Adam step size in mm. ``tick(n_iterations, message, data)`` is called every iteration (it may
+    raise Cancelled).
+    """
+    dev = next(iter(target.levels.values()))[0].device
+    init = init.to(dev, torch.float64)
+    b = init.shape[0]
+    c = torch.as_tensor(target.grid.center_mm(), dtype=torch.float64, device=dev)
+    m0 = init[:, :3, :3].clone()
+    a0 = init[:, :3, :3] @ c + init[:, :3, 3]
+    lin = torch.zeros(b, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
+    trans = torch.zeros(b, 3, dtype=torch.float64, device=dev, requires_grad=True)
+    radius = float(params.affine_radius_mm)
+
+    def matrices() -> torch.Tensor:
+        m = m0 + lin / radius
+        top = torch.cat([m, (a0 + trans - (m @ c.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], dim=2)
+        bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=dev).expand(b, 1, 4)
+        return torch.cat([top, bottom], dim=1)
+
+    sim = torch.zeros(b, dtype=torch.float64, device=dev)
+    if sum(params.affine_iterations) == 0:
+        return matrices().detach(), sim
+    opt = torch.optim.Adam([lin, trans], lr=params.affine_lr_mm)
+    for level, (spacing, n_it) in enumerate(zip(params.affine_spacing_mm, params.affine_iterations)):
+        tgt, grid = target.levels[float(spacing)]
+        q = grid_points(grid, dev, torch.float32).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, Z, Y, X) mm
+        window = lncc_window(params.lncc_window_mm, grid.spacing)
+        for it in range(n_it):
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(params.affine_lr_mm, it, n_it)
+            opt.zero_grad(set_to_none=True)
+            warped = atlases.sample(spacing, matrices().float(), q)
+            loss = similarity_loss(params.affine_similarity, warped, tgt, window)
+            loss.sum().backward()
+            opt.step()
+            sim = (1.0 - loss.detach()) if params.affine_similarity != "mse" else -loss.detach()
+            if tick is not None:
+                tick(1, f"affine level {level + 1}/{len(params.affine_iterations)} it {it + 1}/{n_it}",
+                     {"similarity": sim.tolist()})
+    return matrices().detach(), sim.double()

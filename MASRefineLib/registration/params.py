@@ -1,0 +1,166 @@
+"""Registration parameters and presets: every knob, its unit and its default, documented once here.
+
+Units: lengths in millimetres (LPS, physical space), never voxels, so one preset fits brains at 2 mm
+and knees at 0.7 mm. A "level" is one resolution of the multi-resolution pyramid; tuple-valued knobs
+give one value per level, coarse to fine, and the tuples of one stage must have the same length.
+
+Affine stage (12 degrees of freedom, maps target LPS mm -> atlas LPS mm)
+    init                  "moments": centres of intensity mass + isotropic scale from second moments;
+                          "centers": centres of the fields of view; "identity": none.
+    affine_spacing_mm     working-grid spacing per level (mm). The target is block-averaged and
+                          resampled to a grid of this spacing over its own field of view; atlases likewise
+                          over theirs.
+    affine_iterations     Adam iterations per level.
+    affine_lr_mm          Adam step (mm) for the translation and for the 3x3 part, which is scaled by
+                          ``affine_radius_mm`` so that one step moves a point at that radius by ~lr mm.
+    affine_radius_mm      the radius (mm) used to scale the 3x3 part (half a typical object size).
+    affine_similarity     "ncc" (global normalised cross-correlation), "lncc" or "mse".
+
+Deformable stage (dense displacement on a control grid, on top of the affine)
+    deform_spacing_mm     working-grid spacing per level (mm) on which images are compared.
+    deform_control_mm     spacing (mm) of the grid that carries the displacement (or velocity) parameters
+                          per level; it is trilinearly upsampled to the working grid, so it sets the
+                          finest detail the deformation can have.
+    deform_iterations     Adam iterations per level.
+    deform_lr_mm          Adam step (mm of displacement per iteration) per level.
+    similarity            "lncc" (local NCC, squared), "ncc" or "mse".
+    lncc_window_mm        side of the LNCC window (mm); rounded to an odd number of voxels >= 3 per level.
+    bending_weight        weight of the bending energy (mean squared second derivatives, 1/mm^2) of the
+                          control-grid field, against a similarity in [0, 1].
+    diffusion_weight      weight of the diffusion term (mean squared first derivatives, dimensionless).
+    diffeomorphic         optimise a stationary velocity field and integrate it by scaling and squaring.
+    svf_steps             number of squarings (the velocity is divided by 2^svf_steps).
+
+General
+    seed                  torch seed (the algorithm has no random step; the seed pins anything that might).
+    max_batch             atlases optimised together (memory: ~ max_batch x working-grid size).
+    label_method          "onehot" (each label's indicator interpolated trilinearly, argmax) or "nearest".
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from ..errors import MASRefineError
+
+STAGES = ("affine", "deformable")
+
+
+@dataclass(frozen=True)
+class RegistrationParams:
+    stage: str = "deformable"
+    # affine
+    init: str = "moments"
+    affine_spacing_mm: tuple[float, ...] = (8.0, 5.0)
+    affine_iterations: tuple[int, ...] = (60, 40)
+    affine_lr_mm: float = 1.0
+    affine_radius_mm: float = 60.0
+    affine_similarity: str = "ncc"
+    # deformable
+    deform_spacing_mm: tuple[float, ...] = (6.0, 4.0)
+    deform_control_mm: tuple[float, ...] = (8.0, 6.0)
+    deform_iterations: tuple[int, ...] = (60, 40)
+    deform_lr_mm: tuple[float, ...] = (0.5, 0.3)
+    similarity: str = "lncc"
+    lncc_window_mm: float = 20.0
+    bending_weight: float = 1.0
+    diffusion_weight: float = 0.05
+    diffeomorphic: bool = False
+    svf_steps: int = 6
+    # general
+    seed: int = 0
+    max_batch: int = 16
+    label_method: str = "onehot"
+
+    def validate(self) -> "RegistrationParams":
+        def bad(msg: str):
+            raise MASRefineError(f"registration parameters: {msg}")
+        if self.stage not in STAGES:
+            bad(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.init not in ("moments", "centers", "identity"):
+            bad(f"init must be moments, centers or identity, got {self.init!r}")
+        for name in ("affine_similarity", "similarity"):
+            if getattr(self, name) not in ("ncc", "lncc", "mse"):
+                bad(f"{name} must be ncc, lncc or mse, got {getattr(self, name)!r}")
+        if self.label_method not in ("onehot", "nearest"):
+            bad(f"label_method must be onehot or nearest, got {self.label_method!r}")
+        if len(self.affine_spacing_mm) != len(self.affine_iterations):
+            bad("affine_spacing_mm and affine_iterations need one value per level each")
+        n = len(self.deform_spacing_mm)
+        for name in ("deform_control_mm", "deform_iterations", "deform_lr_mm"):
+            if len(getattr(self, name)) != n:
+                bad(f"{name} needs one value per deformable level ({n}, as deform_spacing_mm)")
+        if any(s <= 0 for s in self.affine_spacing_mm + self.deform_spacing_mm + self.deform_control_mm):
+            bad("spacings must be positive (mm)")
+        if any(i < 0 for i in self.affine_iterations + self.deform_iterations):
+            bad("iterations must be >= 0")
+        if self.max_batch < 1:
+            bad("max_batch must be >= 1")
+        if self.bending_weight < 0 or self.diffusion_weight < 0:
+            bad("regularisation weights must be >= 0")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "RegistrationParams":
+        """A copy with some knobs changed; values may be strings as typed on a command line
+        (tuples as ``8,4``; booleans as true/false)."""
+        known = {f.name: f for f in fields(self)}
+        changes = {}
+        for key, value in overrides.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise MASRefineError(f"unknown registration parameter {key!r} (known: {', '.join(known)})")
+            changes[key] = _coerce(key, value, getattr(self, key))
+        return replace(self, **changes).validate()
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(current, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            typ = type(current[0]) if current else float
+            return tuple(typ(float(v)) if typ is int else typ(v) for v in items)
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise MASRefineError(f"registration parameter {key}: cannot use value {value!r}") from None
+
+
+DEFAULT = RegistrationParams()
+
+#: The presets. ``default`` is the tuned setting (evidence in docs/registration.md); ``fast`` stops at a
+#: coarser level for interactive use; ``accurate`` adds a finer level and more iterations.
+PRESETS: dict[str, RegistrationParams] = {
+    "fast": replace(DEFAULT, affine_spacing_mm=(8.0,), affine_iterations=(60,),
+                    deform_spacing_mm=(6.0,), deform_control_mm=(8.0,), deform_iterations=(60,),
+                    deform_lr_mm=(0.5,)),
+    "default": DEFAULT,
+    "accurate": replace(DEFAULT, affine_spacing_mm=(8.0, 5.0, 3.0), affine_iterations=(60, 40, 20),
+                        deform_spacing_mm=(6.0, 4.0, 2.5), deform_control_mm=(8.0, 6.0, 4.0),
+                        deform_iterations=(80, 60, 30), deform_lr_mm=(0.5, 0.3, 0.2)),
+}
+
+
+def get_params(preset: str | RegistrationParams = "default", **overrides: Any) -> RegistrationParams:
+    """A preset by name (or a given params object) with optional overrides, validated."""
+    if isinstance(preset, RegistrationParams):
+        base = preset
+    else:
+        if preset not in PRESETS:
+            raise MASRefineError(f"unknown registration preset {preset!r} (choose {', '.join(PRESETS)})")
+        base = PRESETS[preset]
+    return base.with_overrides(overrides) if overrides else base.validate()

@@ -1,0 +1,225 @@
+"""Registration of a set of atlases to one target: the orchestration behind ``masrefine register``.
+
+For each batch of up to ``max_batch`` atlases: normalise intensities to [0, 1], build working grids
+(block-averaged pyramids), initialise the affine from image moments, optimise the affine, then the
+deformable field, all atlases of the batch together on one device. Then per atlas the *total* field
+on the target grid (affine composed with the deformable displacement, LPS mm) warps the original
+atlas image and label map once. The result is a :class:`~MASRefineLib.warped.WarpedSet`.
+
+Per-atlas ``info``: ``seconds`` (the batch's shared optimisation time divided among its atlases plus the
+atlas's own preparation and final warp), ``similarity`` (the optimised similarity on the finest working
+grid), ``ncc`` (global NCC of the warped atlas image and the target on the target grid),
+``folding_fraction`` (fraction of target voxels where the total field's Jacobian determinant is <= 0)
+and ``matrix`` (the affine, target LPS mm -> atlas LPS mm).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..device import resolve_device
+from ..errors import MASRefineError
+from ..fields import folding_fraction
+from ..geometry import Grid
+from ..labels import LabelTable
+from ..losses import ncc
+from ..progress import ProgressCallback, report
+from ..warp import image_tensor, warp, warp_labels
+from ..warped import WarpedAtlas, WarpedSet
+from .affine import initial_matrices, optimize_affine
+from .deformable import optimize_deformable, total_field
+from .params import RegistrationParams, get_params
+from .pyramid import AtlasPyramid, TargetPyramid, normalized
+
+STAGE = "register"
+
+
+@dataclass
+class AtlasInput:
+    """One atlas to register: either ``image`` and ``label`` given, or ``load()`` returning them
+    (read lazily, one batch at a time). ``source_*`` are the file paths recorded in the report."""
+    id: str
+    image: Optional[sitk.Image] = None
+    label: Optional[sitk.Image] = None
+    load: Optional[Callable[[], tuple[sitk.Image, sitk.Image]]] = None
+    source_image: Optional[str] = None
+    source_label: Optional[str] = None
+
+    def read(self) -> tuple[sitk.Image, sitk.Image]:
+        if self.image is not None and self.label is not None:
+            return self.image, self.label
+        if self.load is None:
+            raise MASRefineError(f"atlas {self.id}: no image/label given")
+        return self.load()
+
+
+def _check_image(image: sitk.Image, what: str) -> None:
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise MASRefineError(f"{what}: expected a 3D scalar image")
+    arr = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(arr).all():
+        raise MASRefineError(f"{what}: image contains NaN or infinite values")
+    if float(arr.max()) == float(arr.min()):
+        raise MASRefineError(f"{what}: image is constant (empty)")
+
+
+def _fov_warning(atlas_id: str, atlas_grid: Grid, target_grid: Grid, ratio: float = 2.5) -> Optional[str]:
+    """A warning when an atlas's field of view is wildly different from the target's (sorted extents
+    differing by more than ``ratio`` along an axis), which affine initialisation may not overcome."""
+    ea, et = np.sort(atlas_grid.extent_mm()), np.sort(target_grid.extent_mm())
+    r = ea / np.maximum(et, 1e-6)
+    if (r > ratio).any() or (r < 1.0 / ratio).any():
+        return (f"atlas {atlas_id}: field of view {np.round(atlas_grid.extent_mm(), 1).tolist()} mm is very "
+                f"different from the target's {np.round(target_grid.extent_mm(), 1).tolist()} mm; "
+                f"registration may fail")
+    return None
+
+
+def _prepare_atlas(atlas: AtlasInput, label_table: Optional[LabelTable]) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    image, label = atlas.read()
+    _check_image(image, f"atlas {atlas.id} image")
+    if not Grid.from_image(image).isclose(Grid.from_image(label)):
+        raise MASRefineError(f"atlas {atlas.id}: label map grid does not match the image grid")
+    values = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist()) - {0}
+    if not values:
+        raise MASRefineError(f"atlas {atlas.id}: label map is empty")
+    if label_table is not None:
+        unknown = sorted(values - set(label_table))
+        if unknown:
+            raise MASRefineError(f"atlas {atlas.id}: label values {unknown[:8]} are not in the label table "
+                                 f"(atlases must share one label table)")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    return image, normalized(image), label
+
+
+def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Optional[LabelTable] = None,
+             params: RegistrationParams | str = "default", device: str | torch.device = "auto",
+             progress: Optional[ProgressCallback] = None, target_path: Optional[str] = None,
+             ) -> WarpedSet:
+    """Register every atlas to ``target`` and warp its image and labels onto the target grid.
+
+    ``params`` is a preset name (``fast``, ``default``, ``accurate``) or a :class:`RegistrationParams`.
+    An atlas that cannot be used (unreadable, empty, labels outside ``label_table``, non-finite result)
+    is listed in ``WarpedSet.failed`` and the others still finish; warnings (e.g. very different
+    fields of view) are collected in ``WarpedSet.info["warnings"]`` and issued with :mod:`warnings`.
+    ``progress`` receives events of stage ``register`` and may raise Cancelled to stop.
+    """
+    if isinstance(params, str):
+        params = get_params(params)
+    params.validate()
+    dev = resolve_device(device)
+    torch.manual_seed(params.seed)
+    t_start = time.perf_counter()
+    _check_image(target, f"target {target_path or ''}".strip())
+    target_grid = Grid.from_image(target)
+    deformable = params.stage == "deformable"
+    spacings = list(params.affine_spacing_mm) + (list(params.deform_spacing_mm) if deformable else [])
+    report(progress, STAGE, 0.0, "preparing target")
+    target_img = normalized(sitk.Cast(target, sitk.sitkFloat32))
+    tpyr = TargetPyramid(target_img, spacings, dev)
+    target_norm = image_tensor(sitk.GetArrayFromImage(target_img), dev)
+
+    n_total = len(atlases)
+    iters_per_batch = sum(params.affine_iterations) + (sum(params.deform_iterations) if deformable else 0)
+    done = {"units": 0}
+    total_units = max(1, n_total * (iters_per_batch + 1))
+
+    results: list[WarpedAtlas] = []
+    failed: list[dict[str, str]] = []
+    warn_list: list[str] = []
+    present: set[int] = set()
+    timing = {"prepare": 0.0, "affine": 0.0, "deformable": 0.0, "warp": 0.0}  # seconds, all batches
+
+    for start in range(0, n_total, params.max_batch):
+        batch = list(atlases[start:start + params.max_batch])
+        prepared = []
+        t_prep = time.perf_counter()
+        for a in batch:
+            report(progress, STAGE, done["units"] / total_units, f"reading atlas {a.id}")
+            t0 = time.perf_counter()
+            try:
+                raw, norm, label = _prepare_atlas(a, label_table)
+            except MASRefineError as e:
+                failed.append({"id": a.id, "error": str(e)})
+                warnings.warn(f"skipping atlas {a.id}: {e}")
+                continue
+            w = _fov_warning(a.id, Grid.from_image(raw), target_grid)
+            if w:
+                warn_list.append(w)
+                warnings.warn(w)
+            prepared.append((a, norm, label, time.perf_counter() - t0))
+        if not prepared:
+            continue
+        nb = len(prepared)
+        t_opt = time.perf_counter()
+        norms = [p[1] for p in prepared]
+        apyr = AtlasPyramid(norms, spacings, dev)
+        init = initial_matrices(target_img, norms, params.init)
+
+        def tick(n: int, message: str, data: dict, _nb=nb) -> None:
+            done["units"] += n * _nb
+            report(progress, STAGE, done["units"] / total_units, message, **data)
+
+        t_aff = time.perf_counter()
+        timing["prepare"] += t_aff - t_prep
+        mats, sim = optimize_affine(tpyr, apyr, init, params, tick)
+        t_def = time.perf_counter()
+        timing["affine"] += t_def - t_aff
+        disp, cgrid = None, None
+        if deformable:
+            disp, cgrid, sim = optimize_deformable(tpyr, apyr, mats, params, tick)
+        timing["deformable"] += time.perf_counter() - t_def
+        shared_seconds = (time.perf_counter() - t_opt) / nb
+        del apyr
+
+        for i, (a, norm, label, prep_s) in enumerate(prepared):
+            t0 = time.perf_counter()
+            report(progress, STAGE, done["units"] / total_units, f"warping atlas {a.id}")
+            try:
+                field = total_field(mats[i:i + 1], None if disp is None else disp[i:i + 1], cgrid, target_grid)
+                if not torch.isfinite(field).all():
+                    raise MASRefineError(f"atlas {a.id}: registration diverged (non-finite field)")
+                agrid = Grid.from_image(norm)
+                img = warp(image_tensor(sitk.GetArrayFromImage(norm), dev), agrid, field, target_grid)
+                lab_arr = sitk.GetArrayFromImage(label).astype(np.int64)
+                values = sorted(set(np.unique(lab_arr).tolist()))
+                lab = warp_labels(torch.as_tensor(lab_arr, device=dev)[None, None], agrid, field, target_grid,
+                                  values=values, method=params.label_method)
+                fold = float(folding_fraction(field, target_grid)[0]) if deformable else 0.0
+                final_ncc = float(ncc(img, target_norm)[0])
+            except MASRefineError as e:
+                failed.append({"id": a.id, "error": str(e)})
+                warnings.warn(f"skipping atlas {a.id}: {e}")
+                continue
+            label_np = lab[0, 0].cpu().numpy().astype(np.uint16)
+            present |= set(np.unique(label_np).tolist())
+            timing["warp"] += time.perf_counter() - t0
+            seconds = shared_seconds + prep_s + (time.perf_counter() - t0)
+            info = {"seconds": round(seconds, 3), "similarity": round(float(sim[i]), 5),
+                    "similarity_kind": params.similarity if deformable else params.affine_similarity,
+                    "ncc": round(final_ncc, 5), "folding_fraction": fold,
+                    "matrix": mats[i].cpu().numpy().round(6).tolist()}
+            if final_ncc < 0.2:
+                msg = f"atlas {a.id}: low similarity after registration (ncc {final_ncc:.2f}); check the result"
+                warn_list.append(msg)
+                warnings.warn(msg)
+            results.append(WarpedAtlas(a.id, img[0, 0].cpu().numpy().astype(np.float32), label_np,
+                                       field[0].cpu().numpy().astype(np.float32), a.source_image, a.source_label,
+                                       info))
+            done["units"] += 1
+            report(progress, STAGE, done["units"] / total_units, f"atlas {a.id} done", atlas=a.id, **info)
+
+    if not results:
+        raise MASRefineError("no atlas could be registered: " + "; ".join(f"{f['id']}: {f['error']}" for f in failed))
+    table = label_table if label_table is not None else LabelTable.from_values(present)
+    info = {"params": params.to_json(), "device": str(dev), "seconds": round(time.perf_counter() - t_start, 3),
+            "timing": {k: round(v, 3) for k, v in timing.items()}, "warnings": warn_list}
+    report(progress, STAGE, 1.0, "done")
+    return WarpedSet(target_grid, table, results, params.stage, target_path, info, failed)
+
