@@ -46,17 +46,51 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
 
     ``window`` is the side of the cubic window in voxels. Loss: ``1 - lncc``.
     """
-    pad = window // 2
-
-    def box(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool3d(x, window, stride=1, padding=pad, count_include_pad=False)
-
-    ma, mb = box(a), box(b)
-    cov = box(a * b) - ma * mb
-    va = (box(a * a) - ma * ma).clamp(min=0)
-    vb = (box(b * b) - mb * mb).clamp(min=0)
+    cov, va, vb = _local_moments(a, b, window)
     cc = cov * cov / (va * vb + _EPS)
     return _flat(cc).mean(1)
+
+
+def _local_moments(a: torch.Tensor, b: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local covariance and variances over a cubic window (voxels outside the image are not counted)."""
+    ma, mb, mab, maa, mbb = box_mean(torch.cat([a, b, a * b, a * a, b * b], dim=1), window).split(a.shape[1], dim=1)
+    cov = mab - ma * mb
+    va = (maa - ma * ma).clamp(min=0)
+    vb = (mbb - mb * mb).clamp(min=0)
+    return cov, va, vb
+
+
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a cubic window of ``window`` voxels around each voxel of (B, C, Z, Y, X), not counting
+    voxels outside the image: exactly ``avg_pool3d(x, window, 1, window // 2, count_include_pad=False)``,
+    computed as three 1D passes (the valid part of a window is a box, so the counts factorise): sums of
+    shifted slices for small windows, differences of cumulative sums for large ones. On the CPU this is
+    several times cheaper than the 3D pool (which costs window^3 per voxel)."""
+    pad = window // 2
+    for dim in (2, 3, 4):
+        n = x.shape[dim]
+        xp = F.pad(x, [0, 0] * (4 - dim) + [pad, pad])  # zeros outside; length n + 2 pad
+        if window <= 7:
+            s = xp.narrow(dim, 0, n)
+            for k in range(1, window):
+                s = s + xp.narrow(dim, k, n)
+        else:
+            c = torch.cumsum(F.pad(xp, [0, 0] * (4 - dim) + [1, 0]), dim=dim)
+            s = c.narrow(dim, window, n) - c.narrow(dim, 0, n)
+        i = torch.arange(n, device=x.device)
+        count = (i + pad).clamp(max=n - 1) - (i - pad).clamp(min=0) + 1
+        shape = [1] * x.dim()
+        shape[dim] = n
+        x = s / count.to(x.dtype).view(shape)
+    return x
+
+
+def local_correlation(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """Signed local correlation coefficient map (B, 1, Z, Y, X) in [-1, 1] over a cubic window of
+    ``window`` voxels (the unsquared, per-voxel form of :func:`lncc`); flat windows give 0.
+    Used e.g. as a local similarity for locally weighted voting."""
+    cov, va, vb = _local_moments(a, b, window)
+    return (cov / torch.sqrt(va * vb + _EPS)).clamp(-1.0, 1.0)
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -59,3 +59,12 @@ def test_bending_energy_units_follow_spacing():
     # with 2 mm voxels the same array means u = (x_mm / 2)^2: d2/dx2 = 0.5 per mm^2 -> 0.25
     assert abs(bending_energy(quad, spacing=(2.0, 1.0, 1.0)).item() - 0.25) < 1e-4
     assert diffusion(torch.zeros(1, 3, 5, 5, 5)).item() == 0.0
+
+
+def test_separable_box_mean_equals_full_window_pool():
+    import torch.nn.functional as F
+    from MASRefineLib.losses import box_mean
+    x = torch.rand(2, 3, 11, 10, 13, dtype=torch.float64)
+    for w in (3, 5, 7, 9):  # shifted sums (<= 7) and cumulative sums (> 7)
+        full = F.avg_pool3d(x, w, stride=1, padding=w // 2, count_include_pad=False)
+        assert torch.allclose(box_mean(x, w), full, atol=1e-12)
