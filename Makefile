@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine's disk; the package metadata keeps a range.
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# OpenMP threads wait passively: spinning threads collapse on a CPU shared with other jobs (see MASRefineLib/__init__.py)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test demo bench clean
 
