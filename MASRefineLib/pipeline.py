@@ -194,7 +194,8 @@ def plurality_vote(labels: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray
 @dataclass
 class Fused:
     labels: np.ndarray                                   # (Z, Y, X) uint16
-    posteriors: dict[int, np.ndarray] = field(default_factory=dict)  # value -> (Z, Y, X) float32
+    posterior_values: list[int] = field(default_factory=list)       # label values with a posterior map
+    posterior_map: Optional[Callable[[int], np.ndarray]] = None      # value -> (Z, Y, X) float32, on demand
     weights: Optional[np.ndarray] = None                 # (B, Z, Y, X) float32 per-atlas weights
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -212,14 +213,14 @@ def fuse_stage(ws: WarpedSet, target_arr: np.ndarray, aset, opts: SegmentOptions
         if opts.fusion == "votenet":
             kw["model"] = votenet_model_path(aset, opts.prereg)
         r = fusion(ws, target_arr, method=opts.fusion, device=device, progress=progress, **kw)
-        post = {int(v): r.posteriors.map(int(v)) for v in r.posteriors.values}
-        out = Fused(np.asarray(r.labels, np.uint16), post, r.weights,
+        out = Fused(np.asarray(r.labels, np.uint16), [int(v) for v in r.posteriors.values],
+                    lambda v, P=r.posteriors: P.map(int(v)), r.weights,
                     {"method": r.method, "params": r.params, "seconds": r.seconds, **(r.info or {})})
     else:
         fallbacks.append(f"fuse: fusion module not installed; plurality vote used instead of {opts.fusion}")
         log.warning(f"the fusion module is not available in this installation: plurality vote instead of {opts.fusion}")
         fused, post = plurality_vote(np.stack([a.label for a in ws.atlases]))
-        out = Fused(fused, post, None, {"method": "pv (fallback)"})
+        out = Fused(fused, sorted(post), post.__getitem__, None, {"method": "pv (fallback)"})
     report(progress, "fuse", 1.0, "done")
     return out
 
@@ -426,10 +427,11 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
         paths = write_label_outputs(array_to_image(fused.labels, grid), aset.label_table, out / "fused_labels")
         m.add(paths["seg_nrrd"], "segmentation", "fused-labels", name="fused labels")
         m.add(paths["nifti"], "segmentation", "fused-labels", name="fused labels")
-        for v, p in sorted(fused.posteriors.items()):
+        for v in sorted(fused.posterior_values):  # one map in memory at a time (~150 labels for brains)
             if v == 0:
                 continue
             nm = aset.label_table[v].name if v in aset.label_table else f"label {v}"
+            p = fused.posterior_map(v)
             pp = write_image(array_to_image(p.astype(np.float32), grid), out / "posteriors" / f"{v}_{_safe(nm)}.nii.gz")
             m.add(pp, "volume", "posterior", name=f"P({nm})", label=int(v))
         if opts.save_atlases:
