@@ -99,12 +99,15 @@ def spatial_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     if field.dim() == 4:
         field = field.unsqueeze(0)
     # torch.gradient along dims X (i), Y (j), Z (k)
-    d_i, d_j, d_k = (torch.gradient(field, dim=d)[0] for d in (4, 3, 2))
-    g_idx = torch.stack([d_i, d_j, d_k], dim=2)  # (B, 3 comps, 3 index axes, Z, Y, X)
-    minv = torch.as_tensor(np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing)), dtype=field.dtype,
-                           device=field.device)
-    # du/dp = du/didx @ didx/dp, didx/dp = M^-1 (rows: index axes, cols: LPS axes)
-    return torch.einsum("bcizyx,ij->bcjzyx", g_idx, minv)
+    d_idx = [torch.gradient(field, dim=d)[0] for d in (4, 3, 2)]  # d/di, d/dj, d/dk: (B, 3, Z, Y, X)
+    minv = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
+    # du/dp = du/didx @ didx/dp, didx/dp = M^-1 (rows: index axes, cols: LPS axes); written out as
+    # scalar multiply-adds (zero terms skipped: 3 for axis-aligned grids) instead of a 3x3 einsum
+    cols = []
+    for j in range(3):
+        terms = [float(minv[i, j]) * d_idx[i] for i in range(3) if abs(minv[i, j]) > 1e-12]
+        cols.append(sum(terms[1:], terms[0]) if terms else torch.zeros_like(field))
+    return torch.stack(cols, dim=2)
 
 
 def jacobian_determinant(field, grid: Grid) -> torch.Tensor:
@@ -112,9 +115,11 @@ def jacobian_determinant(field, grid: Grid) -> torch.Tensor:
     if not isinstance(field, torch.Tensor):
         field = torch.as_tensor(np.asarray(field, dtype=np.float32))
     g = spatial_gradient(field.float(), grid)
-    eye = torch.eye(3, dtype=g.dtype, device=g.device).view(1, 3, 3, 1, 1, 1)
-    j = (g + eye).permute(0, 3, 4, 5, 1, 2)
-    return torch.linalg.det(j)
+    j = g + torch.eye(3, dtype=g.dtype, device=g.device).view(1, 3, 3, 1, 1, 1)
+    # cofactor expansion voxel-wise on (B, 3, 3, Z, Y, X): no per-voxel LU, no transposed copy
+    return (j[:, 0, 0] * (j[:, 1, 1] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 1])
+            - j[:, 0, 1] * (j[:, 1, 0] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 0])
+            + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0]))
 
 
 def folding_fraction(field, grid: Grid) -> torch.Tensor:

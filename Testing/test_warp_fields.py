@@ -226,3 +226,12 @@ def test_sample_mapped_equals_sample_at_mapped_points(ixi_crop):
     ref = sample(x, [g1, g2], mapped.float())
     ours = sample_mapped(x, [g1, g2], m, pts.permute(3, 0, 1, 2).unsqueeze(0))
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()  # float32 rounding of intensities ~4000
+
+
+def test_jacobian_determinant_equals_linalg_det(ixi_crop):
+    from MASRefineLib.fields import spatial_gradient
+    grid = Grid.from_image(make_oblique(ixi_crop[0]))
+    field = _smooth_field(grid, amp_mm=4.0, seed=7)
+    j = spatial_gradient(field, grid) + torch.eye(3).view(1, 3, 3, 1, 1, 1)
+    ref = torch.linalg.det(j.permute(0, 3, 4, 5, 1, 2).double()).float()
+    assert torch.allclose(jacobian_determinant(field, grid), ref, atol=1e-5)
