@@ -369,6 +369,18 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "label"
 
 
+def _training_weight(atlas_dir, opts: SegmentOptions) -> float:
+    """Share of the overall progress for training models (when they are missing and will be trained)."""
+    models = Path(atlas_dir) / "models"
+    w = 0.0
+    if opts.train_missing and opts.refine == "IS" and not (models / "segmenter.json").exists():
+        w += 0.5
+    if opts.train_missing and opts.fusion == "votenet" and not ((models / f"votenet-{opts.prereg}.json").exists()
+                                                                 or (models / "votenet.json").exists()):
+        w += 0.7
+    return w
+
+
 def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
             options: SegmentOptions | None = None, progress: Optional[ProgressCallback] = None,
             truth: str | os.PathLike | None = None, groups=None) -> dict[str, Any]:
@@ -388,8 +400,8 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
     device = resolve_device(opts.device)
     target_path = str(Path(target_path).resolve())
     out = begin_output(Path(out_dir).resolve())
-    weights = {"load": 0.03, "models": 0.0, "register": 0.4, "refine": 0.3 if opts.refine != "none" else 0.0,
-               "fuse": 0.12, "write": 0.1, "qa": 0.05}
+    weights = {"load": 0.03, "models": _training_weight(atlas_dir, opts), "register": 0.4,
+               "refine": 0.3 if opts.refine != "none" else 0.0, "fuse": 0.12, "write": 0.1, "qa": 0.05}
     plan = _Plan(progress, weights)
     m = Manifest(out, {"target": target_path, "atlas_dir": str(Path(atlas_dir).resolve()),
                        **({"truth": str(Path(truth).resolve())} if truth else {})}, opts.to_json())
