@@ -109,11 +109,24 @@ class _Plan:
         s, w = self.start.get(stage, 0.0), self.width.get(stage, 0.0)
 
         def f(ev: ProgressEvent) -> None:
-            self.progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**ev.data, "overall": s + w * ev.fraction}))
+            data = dict(ev.data)
+            part = data.pop("_part", ev.fraction)  # see _part(): a sub-task's share of this stage
+            self.progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**data, "overall": s + w * part}))
         return f
 
     def report(self, stage: str, fraction: float, message: str = "") -> None:
         report(self.cb(stage), stage, fraction, message)
+
+
+def _part(progress: Optional[ProgressCallback], lo: float, hi: float) -> Optional[ProgressCallback]:
+    """A sub-task's callback covering lo..hi of its stage's share of the overall progress (its own
+    stage fraction is passed on unchanged)."""
+    if progress is None:
+        return None
+
+    def f(ev: ProgressEvent) -> None:
+        progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**ev.data, "_part": lo + (hi - lo) * ev.fraction}))
+    return f
 
 
 def _have(module: str) -> bool:
@@ -552,11 +565,14 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
     else :class:`MASRefineError` naming the ``masrefine train`` command. Returns the segmenter (or None);
     may change ``opts.fusion`` (recorded in ``fallbacks``) when VoteNet+ can be neither found nor trained."""
     segmenter = None
+    seg_missing = opts.refine == "IS" and not (Path(aset.models_dir) / "segmenter.json").exists()
+    vn_missing = opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg) is None
+    split = 0.4 if seg_missing and vn_missing else (1.0 if seg_missing else 0.0)
     if opts.refine == "IS":
         if not _have(f"{__package__}.segmenter"):
             fallbacks.append("models: segmenter module not installed")
         else:
-            segmenter = _ensure_segmenter(aset, opts, device, progress)
+            segmenter = _ensure_segmenter(aset, opts, device, _part(progress, 0.0, split))
     if opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg) is None:
         cmd = f"masrefine train votenet {aset.root} --prereg {opts.prereg}"
         if not opts.train_missing:
@@ -571,8 +587,8 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
             log.info(f"training VoteNet+ on the atlas set first (once; stored in {aset.models_dir})")
             # as in the paper, VoteNet+ learns from pre-registration results (one model per pre-registration);
             # the refined variants (I), (IS) use the same model
-            trainer(aset, prereg=opts.prereg, refine=None, preset=opts.preset, device=device, progress=progress,
-                    seed=opts.seed)
+            trainer(aset, prereg=opts.prereg, refine=None, preset=opts.preset, device=device,
+                    progress=_part(progress, split, 1.0), seed=opts.seed)
     return segmenter
 
 
