@@ -43,12 +43,15 @@ def _tensor(m: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 def grid_points(grid: Grid, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """LPS mm of every voxel centre of ``grid``: tensor (Z, Y, X, 3), last axis (x, y, z)."""
-    m = torch.as_tensor(grid.index_to_physical(), dtype=torch.float64)
-    axes = [torch.arange(n, dtype=torch.float64) for n in grid.size]  # i, j, k
-    kk, jj, ii = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-    ijk = torch.stack([ii, jj, kk], dim=-1)
-    pts = ijk @ m[:3, :3].T + m[:3, 3]
-    return pts.to(device=device, dtype=dtype)
+    m = grid.index_to_physical()
+    nx, ny, nz = grid.size
+    out = torch.empty((nz, ny, nx, 3), dtype=dtype, device=device)
+    for c in range(3):  # p_c = o_c + M_c0 i + M_c1 j + M_c2 k: a broadcast sum of three 1D ramps
+        ri = torch.arange(nx, dtype=torch.float64, device=device) * m[c, 0] + m[c, 3]
+        rj = torch.arange(ny, dtype=torch.float64, device=device) * m[c, 1]
+        rk = torch.arange(nz, dtype=torch.float64, device=device) * m[c, 2]
+        out[..., c] = rk.view(nz, 1, 1) + rj.view(1, ny, 1) + ri.view(1, 1, nx)
+    return out
 
 
 def sample(moving: torch.Tensor, moving_grid: Grid | Sequence[Grid], points: torch.Tensor, mode: str = "bilinear",

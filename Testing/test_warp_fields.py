@@ -235,3 +235,13 @@ def test_jacobian_determinant_equals_linalg_det(ixi_crop):
     j = spatial_gradient(field, grid) + torch.eye(3).view(1, 3, 3, 1, 1, 1)
     ref = torch.linalg.det(j.permute(0, 3, 4, 5, 1, 2).double()).float()
     assert torch.allclose(jacobian_determinant(field, grid), ref, atol=1e-5)
+
+
+def test_grid_points_are_the_voxel_centres_in_lps():
+    g = Grid((7, 5, 4), (1.3, 0.9, 2.1), (12.5, -30.25, 7.0), tuple(np.asarray(
+        sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5).GetMatrix()).tolist()))
+    pts = grid_points(g, dtype=torch.float64)
+    assert pts.shape == (4, 5, 7, 3)
+    for k, j, i in ((0, 0, 0), (3, 4, 6), (2, 1, 5)):
+        ref = g.index_to_physical() @ np.array([i, j, k, 1.0])
+        np.testing.assert_allclose(pts[k, j, i].numpy(), ref[:3], atol=1e-9)
