@@ -70,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     from .imageio import read_label
     from .metrics import evaluate, format_table
     from .pipeline import SegmentOptions, segment
-    from .commands.segment import format_rows, terminal_progress
+    from .commands.segment import console_logging, format_rows, terminal_progress
     from .manifest import read_manifest
 
     out = Path(a.out).resolve()
+    if not a.quiet:
+        console_logging()
     print(f"MASRefine demo: knee phantom, {a.atlases} atlases -> 1 target, output in {out}", flush=True)
     t = time.perf_counter()
     with terminal_progress(a.quiet) as bar:

@@ -38,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..experiment import run_experiment
-    from .segment import terminal_progress
+    from .segment import console_logging, terminal_progress
 
     if args.threads:
         import torch
@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.groups:
         from ..metrics import parse_groups
         groups = parse_groups(args.groups)
+    if not args.quiet:
+        console_logging()
     with terminal_progress(args.quiet) as bar:
         r = run_experiment(args.data, args.atlases, args.targets, args.out, preregs=args.prereg, preset=args.preset,
                            device=args.device, seed=args.seed, groups=groups, label_table=args.labels,

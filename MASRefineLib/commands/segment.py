@@ -64,6 +64,18 @@ def terminal_progress(quiet: bool = False):
     return tqdm_progress() if sys.stderr.isatty() else _StageLines()
 
 
+def console_logging() -> None:
+    """Show the library's info messages (e.g. "training the surrogate segmenter first") on stderr."""
+    import logging
+    lg = logging.getLogger("MASRefineLib")
+    if not any(getattr(h, "_masrefine_console", False) for h in lg.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._masrefine_console = True
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return "-" if not math.isfinite(v) else f"{v:.4g}"
@@ -95,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                           preset=args.preset, alpha=args.alpha, gamma=args.gamma, iterations=args.iterations,
                           train_missing=args.train_missing, save_atlases=args.save_atlases,
                           qa_picture=args.qa_picture, seed=args.seed, threads=args.threads)
+    if not args.quiet:
+        console_logging()
     with terminal_progress(args.quiet) as bar:
         result = segment(args.target, args.atlases, args.out, opts, bar, truth=args.truth, groups=groups)
     m = read_manifest(result["manifest"])
