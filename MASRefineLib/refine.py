@@ -1,0 +1,538 @@
+"""VoteNet++ registration refinement (paper Eq. 3-6), batched over atlases.
+
+After pre-registration every atlas is already warped onto the target grid (a :class:`WarpedSet`).
+Refinement optimises, per atlas, one more smooth displacement field ``f`` (phi^-1(x) = x + f(x)) that
+minimises (Eq. 3)::
+
+    L(f) = [1 - NCC(A~_I o phi^-1, T_I)] + alpha * L_seg(S_src o phi^-1, S_tar) + gamma * L_reg(f)
+
+- ``A~_I``: the warped atlas image, ``T_I``: the target image (both normalised to [0, 1]).
+- ``L_seg`` (Eq. 5): soft multi-class Dice (:func:`losses.soft_dice_loss`, structures only) between the
+  surrogate segmenter's class probabilities of the warped atlas image, ``S_src``, warped by ``f``, and
+  of the target, ``S_tar``. Both are predicted once, before the optimisation. Variant ``"I"`` drops
+  this term; variant ``"IS"`` keeps it.
+- ``L_reg`` (Eq. 6): bending energy, mean over voxels of sum_i ||H(f_i)||_F^2
+  (:func:`losses.bending_energy`, compact stencils including the mixed terms).
+
+Units (this module's convention)
+--------------------------------
+* ``f`` is a displacement in **LPS millimetres** (the project's field convention, :mod:`warp`), and its
+  Hessian is taken per millimetre, so ``L_reg`` is in **mm^-2** (mm / mm^2, squared) and ``gamma`` is in
+  **mm^2**; ``gamma * L_reg`` is dimensionless like the two data terms. Because the energy is in
+  physical units it does not change with the working grid: the same ``gamma`` means the same
+  smoothness at every level of the pyramid and for any image spacing.
+* The paper's ``gamma = 20000`` belongs to the authors' code, where displacements are in normalised
+  image coordinates and derivatives are taken per voxel: there the same field has a very different
+  energy. :func:`gamma_from_paper` converts (knee grid 0.7 mm, 160 x 200 x 200: 20000 -> about 0.4 mm^2);
+  see its docstring and ``docs/refinement.md``.
+
+Optimisation: ``f`` lives on a working grid over the target's field of view, coarse to fine
+(``spacings_mm``, default 4x and 2x the target spacing). On each level ``f = f_coarser + G_sigma * p``:
+``p`` is a displacement per voxel, ``G_sigma`` a Gaussian of ``smooth`` voxels (a smooth
+parameterisation, like a B-spline grid; the energy is always evaluated on ``f`` itself), optimised with
+L-BFGS and a strong-Wolfe line search (scale-aware, so a large ``gamma`` really keeps ``f`` small; a
+normalised-step method such as Adam moves flat background as fast as edges and oscillates under a stiff
+bending term). The atlases of a batch share one L-BFGS run on the sum of their losses (the losses
+are separable, so each atlas's gradient is its own; only the line-search step is shared).
+
+The result is resampled to the target grid and composed with the pre-registration
+(:func:`warp.compose`): one total field per atlas, from the original atlas to the target, which warps
+the *original* atlas image and label map once (one interpolation; labels one-hot trilinear + argmax).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .device import resolve_device
+from .errors import MASRefineError
+from .fields import folding_fraction
+from .geometry import Grid
+from .imageio import normalize_intensity, read_image, read_label, resample_image
+from .losses import bending_energy, ncc, soft_dice_loss
+from .progress import ProgressCallback, report
+from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
+from .warped import WarpedAtlas, WarpedSet
+
+VARIANTS = ("I", "IS")
+DEFAULT_ALPHA = 3.0
+#: gamma in mm^2 (see the module docstring); chosen by measurement, evidence in docs/refinement.md
+DEFAULT_GAMMA = 0.4
+#: working-grid spacings as multiples of the target spacing, coarse to fine
+DEFAULT_LEVEL_FACTORS = (4.0, 2.0)
+#: L-BFGS iterations per level (coarse to fine)
+DEFAULT_ITERATIONS = (80, 40)
+#: Gaussian parameterisation of the field, sigma in voxels of each level
+DEFAULT_SMOOTH = 2.0
+DEFAULT_BATCH = 4
+
+
+class Segmenter(Protocol):
+    """What refinement needs of a surrogate segmenter (see :class:`MASRefineLib.segmenter.UNetSegmenter`)."""
+
+    def predict(self, images: torch.Tensor, grid: Grid, out_grid: Grid | None = None) -> torch.Tensor:
+        """Class probabilities (B, K+1, *out_grid.shape), channel 0 background, of normalised images
+        (B, 1, *grid.shape)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# units: the paper's gamma
+# ---------------------------------------------------------------------------------------------
+#: for a smooth field with no preferred direction, (pure + 32 x mixed) / (pure + 2 x mixed) of the
+#: squared second derivatives: <n_a^4> = 1/5, <n_a^2 n_b^2> = 1/15 over directions -> (9 + 96) / (9 + 6)
+_ISOTROPIC_WIDE_MIXED_RATIO = 7.0
+
+
+def normalized_displacement(field_mm: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The same field in the authors' units: (B, 3, Z, Y, X) displacements along the index axes
+    (i, j, k) in ``grid_sample`` normalised coordinates (align_corners: -1 and +1 are the centres of the
+    first and last voxel), i.e. component ``c`` divided by the half-extent ``(n_c - 1) * s_c / 2`` mm."""
+    d = torch.as_tensor(grid.direction_matrix, dtype=field_mm.dtype, device=field_mm.device)
+    along = torch.einsum("ac,bazyx->bczyx", d, field_mm)  # LPS -> index-axis components, still mm
+    half = torch.as_tensor([(n - 1) * s / 2.0 for n, s in zip(grid.size, grid.spacing)], dtype=field_mm.dtype,
+                           device=field_mm.device)
+    return along / half.view(1, 3, 1, 1, 1)
+
+
+def gamma_from_paper(gamma_paper: float, grid: Grid, convention: str = "deepatlas") -> float:
+    """Our ``gamma`` (mm^2) equivalent to the paper's ``gamma`` on the paper's image ``grid``.
+
+    The authors' code (the smoothness term of DeepAtlas, ref. [12] of the paper, which VoteNet++ reuses)
+    works on displacements ``v_c = u_c / L_c`` in normalised coordinates (``L_c = (n_c - 1) s_c / 2`` mm,
+    :func:`normalized_displacement`) with second differences per voxel (h = 1). Per squared second
+    derivative this scales our mm energy by ``s^4 / L_c^2`` (isotropic spacing ``s``).
+
+    ``convention``:
+
+    * ``"eq6"``: Eq. 6 taken literally on that field (sum over components, mean over voxels, our compact
+      stencils): ``gamma_mm = gamma_paper * s^4 * mean_c(1 / L_c^2)`` -- exact for fields whose energy
+      is spread evenly over the components (tested).
+    * ``"deepatlas"`` (default, the authors' code): the same, further divided by 27 (a mean over the 3
+      components and a division by 9), the mixed terms taken with the wide central stencil (4x the
+      compact one, so 16x the energy), and component ``c`` weighted by ``(n_c / min n)^2``. For a smooth
+      field with no preferred direction the wide mixed stencil makes the energy 7x larger, so
+      ``gamma_mm = gamma_paper * (7 / 27) * s^4 * mean_c((n_c / min n)^2 / L_c^2)``.
+
+    On the paper's knee grid (0.7 mm, 160 x 200 x 200) ``gamma_paper = 20000`` gives about 0.40 mm^2
+    ("deepatlas") or 1.5 mm^2 ("eq6"). Anisotropic grids use the geometric mean spacing for ``s``.
+    """
+    n = np.asarray(grid.size, dtype=np.float64)
+    sp = np.asarray(grid.spacing, dtype=np.float64)
+    s = float(np.prod(sp) ** (1.0 / 3.0))
+    half = (n - 1.0) * sp / 2.0
+    if convention == "eq6":
+        return float(gamma_paper * s ** 4 * np.mean(1.0 / half ** 2))
+    if convention == "deepatlas":
+        w = (n / n.min()) ** 2
+        return float(gamma_paper * _ISOTROPIC_WIDE_MIXED_RATIO / 27.0 * s ** 4 * np.mean(w / half ** 2))
+    raise ValueError(f"unknown convention {convention!r} (expected 'deepatlas' or 'eq6')")
+
+
+def gamma_to_paper(gamma_mm: float, grid: Grid, convention: str = "deepatlas") -> float:
+    """Inverse of :func:`gamma_from_paper`."""
+    return float(gamma_mm / gamma_from_paper(1.0, grid, convention))
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RefineSettings:
+    """Everything that decides a refinement (stored in the output's report)."""
+    variant: str = "IS"
+    alpha: float = DEFAULT_ALPHA
+    gamma: float = DEFAULT_GAMMA          # mm^2
+    spacings_mm: tuple[float, ...] = ()   # working grids, coarse to fine (LPS mm); () = default factors
+    iterations: tuple[int, ...] = DEFAULT_ITERATIONS
+    smooth: float = DEFAULT_SMOOTH        # Gaussian parameterisation of f, sigma in voxels of each level
+    batch_size: int = DEFAULT_BATCH
+
+    def to_json(self) -> dict:
+        return {"variant": self.variant, "alpha": self.alpha, "gamma_mm2": self.gamma,
+                "spacings_mm": list(self.spacings_mm), "iterations": list(self.iterations), "smooth": self.smooth,
+                "batch_size": self.batch_size}
+
+
+def working_grids(grid: Grid, spacings_mm: Sequence[float] | None = None) -> list[Grid]:
+    """The refinement pyramid over ``grid``'s field of view, coarse to fine. ``spacings_mm`` default:
+    :data:`DEFAULT_LEVEL_FACTORS` times the target's (geometric-mean) spacing, never finer than it."""
+    if not spacings_mm:
+        s = float(np.prod(grid.spacing) ** (1.0 / 3.0))
+        spacings_mm = [f * s for f in DEFAULT_LEVEL_FACTORS]
+    out = []
+    for sp in spacings_mm:
+        if not (float(sp) > 0):
+            raise MASRefineError(f"working spacing {sp} mm must be positive")
+        g = grid.with_spacing(float(sp))
+        if any(a > b for a, b in zip(g.size, grid.size)):
+            g = grid
+        if min(g.size) < 4:
+            raise MASRefineError(f"working spacing {sp} mm is too coarse for a {grid.size} grid "
+                                 f"(fewer than 4 voxels along an axis)")
+        out.append(g)
+    return out
+
+
+def _target_array(target, grid: Grid) -> np.ndarray:
+    """The target as a normalised (Z, Y, X) float32 array on ``grid``."""
+    if isinstance(target, (str, os.PathLike)):
+        target = read_image(target)
+    if isinstance(target, sitk.Image):
+        g = Grid.from_image(target)
+        if not g.isclose(grid):
+            target = resample_image(target, grid)
+        return normalize_intensity(sitk.GetArrayFromImage(target))
+    if isinstance(target, torch.Tensor):
+        target = target.detach().cpu().numpy()
+    arr = np.asarray(target, dtype=np.float32)
+    arr = arr.reshape(arr.shape[-3:]) if arr.ndim > 3 and arr.size == np.prod(arr.shape[-3:]) else arr
+    if arr.shape != grid.shape:
+        raise MASRefineError(f"target array shape {arr.shape} does not match the registered grid {grid.shape}")
+    return arr
+
+
+def _resample(x: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
+    """Resample onto ``dst`` with the one warp; when ``dst`` is coarser, first low-pass (Gaussian, sigma 0.4 x
+    the spacing ratio, in ``src`` voxels) so a 4x coarser level is not aliased."""
+    if src == dst:
+        return x
+    ratio = min(dst.spacing) / max(src.spacing)
+    if ratio > 1.5:
+        x = _gaussian_smooth(x, 0.4 * ratio)
+    return warp(x, src, None, dst, padding="border")
+
+
+def staggered(grid: Grid) -> Grid:
+    """``grid`` shifted by half a voxel along every axis: its voxel centres are the corners of ``grid``'s cells.
+
+    The moving maps of a level are stored on the staggered grid and sampled at the level's voxel centres
+    plus ``f``. At ``f = 0`` every sample then sits in the middle of a cell, where trilinear interpolation
+    is smooth. Stored on the level grid itself, every sample would sit exactly on a node, where trilinear
+    interpolation of a sharp map (a U-Net's nearly binary probabilities) has a kink in every direction: the
+    one-sided gradient there is no descent direction and the line search stalls at ``f = 0``."""
+    d = grid.direction_matrix
+    origin = np.asarray(grid.origin) + d @ (np.asarray(grid.spacing) / 2.0)
+    return Grid(grid.size, grid.spacing, tuple(float(o) for o in origin), grid.direction)
+
+
+def _chunks(n: int, size: int):
+    size = max(1, int(size))
+    for s in range(0, n, size):
+        yield list(range(s, min(n, s + size)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimisation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Terms:
+    similarity: torch.Tensor  # 1 - NCC, (B,)
+    segmentation: torch.Tensor | None  # soft Dice loss, (B,)
+    bending: torch.Tensor  # mm^-2, (B,)
+
+
+def _gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing (sigma in voxels, replicate border) of every channel of (B, C, Z, Y, X)."""
+    if sigma <= 0:
+        return x
+    b, c = x.shape[:2]
+    y = x.reshape(b * c, 1, *x.shape[2:])
+    for axis in range(3):
+        n = y.shape[2 + axis]
+        r = min(int(math.ceil(2.5 * sigma)), n - 1)
+        if r < 1:
+            continue
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * r + 1
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        y = F.conv3d(F.pad(y, pad, mode="replicate"), (k / k.sum()).view(shape))
+    return y.reshape(x.shape)
+
+
+def _first_step_scale(base: torch.Tensor, loss_fn, sigma: float, move_mm: float) -> torch.Tensor:
+    """Per-atlas scales ``c`` (B, 1, 1, 1, 1) for the parameterisation ``f = base + G * (c p)`` such that
+    L-BFGS's first step (``-min(1, 1/|grad|_1) grad`` in ``p``) moves every atlas's field by about
+    ``move_mm`` at its largest. Without it that step is ~1e-4 mm (the loss is a mean over voxels), below
+    float32 resolution of the loss, and the line search gives up. Later steps are scaled by L-BFGS itself."""
+    fb = base.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss_fn(fb).sum().backward()
+    h = _gaussian_smooth(fb.grad, sigma)           # gradient w.r.t. p at c = 1 (G is symmetric)
+    move = _gaussian_smooth(h, sigma).norm(dim=1).flatten(1).max(1).values.clamp(min=1e-20)  # |G h|_inf
+    h1 = h.abs().flatten(1).sum(1)
+    # c_b = k / sqrt(move_b) gives every atlas the same first move; k sets it to move_mm
+    s = (h1 / move.sqrt()).sum()
+    k = move_mm * s if move_mm * s * s >= 1.0 else math.sqrt(move_mm)
+    return (k / move.sqrt()).view(-1, 1, 1, 1, 1).detach()
+
+
+def level_target(x: torch.Tensor, src: Grid, level: Grid) -> torch.Tensor:
+    """A target map on a level, interpolated exactly like the moving maps at ``f = 0`` (resampled onto the
+    :func:`staggered` grid, then sampled at the level's voxel centres), so both carry the same blur and the
+    similarity has no incentive to deform one to sharpen or soften it."""
+    sg = staggered(level)
+    return sample(_resample(x, src, sg), sg, grid_points(level, x.device).unsqueeze(0), padding="border")
+
+
+def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[torch.Tensor], levels: Sequence[Grid],
+                   moving_seg: torch.Tensor | None = None, seg_grid: Grid | None = None,
+                   target_seg: Sequence[torch.Tensor] | None = None,
+                   alpha: float = DEFAULT_ALPHA, gamma: float = DEFAULT_GAMMA,
+                   iterations: Sequence[int] = DEFAULT_ITERATIONS, smooth: float = DEFAULT_SMOOTH,
+                   progress: ProgressCallback | None = None, stage: str = "refine",
+                   fraction: tuple[float, float] = (0.0, 1.0), ids: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+    """Minimise Eq. 3 for a batch of warped atlases; returns (f on ``levels[-1]`` (B, 3, ...) mm, terms).
+
+    ``moving``: warped atlas images (B, 1, ...) on ``moving_grid``; ``target``: the target image (1, 1, ...)
+    on every level; ``moving_seg`` (B, K+1, ...) on ``seg_grid`` and ``target_seg`` (1, K+1, ...) per level:
+    the segmenter's probabilities (None: variant I). ``gamma`` in mm^2. Per level the moving maps are
+    resampled onto the :func:`staggered` level grid.
+    Returns the per-atlas loss terms before and after (finest level) as lists of floats.
+    """
+    if len(iterations) != len(levels):
+        raise MASRefineError(f"{len(iterations)} iteration counts for {len(levels)} working grids")
+    use_seg = moving_seg is not None
+    b = moving.shape[0]
+
+    def _total(t: _Terms) -> torch.Tensor:
+        loss = t.similarity + float(gamma) * t.bending
+        if use_seg:
+            loss = loss + float(alpha) * t.segmentation
+        return loss
+
+    total_iters = max(1, sum(int(i) for i in iterations))
+    done = 0
+    f = None
+    evaluate = None
+    for li, g in enumerate(levels):
+        sg = staggered(g)
+        channels = [_resample(moving, moving_grid, sg)]
+        if use_seg:  # structures only (background is unused by Eq. 5)
+            channels.append(_resample(moving_seg[:, 1:], seg_grid or moving_grid, sg))
+        mov = torch.cat(channels, 1)
+        tgt = target[li]
+        tseg = target_seg[li] if use_seg else None
+        pts = grid_points(g, mov.device).unsqueeze(0)
+        if f is None:
+            f = torch.zeros((b, 3, *g.shape), device=mov.device)
+        else:
+            f = resample_field(f, levels[li - 1], g)
+        spacing = g.spacing
+
+        def evaluate(field: torch.Tensor) -> _Terms:
+            w = sample(mov, sg, pts + field.permute(0, 2, 3, 4, 1), padding="border")
+            sim = 1.0 - ncc(w[:, :1], tgt.expand(b, -1, -1, -1, -1))
+            seg = None
+            if use_seg:
+                ws = torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], 1)
+                seg = soft_dice_loss(ws, tseg.expand(b, -1, -1, -1, -1))
+            return _Terms(sim, seg, bending_energy(field, spacing))
+
+        n_it = int(iterations[li])
+        if n_it <= 0:
+            continue
+        base = f.detach()
+        scale = _first_step_scale(base, lambda fc: _total(evaluate(fc)), float(smooth), 0.5 * float(min(g.spacing)))
+        p = torch.zeros_like(base, requires_grad=True)
+
+        def field(q: torch.Tensor) -> torch.Tensor:
+            return base + _gaussian_smooth(q * scale, float(smooth))
+        opt = torch.optim.LBFGS([p], lr=1.0, max_iter=n_it, max_eval=int(n_it * 1.25) + 1, history_size=10,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-12)
+        count = [0]
+        level_msg = f"level {li + 1}/{len(levels)}"
+
+        def closure():
+            opt.zero_grad()
+            t = evaluate(field(p))
+            loss = _total(t)
+            total = loss.sum()
+            total.backward()
+            count[0] += 1
+            if count[0] % 10 == 1:
+                report(progress, stage, fraction[0] + (fraction[1] - fraction[0]) * (done + min(count[0], n_it)) / total_iters,
+                       f"{level_msg} evaluation {count[0]}", atlases=list(ids), loss=loss.detach().cpu().tolist(),
+                       similarity=t.similarity.detach().cpu().tolist(),
+                       segmentation=None if t.segmentation is None else t.segmentation.detach().cpu().tolist(),
+                       bending=t.bending.detach().cpu().tolist())
+            return total
+
+        opt.step(closure)
+        done += n_it
+        with torch.no_grad():
+            f = field(p)
+    with torch.no_grad():
+        after = evaluate(f)  # on the finest level
+        before = evaluate(torch.zeros_like(f))
+
+    def lst(x):
+        return None if x is None else [float(v) for v in x.detach().cpu()]
+
+    terms = {"similarity_before": lst(before.similarity), "similarity_after": lst(after.similarity),
+             "segmentation_before": lst(before.segmentation), "segmentation_after": lst(after.segmentation),
+             "bending_after_mm-2": lst(after.bending)}
+    return f.detach(), terms
+
+
+# ---------------------------------------------------------------------------------------------
+# the public entry point
+# ---------------------------------------------------------------------------------------------
+def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float = DEFAULT_ALPHA,
+           gamma: float = DEFAULT_GAMMA, iterations: Sequence[int] | int | None = None,
+           spacings_mm: Sequence[float] | None = None, smooth: float = DEFAULT_SMOOTH, segmenter: Segmenter | None = None, device: str | torch.device = "auto",
+           batch_size: int = DEFAULT_BATCH, progress: ProgressCallback | None = None,
+           rewarp_from_source: bool = True) -> WarpedSet:
+    """Refine every atlas of ``warped`` towards ``target_image``; returns a new :class:`WarpedSet`
+    (stage ``refined-I`` / ``refined-IS``).
+
+    Parameters
+    ----------
+    warped: the pre-registered atlases on the target grid (total fields in LPS mm).
+    target_image: the target as an ``sitk.Image`` or a file path (resampled onto ``warped.target_grid``
+        if needed and normalised with :func:`imageio.normalize_intensity`), or an already normalised
+        (Z, Y, X) array / tensor on ``warped.target_grid``.
+    variant: ``"I"`` (image term + bending) or ``"IS"`` (+ alpha x soft Dice of the segmenter's predictions).
+    alpha: weight of the segmentation term (dimensionless; paper 3).
+    gamma: weight of the bending energy, in **mm^2** (the energy is in mm^-2 of a displacement in mm);
+        :func:`gamma_from_paper` converts the paper's value.
+    iterations: L-BFGS iterations per working grid (coarse to fine), or one number for every level.
+    spacings_mm: working-grid spacings (mm), coarse to fine; default 4x and 2x the target spacing.
+    smooth: sigma (voxels of each level) of the Gaussian parameterisation ``f = G * p`` (restricts f to
+        smooth fields and preconditions the optimisation; the energy minimised is Eq. 3 on ``f``).
+    segmenter: needed for ``"IS"``: anything with ``predict(images, grid, out_grid)`` returning class
+        probabilities (:class:`MASRefineLib.segmenter.UNetSegmenter`).
+    batch_size: atlases optimised together (memory grows linearly with it).
+    progress: callback; may raise :class:`Cancelled` (checked every 10 iterations and between atlases).
+    rewarp_from_source: warp the original atlas files (``source_image``/``source_label``) with the
+        composed field (one interpolation). Atlases without readable sources are re-warped from their
+        warped image/labels instead (two interpolations; noted in their info).
+
+    Each output atlas's ``info`` holds ``folding_fraction`` (of the composed field), ``seconds`` (of
+    refinement, per atlas) and ``refinement``: loss terms before/after, folding fraction of the
+    refinement field alone, its largest displacement (mm), and the settings.
+    """
+    variant = str(variant).upper()
+    if variant not in VARIANTS:
+        raise MASRefineError(f"unknown refinement variant {variant!r} (expected I or IS)")
+    if variant == "IS" and segmenter is None:
+        raise MASRefineError("refinement variant IS needs a segmenter (train one with "
+                             "'masrefine train segmenter ATLAS_DIR', or use variant I)")
+    if not warped.atlases:
+        raise MASRefineError("nothing to refine: the registered set has no atlases")
+    if gamma < 0 or alpha < 0:
+        raise MASRefineError(f"alpha ({alpha}) and gamma ({gamma}) must be non-negative")
+    dev = resolve_device(device)
+    grid = warped.target_grid
+    levels = working_grids(grid, spacings_mm)
+    if iterations is None:
+        iterations = DEFAULT_ITERATIONS if len(levels) == len(DEFAULT_ITERATIONS) else \
+            [DEFAULT_ITERATIONS[-1]] * len(levels)
+    if isinstance(iterations, (int, np.integer)):
+        iterations = [int(iterations)] * len(levels)
+    iterations = [int(i) for i in iterations]
+    settings = RefineSettings(variant, float(alpha), float(gamma), tuple(min(g.spacing) for g in levels),
+                              tuple(iterations), float(smooth), int(batch_size))
+    use_seg = variant == "IS"
+
+    target = image_tensor(_target_array(target_image, grid), dev)
+    fine = levels[-1]
+    with torch.no_grad():
+        target_levels = [level_target(target, grid, g) for g in levels]
+        tseg_levels = None
+        if use_seg:
+            report(progress, "refine", 0.0, "segmenting the target")
+            tseg = segmenter.predict(target, grid, staggered(fine)).to(dev)
+            tseg_levels = [level_target(tseg, staggered(fine), g) for g in levels]
+
+    n = len(warped.atlases)
+    out_atlases: list[WarpedAtlas] = []
+    failed = list(warped.failed)
+    for chunk in _chunks(n, batch_size):
+        t0 = time.perf_counter()
+        frac = (chunk[0] / n, (chunk[-1] + 1) / n)
+        ids = [warped.atlases[i].id for i in chunk]
+        report(progress, "refine", frac[0], f"atlases {', '.join(ids)}")
+        with torch.no_grad():
+            images = torch.from_numpy(np.stack([warped.atlases[i].image for i in chunk])).unsqueeze(1).float().to(dev)
+            seg_grid = staggered(fine)
+            mseg = segmenter.predict(images, grid, seg_grid).to(dev) if use_seg else None
+        f, terms = optimise_field(images, grid, target_levels, levels, mseg, seg_grid, tseg_levels, alpha, gamma,
+                                  iterations, smooth, progress, "refine", frac, ids)
+        del images, mseg
+        t_opt = time.perf_counter() - t0
+        for j, i in enumerate(chunk):
+            t1 = time.perf_counter()
+            a = warped.atlases[i]
+            with torch.no_grad():
+                f_t = resample_field(f[j:j + 1], fine, grid)
+                prior = torch.from_numpy(a.field).unsqueeze(0).float().to(dev)
+                total = compose(prior, f_t, grid)
+                image, label, how = _rewarp(a, total, f_t, grid, warped, dev, rewarp_from_source)
+                fold = float(folding_fraction(total, grid)[0])
+                fold_ref = float(folding_fraction(f_t, grid)[0])
+                max_mm = float(f_t.norm(dim=1).max())
+            seconds = t_opt / len(chunk) + (time.perf_counter() - t1)
+            info = dict(a.info)
+            info.update({"folding_fraction": fold, "seconds": seconds,
+                         "pre_refinement": {k: a.info[k] for k in ("folding_fraction", "seconds") if k in a.info},
+                         "refinement": {**settings.to_json(),
+                                        **{k: (None if v is None else v[j]) for k, v in terms.items()},
+                                        "folding_fraction_refinement_only": fold_ref, "max_displacement_mm": max_mm,
+                                        "resampled_from": how}})
+            out_atlases.append(WarpedAtlas(a.id, image, label, total[0].cpu().numpy().astype(np.float32),
+                                           a.source_image, a.source_label, info))
+        report(progress, "refine", frac[1], f"done {', '.join(ids)}")
+    return WarpedSet(grid, warped.label_table, out_atlases, f"refined-{variant}", warped.target_path,
+                     {**warped.info, "refinement": settings.to_json(), "pre_refinement_stage": warped.stage},
+                     failed)
+
+
+def _rewarp(a: WarpedAtlas, total: torch.Tensor, f_t: torch.Tensor, grid: Grid, warped: WarpedSet,
+            dev: torch.device, from_source: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """Warped image and label map of one atlas under the composed field (from the original files), or, when
+    those are unavailable, the pre-registered ones warped again by the refinement."""
+    values = sorted(set(int(v) for v in warped.label_table) | {0})
+    if from_source and a.source_image and a.source_label and os.path.exists(a.source_image) \
+            and os.path.exists(a.source_label):
+        img = read_image(a.source_image)
+        lab = read_label(a.source_label)
+        src_grid = Grid.from_image(img)
+        if not Grid.from_image(lab).isclose(src_grid):
+            raise MASRefineError(f"{a.source_label}: label grid does not match its image {a.source_image}")
+        arr = normalize_intensity(sitk.GetArrayFromImage(img))
+        image = warp(image_tensor(arr, dev), src_grid, total, grid)
+        labels = torch.from_numpy(sitk.GetArrayFromImage(lab).astype(np.int64)).to(dev)[None, None]
+        present = sorted(set(torch.unique(labels).tolist()) | {0})
+        label = warp_labels(labels, src_grid, total, grid, values=present)
+        how = "source"
+    else:
+        image = warp(torch.from_numpy(a.image)[None, None].float().to(dev), grid, f_t, grid)
+        label = warp_labels(torch.from_numpy(a.label.astype(np.int64))[None, None].to(dev), grid, f_t, grid,
+                            values=values)
+        how = "pre-registered (two interpolations: original atlas files unavailable)"
+    return (image[0, 0].cpu().numpy().astype(np.float32), label[0, 0].cpu().numpy().astype(np.uint16), how)
+
+
+def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean Euclidean distance (mm) between two fields (B, 3, ...), optionally within a mask (B or 1, ...)."""
+    d = (total - truth).norm(dim=1)
+    if mask is not None:
+        m = mask.to(d.dtype).expand_as(d)
+        return float((d * m).sum() / m.sum().clamp(min=1))
+    return float(d.mean())
+
+
+__all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
+           "normalized_displacement", "RefineSettings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
+           "DEFAULT_ITERATIONS", "DEFAULT_SMOOTH", "refinement_field_error"]

@@ -1,0 +1,126 @@
+"""The surrogate U-Net: training lowers the loss on a real crop, resumes from its checkpoint, saves as
+safetensors + JSON and reloads (without pickle) to identical predictions."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MASRefineLib.errors import Cancelled, MASRefineError
+from MASRefineLib.geometry import Grid
+from MASRefineLib.imageio import normalize_intensity
+from MASRefineLib.labels import LabelTable
+from MASRefineLib.segmenter import SegmenterSettings, UNetSegmenter, load_segmenter, train_segmenter
+from MASRefineLib.warp import image_tensor
+
+TINY = dict(spacing_mm=2.0, patch_size=24, channels=(4, 8, 16), strides=(2, 2), num_res_units=0, batch_size=2,
+            learning_rate=5e-3, validation_fraction=0.0)
+
+
+def _grouped(lab: sitk.Image) -> sitk.Image:
+    """The real parcellation merged into 3 structures (parcel value mod 3), so the network stays tiny."""
+    a = sitk.GetArrayFromImage(lab).astype(np.int64)
+    g = np.where(a > 0, a % 3 + 1, 0).astype(np.uint16)
+    out = sitk.GetImageFromArray(g)
+    out.CopyInformation(lab)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(ixi_crop):
+    img, lab = ixi_crop
+    lab = _grouped(lab)
+    return img, lab, LabelTable.from_values([1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    img, lab, table = data
+    d = tmp_path_factory.mktemp("models")
+    s = SegmenterSettings(epochs=6, steps_per_epoch=4, **TINY)
+    return train_segmenter([img], [lab], table, d, s, ids=["a"], device="cpu"), d
+
+
+def test_training_lowers_the_loss_and_saves_safetensors_and_json(trained):
+    seg, d = trained
+    hist = seg.meta["training"]["history"]
+    assert len(hist) == 6
+    assert np.mean([h["loss"] for h in hist[-2:]]) < 0.8 * hist[0]["loss"]
+    meta = json.loads((d / "segmenter.json").read_text())
+    assert meta["label_values"] == [0, 1, 2, 3] and meta["spacing_mm"] == 2.0
+    assert meta["normalisation"]["function"].endswith("normalize_intensity")
+    assert meta["settings"]["epochs"] == 6 and meta["architecture"]["out_channels"] == 4
+    # safetensors layout: 8-byte little-endian header length, then a JSON header
+    raw = (d / "segmenter.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + n])
+
+
+def test_reloads_without_pickle_to_identical_predictions(trained, data, monkeypatch):
+    seg, d = trained
+    img = data[0]
+    grid = Grid.from_image(img)
+    x = image_tensor(normalize_intensity(sitk.GetArrayFromImage(img)))
+    p1 = seg.predict(x, grid)
+
+    def no_pickle(*a, **k):
+        raise AssertionError("pickle must not be used to load weights")
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    back = load_segmenter(d, "cpu")
+    p2 = back.predict(x, grid)
+    assert torch.equal(p1, p2)
+    assert p1.shape == (1, 4, *grid.shape)
+    assert torch.allclose(p1.sum(1), torch.ones(1), atol=1e-4)
+    # on another grid (coarser, same field of view): still probabilities, and the labels are label values
+    other = grid.with_spacing(3.0)
+    q = back.predict(x, grid, other)
+    assert q.shape == (1, 4, *other.shape) and torch.allclose(q.sum(1), torch.ones(1), atol=1e-4)
+    lab = back.predict_labels(img)
+    assert lab.shape == grid.shape and set(np.unique(lab)) <= {0, 1, 2, 3}
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(data, tmp_path):
+    img, lab, table = data
+    s = SegmenterSettings(epochs=3, steps_per_epoch=2, **TINY)
+
+    def stop_in_epoch_2(ev):
+        if ev.data.get("epoch") == 2:
+            raise Cancelled("stop")
+    with pytest.raises(Cancelled):
+        train_segmenter([img], [lab], table, tmp_path / "a", s, ids=["a"], device="cpu", progress=stop_in_epoch_2)
+    ck = json.loads((tmp_path / "a" / "segmenter.checkpoint.json").read_text())
+    assert ck["epoch"] == 1 and not (tmp_path / "a" / "segmenter.json").exists()
+    resumed = train_segmenter([img], [lab], table, tmp_path / "a", s, ids=["a"], device="cpu")
+    straight = train_segmenter([img], [lab], table, tmp_path / "b", s, ids=["a"], device="cpu")
+    assert [h["loss"] for h in resumed.meta["training"]["history"]] == \
+        pytest.approx([h["loss"] for h in straight.meta["training"]["history"]], rel=1e-5)
+    for k, v in straight.net.state_dict().items():
+        assert torch.allclose(resumed.net.state_dict()[k], v, atol=1e-6), k
+    # other settings with the same checkpoint: a clear error, not a silent restart
+    with pytest.raises(MASRefineError, match="--fresh"):
+        train_segmenter([img], [lab], table, tmp_path / "a", SegmenterSettings(**{**s.to_json(), "patch_size": 16}),
+                        ids=["a"], device="cpu")
+
+
+def test_train_cli_on_an_atlas_set(data, tmp_path):
+    pytest.importorskip("MASRefineLib.atlas")
+    from MASRefineLib.cli import main
+    img, lab, table = data
+    (tmp_path / "set").mkdir()
+    sitk.WriteImage(img, str(tmp_path / "set" / "a_img.nii.gz"))
+    sitk.WriteImage(lab, str(tmp_path / "set" / "a_lab.nii.gz"))
+    (tmp_path / "set" / "atlas.json").write_text(json.dumps({
+        "schema_version": 1, "labels": table.to_json_dict(),
+        "atlases": [{"id": "a", "image": "a_img.nii.gz", "label": "a_lab.nii.gz"}]}))
+    rc = main(["train", "segmenter", str(tmp_path / "set"), "--epochs", "1", "--steps-per-epoch", "2",
+               "--patch-size", "16", "--channels", "4", "8", "--spacing", "2", "--device", "cpu", "--quiet"])
+    assert rc == 0
+    seg = UNetSegmenter.load(tmp_path / "set")
+    assert seg.num_classes == 4 and seg.settings.patch_size == 16
+    assert main(["train", "segmenter", str(tmp_path / "nowhere"), "--quiet"]) == 2
