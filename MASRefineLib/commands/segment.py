@@ -37,16 +37,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 class _StageLines:
-    """Progress for a log file or pipe: one line per stage (and its end), no bars."""
+    """Progress for a log file or pipe: a line when a stage begins, then at most one every 10 s."""
 
-    def __init__(self):
+    def __init__(self, interval_s: float = 10.0):
         self.stage = None
+        self.last = 0.0
+        self.interval_s = interval_s
 
     def __call__(self, ev) -> None:
         import sys
-        if ev.stage != self.stage:
-            self.stage = ev.stage
-            print(f"[{ev.stage}] {ev.message}".rstrip(), file=sys.stderr, flush=True)
+        import time
+        now = time.monotonic()
+        if ev.stage != self.stage or now - self.last >= self.interval_s:
+            self.stage, self.last = ev.stage, now
+            print(f"[{ev.stage} {100 * ev.fraction:3.0f}%] {ev.message}".rstrip(), file=sys.stderr, flush=True)
 
     def __enter__(self):
         return self
