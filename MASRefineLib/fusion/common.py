@@ -62,17 +62,24 @@ def consensus(labels: torch.Tensor, radius: int = 0) -> torch.Tensor:
     if radius <= 0:
         return (labels == labels[:1]).all(0)
     x = labels.to(torch.float32).unsqueeze(1)  # values up to 65535 are exact in float32
-    k = 2 * radius + 1
-    mx = F.max_pool3d(x, k, stride=1, padding=radius).amax(0)[0]
-    mn = (-F.max_pool3d(-x, k, stride=1, padding=radius)).amin(0)[0]
+    mx = _max_filter(x.amax(0, keepdim=True), radius)[0, 0]
+    mn = -_max_filter(-x.amin(0, keepdim=True), radius)[0, 0]
     return mx == mn
+
+
+def _max_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Cubic max filter of (N, 1, Z, Y, X) as three 1D passes (a cube's max is separable)."""
+    k = 2 * radius + 1
+    for ks, pd in (((k, 1, 1), (radius, 0, 0)), ((1, k, 1), (0, radius, 0)), ((1, 1, k), (0, 0, radius))):
+        x = F.max_pool3d(x, ks, stride=1, padding=pd)
+    return x
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Cubic dilation of a (Z, Y, X) bool mask by ``radius`` voxels."""
     if radius <= 0:
         return mask.clone()
-    return F.max_pool3d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+    return _max_filter(mask[None, None].float(), radius)[0, 0] > 0
 
 
 def weighted_vote(labels: torch.Tensor, weights: torch.Tensor, chunk: int = 65536

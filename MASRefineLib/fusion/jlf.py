@@ -94,6 +94,15 @@ def _normalise_patches(x: torch.Tensor, valid: torch.Tensor, floor: float) -> to
     return (x - mean) / std * valid
 
 
+def _normalise_full(x: torch.Tensor, floor: float) -> torch.Tensor:
+    """Zero-mean, unit-std patches over the last axis (std with n - 1, floored), all entries valid."""
+    n = x.shape[-1]
+    mean = x.mean(-1, keepdim=True)
+    xc = x - mean
+    std = ((xc * xc).sum(-1, keepdim=True) / (n - 1)).sqrt_().clamp_(min=floor)
+    return xc.div_(std)
+
+
 def _solve_weights(m: torch.Tensor, alpha: float) -> torch.Tensor:
     """W = (M + alpha I)^-1 1, negatives set to 0, normalised to sum 1 (uniform if all are 0). m: (N, B, B)."""
     b = m.shape[-1]
@@ -172,6 +181,9 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
 
     def run_block(z0: int, y0: int, x0: int):
         z1, y1, x1 = min(z0 + sizes[0], shape[0]), min(y0 + sizes[1], shape[1]), min(x0 + sizes[2], shape[2])
+        nz = unc[z0:z1, y0:y1, x0:x1].nonzero()                        # shrink the block to its voxels to solve
+        lo, hi = nz.min(0).values.tolist(), nz.max(0).values.tolist()
+        z0, y0, x0, z1, y1, x1 = z0 + lo[0], y0 + lo[1], x0 + lo[2], z0 + hi[0] + 1, y0 + hi[1] + 1, x0 + hi[2] + 1
         u_blk = unc[z0:z1, y0:y1, x0:x1]
         bdim = (z1 - z0, y1 - y0, x1 - x0)
         cdim = tuple(d + 2 * rp for d in bdim)                        # centre box: block grown by rp
@@ -188,9 +200,15 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
         base_lin = _lin(cidx + big_r, ddim)                            # their linear index in the data box
         p_lin = _lin(patch, ddim)                                      # (P,)
 
+        near = bool(near_border[csl].any())                             # some patch may leave the image
         if error_probs is None:
-            near = bool(near_border[csl].any())                         # centres whose sums leave the image
-            best_off = _search(a_d, t_d, v_d, cdim, rs, rp, offs, exact_border=near)  # (B, cz, cy, cx)
+            best_off = _search(a_d, t_d, v_d, cdim, rs, rp, offs)      # (B, cz, cy, cx)
+            # centres whose patches leave the image: exact border search on the slabs holding them
+            for sub in _border_slabs(near_border[csl], (z0 - rp, y0 - rp, x0 - rp), shape, big_r):
+                dsub = tuple(slice(q.start, q.stop + 2 * big_r) for q in sub)
+                best_off[(slice(None),) + sub] = _search(
+                    a_d[(slice(None),) + dsub], t_d[dsub], v_d[dsub], tuple(q.stop - q.start for q in sub), rs, rp,
+                    offs, exact_border=True)
             o_lin = _lin(offs, ddim)[best_off.reshape(b, -1)[:, c_lin]]  # (B, M)
         else:
             o_lin = torch.zeros((b, cidx.shape[0]), dtype=torch.int64, device=dev)
@@ -206,10 +224,14 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
             if e_flat is None:
                 ap = (bl[None, :, None] + o_lin[:, s:s + 4096, None] + p_lin[None, None]).reshape(b, -1)
                 xa = torch.gather(a_flat, 1, ap).reshape(b, *tp.shape)
-                va = v_flat[ap].reshape(b, *tp.shape) * vt
-                xn = _normalise_patches(xa, va, std_floor)
-                tn = _normalise_patches(t_flat[tp][None].expand(b, -1, -1), va, std_floor)
-                d = (xn - tn).abs().permute(1, 0, 2)                    # (m, B, P)
+                if near:                                                # patches may leave the image
+                    va = v_flat[ap].reshape(b, *tp.shape) * vt
+                    xn = _normalise_patches(xa, va, std_floor)
+                    tn = _normalise_patches(t_flat[tp][None].expand(b, -1, -1), va, std_floor)
+                else:
+                    xn = _normalise_full(xa, std_floor)
+                    tn = _normalise_full(t_flat[tp], std_floor)[None]
+                d = (xn - tn).abs_().permute(1, 0, 2)                   # (m, B, P)
                 m = d @ d.transpose(1, 2) / float(n_patch - 1)
             else:
                 q = e_flat[:, tp] * vt                                  # (B, m, P)
@@ -237,10 +259,14 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
         wacc = torch.zeros((b, xs.shape[0]), dtype=torch.float32, device=dev)
         for pc in _lin(patch, cdim).tolist():
             cl = x_c - pc                                               # centre whose patch holds x
-            w = w_dense[:, cl]
-            li = torch.gather(l_loc, 1, x_d[None] + o_dense[:, cl])
+            w = torch.index_select(w_dense, 1, cl)
+            li = torch.gather(l_loc, 1, torch.index_select(o_dense, 1, cl).add_(x_d))
             post.scatter_add_(0, li, w)
-            wacc += w.masked_fill_(li == nl, 0.0)
+            if near:                                                    # votes from outside the image are dropped
+                wacc += w.masked_fill_(li == nl, 0.0)
+        if not near:                                                    # every vote counted: box sums of the weights
+            wacc = _box_sum(w_dense.reshape(b, *cdim), rp).reshape(b, -1)
+            wacc = torch.index_select(wacc, 1, _lin(xs, bdim))
         post = post[:nl]
         wsum = post.sum(0)
         winner = lv[post.argmax(0)]
@@ -253,23 +279,31 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
 
     if workers is None:
         workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    def collect(k: int, res) -> None:
+        nonlocal n_solved
+        n_c, x_lin, winner, wblk, i_, l_, p_ = res
+        n_solved += n_c
+        fused[x_lin] = winner
+        wmaps[:, x_lin] = wblk
+        sp_idx.append(i_)
+        sp_lab.append(l_)
+        sp_prob.append(p_)
+        report(progress, stage, (k + 1) / max(1, len(blocks)), f"block {k + 1}/{len(blocks)}")
+
     with intra_op_threads(1 if dev.type == "cpu" else torch.get_num_threads()):
-        with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-            futures = [pool.submit(run_block, *bl) for bl in blocks]
-            try:
-                for k, fut in enumerate(futures):
-                    n_c, x_lin, winner, wblk, i_, l_, p_ = fut.result()
-                    n_solved += n_c
-                    fused[x_lin] = winner
-                    wmaps[:, x_lin] = wblk
-                    sp_idx.append(i_)
-                    sp_lab.append(l_)
-                    sp_prob.append(p_)
-                    report(progress, stage, (k + 1) / max(1, len(futures)), f"block {k + 1}/{len(futures)}")
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        if int(workers) <= 1:
+            for k, bl in enumerate(blocks):
+                collect(k, run_block(*bl))
+        else:
+            with ThreadPoolExecutor(max_workers=int(workers)) as pool:
+                futures = [pool.submit(run_block, *bl) for bl in blocks]
+                try:
+                    for k, fut in enumerate(futures):
+                        collect(k, fut.result())
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
     report(progress, stage, 1.0, "done")
     cat = (lambda xs, dt: torch.cat(xs).numpy() if xs else np.zeros(0, dtype=dt))
     fused_np = fused.reshape(shape).cpu().numpy().astype(np.uint16)
@@ -279,63 +313,111 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
     return fused_np, post, wmaps.reshape(b, *shape).cpu().numpy(), info
 
 
+class _BoxSum:
+    """Box sums of radius 2 (5^3) into preallocated buffers: no allocation (and no page faults) per call."""
+
+    def __init__(self, shape: tuple[int, ...], device, dtype):
+        b, n0, n1, n2 = shape
+        e = lambda *d: torch.empty(d, device=device, dtype=dtype)  # noqa: E731
+        self.s2 = (e(b, n0 - 1, n1, n2), e(b, n0 - 4, n1 - 1, n2), e(b, n0 - 4, n1 - 4, n2 - 1))
+        self.s4 = (e(b, n0 - 4, n1, n2), e(b, n0 - 4, n1 - 4, n2), e(b, n0 - 4, n1 - 4, n2 - 4))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for d, s2, s4 in zip((1, 2, 3), self.s2, self.s4):
+            n = x.shape[d]
+            torch.add(x.narrow(d, 0, n - 1), x.narrow(d, 1, n - 1), out=s2)
+            torch.add(s2.narrow(d, 0, n - 4), s2.narrow(d, 2, n - 4), out=s4)
+            s4.add_(x.narrow(d, 4, n - 4))
+            x = s4
+        return x
+
+
 def _search(a_d: torch.Tensor, t_d: torch.Tensor, v_d: torch.Tensor, cdim: tuple[int, int, int], rs: int, rp: int,
             offs: torch.Tensor, exact_border: bool = False) -> torch.Tensor:
     """Best search offset index per atlas and centre: (B, cz, cy, cx) int64 (see module docstring).
 
-    Away from the image border every sum runs over the full patch: per offset one product and one box
-    sum. ``exact_border`` (blocks with centres near the border): the correlation runs over the patch
-    positions inside the image for both the target and the shifted atlas patch, the target mean included
-    (four more box sums per offset)."""
+    ``a_d`` (B, ...), ``t_d``, ``v_d`` (in-image indicator) cover the centre box grown by
+    ``rs + rp``. Away from the image border every sum runs over the full patch: per offset one product,
+    one box sum and two multiply-adds; the score ``s / sqrt(var_X)`` orders offsets exactly as ANTs'
+    ``-sign(s) s^2 / var_X``. ``exact_border`` (centres near the border): the correlation runs over the
+    patch positions inside the image for both the target and the shifted atlas patch, the target mean
+    included (four more box sums per offset)."""
     big_r = rs + rp
     b = a_d.shape[0]
     cz, cy, cx = cdim
+    dev, dt = a_d.device, a_d.dtype
     if rs == 0:
-        return torch.zeros((b, cz, cy, cx), dtype=torch.int64, device=a_d.device)
+        return torch.zeros((b, cz, cy, cx), dtype=torch.int64, device=dev)
     cs = (slice(rs, rs + cz), slice(rs, rs + cy), slice(rs, rs + cx))
     n_t = _box_sum(v_d, rp)[cs]
     mt = _box_sum(t_d, rp)[cs] / n_t.clamp(min=1)                         # target patch means (in-image voxels)
     reg = (slice(big_r - rp, big_r + cz + rp), slice(big_r - rp, big_r + cy + rp), slice(big_r - rp, big_r + cx + rp))
-    t_reg = t_d[reg]
+    t_reg = t_d[reg].contiguous()
     valid_c = v_d[rp:rp + cz + 2 * rs, rp:rp + cy + 2 * rs, rp:rp + cx + 2 * rs] > 0  # centre + offset in the image
+    fast = not exact_border and rp == 2
     if not exact_border:
         sa = _box_sum(a_d, rp)                                            # (B, cz+2rs, ...): atlas sums at c + o
         sa2 = _box_sum(a_d * a_d, rp)
         n_g = _box_sum(v_d, rp).clamp(min=1)
-        inv_var = (sa2 - sa * sa / n_g).clamp(min=1e-6).reciprocal_()
-        if not bool(valid_c.all()):                                       # offsets leaving the image
-            inv_var = inv_var.masked_fill_(~valid_c.expand_as(inv_var), float("nan"))
+        inv_std = (sa2 - sa * sa / n_g).clamp(min=1e-6).rsqrt_()
+        penalty = None                                                    # -inf for offsets leaving the image
+        if not bool(valid_c.all()):
+            penalty = torch.zeros(valid_c.shape, device=dev, dtype=dt).masked_fill_(~valid_c, -float("inf"))
+        del sa2, n_g
     else:
         vt_reg = v_d[reg]
-    best = torch.full((b, cz, cy, cx), -float("inf"), device=a_d.device)
-    arg = torch.zeros((b, cz, cy, cx), dtype=torch.int64, device=a_d.device)
-    chunk = 16
-    buf = torch.empty((chunk, b, cz, cy, cx), device=a_d.device, dtype=a_d.dtype)
-    offl = offs.tolist()
-    for s0 in range(0, len(offl), chunk):
-        group = offl[s0:s0 + chunk]
-        for j, (dz, dy, dx) in enumerate(group):
-            z, y, x = big_r - rp + dz, big_r - rp + dy, big_r - rp + dx
-            a_o = a_d[:, z:z + cz + 2 * rp, y:y + cy + 2 * rp, x:x + cx + 2 * rp]
+    if fast:
+        prod = torch.empty((b, cz + 2 * rp, cy + 2 * rp, cx + 2 * rp), device=dev, dtype=dt)
+        box5 = _BoxSum(tuple(prod.shape), dev, dt)
+    best = torch.full((b, cz, cy, cx), -float("inf"), device=dev, dtype=dt)
+    arg = torch.zeros((b, cz, cy, cx), dtype=torch.int16, device=dev)
+    score = torch.empty((b, cz, cy, cx), device=dev, dtype=dt)
+    better = torch.empty((b, cz, cy, cx), device=dev, dtype=torch.bool)
+    for j, (dz, dy, dx) in enumerate(offs.tolist()):
+        z, y, x = big_r - rp + dz, big_r - rp + dy, big_r - rp + dx
+        a_o = a_d[:, z:z + cz + 2 * rp, y:y + cy + 2 * rp, x:x + cx + 2 * rp]
+        sh = (slice(None), slice(rs + dz, rs + dz + cz), slice(rs + dy, rs + dy + cy), slice(rs + dx, rs + dx + cx))
+        if not exact_border:
+            if fast:
+                torch.mul(a_o, t_reg, out=prod)
+                sxy = box5(prod).addcmul_(mt, sa[sh], value=-1.0)
+            else:
+                sxy = torch.addcmul(_box_sum(a_o * t_reg, rp), mt, sa[sh], value=-1.0)
+            torch.mul(sxy, inv_std[sh], out=score)
+            if penalty is not None:
+                score += penalty[sh[1:]]
+        else:  # Pearson correlation over the positions inside the image for both patches
+            v_o = v_d[z:z + cz + 2 * rp, y:y + cy + 2 * rp, x:x + cx + 2 * rp]
             sxy = _box_sum(a_o * t_reg, rp)
-            sh = (slice(None), slice(rs + dz, rs + dz + cz), slice(rs + dy, rs + dy + cy), slice(rs + dx, rs + dx + cx))
-            if not exact_border:
-                sxy = torch.addcmul(sxy, mt, sa[sh], value=-1.0)
-                torch.mul(sxy * sxy.abs(), inv_var[sh], out=buf[j])      # = -(ANTs' measure); maximise
-            else:  # Pearson correlation over the positions inside the image for both patches
-                v_o = v_d[z:z + cz + 2 * rp, y:y + cy + 2 * rp, x:x + cx + 2 * rp]
-                p1 = a_o * vt_reg
-                sx = _box_sum(p1, rp)
-                sxx = _box_sum(p1 * a_o, rp)
-                st = _box_sum(v_o * t_reg, rp)
-                n = _box_sum(v_o * vt_reg, rp)
-                sxy = sxy - sx * st / n.clamp(min=1)
-                var = (sxx - sx * sx / n.clamp(min=1)).clamp(min=1e-6)
-                score = sxy * sxy.abs() / var
-                ok = (n >= 3) & valid_c[sh[1:]]
-                buf[j] = torch.where(ok, score, torch.full_like(score, float("nan")))
-        val, idx = buf[:len(group)].nan_to_num_(nan=-float("inf")).max(0)  # first maximum within the group
-        better = val > best
-        best = torch.where(better, val, best)
-        arg = torch.where(better, idx + s0, arg)
-    return arg
+            p1 = a_o * vt_reg
+            sx = _box_sum(p1, rp)
+            sxx = _box_sum(p1 * a_o, rp)
+            st = _box_sum(v_o * t_reg, rp)
+            n = _box_sum(v_o * vt_reg, rp)
+            sxy = sxy - sx * st / n.clamp(min=1)
+            var = (sxx - sx * sx / n.clamp(min=1)).clamp(min=1e-6)
+            score = torch.where((n >= 3) & valid_c[sh[1:]], sxy / var.sqrt(), torch.full_like(sxy, -float("inf")))
+        torch.gt(score, best, out=better)         # strictly better: the first of equal scores is kept
+        torch.maximum(best, score, out=best)
+        arg.masked_fill_(better, j)
+    return arg.long()
+
+
+def _border_slabs(near: torch.Tensor, start: Sequence[int], shape: Sequence[int], big_r: int
+                  ) -> list[tuple[slice, slice, slice]]:
+    """Sub-boxes of a centre box (``near``: its centres that need the exact border search; ``start``: the
+    image coordinates of its first voxel) that cover those centres: per axis, the slabs within ``big_r``
+    of the low and high image edges."""
+    out = []
+    cdim = near.shape
+    for ax in range(3):
+        lo_end = min(cdim[ax], big_r - start[ax])                         # image coord start + c < big_r
+        hi_beg = max(0, shape[ax] - big_r - start[ax])                    # image coord >= n - big_r
+        for a0, a1 in ((0, lo_end), (hi_beg, cdim[ax])):
+            if a1 <= a0:
+                continue
+            sl = [slice(None)] * 3
+            sl[ax] = slice(a0, a1)
+            if bool(near[tuple(sl)].any()):
+                out.append(tuple(slice(0, d) if i != ax else slice(a0, a1) for i, d in enumerate(cdim)))
+    return out
