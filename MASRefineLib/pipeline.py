@@ -99,6 +99,7 @@ class _Plan:
         self.start: dict[str, float] = {}
         self.width: dict[str, float] = {}
         acc = 0.0
+        self.overall = 0.0
         for k, w in weights.items():
             self.start[k], self.width[k] = acc / total, w / total
             acc += w
@@ -111,7 +112,9 @@ class _Plan:
         def f(ev: ProgressEvent) -> None:
             data = dict(ev.data)
             part = data.pop("_part", ev.fraction)  # see _part(): a sub-task's share of this stage
-            self.progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**data, "overall": s + w * part}))
+            # never backwards (a stage may restart its own fraction for a second pass)
+            self.overall = max(self.overall, min(s + w * part, s + w))
+            self.progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**data, "overall": self.overall}))
         return f
 
     def report(self, stage: str, fraction: float, message: str = "") -> None:
