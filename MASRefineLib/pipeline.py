@@ -335,6 +335,8 @@ def qa_picture(path: Path, target_arr: np.ndarray, fused: np.ndarray, ws: Warped
 
     for c, view in enumerate(views):
         show(axes[0][c], target_arr, fused, view, f"target + fused ({view[0]})")
+    if ncol > 3:  # the target alone in the view the atlases are shown in, to compare with them
+        show(axes[0][3], target_arr, np.zeros_like(fused), main, f"target ({main[0]})")
     for i, a in enumerate(ws.atlases):
         ax = axes[1 + i // ncol][i % ncol]
         q = qa[i] if i < len(qa) else {}
