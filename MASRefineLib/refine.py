@@ -27,9 +27,10 @@ Units (this module's convention)
   see its docstring and ``docs/refinement.md``.
 
 Optimisation: ``f`` lives on a working grid over the target's field of view, coarse to fine
-(``spacings_mm``, default 4x and 2x the target spacing). On each level ``f = f_coarser + G_sigma * p``:
-``p`` is a displacement per voxel, ``G_sigma`` a Gaussian of ``smooth`` voxels (a smooth
-parameterisation, like a B-spline grid; the energy is always evaluated on ``f`` itself), optimised with
+(``spacings_mm``, default 4x and 2x the target spacing). On each level ``f = f_coarser + U(p)``:
+``p`` is a displacement on a control grid ``control`` voxels apart, ``U`` trilinear upsampling (a smooth
+parameterisation that spreads each edge's pull over its neighbourhood and halves the unknowns; the energy
+is always evaluated on ``f`` itself, on the level grid), optimised with
 L-BFGS and a strong-Wolfe line search (scale-aware, so a large ``gamma`` really keeps ``f`` small; a
 normalised-step method such as Adam moves flat background as fast as edges and oscillates under a stiff
 bending term). The atlases of a batch share one L-BFGS run on the sum of their losses (the losses
@@ -70,8 +71,8 @@ DEFAULT_GAMMA = 0.4
 DEFAULT_LEVEL_FACTORS = (4.0, 2.0)
 #: L-BFGS iterations per level (coarse to fine)
 DEFAULT_ITERATIONS = (80, 40)
-#: Gaussian parameterisation of the field, sigma in voxels of each level
-DEFAULT_SMOOTH = 2.0
+#: control-point spacing of the field's parameterisation, in voxels of each level
+DEFAULT_CONTROL = 2
 DEFAULT_BATCH = 4
 
 
@@ -153,12 +154,12 @@ class RefineSettings:
     gamma: float = DEFAULT_GAMMA          # mm^2
     spacings_mm: tuple[float, ...] = ()   # working grids, coarse to fine (LPS mm); () = default factors
     iterations: tuple[int, ...] = DEFAULT_ITERATIONS
-    smooth: float = DEFAULT_SMOOTH        # Gaussian parameterisation of f, sigma in voxels of each level
+    control: int = DEFAULT_CONTROL        # control points every `control` voxels of each level
     batch_size: int = DEFAULT_BATCH
 
     def to_json(self) -> dict:
         return {"variant": self.variant, "alpha": self.alpha, "gamma_mm2": self.gamma,
-                "spacings_mm": list(self.spacings_mm), "iterations": list(self.iterations), "smooth": self.smooth,
+                "spacings_mm": list(self.spacings_mm), "iterations": list(self.iterations), "control": self.control,
                 "batch_size": self.batch_size}
 
 
@@ -200,14 +201,28 @@ def _target_array(target, grid: Grid) -> np.ndarray:
     return arr
 
 
+def _box(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Separable box filter of odd width ``k`` voxels (replicate border) on every channel of (B, C, Z, Y, X)."""
+    r = k // 2
+    for axis in range(3):
+        if x.shape[2 + axis] <= r:
+            continue
+        ks = [1, 1, 1]
+        ks[axis] = k
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        x = F.avg_pool3d(F.pad(x, pad, mode="replicate"), tuple(ks), stride=1)
+    return x
+
+
 def _resample(x: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
-    """Resample onto ``dst`` with the one warp; when ``dst`` is coarser, first low-pass (Gaussian, sigma 0.4 x
-    the spacing ratio, in ``src`` voxels) so a 4x coarser level is not aliased."""
+    """Resample onto ``dst`` with the one warp; when ``dst`` is coarser, first low-pass with a box of odd
+    width ~ the spacing ratio (3 voxels for 2x, 5 for 4x) so a coarse level is not aliased."""
     if src == dst:
         return x
     ratio = min(dst.spacing) / max(src.spacing)
     if ratio > 1.5:
-        x = _gaussian_smooth(x, 0.4 * ratio)
+        x = _box(x, 2 * int(ratio // 2) + 1)
     return warp(x, src, None, dst, padding="border")
 
 
@@ -240,36 +255,30 @@ class _Terms:
     bending: torch.Tensor  # mm^-2, (B,)
 
 
-def _gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing (sigma in voxels, replicate border) of every channel of (B, C, Z, Y, X)."""
-    if sigma <= 0:
-        return x
-    b, c = x.shape[:2]
-    y = x.reshape(b * c, 1, *x.shape[2:])
-    for axis in range(3):
-        n = y.shape[2 + axis]
-        r = min(int(math.ceil(2.5 * sigma)), n - 1)
-        if r < 1:
-            continue
-        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = 2 * r + 1
-        pad = [0] * 6
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        y = F.conv3d(F.pad(y, pad, mode="replicate"), (k / k.sum()).view(shape))
-    return y.reshape(x.shape)
+def _control_shape(shape: Sequence[int], control: int) -> tuple[int, ...]:
+    """Control-grid shape: a node every ``control`` voxels, first and last on the level's corner voxels."""
+    c = max(1, int(control))
+    return tuple((int(n) - 1 + c - 1) // c + 1 for n in shape)
 
 
-def _first_step_scale(base: torch.Tensor, loss_fn, sigma: float, move_mm: float) -> torch.Tensor:
-    """Per-atlas scales ``c`` (B, 1, 1, 1, 1) for the parameterisation ``f = base + G * (c p)`` such that
+def _expand(q: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Trilinear upsampling of control-grid displacements (B, 3, ...) to the level grid (corners aligned)."""
+    if tuple(q.shape[2:]) == tuple(shape):
+        return q
+    return F.interpolate(q, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def _first_step_scale(base: torch.Tensor, loss_fn, control_shape: Sequence[int], move_mm: float) -> torch.Tensor:
+    """Per-atlas scales ``c`` (B, 1, 1, 1, 1) for the parameterisation ``f = base + U(c p)`` such that
     L-BFGS's first step (``-min(1, 1/|grad|_1) grad`` in ``p``) moves every atlas's field by about
     ``move_mm`` at its largest. Without it that step is ~1e-4 mm (the loss is a mean over voxels), below
     float32 resolution of the loss, and the line search gives up. Later steps are scaled by L-BFGS itself."""
-    fb = base.detach().clone().requires_grad_(True)
+    q = torch.zeros((base.shape[0], 3, *control_shape), device=base.device, dtype=base.dtype, requires_grad=True)
     with torch.enable_grad():
-        loss_fn(fb).sum().backward()
-    h = _gaussian_smooth(fb.grad, sigma)           # gradient w.r.t. p at c = 1 (G is symmetric)
-    move = _gaussian_smooth(h, sigma).norm(dim=1).flatten(1).max(1).values.clamp(min=1e-20)  # |G h|_inf
+        loss_fn(base + _expand(q, base.shape[2:])).sum().backward()
+    h = q.grad                                       # gradient w.r.t. p at c = 1
+    with torch.no_grad():
+        move = _expand(h, base.shape[2:]).norm(dim=1).flatten(1).max(1).values.clamp(min=1e-20)  # |U h|_inf
     h1 = h.abs().flatten(1).sum(1)
     # c_b = k / sqrt(move_b) gives every atlas the same first move; k sets it to move_mm
     s = (h1 / move.sqrt()).sum()
@@ -289,7 +298,7 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
                    moving_seg: torch.Tensor | None = None, seg_grid: Grid | None = None,
                    target_seg: Sequence[torch.Tensor] | None = None,
                    alpha: float = DEFAULT_ALPHA, gamma: float = DEFAULT_GAMMA,
-                   iterations: Sequence[int] = DEFAULT_ITERATIONS, smooth: float = DEFAULT_SMOOTH,
+                   iterations: Sequence[int] = DEFAULT_ITERATIONS, control: int = DEFAULT_CONTROL,
                    progress: ProgressCallback | None = None, stage: str = "refine",
                    fraction: tuple[float, float] = (0.0, 1.0), ids: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
     """Minimise Eq. 3 for a batch of warped atlases; returns (f on ``levels[-1]`` (B, 3, ...) mm, terms).
@@ -343,11 +352,12 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
         if n_it <= 0:
             continue
         base = f.detach()
-        scale = _first_step_scale(base, lambda fc: _total(evaluate(fc)), float(smooth), 0.5 * float(min(g.spacing)))
-        p = torch.zeros_like(base, requires_grad=True)
+        cshape = _control_shape(g.shape, control)
+        scale = _first_step_scale(base, lambda fc: _total(evaluate(fc)), cshape, 0.5 * float(min(g.spacing)))
+        p = torch.zeros((b, 3, *cshape), device=base.device, dtype=base.dtype, requires_grad=True)
 
         def field(q: torch.Tensor) -> torch.Tensor:
-            return base + _gaussian_smooth(q * scale, float(smooth))
+            return base + _expand(q * scale, g.shape)
         opt = torch.optim.LBFGS([p], lr=1.0, max_iter=n_it, max_eval=int(n_it * 1.25) + 1, history_size=10,
                                 line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-12)
         count = [0]
@@ -390,7 +400,7 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
 # ---------------------------------------------------------------------------------------------
 def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float = DEFAULT_ALPHA,
            gamma: float = DEFAULT_GAMMA, iterations: Sequence[int] | int | None = None,
-           spacings_mm: Sequence[float] | None = None, smooth: float = DEFAULT_SMOOTH, segmenter: Segmenter | None = None, device: str | torch.device = "auto",
+           spacings_mm: Sequence[float] | None = None, control: int = DEFAULT_CONTROL, segmenter: Segmenter | None = None, device: str | torch.device = "auto",
            batch_size: int = DEFAULT_BATCH, progress: ProgressCallback | None = None,
            rewarp_from_source: bool = True) -> WarpedSet:
     """Refine every atlas of ``warped`` towards ``target_image``; returns a new :class:`WarpedSet`
@@ -408,8 +418,9 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         :func:`gamma_from_paper` converts the paper's value.
     iterations: L-BFGS iterations per working grid (coarse to fine), or one number for every level.
     spacings_mm: working-grid spacings (mm), coarse to fine; default 4x and 2x the target spacing.
-    smooth: sigma (voxels of each level) of the Gaussian parameterisation ``f = G * p`` (restricts f to
-        smooth fields and preconditions the optimisation; the energy minimised is Eq. 3 on ``f``).
+    control: control-point spacing (voxels of each level) of the parameterisation ``f = U(p)``, trilinear
+        upsampling (preconditions the optimisation and halves the unknowns per axis; the energy minimised
+        is Eq. 3 on ``f``); 1 = one displacement per voxel.
     segmenter: needed for ``"IS"``: anything with ``predict(images, grid, out_grid)`` returning class
         probabilities (:class:`MASRefineLib.segmenter.UNetSegmenter`).
     batch_size: atlases optimised together (memory grows linearly with it).
@@ -442,7 +453,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         iterations = [int(iterations)] * len(levels)
     iterations = [int(i) for i in iterations]
     settings = RefineSettings(variant, float(alpha), float(gamma), tuple(min(g.spacing) for g in levels),
-                              tuple(iterations), float(smooth), int(batch_size))
+                              tuple(iterations), int(control), int(batch_size))
     use_seg = variant == "IS"
 
     target = image_tensor(_target_array(target_image, grid), dev)
@@ -468,7 +479,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
             seg_grid = staggered(fine)
             mseg = segmenter.predict(images, grid, seg_grid).to(dev) if use_seg else None
         f, terms = optimise_field(images, grid, target_levels, levels, mseg, seg_grid, tseg_levels, alpha, gamma,
-                                  iterations, smooth, progress, "refine", frac, ids)
+                                  iterations, control, progress, "refine", frac, ids)
         del images, mseg
         t_opt = time.perf_counter() - t0
         for j, i in enumerate(chunk):
@@ -535,4 +546,4 @@ def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch
 
 __all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
            "normalized_displacement", "RefineSettings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
-           "DEFAULT_ITERATIONS", "DEFAULT_SMOOTH", "refinement_field_error"]
+           "DEFAULT_ITERATIONS", "DEFAULT_CONTROL", "refinement_field_error"]

@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..refine import DEFAULT_ALPHA, DEFAULT_GAMMA, DEFAULT_SMOOTH
+    from ..refine import DEFAULT_ALPHA, DEFAULT_CONTROL, DEFAULT_GAMMA
     p = sub.add_parser(
         "refine", help="refine pre-registered atlases towards the target (VoteNet++, variants I and IS)",
         description="Optimise one more smooth displacement field per atlas: 1 - NCC(image) + alpha x soft Dice of a "
@@ -28,8 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="L-BFGS iterations per working grid, coarse to fine (one number: every level)")
     p.add_argument("--spacings", type=float, nargs="+", metavar="MM",
                    help="working-grid spacings in mm, coarse to fine (default 4x and 2x the target spacing)")
-    p.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH, metavar="VOXELS",
-                   help=f"Gaussian parameterisation of the field, sigma in voxels of each level (default {DEFAULT_SMOOTH:g})")
+    p.add_argument("--control", type=int, default=DEFAULT_CONTROL, metavar="VOXELS",
+                   help=f"control points of the field every VOXELS voxels of each working grid (default {DEFAULT_CONTROL})")
     p.add_argument("--segmenter", metavar="PATH",
                    help="trained segmenter for IS: an atlas set, its models/ folder or segmenter.json (default: the "
                         "atlas set named in the registered report, if any)")
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     segmenter = _find_segmenter(args, warped) if variant == "IS" else None
     with tqdm_progress(disable=args.quiet) as bar:
         out = refine(warped, target, variant, alpha=args.alpha, gamma=gamma, iterations=args.iterations,
-                     spacings_mm=args.spacings, smooth=args.smooth, segmenter=segmenter, device=args.device,
+                     spacings_mm=args.spacings, control=args.control, segmenter=segmenter, device=args.device,
                      batch_size=args.batch_size, progress=bar)
     if out.target_path is None:
         out.target_path = str(args.target)
