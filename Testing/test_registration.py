@@ -46,10 +46,11 @@ def brains(ixi_dir, ixi_ids):
     return [_at_4mm(ixi_dir, s) for s in ixi_ids[:3]]
 
 
-# small settings for 4 mm test images (the presets are tuned for full-size data; see docs/registration.md)
-AFFINE = dict(stage="affine", affine_spacing_mm=(8.0, 4.0), affine_iterations=(50, 50))
-DEFORM = dict(affine_spacing_mm=(8.0,), affine_iterations=(40,), deform_spacing_mm=(8.0, 4.0),
-              deform_control_mm=(12.0, 8.0), deform_iterations=(40, 40), deform_lr_mm=(0.6, 0.4))
+# settings for small 4 mm test images (shrink factors are relative to the voxel size; the presets'
+# coarsest levels would be too coarse here)
+AFFINE = dict(stage="affine", affine_shrink=(2.0, 1.0), affine_iterations=(50, 50))
+DEFORM = dict(affine_shrink=(2.0,), affine_iterations=(40,), deform_shrink=(2.0, 1.0),
+              control_shrink=(3.0, 2.0), deform_iterations=(40, 40), deform_lr=(0.15, 0.1))
 
 
 def _points_mm(grid: Grid) -> np.ndarray:
@@ -164,8 +165,8 @@ def test_identity_when_target_is_the_atlas(brains):
 def test_batch_equals_one_by_one_and_is_deterministic(brains):
     target = brains[0][0]
     atlases = [AtlasInput(f"s{i}", *brains[i]) for i in (1, 2)]
-    params = get_params("fast", affine_spacing_mm=(6.0,), affine_iterations=(20,), deform_spacing_mm=(6.0,),
-                        deform_control_mm=(9.0,), deform_iterations=(20,), deform_lr_mm=(0.5,))
+    params = get_params("fast", affine_shrink=(1.5,), affine_iterations=(20,), deform_shrink=(1.5,),
+                        control_shrink=(2.25,), deform_iterations=(20,), deform_lr=(0.12,))
     both = register(target, atlases, params=params, device="cpu")
     for i, a in enumerate(atlases):
         one = register(target, [a], params=params, device="cpu")
@@ -210,7 +211,7 @@ def test_diffeomorphic_mode_prevents_folding(brains):
     folding = {}
     for diffeo in (False, True):
         params = get_params("fast", **{**DEFORM, "diffeomorphic": diffeo, "bending_weight": 0.0,
-                                       "diffusion_weight": 0.0, "deform_lr_mm": (1.0, 1.0)})
+                                       "diffusion_weight": 0.0, "deform_lr": (0.25, 0.25)})
         ws = register(target, [AtlasInput("s1", *atlas)], params=params, device="cpu")
         folding[diffeo] = ws.atlases[0].info["folding_fraction"]
         assert ws.atlases[0].info["ncc"] > 0.9
@@ -237,8 +238,8 @@ def test_cli_writes_outputs_and_skips_a_bad_atlas(brains, tmp_path):
     write_image(brains[0][0], tmp_path / "target.nii.gz")
     out = tmp_path / "out"
     rc = main(["register", "--atlases", str(root), "--target", str(tmp_path / "target.nii.gz"), "--out", str(out),
-               "--preset", "fast", "--device", "cpu", "-q", "--set", "deform_spacing_mm=6", "--set",
-               "affine_spacing_mm=6", "--set", "affine_iterations=20", "--set", "deform_iterations=20"])
+               "--preset", "fast", "--device", "cpu", "-q", "--set", "deform_shrink=1.5", "--set", "control_shrink=2.25",
+               "--set", "affine_shrink=1.5", "--set", "affine_iterations=20", "--set", "deform_iterations=20"])
     assert rc == 0
     ws = WarpedSet.load(out)
     assert ws.ids == ["s1", "s2"] and ws.stage == "deformable"

@@ -21,12 +21,12 @@ from .pyramid import AtlasPyramid, TargetPyramid
 Tick = Callable[[int, str, dict], None]
 
 
-def image_moments(image: sitk.Image, spacing_mm: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+def image_moments(image: sitk.Image, spacing_mm: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
     """Centre of intensity mass (LPS mm, (3,)) and intensity-weighted covariance (mm^2, (3, 3)) of a
-    non-negative (normalised) image, computed on a coarse working grid."""
+    non-negative (normalised) image, computed on a coarse working grid (default: 4 voxels)."""
     from .pyramid import downsample
 
-    arr, g = downsample(image, spacing_mm)
+    arr, g = downsample(image, spacing_mm or 4.0 * min(image.GetSpacing()))
     w = np.clip(arr, 0, None).astype(np.float64).ravel()
     pts = grid_points(g, dtype=torch.float64).reshape(-1, 3).numpy()
     total = w.sum()
@@ -81,21 +81,15 @@ def cosine_lr(lr: float, it: int, n: int, floor: float = 0.05) -> float:
     return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * it / (n - 1))))
 
 
-def lncc_window(window_mm: float, spacing: tuple[float, ...]) -> int:
-    """LNCC window side in voxels: ``window_mm`` over the mean spacing, odd, at least 3."""
-    w = int(round(window_mm / float(np.mean(spacing))))
-    return max(3, w | 1)
-
-
 def optimize_affine(target: TargetPyramid, atlases: AtlasPyramid, init: torch.Tensor, params: RegistrationParams,
-                    tick: Optional[Tick] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    radius_mm: float, tick: Optional[Tick] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Refine ``init`` (B, 4, 4) by Adam over ``params.affine_*`` levels; returns (matrices (B, 4, 4)
     float64, similarity at the last level (B,)).
 
-    Parametrisation: ``A p = (M0 + L / R)(p - c) + (a0 + t)`` with ``c`` the target's working-grid centre,
-    ``M0, a0`` from ``init``, ``R = affine_radius_mm``; ``L`` (3x3) and ``t`` (mm) start at 0 and share
-    one Adam step size in mm. ``tick(n_iterations, message, data)`` is called every iteration (it may
-    raise Cancelled).
+    Parametrisation: ``A p = (M0 + L / r)(p - c) + (a0 + t)`` with ``c`` the centre of the target's grid,
+    ``M0, a0`` from ``init`` and ``r = radius_mm`` (the target's radius of gyration); ``L`` (3x3) and
+    ``t`` (mm) start at 0 and share one Adam step, ``affine_lr * v`` mm. ``tick(n_iterations, message,
+    data)`` is called every iteration (it may raise Cancelled).
     """
     dev = next(iter(target.levels.values()))[0].device
     init = init.to(dev, torch.float64)
@@ -105,7 +99,8 @@ def optimize_affine(target: TargetPyramid, atlases: AtlasPyramid, init: torch.Te
     a0 = init[:, :3, :3] @ c + init[:, :3, 3]
     lin = torch.zeros(b, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
     trans = torch.zeros(b, 3, dtype=torch.float64, device=dev, requires_grad=True)
-    radius = float(params.affine_radius_mm)
+    radius = float(radius_mm)
+    lr = params.affine_lr * target.unit
 
     def matrices() -> torch.Tensor:
         m = m0 + lin / radius
@@ -116,21 +111,21 @@ def optimize_affine(target: TargetPyramid, atlases: AtlasPyramid, init: torch.Te
     sim = torch.zeros(b, dtype=torch.float64, device=dev)
     if sum(params.affine_iterations) == 0:
         return matrices().detach(), sim
-    opt = torch.optim.Adam([lin, trans], lr=params.affine_lr_mm)
-    for level, (spacing, n_it) in enumerate(zip(params.affine_spacing_mm, params.affine_iterations)):
-        tgt, grid = target.levels[float(spacing)]
+    opt = torch.optim.Adam([lin, trans], lr=lr)
+    for level, (shrink, n_it) in enumerate(zip(params.affine_shrink, params.affine_iterations)):
+        spacing = target.spacing(shrink)
+        tgt, grid = target.levels[spacing]
         q = grid_points(grid, dev, torch.float32).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, Z, Y, X) mm
-        window = lncc_window(params.lncc_window_mm, grid.spacing)
         for it in range(n_it):
             for g in opt.param_groups:
-                g["lr"] = cosine_lr(params.affine_lr_mm, it, n_it)
+                g["lr"] = cosine_lr(lr, it, n_it)
             opt.zero_grad(set_to_none=True)
             warped = atlases.sample(spacing, matrices().float(), q)
-            loss = similarity_loss(params.affine_similarity, warped, tgt, window)
+            loss = similarity_loss(params.affine_similarity, warped, tgt, params.lncc_window)
             loss.sum().backward()
             opt.step()
             sim = (1.0 - loss.detach()) if params.affine_similarity != "mse" else -loss.detach()
             if tick is not None:
-                tick(1, f"affine level {level + 1}/{len(params.affine_iterations)} it {it + 1}/{n_it}",
+                tick(1, f"affine level {level + 1}/{len(params.affine_shrink)} it {it + 1}/{n_it}",
                      {"similarity": sim.tolist()})
     return matrices().detach(), sim.double()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import losses
 from ..geometry import Grid
 from ..warp import affine_to_field, compose, grid_points, resample_field
-from .affine import Tick, cosine_lr, lncc_window, similarity_loss
+from .affine import Tick, cosine_lr, similarity_loss
 from .params import RegistrationParams
 from .pyramid import AtlasPyramid, TargetPyramid, working_grid
 
@@ -39,13 +40,19 @@ def control_displacement(params_field: torch.Tensor, grid: Grid, params: Registr
 def total_field(matrices: torch.Tensor, displacement: Optional[torch.Tensor], control_grid: Optional[Grid],
                 grid: Grid) -> torch.Tensor:
     """Total resampling field (B, 3, Z, Y, X) mm on ``grid``: ``A (p + d(p)) - p``, with ``d`` the
-    control-grid displacement upsampled to ``grid`` (``None``: the affine alone)."""
-    matrices = matrices.to(torch.float64)
-    field = affine_to_field(matrices, grid)
-    if displacement is not None:
-        d = resample_field(displacement.to(torch.float64), control_grid, grid)
-        field = field + torch.einsum("bij,bjzyx->bizyx", matrices[:, :3, :3], d)
-    return field.float()
+    control-grid displacement upsampled to ``grid`` (``None``: the affine alone, as
+    :func:`~MASRefineLib.warp.affine_to_field`)."""
+    if displacement is None:
+        return affine_to_field(matrices.to(torch.float64), grid).float()
+    dev = displacement.device
+    p = grid_points(grid, dev).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, Z, Y, X) mm, float32
+    q = (p + resample_field(displacement.float(), control_grid, grid)).reshape(displacement.shape[0], 3, -1)
+    m = matrices.to(dev, torch.float32)
+    # coordinates relative to the grid centre keep float32 rounding at ~1e-5 mm
+    c = torch.as_tensor(grid.center_mm(), dtype=torch.float32, device=dev).view(1, 3, 1)
+    t = (m[:, :3, :3] @ c + m[:, :3, 3:]) - c
+    moved = torch.baddbmm(t, m[:, :3, :3], q - c) - (p.reshape(1, 3, -1) - c)
+    return moved.reshape(displacement.shape[0], 3, *grid.shape)
 
 
 def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: torch.Tensor,
@@ -55,10 +62,11 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
     by ``matrices`` (B, 4, 4). Returns (control-grid displacement (B, 3, ...) mm, control grid,
     similarity at the last level (B,)).
 
-    Per level: images compared on ``working_grid(target, deform_spacing_mm)``; parameters on
-    ``working_grid(target, deform_control_mm)`` (upsampled from the previous level's); loss per atlas
-    ``dissimilarity + bending_weight * bending_energy + diffusion_weight * diffusion`` of the control
-    parameters (velocity in diffeomorphic mode) in mm units; Adam step ``deform_lr_mm`` with cosine decay.
+    Per level: images compared on the working grid of ``deform_shrink * v``; parameters on the grid of
+    ``control_shrink * v`` (upsampled from the previous level's); loss per atlas ``dissimilarity +
+    bending_weight * bending + diffusion_weight * diffusion`` of the control parameters (velocity in
+    diffeomorphic mode), the bending energy measured in control-grid voxels (dimensionless); Adam step
+    ``deform_lr * v`` mm with cosine decay.
     """
     dev = next(iter(target.levels.values()))[0].device
     b = matrices.shape[0]
@@ -66,13 +74,13 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
     theta: Optional[torch.Tensor] = None
     cgrid: Optional[Grid] = None
     sim = torch.zeros(b, dtype=torch.float64, device=dev)
-    n_levels = len(params.deform_spacing_mm)
+    n_levels = len(params.deform_shrink)
     for level in range(n_levels):
-        spacing = float(params.deform_spacing_mm[level])
+        spacing = target.spacing(params.deform_shrink[level])
         n_it = int(params.deform_iterations[level])
-        lr = float(params.deform_lr_mm[level])
+        lr = float(params.deform_lr[level]) * target.unit
         tgt, grid = target.levels[spacing]
-        new_cgrid = working_grid(target.grid, params.deform_control_mm[level])
+        new_cgrid = working_grid(target.grid, target.spacing(params.control_shrink[level]))
         if theta is None:
             theta = torch.zeros(b, 3, *new_cgrid.shape, device=dev)
         else:
@@ -83,20 +91,20 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
             continue
         opt = torch.optim.Adam([theta], lr=lr)
         p = grid_points(grid, dev).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, Z, Y, X) mm
-        window = lncc_window(params.lncc_window_mm, grid.spacing)
-        cspacing = cgrid.spacing
+        h = float(np.mean(cgrid.spacing))  # bending measured in control-grid voxels: u / h over x / h
+        cspacing = tuple(sp / h for sp in cgrid.spacing)
         for it in range(n_it):
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lr, it, n_it)
             opt.zero_grad(set_to_none=True)
             d = resample_field(control_displacement(theta, cgrid, params), cgrid, grid)
             warped = atlases.sample(spacing, mats, p + d)
-            dissim = similarity_loss(params.similarity, warped, tgt, window)
+            dissim = similarity_loss(params.similarity, warped, tgt, params.lncc_window)
             loss = dissim
             if params.bending_weight > 0:
-                loss = loss + params.bending_weight * losses.bending_energy(theta, cspacing)
+                loss = loss + params.bending_weight * losses.bending_energy(theta / h, cspacing)
             if params.diffusion_weight > 0:
-                loss = loss + params.diffusion_weight * losses.diffusion(theta, cspacing)
+                loss = loss + params.diffusion_weight * losses.diffusion(theta / h, cspacing)
             loss.sum().backward()
             opt.step()
             sim = (1.0 - dissim.detach()) if params.similarity != "mse" else -dissim.detach()

@@ -1,39 +1,42 @@
 """Registration parameters and presets: every knob, its unit and its default, documented once here.
 
-Units: lengths in millimetres (LPS, physical space), never voxels, so one preset fits brains at 2 mm
-and knees at 0.7 mm. A "level" is one resolution of the multi-resolution pyramid; tuple-valued knobs
-give one value per level, coarse to fine, and the tuples of one stage must have the same length.
+Unit: ``v`` = the target image's smallest voxel spacing (mm). Working-grid spacings, step sizes and
+control-grid spacings are multiples of ``v`` (like ANTs' shrink factors), so one preset fits brains at
+2 mm and knees at 0.7 mm; all computations themselves are in physical space (LPS mm), so anisotropic,
+oblique and differently gridded atlases and targets are handled. A "level" is one resolution of the
+multi-resolution pyramid; tuple-valued knobs give one value per level, coarse to fine, and the tuples
+of one stage must have the same length.
 
 Affine stage (12 degrees of freedom, maps target LPS mm -> atlas LPS mm)
     init                  "moments": centres of intensity mass + isotropic scale from second moments;
                           "centers": centres of the fields of view; "identity": none.
-    affine_spacing_mm     working-grid spacing per level (mm). The target is block-averaged and
-                          resampled to a grid of this spacing over its own field of view; atlases likewise
-                          over theirs.
+    affine_shrink         working-grid spacing per level, in v. The target is block-averaged and
+                          resampled to a grid of this spacing over its own field of view (never finer than
+                          its voxels); atlases likewise over theirs.
     affine_iterations     Adam iterations per level.
-    affine_lr_mm          Adam step (mm) for the translation and for the 3x3 part, which is scaled by
-                          ``affine_radius_mm`` so that one step moves a point at that radius by ~lr mm.
-    affine_radius_mm      the radius (mm) used to scale the 3x3 part (half a typical object size).
+    affine_lr             Adam step, in v: for the translation, and for the 3x3 part scaled by the target's
+                          radius of gyration r (so one step moves a point at distance r by about this much).
     affine_similarity     "ncc" (global normalised cross-correlation), "lncc" or "mse".
 
 Deformable stage (dense displacement on a control grid, on top of the affine)
-    deform_spacing_mm     working-grid spacing per level (mm) on which images are compared.
-    deform_control_mm     spacing (mm) of the grid that carries the displacement (or velocity) parameters
-                          per level; it is trilinearly upsampled to the working grid, so it sets the
-                          finest detail the deformation can have.
+    deform_shrink         working-grid spacing per level, in v, on which images are compared.
+    control_shrink        spacing, in v, of the grid that carries the displacement (or velocity)
+                          parameters per level; it is trilinearly upsampled to the working grid, so it
+                          sets the finest detail a deformation can have.
     deform_iterations     Adam iterations per level.
-    deform_lr_mm          Adam step (mm of displacement per iteration) per level.
-    similarity            "lncc" (local NCC, squared), "ncc" or "mse".
-    lncc_window_mm        side of the LNCC window (mm); rounded to an odd number of voxels >= 3 per level.
-    bending_weight        weight of the bending energy (mean squared second derivatives, 1/mm^2) of the
-                          control-grid field, against a similarity in [0, 1].
-    diffusion_weight      weight of the diffusion term (mean squared first derivatives, dimensionless).
+    deform_lr             Adam step (displacement per iteration) per level, in v; cosine decay to 5 %.
+    similarity            "lncc" (local NCC, squared, as ANTs' CC), "ncc" or "mse".
+    lncc_window           side of the LNCC window, in voxels of each working grid (odd, >= 3).
+    bending_weight        weight of the bending energy of the control-grid displacement measured in
+                          control-grid voxels (dimensionless), against a dissimilarity in [0, 1].
+    diffusion_weight      weight of the diffusion term (mean squared gradient of the displacement,
+                          dimensionless).
     diffeomorphic         optimise a stationary velocity field and integrate it by scaling and squaring.
     svf_steps             number of squarings (the velocity is divided by 2^svf_steps).
 
 General
     seed                  torch seed (the algorithm has no random step; the seed pins anything that might).
-    max_batch             atlases optimised together (memory: ~ max_batch x working-grid size).
+    max_batch             atlases optimised together (memory grows with max_batch x working-grid size).
     label_method          "onehot" (each label's indicator interpolated trilinearly, argmax) or "nearest".
 """
 from __future__ import annotations
@@ -52,20 +55,19 @@ class RegistrationParams:
     stage: str = "deformable"
     # affine
     init: str = "moments"
-    affine_spacing_mm: tuple[float, ...] = (8.0, 5.0)
+    affine_shrink: tuple[float, ...] = (4.0, 2.5)
     affine_iterations: tuple[int, ...] = (60, 40)
-    affine_lr_mm: float = 1.0
-    affine_radius_mm: float = 60.0
-    affine_similarity: str = "ncc"
+    affine_lr: float = 0.5
+    affine_similarity: str = "lncc"
     # deformable
-    deform_spacing_mm: tuple[float, ...] = (6.0, 4.0)
-    deform_control_mm: tuple[float, ...] = (8.0, 6.0)
+    deform_shrink: tuple[float, ...] = (3.0, 2.0)
+    control_shrink: tuple[float, ...] = (4.0, 3.0)
     deform_iterations: tuple[int, ...] = (60, 40)
-    deform_lr_mm: tuple[float, ...] = (0.5, 0.3)
+    deform_lr: tuple[float, ...] = (0.25, 0.15)
     similarity: str = "lncc"
-    lncc_window_mm: float = 20.0
-    bending_weight: float = 1.0
-    diffusion_weight: float = 0.05
+    lncc_window: int = 5
+    bending_weight: float = 0.03
+    diffusion_weight: float = 0.2
     diffeomorphic: bool = False
     svf_steps: int = 6
     # general
@@ -85,16 +87,18 @@ class RegistrationParams:
                 bad(f"{name} must be ncc, lncc or mse, got {getattr(self, name)!r}")
         if self.label_method not in ("onehot", "nearest"):
             bad(f"label_method must be onehot or nearest, got {self.label_method!r}")
-        if len(self.affine_spacing_mm) != len(self.affine_iterations):
-            bad("affine_spacing_mm and affine_iterations need one value per level each")
-        n = len(self.deform_spacing_mm)
-        for name in ("deform_control_mm", "deform_iterations", "deform_lr_mm"):
+        if len(self.affine_shrink) != len(self.affine_iterations):
+            bad("affine_shrink and affine_iterations need one value per level each")
+        n = len(self.deform_shrink)
+        for name in ("control_shrink", "deform_iterations", "deform_lr"):
             if len(getattr(self, name)) != n:
-                bad(f"{name} needs one value per deformable level ({n}, as deform_spacing_mm)")
-        if any(s <= 0 for s in self.affine_spacing_mm + self.deform_spacing_mm + self.deform_control_mm):
-            bad("spacings must be positive (mm)")
+                bad(f"{name} needs one value per deformable level ({n}, as deform_shrink)")
+        if any(s <= 0 for s in self.affine_shrink + self.deform_shrink + self.control_shrink):
+            bad("shrink factors must be positive")
         if any(i < 0 for i in self.affine_iterations + self.deform_iterations):
             bad("iterations must be >= 0")
+        if self.lncc_window < 3 or self.lncc_window % 2 == 0:
+            bad("lncc_window must be an odd number of voxels >= 3")
         if self.max_batch < 1:
             bad("max_batch must be >= 1")
         if self.bending_weight < 0 or self.diffusion_weight < 0:
@@ -145,13 +149,11 @@ DEFAULT = RegistrationParams()
 #: The presets. ``default`` is the tuned setting (evidence in docs/registration.md); ``fast`` stops at a
 #: coarser level for interactive use; ``accurate`` adds a finer level and more iterations.
 PRESETS: dict[str, RegistrationParams] = {
-    "fast": replace(DEFAULT, affine_spacing_mm=(8.0,), affine_iterations=(60,),
-                    deform_spacing_mm=(6.0,), deform_control_mm=(8.0,), deform_iterations=(60,),
-                    deform_lr_mm=(0.5,)),
+    "fast": replace(DEFAULT, affine_shrink=(4.0,), affine_iterations=(60,),
+                    deform_shrink=(3.0,), control_shrink=(4.0,), deform_iterations=(60,), deform_lr=(0.25,)),
     "default": DEFAULT,
-    "accurate": replace(DEFAULT, affine_spacing_mm=(8.0, 5.0, 3.0), affine_iterations=(60, 40, 20),
-                        deform_spacing_mm=(6.0, 4.0, 2.5), deform_control_mm=(8.0, 6.0, 4.0),
-                        deform_iterations=(80, 60, 30), deform_lr_mm=(0.5, 0.3, 0.2)),
+    "accurate": replace(DEFAULT, affine_iterations=(80, 60), deform_shrink=(3.0, 2.0, 1.5),
+                        control_shrink=(4.0, 3.0, 2.0), deform_iterations=(80, 60, 30), deform_lr=(0.25, 0.15, 0.1)),
 }
 
 

@@ -44,14 +44,20 @@ def downsample(image: sitk.Image, spacing_mm: float) -> tuple[np.ndarray, Grid]:
 
 
 class TargetPyramid:
-    """The normalised target at each working spacing: ``levels[s] = ((1, 1, Z, Y, X) tensor, grid)``."""
+    """The normalised target at each working spacing: ``levels[s] = ((1, 1, Z, Y, X) tensor, grid)``,
+    ``s`` in mm = shrink factor x :attr:`unit` (the target's smallest voxel spacing, mm)."""
 
-    def __init__(self, image: sitk.Image, spacings: Iterable[float], device: torch.device):
+    def __init__(self, image: sitk.Image, shrinks: Iterable[float], device: torch.device):
         self.grid = Grid.from_image(image)
+        self.unit = float(min(self.grid.spacing))
         self.levels: dict[float, tuple[torch.Tensor, Grid]] = {}
-        for s in sorted(set(float(s) for s in spacings)):
+        for s in sorted(set(self.spacing(f) for f in shrinks)):
             arr, g = downsample(image, s)
             self.levels[s] = (image_tensor(arr, device), g)
+
+    def spacing(self, shrink: float) -> float:
+        """Working spacing (mm) of a shrink factor."""
+        return round(float(shrink) * self.unit, 6)
 
 
 class AtlasPyramid:

@@ -32,7 +32,7 @@ from ..losses import ncc
 from ..progress import ProgressCallback, report
 from ..warp import image_tensor, warp, warp_labels
 from ..warped import WarpedAtlas, WarpedSet
-from .affine import initial_matrices, optimize_affine
+from .affine import image_moments, initial_matrices, optimize_affine
 from .deformable import optimize_deformable, total_field
 from .params import RegistrationParams, get_params
 from .pyramid import AtlasPyramid, TargetPyramid, normalized
@@ -119,10 +119,12 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
     _check_image(target, f"target {target_path or ''}".strip())
     target_grid = Grid.from_image(target)
     deformable = params.stage == "deformable"
-    spacings = list(params.affine_spacing_mm) + (list(params.deform_spacing_mm) if deformable else [])
+    shrinks = list(params.affine_shrink) + (list(params.deform_shrink) if deformable else [])
     report(progress, STAGE, 0.0, "preparing target")
     target_img = normalized(sitk.Cast(target, sitk.sitkFloat32))
-    tpyr = TargetPyramid(target_img, spacings, dev)
+    tpyr = TargetPyramid(target_img, shrinks, dev)
+    spacings = list(tpyr.levels)
+    radius = float(np.sqrt(np.trace(image_moments(target_img)[1])))  # radius of gyration, mm
     target_norm = image_tensor(sitk.GetArrayFromImage(target_img), dev)
 
     n_total = len(atlases)
@@ -168,7 +170,7 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
 
         t_aff = time.perf_counter()
         timing["prepare"] += t_aff - t_prep
-        mats, sim = optimize_affine(tpyr, apyr, init, params, tick)
+        mats, sim = optimize_affine(tpyr, apyr, init, params, radius, tick)
         t_def = time.perf_counter()
         timing["affine"] += t_def - t_aff
         disp, cgrid = None, None
