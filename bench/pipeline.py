@@ -137,8 +137,12 @@ def main(argv=None) -> int:
         out = work / tid / f"masrefine-{a.preset}"
         r = segment(img_p, aset.root, out, SegmentOptions(**{**opts.to_json(), "train_missing": False}),
                     truth=None)
-        secs = read_manifest(r["manifest"])["summary"]["seconds"]
+        summary = read_manifest(r["manifest"])["summary"]
+        secs = summary["seconds"]
+        for f in summary.get("fallbacks", []):
+            print(f"note: {f}", file=sys.stderr)
         rows.append({"method": "MASRefine", "target": tid, "seconds": sum(secs.values()), "stages": secs,
+                     "fusion": summary.get("fusion"), "stage": summary.get("stage"),
                      "metrics": score(Path(r["fused"]), lab_p, groups)})
         if not a.skip_ants:
             atl = [(i, aset.image_path(i), aset.label_path(i)) for i in aset.ids]
@@ -165,6 +169,7 @@ def main(argv=None) -> int:
         line += f"{np.mean([r['seconds'] for r in rs]):>10.0f}"
         print(line)
     ours = [r for r in rows if r["method"] == "MASRefine"]
+    print(f"MASRefine ran: {sorted({r['stage'] for r in ours})}, fusion {sorted({r['fusion'] for r in ours})}")
     stages = {k: np.mean([r["stages"].get(k, 0.0) for r in ours]) for k in ours[0]["stages"]}
     print("MASRefine seconds per stage (mean per target): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     print(f"model training (once per atlas set): {t_models:.0f} s")
