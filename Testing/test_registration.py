@@ -254,3 +254,25 @@ def test_cli_writes_outputs_and_skips_a_bad_atlas(brains, tmp_path):
     # a bad override is a one-line error, exit status 2
     assert main(["register", "--atlases", str(root), "--target", str(tmp_path / "target.nii.gz"), "--out",
                  str(out), "--set", "bending_weight=abc"]) == 2
+
+
+def test_very_different_field_of_view_is_warned_about(brains):
+    img, lab = brains[1]
+    small = [sitk.RegionOfInterest(x, [14, 14, 12], [23, 23, 16]) for x in (img, lab)]
+    params = get_params("fast", stage="affine", affine_shrink=(2.0,), affine_iterations=(5,))
+    with pytest.warns(UserWarning, match="atlas tiny: field of view"):
+        ws = register(brains[0][0], [AtlasInput("tiny", *small), AtlasInput("ok", img, lab)], params=params,
+                      device="cpu")
+    assert ws.ids == ["tiny", "ok"]
+    assert any("atlas tiny" in w for w in ws.info["warnings"]) and not any("atlas ok" in w for w in ws.info["warnings"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu(brains):
+    params = get_params("fast", **DEFORM)
+    atlases = [AtlasInput("s1", *brains[1])]
+    cpu = register(brains[0][0], atlases, params=params, device="cpu")
+    gpu = register(brains[0][0], atlases, params=params, device="cuda")
+    assert gpu.info["device"].startswith("cuda")
+    assert np.abs(cpu.atlases[0].field - gpu.atlases[0].field).mean() < 0.05  # mm; float paths differ slightly
+    assert (cpu.atlases[0].label == gpu.atlases[0].label).mean() > 0.99

@@ -13,9 +13,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "(.nii.gz and .seg.nrrd), the total displacement field (.nrrd, LPS mm, a Slicer grid "
                     "transform) and report.json (per-atlas seconds, final similarity, folding fraction). "
                     "An atlas that fails is reported and skipped; the others still finish.")
-    p.add_argument("--atlases", required=True, metavar="DIR", help="atlas-set folder (with atlas.json)")
-    p.add_argument("--target", required=True, metavar="IMG", help="target image (NIfTI, NRRD, MHA)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--atlases", metavar="DIR", help="atlas-set folder (with atlas.json)")
+    p.add_argument("--target", metavar="IMG", help="target image (NIfTI, NRRD, MHA)")
+    p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--stage", choices=("affine", "deformable"), default="deformable",
                    help="stop after the affine stage, or add the deformable one (default)")
     p.add_argument("--preset", choices=("fast", "default", "accurate"), default="default",
@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         for k, v in params.to_json().items():
             print(f"  {k} = {','.join(str(x) for x in v) if isinstance(v, (list, tuple)) else v}")
         return 0
+
+    missing = [f"--{k}" for k in ("atlases", "target", "out") if not getattr(args, k)]
+    if missing:
+        from ..errors import MASRefineError
+        raise MASRefineError(f"{', '.join(missing)} required (or --list-params)")
 
     import warnings
 
