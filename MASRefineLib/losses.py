@@ -64,25 +64,55 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over a cubic window of ``window`` voxels around each voxel of (B, C, Z, Y, X), not counting
     voxels outside the image: exactly ``avg_pool3d(x, window, 1, window // 2, count_include_pad=False)``,
     computed as three 1D passes (the valid part of a window is a box, so the counts factorise): sums of
-    shifted slices for small windows, differences of cumulative sums for large ones. On the CPU this is
-    several times cheaper than the 3D pool (which costs window^3 per voxel)."""
+    shifted slices for small windows, differences of cumulative sums for large ones. The zero-padded
+    box sum is symmetric, so the gradient is the same filter applied to ``grad / count`` (a custom
+    autograd function: no graph of slices). Several times cheaper than the 3D pool on the CPU."""
+    return _BoxMean.apply(x, int(window))
+
+
+def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Zero-padded separable box sum over a cubic window (a symmetric linear operator)."""
     pad = window // 2
     for dim in (2, 3, 4):
         n = x.shape[dim]
         xp = F.pad(x, [0, 0] * (4 - dim) + [pad, pad])  # zeros outside; length n + 2 pad
         if window <= 7:
-            s = xp.narrow(dim, 0, n)
+            acc = xp.narrow(dim, 0, n).clone()
             for k in range(1, window):
-                s = s + xp.narrow(dim, k, n)
+                acc.add_(xp.narrow(dim, k, n))
         else:
             c = torch.cumsum(F.pad(xp, [0, 0] * (4 - dim) + [1, 0]), dim=dim)
-            s = c.narrow(dim, window, n) - c.narrow(dim, 0, n)
-        i = torch.arange(n, device=x.device)
-        count = (i + pad).clamp(max=n - 1) - (i - pad).clamp(min=0) + 1
-        shape = [1] * x.dim()
-        shape[dim] = n
-        x = s / count.to(x.dtype).view(shape)
+            acc = c.narrow(dim, window, n) - c.narrow(dim, 0, n)
+        x = acc
     return x
+
+
+def _box_count(shape: torch.Size, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Number of in-image voxels in each voxel's window, broadcastable to (B, C, Z, Y, X)."""
+    pad = window // 2
+    count = None
+    for dim in (2, 3, 4):
+        n = shape[dim]
+        i = torch.arange(n, device=device)
+        c = ((i + pad).clamp(max=n - 1) - (i - pad).clamp(min=0) + 1).to(dtype)
+        view = [1] * len(shape)
+        view[dim] = n
+        count = c.view(view) if count is None else count * c.view(view)
+    return count
+
+
+class _BoxMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, window: int) -> torch.Tensor:
+        count = _box_count(x.shape, window, x.dtype, x.device)
+        ctx.save_for_backward(count)
+        ctx.window = window
+        return _box_sum(x, window) / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (count,) = ctx.saved_tensors
+        return _box_sum(grad / count, ctx.window), None
 
 
 def local_correlation(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:

@@ -68,3 +68,10 @@ def test_separable_box_mean_equals_full_window_pool():
     for w in (3, 5, 7, 9):  # shifted sums (<= 7) and cumulative sums (> 7)
         full = F.avg_pool3d(x, w, stride=1, padding=w // 2, count_include_pad=False)
         assert torch.allclose(box_mean(x, w), full, atol=1e-12)
+
+
+def test_box_mean_gradient():
+    from MASRefineLib.losses import box_mean
+    for w in (3, 9):
+        x = torch.rand(1, 2, 5, 6, 10, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: box_mean(t, w), (x,))
