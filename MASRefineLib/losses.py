@@ -75,12 +75,13 @@ def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     pad = window // 2
     for dim in (2, 3, 4):
         n = x.shape[dim]
-        xp = F.pad(x, [0, 0] * (4 - dim) + [pad, pad])  # zeros outside; length n + 2 pad
-        if window <= 7:
-            acc = xp.narrow(dim, 0, n).clone()
-            for k in range(1, window):
-                acc.add_(xp.narrow(dim, k, n))
+        if window <= 7:  # acc[i] = sum of x[i - pad .. i + pad] inside the image, added in place
+            acc = x.clone()
+            for k in range(1, min(pad, n - 1) + 1):
+                acc.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k))
+                acc.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k))
         else:
+            xp = F.pad(x, [0, 0] * (4 - dim) + [pad, pad])  # zeros outside; length n + 2 pad
             c = torch.cumsum(F.pad(xp, [0, 0] * (4 - dim) + [1, 0]), dim=dim)
             acc = c.narrow(dim, window, n) - c.narrow(dim, 0, n)
         x = acc
