@@ -1,0 +1,232 @@
+"""Benchmark of VoteNet++ refinement (variants I and IS) after affine and deformable pre-registration.
+
+    python bench/refinement.py                              # full: knee 8 atlases -> 4 targets, IXI 10 -> 5
+    python bench/refinement.py --knee 8 1 --ixi 0 0         # reduced: knee, one target
+    python bench/refinement.py --knee 8 2 --gammas 0.1 0.4 1.6 --variants I IS --starts deformable  # gamma sweep
+
+Data (``bench.datasets``, split seed 0): atlases and targets are different subjects; the surrogate U-Net
+is trained on the *other* subjects (knee: the 20 remaining knees; IXI: ``--ixi-train`` others) with
+``masrefine train segmenter`` defaults (resumable; stored in ``.cache/atlas-sets/<name>/models``).
+Pre-registration: ``registration.register`` (preset ``default``, stage affine or deformable), all
+atlases of a target batched. Refinement: ``refine.refine`` with its defaults unless ``--gammas`` /
+``--alpha`` are given. Registered and refined sets are cached in ``.cache/bench-refinement`` (reruns
+only add what is missing; ``--fresh`` recomputes).
+
+One table: per data set, start and method (none = the pre-registration itself, I, IS): mean Dice of
+the warped atlas label maps against the target's labels (knee: bones = femur, tibia; cartilages =
+femoral, tibial; IXI: mean over all labels), Dice of the plurality vote (``fusion.fuse(method="pv")``)
+over the atlases, mean folding fraction (% of voxels with Jacobian determinant <= 0 of the total
+field), seconds per atlas (wall clock) and CPU seconds per atlas of refinement (this process, one torch
+thread unless ``--threads``; on the shared machine wall clock is several times the CPU time);
+then the U-Net's own Dice on the targets. Dice is volume Dice on the target grid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CACHE = ROOT / ".cache" / "bench-refinement"
+KNEE_GROUPS = {"bones": [1, 3], "cartilages": [2, 4]}
+
+
+def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels) -> dict[int, float]:
+    n = int(max(pred.max(), ref.max(), max(labels))) + 1
+    inter = np.bincount(ref[pred == ref].ravel(), minlength=n)
+    sp = np.bincount(pred.ravel(), minlength=n)
+    sr = np.bincount(ref.ravel(), minlength=n)
+    return {int(v): float(2 * inter[v] / (sp[v] + sr[v])) for v in labels if sp[v] + sr[v] > 0}
+
+
+def summarize(per_label: dict[int, float], groups: dict | None) -> dict[str, float]:
+    out = {"all": float(np.mean(list(per_label.values())))}
+    for g, vals in (groups or {}).items():
+        vs = [per_label[v] for v in vals if v in per_label]
+        out[g] = float(np.mean(vs)) if vs else float("nan")
+    return out
+
+
+def evaluate_set(ws, target_arr: np.ndarray, ref: np.ndarray, groups: dict | None) -> dict:
+    from MASRefineLib.fusion import fuse
+    labels = sorted(set(np.unique(ref).tolist()) - {0})
+    per_atlas = [summarize(dice_per_label(a.label.astype(np.int64), ref, labels), groups) for a in ws.atlases]
+    pv = fuse(ws, target_arr, "pv", device="cpu").labels.astype(np.int64)
+    keys = per_atlas[0].keys()
+    return {"atlas": {k: float(np.mean([d[k] for d in per_atlas])) for k in keys},
+            "pv": summarize(dice_per_label(pv, ref, labels), groups),
+            "folding_pct": 100.0 * float(np.mean([a.info.get("folding_fraction", 0.0) for a in ws.atlases])),
+            "seconds_per_atlas": float(np.mean([a.info.get("seconds", float("nan")) for a in ws.atlases])),
+            "cpu_seconds_per_atlas": float(np.mean([a.info.get("refinement", {}).get("cpu_seconds", float("nan"))
+                                                    for a in ws.atlases]))}
+
+
+def cached(path: Path, fresh: bool, make):
+    """A WarpedSet from ``path`` if complete, else ``make()`` saved there (with its wall seconds)."""
+    from MASRefineLib.warped import WarpedSet
+    if path.exists() and (path / "report.json").exists() and not fresh:
+        return WarpedSet.load(path)
+    if path.exists():
+        shutil.rmtree(path)
+    t0 = time.perf_counter()
+    ws = make()
+    ws.info["bench_wall_seconds"] = time.perf_counter() - t0
+    ws.save(path)
+    return ws
+
+
+def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fresh: bool):
+    from bench.datasets import make_atlas_set
+    from MASRefineLib.segmenter import load_segmenter, train_on_atlas_set
+    aset = make_atlas_set(dataset, train_ids, name=name)
+    path = aset.models_dir / "segmenter.json"
+    if path.exists() and not fresh:
+        return load_segmenter(path, device)
+    print(f"training the surrogate U-Net on {len(train_ids)} {dataset} subjects ({aset.root})", file=sys.stderr)
+    return train_on_atlas_set(aset.root, device=device)
+
+
+def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args) -> list[dict]:
+    import SimpleITK as sitk
+    from bench import datasets as D
+    from MASRefineLib.imageio import normalize_intensity, read_image, read_label
+    from MASRefineLib.labels import LabelTable
+    from MASRefineLib.refine import refine
+    from MASRefineLib.registration import AtlasInput, get_params, register
+
+    if dataset == "knee":
+        ids = D.knee_subjects()
+        groups = KNEE_GROUPS
+    else:
+        ids = D.ixi_subjects()
+        groups = None
+    atlas_ids, target_ids_all = D.split(ids, n_atlases, 4 if dataset == "knee" else 5, seed=0)
+    target_ids = target_ids_all[:n_targets]
+    others = [i for i in ids if i not in atlas_ids and i not in target_ids_all][: n_train]
+    if dataset == "knee":
+        kd = D.knee_dataset(atlas_ids + target_ids + others)
+        case = lambda i: (kd / "images" / f"{i}.nii.gz", kd / "labels" / f"{i}.nii.gz")  # noqa: E731
+        table = LabelTable.load(kd / "labels.json")
+    else:
+        case = D.ixi_case
+        table = LabelTable.load(D.ixi_label_table())
+    seg = None
+    if "IS" in args.variants:
+        t0 = time.perf_counter()
+        seg = segmenter_for(dataset, others, f"{dataset}-refinement-segmenter-{len(others)}", args.device,
+                            args.fresh_segmenter)
+        print(f"{dataset}: segmenter ready ({time.perf_counter() - t0:.0f} s; trained "
+              f"{seg.meta.get('training', {}).get('seconds', float('nan')):.0f} s)", file=sys.stderr)
+    atlases = []
+    for aid in atlas_ids:
+        ip, lp = case(aid)
+        atlases.append(AtlasInput(aid, read_image(ip), read_label(lp), source_image=str(ip), source_label=str(lp)))
+    rows, unet = [], []
+    for tid in target_ids:
+        ip, lp = case(tid)
+        timg = read_image(ip)
+        ref = sitk.GetArrayFromImage(read_label(lp)).astype(np.int64)
+        tarr = normalize_intensity(sitk.GetArrayFromImage(timg))
+        if seg is not None:
+            pred = seg.predict_labels(timg).astype(np.int64)
+            labels = sorted(set(np.unique(ref).tolist()) - {0})
+            unet.append(summarize(dice_per_label(pred, ref, labels), groups))
+        for start in args.starts:
+            base = CACHE / dataset / tid / start
+            params = get_params("default", stage=start)
+            ws0 = cached(base / "registered", args.fresh,
+                         lambda: register(timg, atlases, table, params=params, device=args.device, target_path=str(ip)))
+            methods = [("none", None, None, None)]
+            for v in args.variants:
+                for g in (args.gammas or [None]):
+                    methods.append((v if g is None else f"{v} g={g:g}", v, g, args.alpha))
+            for label, variant, gamma, alpha in methods:
+                if variant is None:
+                    ws = ws0
+                else:
+                    kw = {}
+                    if gamma is not None:
+                        kw["gamma"] = gamma
+                    if alpha is not None:
+                        kw["alpha"] = alpha
+                    folder = base / label.replace(" ", "_").replace("=", "")
+                    if alpha is not None:
+                        folder = folder.with_name(folder.name + f"_a{alpha:g}")
+                    ws = cached(folder, args.fresh, lambda: refine(ws0, tarr, variant, segmenter=seg,
+                                                                   device=args.device, **kw))
+                m = evaluate_set(ws, tarr, ref, groups)
+                rows.append({"dataset": dataset, "target": tid, "start": start, "method": label, **m})
+                print(f"  {dataset} {tid} {start:10s} {label:12s} atlas {m['atlas']} pv {m['pv']} "
+                      f"fold {m['folding_pct']:.4f}% {m['seconds_per_atlas']:.1f} s/atlas", file=sys.stderr)
+    if unet:
+        keys = unet[0].keys()
+        rows.append({"dataset": dataset, "target": "all", "start": "-", "method": "U-Net alone",
+                     "atlas": {k: float(np.mean([u[k] for u in unet])) for k in keys},
+                     "pv": {k: float("nan") for k in keys}, "folding_pct": float("nan"),
+                     "seconds_per_atlas": float("nan")})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == dataset]
+        keys = list(rs[0]["atlas"].keys())
+        head = f"{dataset:6s} {'start':10s} {'method':12s} {'n':>2s} " + " ".join(f"{'atlas ' + k:>16s}" for k in keys) + \
+            " " + " ".join(f"{'PV ' + k:>14s}" for k in keys) + f" {'fold %':>8s} {'s/atlas':>8s} {'cpu s':>6s}"
+        out += [head, "-" * len(head)]
+        for (start, method) in dict.fromkeys((r["start"], r["method"]) for r in rs):
+            sel = [r for r in rs if r["start"] == start and r["method"] == method]
+            a = {k: np.mean([r["atlas"][k] for r in sel]) for k in keys}
+            p = {k: np.mean([r["pv"][k] for r in sel]) for k in keys}
+            fold = np.mean([r["folding_pct"] for r in sel])
+            sec = np.mean([r["seconds_per_atlas"] for r in sel])
+            cpu = np.mean([r.get("cpu_seconds_per_atlas", float("nan")) for r in sel])
+            n = len(sel) if method != "U-Net alone" else sum(1 for r in rs if r["method"] == "none") // max(
+                1, len({r["start"] for r in rs if r["start"] != "-"}))
+            out.append(f"{dataset:6s} {start:10s} {method:12s} {n:2d} " + " ".join(f"{a[k]:16.4f}" for k in keys) + " " +
+                       " ".join(f"{p[k]:14.4f}" for k in keys) + f" {fold:8.4f} {sec:8.1f} {cpu:6.1f}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--knee", type=int, nargs=2, default=[8, 4], metavar=("ATLASES", "TARGETS"))
+    ap.add_argument("--ixi", type=int, nargs=2, default=[10, 5], metavar=("ATLASES", "TARGETS"))
+    ap.add_argument("--ixi-train", type=int, default=20, metavar="N", help="IXI subjects for the U-Net (default 20)")
+    ap.add_argument("--starts", nargs="+", default=["affine", "deformable"], choices=["affine", "deformable"])
+    ap.add_argument("--variants", nargs="+", default=["I", "IS"], choices=["I", "IS"])
+    ap.add_argument("--gammas", type=float, nargs="+", help="refine with each of these gammas (mm^2) instead of the default")
+    ap.add_argument("--alpha", type=float, default=None, help="alpha for IS (default: refine's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true", help="recompute cached registrations and refinements")
+    ap.add_argument("--fresh-segmenter", action="store_true", help="retrain the U-Net")
+    ap.add_argument("--json", metavar="OUT", help="also write all rows as JSON")
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    rows = []
+    t0 = time.perf_counter()
+    if args.knee[0] and args.knee[1]:
+        rows += run_dataset("knee", args.knee[0], args.knee[1], 20, args)
+    if args.ixi[0] and args.ixi[1]:
+        rows += run_dataset("ixi", args.ixi[0], args.ixi[1], args.ixi_train, args)
+    print(table(rows))
+    print(f"({time.perf_counter() - t0:.0f} s; threads {args.threads}; device {args.device})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
