@@ -245,3 +245,12 @@ def test_grid_points_are_the_voxel_centres_in_lps():
     for k, j, i in ((0, 0, 0), (3, 4, 6), (2, 1, 5)):
         ref = g.index_to_physical() @ np.array([i, j, k, 1.0])
         np.testing.assert_allclose(pts[k, j, i].numpy(), ref[:3], atol=1e-9)
+
+
+def test_folding_fraction_by_slabs_equals_whole_volume(ixi_crop):
+    grid = Grid.from_image(make_oblique(ixi_crop[0]))
+    field = _smooth_field(grid, amp_mm=25.0, seed=2)  # strong enough to fold somewhere
+    whole = (jacobian_determinant(field, grid) <= 0).float().mean(dim=(1, 2, 3))
+    assert 0 < whole.item() < 1
+    for slab in (1, 7, 16, 1000):
+        assert torch.allclose(folding_fraction(field, grid, slab=slab), whole, atol=1e-7)
