@@ -115,7 +115,7 @@ def warp(moving: torch.Tensor, moving_grid: Grid, field: torch.Tensor | None, ta
 
 
 def warp_labels(labels: torch.Tensor, moving_grid: Grid, field: torch.Tensor | None, target_grid: Grid,
-                values: Sequence[int] | None = None, method: str = "onehot", chunk: int = 1 << 20) -> torch.Tensor:
+                values: Sequence[int] | None = None, method: str = "onehot", chunk: int = 1 << 18) -> torch.Tensor:
     """Warp integer label maps (B, 1, z, y, x) holding label *values*; returns (B, 1, Z, Y, X) values.
 
     ``method='onehot'`` gives each target voxel the label whose indicator, interpolated trilinearly,
