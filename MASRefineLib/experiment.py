@@ -141,7 +141,27 @@ def _evaluate(labels: np.ndarray, truth_path: str, grid, groups, table) -> dict[
     return ev.to_json_dict({v: lab.name for v, lab in table.items()})
 
 
+def _code_version() -> str:
+    """The package version and, in a git checkout, the commit (provenance of every cell)."""
+    from . import __version__
+    try:
+        import subprocess
+        r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=5)
+        if r.returncode == 0 and r.stdout.strip():
+            return f"{__version__}+{r.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+_VERSION: list[str] = []
+
+
 def _save_cell(out: Path, row: str, target: str, doc: dict) -> None:
+    if not _VERSION:
+        _VERSION.append(_code_version())
+    doc = {**doc, "code": _VERSION[0]}
     p = _cell_path(out, row, target)
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(doc, indent=1) + "\n", p)
