@@ -194,16 +194,17 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
             raise MASRefineError("method 'votenet' needs a trained VoteNet+ model (train one with "
                                  "'masrefine train votenet ATLAS_DIR')")
         vm = model if isinstance(model, VoteNetModel) else VoteNetModel.load(model)
-        p = _check_params(method, params, {**vm.meta.get("jlf", {}), "alpha": vm.meta.get("jlf", {}).get("alpha", 0.01),
-                                           "beta": 2.0, "patch_radius": 1, "block": 40})
+        p = _check_params(method, params, {"alpha": 0.01, "beta": 2.0, "patch_radius": 1, "search_radius": 0,
+                                           **vm.meta.get("jlf", {}), "block": 40})
         tgt = torch.from_numpy(target_array(target_image, grid))
-        roi = dilate(~consensus(labels.cpu()), int(p["patch_radius"]))
+        roi = dilate(~consensus(labels.cpu(), int(p["search_radius"])), int(p["patch_radius"]) + int(p["search_radius"]))
         imgs = warped.images("cpu")[:, 0]
         z = vm.logits(imgs, tgt, roi=roi, device=dev, progress=progress)
         q = (1.0 - vm.calibrate(z)).to(dev)
         fused, post, w, info = joint_label_fusion(
             imgs.to(dev), tgt.to(dev), labels, alpha=float(p["alpha"]), beta=float(p["beta"]),
-            patch_radius=int(p["patch_radius"]), error_probs=q, block=int(p["block"]), progress=progress)
+            patch_radius=int(p["patch_radius"]), search_radius=int(p["search_radius"]), spacing_xyz=spacing,
+            error_probs=q, block=int(p["block"]), progress=progress)
         info["model"] = {"platt": {"a": vm.a, "b": vm.b}, "source": str(model) if not isinstance(model, VoteNetModel) else None,
                          "ece_after": vm.meta.get("reliability", {}).get("ece_after")}
     seconds = time.time() - t0

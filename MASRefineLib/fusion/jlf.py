@@ -21,8 +21,9 @@ unanimous, and weights are only computed at centres within ``patch_radius`` of t
 (b) the search runs as box filters over blocks (one product and one separable box sum per offset, for
 all atlases and centres at once) instead of one patch comparison per voxel, offset and atlas.
 
-VoteNet+ (``error_probs`` given): the search is skipped (radius 0) and ``d_i(p)`` is the calibrated
-probability that atlas i's label is wrong at ``c + p``, with ``M_ij = (mean_p d_i d_j)^beta``.
+VoteNet+ (``error_probs`` given): ``d_i(p)`` is the calibrated probability that atlas i's label is wrong
+at ``c + o_i + p``, with ``M_ij = (mean_p d_i d_j)^beta`` (``fuse`` uses search radius 0 for VoteNet+
+by default: the network judges the atlas where it is).
 
 Borders (within ``search_radius + patch_radius`` voxels of the image edge; real images are usually
 background there): search offsets whose centre leaves the image are not considered and votes from
@@ -139,7 +140,7 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
     b = images.shape[0]
     shape = tuple(int(s) for s in labels.shape[1:])
     rp = int(patch_radius)
-    rs = 0 if error_probs is not None else int(search_radius)
+    rs = int(search_radius)
     big_r = rs + rp
     n_patch = (2 * rp + 1) ** 3
 
@@ -201,7 +202,7 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
         p_lin = _lin(patch, ddim)                                      # (P,)
 
         near = bool(near_border[csl].any())                             # some patch may leave the image
-        if error_probs is None:
+        if rs > 0:
             best_off = _search(a_d, t_d, v_d, cdim, rs, rp, offs)      # (B, cz, cy, cx)
             # centres whose patches leave the image: exact border search on the slabs holding them
             for sub in _border_slabs(near_border[csl], (z0 - rp, y0 - rp, x0 - rp), shape, big_r):
@@ -233,8 +234,10 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
                     tn = _normalise_full(t_flat[tp], std_floor)[None]
                 d = (xn - tn).abs_().permute(1, 0, 2)                   # (m, B, P)
                 m = d @ d.transpose(1, 2) / float(n_patch - 1)
-            else:
-                q = e_flat[:, tp] * vt                                  # (B, m, P)
+            else:                                                       # error probabilities at the (searched) patch
+                ap = (bl[None, :, None] + o_lin[:, s:s + 4096, None] + p_lin[None, None]).reshape(b, -1)
+                va = v_flat[ap].reshape(b, *tp.shape) * vt
+                q = torch.gather(e_flat, 1, ap).reshape(b, *tp.shape) * va  # (B, m, P)
                 d = q.permute(1, 0, 2)
                 m = d @ d.transpose(1, 2) / vt.sum(-1).clamp(min=1)[:, None, None]
             m = m.pow(beta) if beta != 2.0 else m * m

@@ -78,15 +78,13 @@ def build_network(arch: dict | None = None) -> torch.nn.Module:
 def band_mask(warped_label: np.ndarray | torch.Tensor, target_label: np.ndarray | torch.Tensor, radius: int = 2) -> torch.Tensor:
     """(Z, Y, X) bool: where the two label maps differ, or within ``radius`` voxels of a label boundary of
     either: the voxels where an atlas label may be wrong (elsewhere both sit deep inside one structure)."""
+    from .common import consensus
+
     wl = torch.as_tensor(np.asarray(warped_label).astype(np.int64))
     tl = torch.as_tensor(np.asarray(target_label).astype(np.int64))
     out = wl != tl
     for lab in (wl, tl):
-        x = lab.to(torch.float32)[None, None]
-        k = 2 * radius + 1
-        mx = F.max_pool3d(x, k, stride=1, padding=radius)
-        mn = -F.max_pool3d(-x, k, stride=1, padding=radius)
-        out |= (mx != mn)[0, 0]
+        out |= ~consensus(lab[None], radius)
     return out
 
 
@@ -262,6 +260,7 @@ class _PairData:
         self.y = torch.as_tensor(np.asarray(pair.warped_label).astype(np.int64) == np.asarray(pair.target_label).astype(np.int64))
         self.band = band_mask(pair.warped_label, pair.target_label, band_radius)
         self.band_idx = self.band.nonzero()
+        self.wrong_idx = (~self.y).nonzero()
         if self.img.shape != self.tgt.shape or self.y.shape != self.img.shape:
             raise MASRefineError(f"pair {pair.atlas_id}->{pair.target_id}: arrays have different shapes")
 
@@ -283,15 +282,18 @@ def _band_samples(model: VoteNetModel, data: Sequence[_PairData], device, max_vo
 
 def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, arch: dict | None = None,
                   patch: int = 32, batch: int = 4, iterations: int = 400, lr: float = 1e-3, band_radius: int = 2,
-                  band_fraction: float = 0.8, seed: int = 0, device: torch.device | str = "cpu",
+                  band_fraction: float = 0.4, wrong_fraction: float = 0.4, band_loss: bool = True,
+                  seed: int = 0, device: torch.device | str = "cpu",
                   max_calib_voxels: int = 400_000, progress: ProgressCallback | None = None,
                   stage: str = "train-votenet") -> VoteNetModel:
     """Train VoteNet+ on ``train_pairs`` (binary cross-entropy on p(atlas label == target label), Adam) and
-    calibrate it (Platt) on ``calib_pairs``: the first half of those pairs (at least one) fits a and b, the
-    other half gives the reliability report (ECE before/after); with a single calibration pair its band
-    voxels are split at random instead. Patches of ``patch``^3 voxels, a fraction ``band_fraction``
-    centred in the band (labels differ or within ``band_radius`` voxels of a boundary). The returned
-    model's ``meta`` holds the loss curve, timings and the reliability report."""
+    calibrate it (Platt) on ``calib_pairs``: every other pair (from the first) fits a and b, the remaining
+    pairs give the reliability report (ECE before/after); with a single calibration pair its band voxels
+    are split at random instead. Patches of ``patch``^3 voxels: a fraction ``wrong_fraction`` centred
+    where the atlas label is wrong, ``band_fraction`` in the band (labels differ or within ``band_radius``
+    voxels of a boundary), the rest anywhere; with ``band_loss`` the loss counts band voxels only (deep
+    inside a structure the answer is trivially "right" and would dominate). The returned model's ``meta``
+    holds the loss curve, timings and the reliability report."""
     if not train_pairs:
         raise MASRefineError("VoteNet+ training needs at least one training pair")
     if not calib_pairs:
@@ -307,19 +309,27 @@ def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, a
     losses: list[float] = []
     for it in range(iterations):
         net.train()
-        xs, ys = [], []
+        xs, ys, ms = [], [], []
         for _ in range(batch):
             d = data[rng.integers(len(data))]
-            if d.band_idx.shape[0] and rng.random() < band_fraction:
+            u = rng.random()
+            if d.wrong_idx.shape[0] and u < wrong_fraction:
+                c = d.wrong_idx[rng.integers(d.wrong_idx.shape[0])].tolist()
+            elif d.band_idx.shape[0] and u < wrong_fraction + band_fraction:
                 c = d.band_idx[rng.integers(d.band_idx.shape[0])].tolist()
             else:
                 c = [int(rng.integers(s)) for s in d.img.shape]
-            img, tgt, y = _patch([d.img, d.tgt, d.y.float()], c, patch)
+            img, tgt, y, m = _patch([d.img, d.tgt, d.y.float(), d.band.float()], c, patch)
             xs.append(torch.stack([img, tgt]))
             ys.append(y[None])
+            ms.append(m[None])
         x = torch.stack(xs).to(device)
         y = torch.stack(ys).to(device)
-        loss = F.binary_cross_entropy_with_logits(net(x), y)
+        if band_loss:
+            m = torch.stack(ms).to(device)
+            loss = (F.binary_cross_entropy_with_logits(net(x), y, reduction="none") * m).sum() / m.sum().clamp(min=1)
+        else:
+            loss = F.binary_cross_entropy_with_logits(net(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -330,10 +340,9 @@ def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, a
 
     report(progress, stage, 0.9, "calibrating (Platt)")
     cdata = [_PairData(p, band_radius) for p in calib_pairs]
-    if len(cdata) >= 2:
-        half = (len(cdata) + 1) // 2
-        z_fit, y_fit = _band_samples(model, cdata[:half], device, max_calib_voxels, rng)
-        z_ev, y_ev = _band_samples(model, cdata[half:], device, max_calib_voxels, rng)
+    if len(cdata) >= 2:  # alternate pairs: both halves hold every held-out target
+        z_fit, y_fit = _band_samples(model, cdata[0::2], device, max_calib_voxels, rng)
+        z_ev, y_ev = _band_samples(model, cdata[1::2], device, max_calib_voxels, rng)
         split = "pairs"
     else:
         z, y = _band_samples(model, cdata, device, 2 * max_calib_voxels, rng)
@@ -348,7 +357,8 @@ def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, a
     model.meta = {
         "training": {"iterations": iterations, "batch": batch, "patch": patch, "lr": lr, "optimizer": "Adam",
                      "loss": "binary cross-entropy", "seed": seed, "band_radius": band_radius,
-                     "band_fraction": band_fraction, "seconds": round(train_s, 1),
+                     "band_fraction": band_fraction, "wrong_fraction": wrong_fraction, "band_loss": band_loss,
+                     "seconds": round(train_s, 1),
                      "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
                      "loss_curve": [round(float(np.mean(losses[i:i + 10])), 5) for i in range(0, len(losses), 10)],
                      "train_pairs": [f"{p.atlas_id}->{p.target_id}" for p in train_pairs]},
@@ -378,13 +388,17 @@ def split_by_target(pairs: Sequence[Pair], calib_fraction: float = 0.3, seed: in
 
 def loo_pairs(aset, register_fn=None, *, prereg: str = "deformable", preset: str = "default", refine: str | None = None,
               segmenter=None, targets: Sequence[str] | None = None, device: torch.device | str = "auto",
-              progress: ProgressCallback | None = None, stage: str = "train-votenet") -> list[Pair]:
+              progress: ProgressCallback | None = None, stage: str = "train-votenet",
+              cache: str | Path | None = None) -> list[Pair]:
     """Leave-one-out pairs of an atlas set: each atlas in ``targets`` (default: all) is a target, every
     other atlas is registered to it (``register_fn(target_image, target_id, atlas_ids) -> WarpedSet``;
     default: :func:`MASRefineLib.registration.register` with ``preset`` and stage ``prereg``, then
     :func:`MASRefineLib.refine.refine` variant ``refine`` when given), and each warped atlas with the
-    target's image and label map is a pair."""
+    target's image and label map is a pair. ``cache``: a folder keeping each target's registrations
+    (``<cache>/<target id>/``, the folder ``masrefine register`` writes), reused when present."""
     import SimpleITK as sitk
+
+    from ..warped import WarpedSet
 
     from ..imageio import normalize_intensity
 
@@ -397,7 +411,13 @@ def loo_pairs(aset, register_fn=None, *, prereg: str = "deformable", preset: str
         report(progress, stage, 0.3 * k / len(targets), f"leave-one-out registration to {tid} ({k + 1}/{len(targets)})")
         image, label = aset.read(tid)
         others = [a for a in ids if a != tid]
-        ws = register_fn(image, tid, others)
+        folder = Path(cache) / tid if cache is not None else None
+        if folder is not None and (folder / "report.json").exists():
+            ws = WarpedSet.load(folder)
+        else:
+            ws = register_fn(image, tid, others)
+            if folder is not None:
+                ws.save(folder)
         tarr = normalize_intensity(sitk.GetArrayFromImage(image))
         pairs += pairs_from_warped(ws, tarr, sitk.GetArrayFromImage(label).astype(np.int64), tid)
     return pairs
@@ -429,11 +449,12 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
                         device: torch.device | str = "auto", progress: ProgressCallback | None = None,
                         segmenter=None, register_fn=None, targets: Sequence[str] | int | None = None,
                         iterations: int | None = None, name: str | None = None, seed: int = 0,
-                        **train_kw) -> Path:
+                        cache: str | Path | None = None, **train_kw) -> Path:
     """Train VoteNet+ on an atlas set alone (leave-one-out registrations of its atlases to each other) and
     store it in ``aset.models_dir`` as ``votenet-<prereg>`` (``.safetensors`` + ``.json``). ``targets``:
     atlas ids used as targets, or how many (chosen at random with ``seed``; default from the preset); about
-    30 % of the targets are held out for calibration. Returns the JSON path."""
+    30 % of the targets are held out for calibration; ``cache``: keep/reuse the leave-one-out registrations
+    there (see :func:`loo_pairs`). Returns the JSON path."""
     from ..atlas import AtlasSet
     from ..device import resolve_device
 
@@ -452,7 +473,7 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
         targets = sorted(np.random.default_rng(seed).choice(aset.ids, n, replace=False).tolist())
     t0 = time.time()
     pairs = loo_pairs(aset, register_fn, prereg=prereg, preset=preset, refine=refine, segmenter=segmenter,
-                      targets=targets, device=dev, progress=progress)
+                      targets=targets, device=dev, progress=progress, cache=cache)
     reg_s = time.time() - t0
     train, calib = split_by_target(pairs, seed=seed)
 

@@ -190,9 +190,8 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
                 agrid = Grid.from_image(norm)
                 img = warp(image_tensor(sitk.GetArrayFromImage(norm), dev), agrid, field, target_grid)
                 lab_arr = sitk.GetArrayFromImage(label).astype(np.int64)
-                values = sorted(set(np.unique(lab_arr).tolist()))
                 lab = warp_labels(torch.as_tensor(lab_arr, device=dev)[None, None], agrid, field, target_grid,
-                                  values=values, method=params.label_method)
+                                  method=params.label_method)
                 fold = float(folding_fraction(field, target_grid)[0]) if deformable else 0.0
                 final_ncc = float(ncc(img, target_norm)[0])
             except MASRefineError as e:
