@@ -141,7 +141,7 @@ def _evaluate(labels: np.ndarray, truth_path: str, grid, groups, table) -> dict[
     return ev.to_json_dict({v: lab.name for v, lab in table.items()})
 
 
-def _code_version() -> str:
+def code_version() -> str:
     """The package version and, in a git checkout, the commit (provenance of every cell)."""
     from . import __version__
     try:
@@ -160,7 +160,7 @@ _VERSION: list[str] = []
 
 def _save_cell(out: Path, row: str, target: str, doc: dict) -> None:
     if not _VERSION:
-        _VERSION.append(_code_version())
+        _VERSION.append(code_version())
     doc = {**doc, "code": _VERSION[0]}
     p = _cell_path(out, row, target)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -203,3 +203,57 @@ def make_atlas_set(dataset: str, ids: Sequence[str], name: str | None = None, se
         except MASRefineError:
             pass
     return init_atlas_set(out, images, labels, LabelTable.load(table), ids=ids, overwrite=True)
+
+
+# -- registrations shared by the benchmarks ------------------------------------------------------------
+def dataset_case(dataset: str):
+    """``case(id) -> (image path, label path)`` and the label-table path of ``dataset`` ("ixi" or "knee")."""
+    if dataset == "ixi":
+        return ixi_case, ixi_label_table()
+    if dataset == "knee":
+        return knee_case, knee_cache() / "labels.json"
+    raise ValueError(f"dataset must be 'ixi' or 'knee', got {dataset!r}")
+
+
+def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: str = "deformable",
+               preset: str = "default", device: str = "cpu",
+               cache: str | os.PathLike = ".cache/registered") -> Path:
+    """Folder of the ``WarpedSet`` of ``atlas_ids`` registered to ``target_id`` with the registration engine
+    (``stage`` "affine" or "deformable", ``preset``), computed once and shared by every benchmark (so the
+    registration, refinement and fusion tables all start from the *same* warped atlases).
+
+    ``<cache>/<dataset>/<stage>-<preset>-<n>-<digest of the atlas ids>/<target id>/`` as ``masrefine register``
+    writes it; its ``report.json`` ``info["bench"]`` holds the wall and CPU seconds per pair of the
+    registration call and the code version. Never registers a subject to itself.
+    """
+    from MASRefineLib.imageio import read_image, read_label
+    from MASRefineLib.registration import AtlasInput, get_params, register
+
+    atlas_ids = list(atlas_ids)
+    if target_id in atlas_ids:
+        raise MASRefineError(f"{target_id}: a target cannot also be an atlas")
+    digest = hashlib.sha1("\n".join(atlas_ids).encode()).hexdigest()[:10]
+    folder = _cache_path(cache) / dataset / f"{stage}-{preset}-{len(atlas_ids)}-{digest}" / target_id
+    if (folder / "report.json").exists():
+        return folder
+    import time
+
+    case, table_path = dataset_case(dataset)
+    tp, _ = case(target_id)
+    inputs = []
+    for aid in atlas_ids:
+        ip, lp = case(aid)
+        inputs.append(AtlasInput(aid, load=(lambda ip=ip, lp=lp: (read_image(ip), read_label(lp))),
+                                 source_image=str(ip), source_label=str(lp)))
+    table = LabelTable.load(table_path)
+    t0, c0 = time.perf_counter(), time.process_time()
+    ws = register(read_image(tp), inputs, table, params=get_params(preset, stage=stage), device=device,
+                  target_path=str(tp))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if ws.failed:
+        print(f"  warning: {dataset} {stage}-{preset} -> {target_id}: failed atlases {ws.failed}", file=sys.stderr)
+    from MASRefineLib.experiment import code_version
+    ws.info["bench"] = {"wall_s_per_pair": wall / len(atlas_ids), "cpu_s_per_pair": cpu / len(atlas_ids),
+                        "stage": stage, "preset": preset, "device": str(device), "code": code_version()}
+    ws.save(folder)
+    return folder

@@ -13,8 +13,10 @@ bones / cartilages).
 
 Both engines run with the same number of threads (``--threads``, default 1: on the shared 2-core
 machine one thread per process is the fair and reproducible setting); the inputs are read before the
-clock starts. Ours: ``registration.register`` on all atlases of a target at once (batched), per-pair
-time = total / atlases, including the final warps of images and labels. ANTs: ``ants.registration(
+clock starts (ANTs). Ours: ``registration.register`` on all atlases of a target at once (batched), per-pair
+time = total / atlases, including reading the atlases and the final warps of images and labels; the
+registrations are ``bench.datasets.registered`` (cached in ``.cache/registered``, shared with the
+refinement and fusion benchmarks), and the times are those recorded when they were computed. ANTs: ``ants.registration(
 type_of_transform="SyN")`` (antspyx defaults: affine + SyN, Mattes MI) and ``apply_transforms`` of
 the labels with ``genericLabel``; its folding is read from ``create_jacobian_determinant_image`` of the
 SyN warp (outside the clock). ANTs results are cached in ``.cache/bench-registration/ants`` (they
@@ -64,19 +66,19 @@ def majority_vote(labels):
     return vote_fusion(torch.from_numpy(np.stack([lab.astype(np.int64) for lab in labels])))[0]
 
 
-def run_ours(preset, target_img, atlases, device):
-    """(warped label arrays, folding fractions, wall s/pair, cpu s/pair) for one target."""
-    from MASRefineLib.registration import AtlasInput, get_params, register
+def run_ours(dataset, preset, target_id, atlas_ids, device):
+    """(warped label arrays, folding fractions, wall s/pair, cpu s/pair) for one target, from the
+    registrations shared by the benchmarks (``bench.datasets.registered``: computed once, then cached)."""
+    from bench.datasets import registered
+    from MASRefineLib.warped import WarpedSet
     stage = "affine" if preset == "affine" else "deformable"
-    params = get_params("default" if preset == "affine" else preset, stage=stage)
-    inputs = [AtlasInput(aid, img, lab) for aid, img, lab in atlases]
-    t0, c0 = time.perf_counter(), time.process_time()
-    ws = register(target_img, inputs, params=params, device=device)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    ws = WarpedSet.load(registered(dataset, target_id, atlas_ids, stage, "default" if preset == "affine" else preset,
+                                   device=device))
     if ws.failed:
         print(f"  warning: {preset}: failed atlases {ws.failed}", file=sys.stderr)
-    return ([a.label for a in ws.atlases], [a.info["folding_fraction"] for a in ws.atlases],
-            wall / len(inputs), cpu / len(inputs))
+    t = ws.info["bench"]
+    return [a.label for a in ws.atlases], [a.info["folding_fraction"] for a in ws.atlases], \
+        t["wall_s_per_pair"], t["cpu_s_per_pair"]
 
 
 def run_ants_pair(cache_dir: Path, target_path: Path, atlas_id: str, img_path: Path, lab_path: Path):
@@ -108,25 +110,20 @@ def run_ants_pair(cache_dir: Path, target_path: Path, atlas_id: str, img_path: P
 def bench_dataset(name, cases, atlas_ids, target_ids, methods, device, groups, rows, tag):
     import numpy as np
     import SimpleITK as sitk
-    atlases = []
-    for aid in atlas_ids:
-        ip, lp = cases(aid)
-        atlases.append((aid, sitk.ReadImage(str(ip), sitk.sitkFloat32), sitk.ReadImage(str(lp), sitk.sitkUInt16)))
     acc = {m: {"wall": [], "cpu": [], "dice": [], "mv": [], "fold": [], "mv_groups": {g: [] for g in groups or {}},
                "pair_groups": {g: [] for g in groups or {}}} for m in methods}
     for tid in target_ids:
         tp, tlp = cases(tid)
-        target = sitk.ReadImage(str(tp), sitk.sitkFloat32)
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(tlp))).astype(np.int64)
         values = sorted(set(np.unique(ref).tolist()) - {0})
         for m in methods:
             if m == "ants":
-                res = [run_ants_pair(CACHE / "ants" / name / tid, tp, aid, *cases(aid)) for aid, _, _ in atlases]
+                res = [run_ants_pair(CACHE / "ants" / name / tid, tp, aid, *cases(aid)) for aid in atlas_ids]
                 labels = [r[0] for r in res]
                 fold = [r[1] for r in res]
                 wall, cpu = float(np.mean([r[2] for r in res])), float(np.mean([r[3] for r in res]))
             else:
-                labels, fold, wall, cpu = run_ours(m, target, atlases, device)
+                labels, fold, wall, cpu = run_ours(name, m, tid, atlas_ids, device)
             pair = [summarize(dice_per_label(lab.astype(np.int64), ref, values), groups) for lab in labels]
             mv = summarize(dice_per_label(majority_vote(labels).astype(np.int64), ref, values), groups)
             a = acc[m]
@@ -174,7 +171,12 @@ def main(argv=None):
                    choices=["affine", "fast", "default", "accurate", "ants"])
     p.add_argument("--threads", type=int, default=1, help="threads for torch and ITK (default 1)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--table", nargs="+", metavar="JSON",
+                   help="only print the table of earlier runs' results files (.cache/bench-registration/results-*.json)")
     args = p.parse_args(argv)
+    if args.table:
+        print_table([r for f in args.table for r in json.loads(Path(f).read_text())])
+        return
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # before ITK/ANTs load
     import SimpleITK as sitk
     import torch
@@ -183,7 +185,7 @@ def main(argv=None):
     from bench.datasets import ixi_case, ixi_subjects, knee_case, knee_dataset, knee_subjects, split
 
     rows = []
-    tag = f"ixi{args.ixi[0]}x{args.ixi[1]}-knee{args.knee[0]}x{args.knee[1]}"
+    tag = f"ixi{args.ixi[0]}x{args.ixi[1]}-knee{args.knee[0]}x{args.knee[1]}-{'-'.join(args.methods)}"
     if args.ixi[1] > 0:
         atl, tgt = split(ixi_subjects(), args.ixi[0], args.ixi[1], seed=0)
         print(f"IXI: {len(atl)} atlases -> {len(tgt)} targets", flush=True)
