@@ -116,6 +116,18 @@ def _check_value(name: str, value: Any) -> str | None:
     return None
 
 
+def _path_problem(name: str, v: Any, problems: list[str]) -> bool:
+    """Append why ``v`` is not an absolute path (a job names every file absolutely: the worker's working
+    folder is not the caller's); True when there was a problem."""
+    if not isinstance(v, str) or not v:
+        problems.append(f"{name} must be a path")
+    elif not os.path.isabs(v):
+        problems.append(f"{name} must be an absolute path, got {v!r}")
+    else:
+        return False
+    return True
+
+
 def validate_job(job: Any, check_files: bool = True) -> list[str]:
     """Problems with a job, one line each (empty: valid). ``check_files`` also checks that the
     target image and the atlas set's ``atlas.json`` exist."""
@@ -134,24 +146,17 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
         inputs = {}
     for key in ("target", "atlas_dir"):
         v = inputs.get(key)
-        if not isinstance(v, str) or not v:
-            problems.append(f"inputs.{key} must be a path")
-        elif not os.path.isabs(v):
-            problems.append(f"inputs.{key} must be an absolute path, got {v!r}")
-        elif check_files:
-            if key == "target":
-                if not os.path.isfile(v):
-                    problems.append(f"{v}: target image not found")
-                elif not is_image_file(v):
-                    problems.append(f"{v}: target is not a NIfTI/NRRD/MHA image file")
-            elif not os.path.isfile(os.path.join(v, "atlas.json")):
-                problems.append(f"{v}: not an atlas set (no atlas.json; build one with 'masrefine atlas init')")
+        if _path_problem(f"inputs.{key}", v, problems) or not check_files:
+            continue
+        if key == "target":
+            if not os.path.isfile(v):
+                problems.append(f"{v}: target image not found")
+            elif not is_image_file(v):
+                problems.append(f"{v}: target is not a NIfTI/NRRD/MHA image file")
+        elif not os.path.isfile(os.path.join(v, "atlas.json")):
+            problems.append(f"{v}: not an atlas set (no atlas.json; build one with 'masrefine atlas init')")
     for key in ("output_dir", "cancel_file"):
-        v = job.get(key)
-        if not isinstance(v, str) or not v:
-            problems.append(f"'{key}' must be a path")
-        elif not os.path.isabs(v):
-            problems.append(f"'{key}' must be an absolute path, got {v!r}")
+        _path_problem(f"'{key}'", job.get(key), problems)
     out = job.get("output_dir")
     if isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
         problems.append(f"{out}: output_dir exists and is not a folder")

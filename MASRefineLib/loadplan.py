@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 from .manifest import read_manifest
 

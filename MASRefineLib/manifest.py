@@ -26,10 +26,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from .errors import MASRefineError
 from .imageio import atomic_write_text
+from .jsonio import json_default
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -138,7 +139,7 @@ class Manifest:
         d["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         d["seconds_total"] = round(time.perf_counter() - self._t0, 3)
         d["software"] = {"MASRefineLib": __version__, **_versions()}
-        return atomic_write_text(json.dumps(d, indent=1, default=_default, allow_nan=True) + "\n",
+        return atomic_write_text(json.dumps(d, indent=1, default=json_default, allow_nan=True) + "\n",
                                  self.out_dir / MANIFEST_NAME)
 
 
@@ -152,18 +153,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _default(o: Any):
-    try:
-        import numpy as np
-        if isinstance(o, (np.floating, np.integer, np.bool_)):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def read_manifest(path: str | os.PathLike, check_files: bool = True) -> dict[str, Any]:

@@ -43,8 +43,7 @@ import torch
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import (array_to_image, image_stem, normalize_intensity, read_image, read_label, resample_image,
-                      write_image)
+from .imageio import array_to_image, image_stem, normalize_intensity, read_image, read_label, write_image
 from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .progress import ProgressCallback, ProgressEvent, report

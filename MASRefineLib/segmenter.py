@@ -37,6 +37,7 @@ from .device import resolve_device
 from .errors import MASRefineError
 from .geometry import Grid
 from .imageio import atomic_write_bytes, atomic_write_text, normalize_intensity
+from .jsonio import json_default, read_json
 from .labels import LabelTable
 from .progress import ProgressCallback, report
 from .warp import image_tensor, warp, warp_labels
@@ -207,7 +208,7 @@ class UNetSegmenter:
         atomic_write_bytes(save(state), d / f"{name}.safetensors")
         meta = self.metadata()
         meta["weights"] = f"{name}.safetensors"
-        self.path = atomic_write_text(json.dumps(meta, indent=1, default=_json_default) + "\n", d / f"{name}.json")
+        self.path = atomic_write_text(json.dumps(meta, indent=1, default=json_default) + "\n", d / f"{name}.json")
         return self.path
 
     @classmethod
@@ -225,10 +226,7 @@ class UNetSegmenter:
             p = found[0]
         if not p.is_file():
             raise MASRefineError(f"{p}: segmenter description not found")
-        try:
-            meta = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise MASRefineError(f"{p}: invalid JSON ({e.msg})") from None
+        meta = read_json(p, "segmenter description")
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise MASRefineError(f"{p}: not a MASRefine segmenter description (format {meta.get('format')!r} "
                                  f"version {meta.get('format_version')!r})")
@@ -252,14 +250,6 @@ class UNetSegmenter:
         return seg.to(device)
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +339,7 @@ def _save_checkpoint(models_dir: Path, name: str, net: torch.nn.Module, opt: tor
             tensors[f"optim.{idx}.{k}"] = t.detach().cpu().contiguous()
     wp, jp = _ckpt_paths(models_dir, name)
     atomic_write_bytes(save(tensors), wp)
-    atomic_write_text(json.dumps({**info, "param_groups": sd["param_groups"]}, indent=1, default=_json_default), jp)
+    atomic_write_text(json.dumps({**info, "param_groups": sd["param_groups"]}, indent=1, default=json_default), jp)
 
 
 def _load_checkpoint(models_dir: Path, name: str) -> tuple[dict, dict, dict] | None:

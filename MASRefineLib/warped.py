@@ -15,7 +15,6 @@ Arrays are (Z, Y, X) on ``target_grid``; fields (3, Z, Y, X) in LPS mm, resampli
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ import torch
 from .errors import MASRefineError
 from .fields import read_field, write_field
 from .geometry import Grid
-from .imageio import array_to_image, atomic_write_text, write_image
+from .imageio import array_to_image, write_image
+from .jsonio import read_json, write_json
 from .labels import LabelTable, write_label_outputs
 
 SCHEMA_VERSION = 1
@@ -90,7 +90,7 @@ class WarpedSet:
         report = {"schema_version": SCHEMA_VERSION, "stage": self.stage, "target": self.target_path,
                   "grid": self.target_grid.to_json(), "labels": self.label_table.to_json_dict(),
                   "atlases": entries, "failed": self.failed, "info": self.info}
-        return atomic_write_text(json.dumps(report, indent=1, default=_json_default), out / "report.json")
+        return write_json(report, out / "report.json")
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "WarpedSet":
@@ -98,10 +98,7 @@ class WarpedSet:
         rp = out / "report.json"
         if not rp.exists():
             raise MASRefineError(f"{rp}: not found (is {out} a folder written by 'masrefine register'?)")
-        try:
-            report = json.loads(rp.read_text())
-        except json.JSONDecodeError as e:
-            raise MASRefineError(f"{rp}: invalid JSON ({e.msg})") from None
+        report = read_json(rp, "report")
         if report.get("schema_version") != SCHEMA_VERSION:
             raise MASRefineError(f"{rp}: unsupported schema_version {report.get('schema_version')!r}")
         grid = Grid.from_json(report["grid"])
@@ -124,13 +121,3 @@ class WarpedSet:
                    report.get("target"), report.get("info", {}), report.get("failed", []))
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -83,17 +83,13 @@ def missing_dependencies(modules=CORE_DEPENDENCIES) -> list[str]:
 
 
 def _json_default(o: Any):
+    """Events never fail on an odd value: the project's encoder, else its repr."""
+    from .jsonio import json_default
     try:
-        import numpy as np
-        if isinstance(o, (np.floating, np.integer, np.bool_)):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, Path):
-        return str(o)
-    return repr(o)
+        return json_default(o)
+    except TypeError:
+        return repr(o)
+
 
 
 class EventWriter:

@@ -6,7 +6,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 

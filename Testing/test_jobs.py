@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import pytest
 
 from MASRefineLib import jobs, sampledata
 from MASRefineLib.loadplan import load_plan, qa_rows
-from MASRefineLib.manifest import MANIFEST_NAME, Manifest, read_manifest
+from MASRefineLib.manifest import MANIFEST_NAME, read_manifest
 from MASRefineLib.errors import MASRefineError
 from MASRefineLib.runner import JobRunner, parse_line
 from MASRefineLib.worker import EVENT_PREFIX

@@ -226,7 +226,7 @@ def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: st
     writes it; its ``report.json`` ``info["bench"]`` holds the wall and CPU seconds per pair of the
     registration call and the code version. Never registers a subject to itself.
     """
-    from MASRefineLib.imageio import read_image, read_label
+    from MASRefineLib.imageio import read_image
     from MASRefineLib.registration import AtlasInput, get_params, register
 
     atlas_ids = list(atlas_ids)
@@ -238,14 +238,12 @@ def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: st
         return folder
     import time
 
-    case, table_path = dataset_case(dataset)
+    case, _ = dataset_case(dataset)
     tp, _ = case(target_id)
-    inputs = []
-    for aid in atlas_ids:
-        ip, lp = case(aid)
-        inputs.append(AtlasInput(aid, load=(lambda ip=ip, lp=lp: (read_image(ip), read_label(lp))),
-                                 source_image=str(ip), source_label=str(lp)))
-    table = LabelTable.load(table_path)
+    aset = make_atlas_set(dataset, atlas_ids)  # its label table: the data set's names + values found in the maps
+    inputs = [AtlasInput(aid, load=(lambda aid=aid: aset.read(aid)), source_image=str(aset.image_path(aid)),
+                         source_label=str(aset.label_path(aid))) for aid in atlas_ids]
+    table = aset.label_table
     t0, c0 = time.perf_counter(), time.process_time()
     ws = register(read_image(tp), inputs, table, params=get_params(preset, stage=stage), device=device,
                   target_path=str(tp))

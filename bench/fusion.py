@@ -63,7 +63,6 @@ def worker(job: dict) -> dict:
     """Run one method on one target (in a fresh process); returns timing and memory, writes the labels."""
     threads = int(job["threads"])
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    import SimpleITK as sitk
     import torch
     torch.set_num_threads(threads)
     from MASRefineLib.fusion import fuse, target_array
@@ -172,9 +171,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from bench import datasets
     from MASRefineLib.fusion.votenet import train_for_atlas_set
-    from MASRefineLib.imageio import read_image
-    from MASRefineLib.registration import AtlasInput, get_params, register
-    from MASRefineLib.warped import WarpedSet
 
     methods = [m for m in a.methods.split(",") if m]
     bad = set(methods) - set(METHODS)
@@ -204,16 +200,7 @@ def main(argv=None) -> int:
     agreement = []
     for tid in target_ids:
         img_p, lab_p = case(tid)
-        reg = work / tid / "registered"
-        if not (reg / "report.json").exists():
-            print(f"registering {len(atlas_ids)} atlases -> {tid}", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            inputs = [AtlasInput(x, load=(lambda x=x: aset.read(x)), source_image=str(aset.image_path(x)),
-                                 source_label=str(aset.label_path(x))) for x in aset.ids]
-            ws = register(read_image(img_p), inputs, aset.label_table, params=get_params(a.preset, stage=a.prereg),
-                          device="cpu", target_path=str(img_p))
-            ws.info["bench_registration_seconds"] = time.perf_counter() - t0
-            ws.save(reg)
+        reg = datasets.registered(a.dataset, tid, atlas_ids, a.prereg, a.preset)  # shared with the other benchmarks
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(lab_p))).astype(np.int64)
         preds = {}
         for m in methods:
@@ -233,7 +220,7 @@ def main(argv=None) -> int:
     keys = ["all labels"] if groups is None else list(groups)
     print(f"\nLabel fusion on {a.dataset}: {n_atl} atlases -> {n_tgt} targets, {a.prereg} registration "
           f"({a.preset}), {a.threads} thread(s) per method")
-    head = f"| method | " + " | ".join(f"Dice {k}" for k in keys) + " | s / target | CPU s / target | peak MB |"
+    head = "| method | " + " | ".join(f"Dice {k}" for k in keys) + " | s / target | CPU s / target | peak MB |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for m in methods:

@@ -102,7 +102,6 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(a.threads)
-    from MASRefineLib.atlas import AtlasSet
     from MASRefineLib.device import resolve_device
     from MASRefineLib.manifest import read_manifest
     from MASRefineLib.pipeline import SegmentOptions, ensure_models, segment

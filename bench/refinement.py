@@ -98,9 +98,8 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
     import SimpleITK as sitk
     from bench import datasets as D
     from MASRefineLib.imageio import normalize_intensity, read_image, read_label
-    from MASRefineLib.labels import LabelTable
     from MASRefineLib.refine import refine
-    from MASRefineLib.registration import AtlasInput, get_params, register
+    from MASRefineLib.warped import WarpedSet
 
     if dataset == "knee":
         ids = D.knee_subjects()
@@ -114,10 +113,8 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
     if dataset == "knee":
         kd = D.knee_dataset(atlas_ids + target_ids + others)
         case = lambda i: (kd / "images" / f"{i}.nii.gz", kd / "labels" / f"{i}.nii.gz")  # noqa: E731
-        table = LabelTable.load(kd / "labels.json")
     else:
         case = D.ixi_case
-        table = LabelTable.load(D.ixi_label_table())
     seg = None
     if "IS" in args.variants:
         t0 = time.perf_counter()
@@ -125,10 +122,6 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
                             args.fresh_segmenter)
         print(f"{dataset}: segmenter ready ({time.perf_counter() - t0:.0f} s; trained "
               f"{seg.meta.get('training', {}).get('seconds', float('nan')):.0f} s)", file=sys.stderr)
-    atlases = []
-    for aid in atlas_ids:
-        ip, lp = case(aid)
-        atlases.append(AtlasInput(aid, read_image(ip), read_label(lp), source_image=str(ip), source_label=str(lp)))
     rows, unet = [], []
     for tid in target_ids:
         ip, lp = case(tid)
@@ -141,9 +134,7 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
             unet.append(summarize(dice_per_label(pred, ref, labels), groups))
         for start in args.starts:
             base = CACHE / dataset / tid / start
-            params = get_params("default", stage=start)
-            ws0 = cached(base / "registered", args.fresh,
-                         lambda: register(timg, atlases, table, params=params, device=args.device, target_path=str(ip)))
+            ws0 = WarpedSet.load(D.registered(dataset, tid, atlas_ids, start, "default", device=args.device))
             methods = [("none", None, None, None)]
             for v in args.variants:
                 for g in (args.gammas or [None]):

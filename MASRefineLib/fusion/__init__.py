@@ -34,6 +34,7 @@ from ..device import resolve_device
 from ..errors import MASRefineError
 from ..geometry import Grid
 from ..imageio import array_to_image, atomic_write_text, normalize_intensity, resample_image, write_image
+from ..jsonio import json_default
 from ..labels import Label, LabelTable, default_color, write_label_outputs
 from ..progress import ProgressCallback, report
 from .common import Posteriors, consensus, dilate, intra_op_threads, vote_fusion, weighted_vote
@@ -85,17 +86,9 @@ class FusionResult:
                "seconds": round(self.seconds, 3), "grid": self.grid.to_json(), "files": files,
                "labels": table.to_json_dict(), "label_values": sorted(int(v) for v in np.unique(self.labels)),
                "info": self.info, **(extra or {})}
-        return atomic_write_text(json.dumps(doc, indent=1, default=_json_default) + "\n", out / "fusion.json")
+        return atomic_write_text(json.dumps(doc, indent=1, default=json_default) + "\n", out / "fusion.json")
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, (np.ndarray, torch.Tensor)):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
 
 
 def _complete_table(table: LabelTable, values) -> LabelTable:

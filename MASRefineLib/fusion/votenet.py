@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import MASRefineError
 from ..imageio import atomic_write_bytes, atomic_write_text
+from ..jsonio import read_json
 from ..progress import ProgressCallback, report
 
 FORMAT = "masrefine-votenet+"
@@ -214,10 +215,7 @@ class VoteNetModel:
                                      f"(train one with 'masrefine train votenet')")
         if not p.exists():
             raise MASRefineError(f"{p}: VoteNet+ model not found")
-        try:
-            doc = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise MASRefineError(f"{p}: invalid JSON ({e.msg})") from None
+        doc = read_json(p, "VoteNet+ model")
         if doc.get("format") != FORMAT:
             raise MASRefineError(f"{p}: not a VoteNet+ model (format {doc.get('format')!r})")
         wpath = p.parent / doc.get("weights", f"{name}.safetensors")
