@@ -18,7 +18,7 @@ from MASRefineLib.imageio import normalize_intensity
 from MASRefineLib.labels import LabelTable
 from MASRefineLib.losses import bending_energy
 from MASRefineLib.progress import cancel_after
-from MASRefineLib.refine import (gamma_from_paper, gamma_to_paper, normalized_displacement, refine,
+from MASRefineLib.refine import (folding_barrier, gamma_from_paper, gamma_to_paper, normalized_displacement, refine,
                                  refinement_field_error)
 from MASRefineLib.warp import grid_points, image_tensor, warp, warp_labels
 from MASRefineLib.warped import WarpedAtlas, WarpedSet
@@ -184,3 +184,37 @@ def test_refine_cli_reads_register_output_and_writes_the_same_layout(case, tmp_p
     # IS without any segmenter is a one-line error naming the folder
     assert main(["refine", "--registered", str(reg), "--target", str(tmp_path / "target.nii.gz"), "--out",
                  str(tmp_path / "x"), "--variant", "IS", "--quiet"]) == 2
+
+
+def test_folding_barrier_keeps_an_inter_subject_refinement_unfolded(ixi_dir, ixi_ids, case):
+    """Inter-subject refinement (another subject's crop, identity pre-registration, a large misalignment):
+    Eq. 3 alone (folding weight 0) folds the refinement field; with the default folding barrier the field
+    has (almost) no folded voxel and still improves the similarity."""
+    from conftest import crop, ixi_paths
+    grid = case["ws"].target_grid
+    img_p, lab_p = ixi_paths(ixi_dir, ixi_ids[1])
+    img = crop(sitk.ReadImage(str(img_p), sitk.sitkFloat32), (36, 36, 25), (48, 48, 40))
+    lab = crop(sitk.ReadImage(str(lab_p)), (36, 36, 25), (48, 48, 40))
+    g2 = Grid.from_image(img)
+    arr = warp(image_tensor(normalize_intensity(sitk.GetArrayFromImage(img))), g2, None, grid)[0, 0].numpy()
+    labels = warp_labels(torch.as_tensor(sitk.GetArrayFromImage(lab).astype(np.int64))[None, None], g2, None,
+                         grid)[0, 0].numpy().astype(np.uint16)
+    ws = WarpedSet(grid, LabelTable.from_values(np.unique(labels)),
+                   [WarpedAtlas("b", arr, labels, np.zeros((3, *grid.shape), np.float32), None, None, {})], "affine")
+    plain = refine(ws, case["target"], "I", folding_weight=0.0, device="cpu", **FAST).atlases[0].info["refinement"]
+    safe = refine(ws, case["target"], "I", device="cpu", **FAST).atlases[0]
+    r = safe.info["refinement"]
+    assert plain["folding_fraction_refinement_only"] > 1e-2  # the problem is real on this pair
+    assert r["folding_fraction_refinement_only"] < 1e-3
+    assert safe.info["folding_fraction"] < 1e-3  # identity pre-registration: total = refinement
+    assert r["similarity_after"] < r["similarity_before"] - 0.01
+    assert r["folding_weight"] > 0
+
+
+def test_folding_barrier_is_zero_without_folding_and_penalises_a_fold(case):
+    grid = case["ws"].target_grid
+    u = case["u"]  # smooth, no folding
+    assert float(folding_barrier(u, grid)[0]) == 0.0
+    folded = u.clone()
+    folded[:, 0] = folded[:, 0] - 3.0 * grid_points(grid)[..., 0]  # du_x/dx = -3: every voxel inverted
+    assert float(folding_barrier(folded, grid)[0]) > 1.0

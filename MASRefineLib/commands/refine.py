@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--segmenter", metavar="PATH",
                    help="trained segmenter for IS: an atlas set, its models/ folder or segmenter.json (default: the "
                         "atlas set named in the registered report, if any)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="atlases optimised together (default 4)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="atlases optimised together (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -61,7 +61,7 @@ def _find_segmenter(args, warped):
 def run(args: argparse.Namespace) -> int:
     from ..imageio import read_image
     from ..progress import tqdm_progress
-    from ..refine import DEFAULT_GAMMA, gamma_from_paper, refine
+    from ..refine import DEFAULT_BATCH, DEFAULT_GAMMA, gamma_from_paper, refine
     from ..warped import WarpedSet
 
     warped = WarpedSet.load(args.registered)
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm_progress(disable=args.quiet) as bar:
         out = refine(warped, target, variant, alpha=args.alpha, gamma=gamma, iterations=args.iterations,
                      spacings_mm=args.spacings, control=args.control, segmenter=segmenter, device=args.device,
-                     batch_size=args.batch_size, progress=bar)
+                     batch_size=args.batch_size if args.batch_size else DEFAULT_BATCH, progress=bar)
     if out.target_path is None:
         out.target_path = str(args.target)
     out.save(args.out)
