@@ -218,3 +218,6 @@ def test_folding_barrier_is_zero_without_folding_and_penalises_a_fold(case):
     folded = u.clone()
     folded[:, 0] = folded[:, 0] - 3.0 * grid_points(grid)[..., 0]  # du_x/dx = -3: every voxel inverted
     assert float(folding_barrier(folded, grid)[0]) > 1.0
+    # on every second voxel (the control nodes) it sees the same fold
+    assert float(folding_barrier(folded, grid, stride=2)[0]) > 1.0
+    assert float(folding_barrier(u, grid, stride=2)[0]) == 0.0
