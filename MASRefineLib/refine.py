@@ -39,7 +39,9 @@ parameterisation that spreads each edge's pull over its neighbourhood and halves
 is always evaluated on ``f`` itself, on the level grid), optimised with
 L-BFGS and a strong-Wolfe line search (scale-aware, so a large ``gamma`` really keeps ``f`` small; a
 normalised-step method such as Adam moves flat background as fast as edges and oscillates under a stiff
-bending term). The atlases of a batch share one L-BFGS run on the sum of their losses (the losses
+bending term). Beyond Eq. 3 the loss has a folding barrier (:func:`folding_barrier`, weight
+``folding_weight``, 0 = Eq. 3 exactly) on the control nodes: zero unless a cell's Jacobian determinant
+drops below 0.2. The atlases of a batch share one L-BFGS run on the sum of their losses (the losses
 are separable, so each atlas's gradient is its own; only the line-search step is shared).
 
 The result is resampled to the target grid and composed with the pre-registration
