@@ -123,6 +123,7 @@ def run_job(job: dict, result_path: Path) -> dict:
     if result_path.exists():
         return json.loads(result_path.read_text())
     jp = result_path.with_suffix(".job.json")
+    jp.parent.mkdir(parents=True, exist_ok=True)
     jp.write_text(json.dumps(job))
     subprocess.run([sys.executable, __file__, "--worker", str(jp)], check=True)
     return json.loads(result_path.read_text())
