@@ -164,7 +164,7 @@ class Device(enum.Enum):
 # decides). They are the library's defaults (MASRefineLib/refine.py: DEFAULT_ALPHA, DEFAULT_GAMMA in
 # mm^2, the finest level of DEFAULT_ITERATIONS); Testing/test_slicer_module.py keeps them in step.
 DEFAULT_ALPHA = 3.0
-DEFAULT_GAMMA = 0.4
+DEFAULT_GAMMA = 40.0
 DEFAULT_ITERATIONS = 40
 
 #
