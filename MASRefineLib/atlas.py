@@ -35,7 +35,7 @@ import SimpleITK as sitk
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import atomic_write_text, image_stem, is_image_file, read_image, read_label
+from .imageio import atomic_write_text, image_stem, is_image_file, read_image, read_label, require_file
 from .labels import Label, LabelTable, default_color
 from .progress import ProgressCallback, report
 
@@ -581,8 +581,7 @@ def _same_content(a: Path, b: Path) -> bool:
 
 
 def _header_grid(path: Path) -> Grid:
-    if not path.is_file():
-        raise MASRefineError(f"{path}: file not found")
+    require_file(path)
     r = sitk.ImageFileReader()
     r.SetFileName(str(path))
     try:

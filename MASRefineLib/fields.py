@@ -22,7 +22,7 @@ import torch
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import atomic_path
+from .imageio import atomic_path, read_any
 
 
 def _as_numpy(field) -> np.ndarray:
@@ -68,10 +68,7 @@ def write_field(field, grid: Grid, path: str | os.PathLike) -> Path:
 
 def read_field(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
     """Read a displacement field NRRD (as written by :func:`write_field` or Slicer) -> ((3, Z, Y, X) mm, grid)."""
-    path = Path(path)
-    if not path.exists():
-        raise MASRefineError(f"{path}: file not found")
-    img = sitk.ReadImage(str(path))
+    img = read_any(path)
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
         raise MASRefineError(f"{path}: not a 3D displacement field (3-vector per voxel)")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (Z, Y, X, 3)

@@ -47,17 +47,28 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
-def _read(path: str | os.PathLike, pixel_id: int) -> sitk.Image:
+def require_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it is an existing file; otherwise a one-line error naming it."""
     path = Path(path)
     if not path.exists():
         raise MASRefineError(f"{path}: file not found")
     if not path.is_file():
         raise MASRefineError(f"{path}: not a file")
+    return path
+
+
+def read_any(path: str | os.PathLike) -> sitk.Image:
+    """Read any SimpleITK-readable file as is (no dimension or pixel checks); errors name the file."""
+    path = require_file(path)
     try:
-        img = sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
         raise MASRefineError(f"{path}: cannot be read as an image ({first})") from None
+
+
+def _read(path: str | os.PathLike, pixel_id: int) -> sitk.Image:
+    img = read_any(path)
     if img.GetDimension() != 3:
         raise MASRefineError(f"{path}: expected a 3D image, got {img.GetDimension()}D")
     if img.GetNumberOfComponentsPerPixel() != 1:

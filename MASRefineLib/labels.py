@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import atomic_path, image_stem, is_image_file, write_image
+from .imageio import atomic_path, image_stem, is_image_file, require_file, write_image
 
 
 @dataclass(frozen=True)
@@ -173,9 +173,7 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, LabelTable]:
     """Read a Slicer ``.seg.nrrd`` (single layer) back into (label map, label table)."""
     import slicerio
 
-    path = Path(path)
-    if not path.exists():
-        raise MASRefineError(f"{path}: file not found")
+    path = require_file(path)
     seg = slicerio.read_segmentation(str(path))
     vox = np.asarray(seg["voxels"])
     if vox.ndim == 4:

@@ -52,18 +52,22 @@ def methods(cls: ast.ClassDef) -> dict[str, ast.FunctionDef]:
     return {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
 
 
+def _import_names(n: ast.Import | ast.ImportFrom) -> list[tuple[str, int]]:
+    """(module name, line) for one import statement; ``from m import x`` gives ``m`` and ``m.x``."""
+    if isinstance(n, ast.Import):
+        return [(a.name, n.lineno) for a in n.names]
+    mod = ("." * n.level) + (n.module or "")
+    return [(mod, n.lineno)] + [(f"{mod}.{a.name}", n.lineno) for a in n.names]
+
+
 def module_level_imports(tree: ast.Module) -> list[tuple[str, int]]:
     """(module name, line) of every import executed at import time (top level, also inside if/try)."""
     out = []
 
     def visit(stmts):
         for n in stmts:
-            if isinstance(n, ast.Import):
-                out.extend((a.name, n.lineno) for a in n.names)
-            elif isinstance(n, ast.ImportFrom):
-                mod = ("." * n.level) + (n.module or "")
-                out.append((mod, n.lineno))
-                out.extend((f"{mod}.{a.name}", n.lineno) for a in n.names)
+            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                out.extend(_import_names(n))
             elif isinstance(n, (ast.If, ast.Try, ast.With)):
                 for field in ("body", "orelse", "finalbody", "handlers"):
                     for sub in getattr(n, field, []) or []:
@@ -75,12 +79,8 @@ def module_level_imports(tree: ast.Module) -> list[tuple[str, int]]:
 def all_imports(tree: ast.AST) -> list[tuple[str, int]]:
     out = []
     for n in ast.walk(tree):
-        if isinstance(n, ast.Import):
-            out.extend((a.name, n.lineno) for a in n.names)
-        elif isinstance(n, ast.ImportFrom):
-            mod = ("." * n.level) + (n.module or "")
-            out.append((mod, n.lineno))
-            out.extend((f"{mod}.{a.name}", n.lineno) for a in n.names)
+        if isinstance(n, (ast.Import, ast.ImportFrom)):
+            out.extend(_import_names(n))
     return out
 
 
