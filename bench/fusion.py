@@ -108,6 +108,7 @@ def worker(job: dict) -> dict:
         kw = {}
         if job["method"] == "votenet":
             kw["model"] = job["model"]
+            kw.update(job.get("params") or {})
         rss0 = _rss_mb("VmRSS")
         t0, c0 = time.perf_counter(), time.process_time()
         r = fuse(ws, tgt, job["method"], device="cpu", **kw)
@@ -158,6 +159,10 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=("fast", "default", "accurate"), default="default",
                     help="registration preset (and VoteNet+ training length)")
     ap.add_argument("--votenet-targets", type=int, default=None, help="leave-one-out targets for VoteNet+ training")
+    ap.add_argument("--votenet-iterations", type=int, default=None,
+                    help="VoteNet+ training iterations (default: the preset's)")
+    ap.add_argument("--votenet-search", type=int, default=None,
+                    help="VoteNet+ fusion search radius in voxels (default: the model's, 0)")
     ap.add_argument("--threads", type=int, default=1, help="threads per method (torch / ITK; default 1)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -190,13 +195,18 @@ def main(argv=None) -> int:
     # VoteNet+: trained on the atlas set alone, once
     model = None
     if "votenet" in methods:
-        name = f"votenet-{a.prereg}-{a.preset}-fusionbench"
+        name = f"votenet-{a.prereg}-{a.preset}-fusionbench" + (f"-i{a.votenet_iterations}" if a.votenet_iterations else "")
         model = Path(aset.models_dir) / f"{name}.json"
         if not model.exists():
             print(f"training VoteNet+ on {aset.root.name} (leave-one-out {a.prereg} registrations)", file=sys.stderr,
                   flush=True)
+            # the leave-one-out registrations are kept, so retraining (other settings) skips them
             train_for_atlas_set(aset, prereg=a.prereg, preset=a.preset, device="cpu", name=name, seed=a.seed,
-                                targets=a.votenet_targets)
+                                targets=a.votenet_targets, iterations=a.votenet_iterations,
+                                cache=CACHE / "loo" / f"{aset.root.name}-{a.prereg}-{a.preset}")
+    vtag = (f"-i{a.votenet_iterations}" if a.votenet_iterations else "") + \
+        (f"-s{a.votenet_search}" if a.votenet_search is not None else "")
+    vparams = {"search_radius": a.votenet_search} if a.votenet_search is not None else {}
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     agreement = []
     for tid in target_ids:
@@ -205,10 +215,12 @@ def main(argv=None) -> int:
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(lab_p))).astype(np.int64)
         preds = {}
         for m in methods:
-            out = work / tid / f"{m}.nii.gz"
+            stem = m + (vtag if m == "votenet" else "")       # VoteNet+ variants cached side by side
+            out = work / tid / f"{stem}.nii.gz"
             res = run_job({"method": m, "registered": str(reg), "target": str(img_p), "out": str(out),
-                           "result": str(work / tid / f"{m}.json"), "threads": a.threads,
-                           "model": str(model) if model else None}, work / tid / f"{m}.json")
+                           "result": str(work / tid / f"{stem}.json"), "threads": a.threads,
+                           "model": str(model) if model else None, "params": vparams if m == "votenet" else {}},
+                          work / tid / f"{stem}.json")
             pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(np.int64)
             preds[m] = pred
             row = {"target": tid, **summary(pred, truth, groups), **res}
@@ -227,7 +239,7 @@ def main(argv=None) -> int:
     for m in methods:
         r = rows[m]
         dice = " | ".join(f"{np.mean([x[k] for x in r]):.4f} ± {np.std([x[k] for x in r]):.4f}" for k in keys)
-        print(f"| {m} | {dice} | {np.mean([x['seconds'] for x in r]):.1f} | {np.mean([x['cpu_seconds'] for x in r]):.1f} "
+        print(f"| {m + (vtag if m == 'votenet' else '')} | {dice} | {np.mean([x['seconds'] for x in r]):.1f} | {np.mean([x['cpu_seconds'] for x in r]):.1f} "
               f"| {np.max([x['peak_mb'] for x in r]):.0f} |")
     if agreement:
         print(f"\nour JLF vs ANTs JLF: mean Dice agreement {np.mean(agreement):.4f}; speed-up "
