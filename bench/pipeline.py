@@ -12,11 +12,15 @@ On the same atlases and targets (different subjects; splits from bench/datasets.
 
 Prints one table: per method, Dice / surface Dice (0.7 mm) per label group (knee: bone, cartilage; IXI:
 mean over all labels), ASD, and seconds per target; then MASRefine's seconds per stage and the speed-up.
-ANTs results are cached in ``.cache/bench-pipeline/`` (they take long); rerun to add targets.
+Per-target results of both sides are cached in ``.cache/bench-pipeline/`` (they take long); rerun to add
+targets. ``--only ants`` and ``--only masrefine`` in two processes use both cores; a last run without
+``--only`` prints the table from the cache.
 
     .venv/bin/python bench/pipeline.py --dataset knee --atlases 10 --targets 3
     .venv/bin/python bench/pipeline.py --dataset ixi --atlases 10 --targets 5
     .venv/bin/python bench/pipeline.py --dataset knee --skip-ants     # MASRefine only
+    .venv/bin/python bench/pipeline.py --dataset knee --atlases 8 --targets 2 --threads 1 --only ants &
+    .venv/bin/python bench/pipeline.py --dataset knee --atlases 8 --targets 2 --threads 1 --only masrefine
 
 Needs the bench extra for ANTs: ``.venv/bin/pip install -e '.[bench]'`` (antspyx).
 """
@@ -98,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and ITK (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-ants", action="store_true")
+    ap.add_argument("--only", choices=("masrefine", "ants"), default=None,
+                    help="run one side only (two processes can then share the cores); the table uses both "
+                         "sides' cached per-target results")
     a = ap.parse_args(argv)
 
     import torch
@@ -124,7 +131,8 @@ def main(argv=None) -> int:
                           seed=a.seed, threads=a.threads)
     t0 = time.perf_counter()
     fallbacks: list[str] = []
-    ensure_models(aset, opts, dev, None, fallbacks)
+    if a.only != "ants":
+        ensure_models(aset, opts, dev, None, fallbacks)
     t_models = time.perf_counter() - t0
     for f in fallbacks:
         print(f"note: {f}", file=sys.stderr)
@@ -134,16 +142,22 @@ def main(argv=None) -> int:
         img_p, lab_p = case(tid)
         print(f"target {tid}", file=sys.stderr, flush=True)
         out = work / tid / f"masrefine-{a.preset}"
-        r = segment(img_p, aset.root, out, SegmentOptions(**{**opts.to_json(), "train_missing": False}),
-                    truth=None)
-        summary = read_manifest(r["manifest"])["summary"]
-        secs = summary["seconds"]
-        for f in summary.get("fallbacks", []):
-            print(f"note: {f}", file=sys.stderr)
-        rows.append({"method": "MASRefine", "target": tid, "seconds": sum(secs.values()), "stages": secs,
-                     "fusion": summary.get("fusion"), "stage": summary.get("stage"),
-                     "metrics": score(Path(r["fused"]), lab_p, groups)})
-        if not a.skip_ants:
+        row_path = work / tid / f"masrefine-{a.preset}-row.json"      # finished targets are not rerun
+        if row_path.exists():
+            rows.append(json.loads(row_path.read_text()))
+        elif a.only != "ants":
+            r = segment(img_p, aset.root, out, SegmentOptions(**{**opts.to_json(), "train_missing": False}),
+                        truth=None)
+            summary = read_manifest(r["manifest"])["summary"]
+            secs = summary["seconds"]
+            for f in summary.get("fallbacks", []):
+                print(f"note: {f}", file=sys.stderr)
+            rows.append({"method": "MASRefine", "target": tid, "seconds": sum(secs.values()), "stages": secs,
+                         "fusion": summary.get("fusion"), "stage": summary.get("stage"),
+                         "metrics": score(Path(r["fused"]), lab_p, groups)})
+            atomic_write_text(json.dumps(rows[-1], indent=1, default=float), row_path)
+        have_ants = (work / tid / "ants.json").exists()
+        if not a.skip_ants and (a.only != "masrefine" or have_ants):
             atl = [(i, aset.image_path(i), aset.label_path(i)) for i in aset.ids]
             info = ants_segment(Path(img_p), atl, work / tid, a.threads)
             rows.append({"method": "ANTs SyN + JLF", "target": tid, "seconds": info["seconds"], "stages": info,
@@ -168,6 +182,8 @@ def main(argv=None) -> int:
         line += f"{np.mean([r['seconds'] for r in rs]):>10.0f}"
         print(line)
     ours = [r for r in rows if r["method"] == "MASRefine"]
+    if not ours:
+        return 0
     print(f"MASRefine ran: {sorted({r['stage'] for r in ours})}, fusion {sorted({r['fusion'] for r in ours})}")
     stages = {k: np.mean([r["stages"].get(k, 0.0) for r in ours]) for k in ours[0]["stages"]}
     print("MASRefine seconds per stage (mean per target): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
