@@ -239,7 +239,8 @@ def test_cli_writes_outputs_and_skips_a_bad_atlas(brains, tmp_path):
     out = tmp_path / "out"
     rc = main(["register", "--atlases", str(root), "--target", str(tmp_path / "target.nii.gz"), "--out", str(out),
                "--preset", "fast", "--device", "cpu", "-q", "--set", "deform_shrink=1.5", "--set", "control_shrink=2.25",
-               "--set", "affine_shrink=1.5", "--set", "affine_iterations=20", "--set", "deform_iterations=20"])
+               "--set", "affine_shrink=1.5", "--set", "affine_iterations=20", "--set", "deform_iterations=20",
+               "--set", "deform_lr=0.25"])
     assert rc == 0
     ws = WarpedSet.load(out)
     assert ws.ids == ["s1", "s2"] and ws.stage == "deformable"
