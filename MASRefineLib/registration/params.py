@@ -146,8 +146,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 
 DEFAULT = RegistrationParams()
 
-#: The presets. ``default`` is the tuned setting (evidence in docs/registration.md); ``fast`` stops at a
-#: coarser level for interactive use; ``accurate`` adds a finer level and more iterations.
+#: The presets. ``default`` is the tuned setting (evidence in docs/registration.md); ``fast`` (interactive
+#: use) has one affine level and a coarse-to-mid deformable part; ``accurate`` adds a finer level and more iterations.
 PRESETS: dict[str, RegistrationParams] = {
     # fast: one affine level; the deformable part starts on a coarse 6 / 8 v level that takes up large
     # (articulated) knee misalignments the affine leaves, for about the cost of the old single 3 / 4 level
