@@ -150,10 +150,11 @@ DEFAULT = RegistrationParams()
 #: use) has one affine level and a coarse-to-mid deformable part; ``accurate`` adds a finer level and more iterations.
 PRESETS: dict[str, RegistrationParams] = {
     # fast: one affine level; the deformable part starts on a coarse 6 / 8 v level that takes up large
-    # (articulated) knee misalignments the affine leaves, for about the cost of the old single 3 / 4 level
+    # (articulated) knee misalignments the affine leaves; such large steps fold (0.46 % of knee voxels)
+    # unless the field is a diffeomorphism (SVF), which removes folding for +45 % time
     "fast": replace(DEFAULT, affine_shrink=(4.0,), affine_iterations=(60,),
                     deform_shrink=(6.0, 3.0), control_shrink=(8.0, 4.0), deform_iterations=(80, 40),
-                    deform_lr=(0.3, 0.2)),
+                    deform_lr=(0.3, 0.2), diffeomorphic=True),
     "default": DEFAULT,
     "accurate": replace(DEFAULT, affine_iterations=(80, 60), deform_shrink=(3.0, 2.0, 1.5),
                         control_shrink=(4.0, 3.0, 2.0), deform_iterations=(80, 60, 30), deform_lr=(0.25, 0.15, 0.1)),
