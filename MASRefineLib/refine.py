@@ -343,6 +343,8 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
     """
     if len(iterations) != len(levels):
         raise MASRefineError(f"{len(iterations)} iteration counts for {len(levels)} working grids")
+    if not levels:
+        raise MASRefineError("refinement needs at least one working grid")
     use_seg = moving_seg is not None
     b = moving.shape[0]
 
@@ -357,7 +359,6 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
     total_iters = max(1, sum(int(i) for i in iterations))
     done = 0
     f = None
-    evaluate = None
     for li, g in enumerate(levels):
         sg = staggered(g)
         channels = [_resample(moving, moving_grid, sg)]
