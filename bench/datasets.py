@@ -215,6 +215,15 @@ def dataset_case(dataset: str):
     raise ValueError(f"dataset must be 'ixi' or 'knee', got {dataset!r}")
 
 
+def params_digest(stage: str, preset: str, *extra: str) -> str:
+    """Short digest of the registration parameters of ``preset`` at ``stage`` (and ``extra`` strings, e.g.
+    atlas ids): cache folders named with it are never a stale hit after a preset changes."""
+    from MASRefineLib.registration import get_params
+
+    key = "\n".join([*extra, json.dumps(get_params(preset, stage=stage).to_json(), sort_keys=True)])
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
 def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: str = "deformable",
                preset: str = "default", device: str = "cpu",
                cache: str | os.PathLike = ".cache/registered") -> Path:
@@ -222,9 +231,9 @@ def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: st
     (``stage`` "affine" or "deformable", ``preset``), computed once and shared by every benchmark (so the
     registration, refinement and fusion tables all start from the *same* warped atlases).
 
-    ``<cache>/<dataset>/<stage>-<preset>-<n>-<digest of the atlas ids and the parameters>/<target id>/`` as
-    ``masrefine register`` writes it (a changed preset is a new folder, never a stale hit); its ``report.json`` ``info["bench"]`` holds the wall and CPU seconds per pair of the
-    registration call and the code version. Never registers a subject to itself.
+    ``<cache>/<dataset>/<stage>-<preset>-<n>-<digest of the atlas ids and the parameters>/<target id>/``
+    (:func:`params_digest`) as ``masrefine register`` writes it; its ``report.json`` ``info["bench"]`` holds
+    the wall and CPU seconds per pair of the registration call and the code version. Never registers a subject to itself.
     """
     from MASRefineLib.imageio import read_image
     from MASRefineLib.registration import AtlasInput, get_params, register
@@ -232,9 +241,7 @@ def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: st
     atlas_ids = list(atlas_ids)
     if target_id in atlas_ids:
         raise MASRefineError(f"{target_id}: a target cannot also be an atlas")
-    params = get_params(preset, stage=stage)
-    key = "\n".join(atlas_ids) + "\n" + json.dumps(params.to_json(), sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    digest = params_digest(stage, preset, *atlas_ids)
     folder = _cache_path(cache) / dataset / f"{stage}-{preset}-{len(atlas_ids)}-{digest}" / target_id
     if (folder / "report.json").exists():
         return folder
@@ -247,7 +254,7 @@ def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: st
                          source_label=str(aset.label_path(aid))) for aid in atlas_ids]
     table = aset.label_table
     t0, c0 = time.perf_counter(), time.process_time()
-    ws = register(read_image(tp), inputs, table, params=params, device=device,
+    ws = register(read_image(tp), inputs, table, params=get_params(preset, stage=stage), device=device,
                   target_path=str(tp))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if ws.failed:

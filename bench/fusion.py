@@ -194,19 +194,21 @@ def main(argv=None) -> int:
 
     # VoteNet+: trained on the atlas set alone, once
     model = None
+    itag = f"-i{a.votenet_iterations}" if a.votenet_iterations else ""
+    vtag = itag + (f"-s{a.votenet_search}" if a.votenet_search is not None else "")
+    vparams = {"search_radius": a.votenet_search} if a.votenet_search is not None else {}
+    # result files and table rows: VoteNet+ variants side by side
+    stems = {m: m + (vtag if m == "votenet" else "") for m in methods}
     if "votenet" in methods:
-        name = f"votenet-{a.prereg}-{a.preset}-fusionbench" + (f"-i{a.votenet_iterations}" if a.votenet_iterations else "")
+        name = f"votenet-{a.prereg}-{a.preset}-fusionbench{itag}"
         model = Path(aset.models_dir) / f"{name}.json"
         if not model.exists():
             print(f"training VoteNet+ on {aset.root.name} (leave-one-out {a.prereg} registrations)", file=sys.stderr,
                   flush=True)
-            # the leave-one-out registrations are kept, so retraining (other settings) skips them
+            # the leave-one-out registrations are kept (keyed by their parameters), so retraining skips them
+            loo = CACHE / "loo" / f"{aset.root.name}-{a.prereg}-{a.preset}-{datasets.params_digest(a.prereg, a.preset)}"
             train_for_atlas_set(aset, prereg=a.prereg, preset=a.preset, device="cpu", name=name, seed=a.seed,
-                                targets=a.votenet_targets, iterations=a.votenet_iterations,
-                                cache=CACHE / "loo" / f"{aset.root.name}-{a.prereg}-{a.preset}")
-    vtag = (f"-i{a.votenet_iterations}" if a.votenet_iterations else "") + \
-        (f"-s{a.votenet_search}" if a.votenet_search is not None else "")
-    vparams = {"search_radius": a.votenet_search} if a.votenet_search is not None else {}
+                                targets=a.votenet_targets, iterations=a.votenet_iterations, cache=loo)
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     agreement = []
     for tid in target_ids:
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(lab_p))).astype(np.int64)
         preds = {}
         for m in methods:
-            stem = m + (vtag if m == "votenet" else "")       # VoteNet+ variants cached side by side
+            stem = stems[m]
             out = work / tid / f"{stem}.nii.gz"
             res = run_job({"method": m, "registered": str(reg), "target": str(img_p), "out": str(out),
                            "result": str(work / tid / f"{stem}.json"), "threads": a.threads,
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
     for m in methods:
         r = rows[m]
         dice = " | ".join(f"{np.mean([x[k] for x in r]):.4f} ± {np.std([x[k] for x in r]):.4f}" for k in keys)
-        print(f"| {m + (vtag if m == 'votenet' else '')} | {dice} | {np.mean([x['seconds'] for x in r]):.1f} | {np.mean([x['cpu_seconds'] for x in r]):.1f} "
+        print(f"| {stems[m]} | {dice} | {np.mean([x['seconds'] for x in r]):.1f} | {np.mean([x['cpu_seconds'] for x in r]):.1f} "
               f"| {np.max([x['peak_mb'] for x in r]):.0f} |")
     if agreement:
         print(f"\nour JLF vs ANTs JLF: mean Dice agreement {np.mean(agreement):.4f}; speed-up "
