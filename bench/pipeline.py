@@ -11,14 +11,16 @@ On the same atlases and targets (different subjects; splits from bench/datasets.
   patch radius 2, search radius 3) inside the union of the warped labels dilated by 3 voxels.
 
 Prints one table: per method, Dice / surface Dice (0.7 mm) per label group (knee: bone, cartilage; IXI:
-mean over all labels), ASD, and seconds per target; then MASRefine's seconds per stage and the speed-up.
-Per-target results of both sides are cached in ``.cache/bench-pipeline/`` (they take long); rerun to add
+mean over all labels), ASD, wall and CPU seconds per target (CPU: this process, so a side slowed by a
+neighbour on a shared machine is still compared fairly); then MASRefine's seconds per stage and the
+speed-up. Per-target results of both sides are cached in ``.cache/bench-pipeline/`` (they take long);
+MASRefine's under a digest of its settings and trained models, so a changed model is rerun. Rerun to add
 targets. ``--only ants`` and ``--only masrefine`` in two processes use both cores; a last run without
 ``--only`` prints the table from the cache.
 
     .venv/bin/python bench/pipeline.py --dataset knee --atlases 10 --targets 3
     .venv/bin/python bench/pipeline.py --dataset ixi --atlases 10 --targets 5
-    .venv/bin/python bench/pipeline.py --dataset knee --skip-ants     # MASRefine only
+    .venv/bin/python bench/pipeline.py --dataset knee --only masrefine     # MASRefine only
     .venv/bin/python bench/pipeline.py --dataset knee --atlases 8 --targets 2 --threads 1 --only ants &
     .venv/bin/python bench/pipeline.py --dataset knee --atlases 8 --targets 2 --threads 1 --only masrefine
 
@@ -27,6 +29,7 @@ Needs the bench extra for ANTs: ``.venv/bin/pip install -e '.[bench]'`` (antspyx
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -56,7 +59,7 @@ def ants_segment(target: Path, atlases: list[tuple[str, Path, Path]], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     fixed = ants.image_read(str(target))
     imgs, labs = [], []
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for aid, img_p, lab_p in atlases:
         print(f"  ANTs SyN {aid} -> {target.name}", file=sys.stderr, flush=True)
         moving = ants.image_read(str(img_p))
@@ -75,7 +78,8 @@ def ants_segment(target: Path, atlases: list[tuple[str, Path, Path]], out: Path,
     jlf = ants.joint_label_fusion(fixed, mask, atlas_list=imgs, label_list=labs)
     t_jlf = time.perf_counter() - t1
     ants.image_write(jlf["segmentation"], str(seg_path))
-    info = {"seconds_register": t_reg, "seconds_jlf": t_jlf, "seconds": t_reg + t_jlf, "threads": threads}
+    info = {"seconds_register": t_reg, "seconds_jlf": t_jlf, "seconds": t_reg + t_jlf,
+            "cpu_seconds": time.process_time() - c0, "threads": threads}
     atomic_write_text(json.dumps(info, indent=1), info_path)
     return info
 
@@ -92,6 +96,27 @@ def score(pred: Path, truth: Path, groups) -> dict:
             for g, s in list(ev.groups.items()) + [("mean", ev.mean)]}
 
 
+def run_digest(opts_json: dict, models_dir: Path) -> str:
+    """Digest of the run settings and the trained model files: the key of a cached MASRefine row."""
+    h = hashlib.sha1(json.dumps(opts_json, sort_keys=True).encode())
+    for f in sorted(Path(models_dir).glob("*.safetensors")):
+        if "checkpoint" not in f.name:
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def print_progress(ev) -> None:
+    """Terminal progress of the long runs: one line per message, at most every 20 s per stage."""
+    now = time.monotonic()
+    if ev.message and now - _last.get(ev.stage, 0.0) >= 20.0:
+        _last[ev.stage] = now
+        print(f"  [{time.strftime('%H:%M:%S')} {ev.stage} {100 * ev.fraction:3.0f}%] {ev.message}",
+              file=sys.stderr, flush=True)
+
+
+_last: dict[str, float] = {}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=("knee", "ixi"), default="knee")
@@ -101,7 +126,6 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and ITK (default 2)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-ants", action="store_true")
     ap.add_argument("--only", choices=("masrefine", "ants"), default=None,
                     help="run one side only (two processes can then share the cores); the table uses both "
                          "sides' cached per-target results")
@@ -132,7 +156,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     fallbacks: list[str] = []
     if a.only != "ants":
-        ensure_models(aset, opts, dev, None, fallbacks)
+        ensure_models(aset, opts, dev, print_progress, fallbacks)
     t_models = time.perf_counter() - t0
     for f in fallbacks:
         print(f"note: {f}", file=sys.stderr)
@@ -142,32 +166,37 @@ def main(argv=None) -> int:
         img_p, lab_p = case(tid)
         print(f"target {tid}", file=sys.stderr, flush=True)
         out = work / tid / f"masrefine-{a.preset}"
-        row_path = work / tid / f"masrefine-{a.preset}-row.json"      # finished targets are not rerun
+        # finished targets are not rerun, unless the settings or the trained models changed
+        row_path = work / tid / f"masrefine-{a.preset}-{run_digest(opts.to_json(), aset.models_dir)}-row.json"
         if row_path.exists():
             rows.append(json.loads(row_path.read_text()))
         elif a.only != "ants":
+            c0 = time.process_time()
             r = segment(img_p, aset.root, out, SegmentOptions(**{**opts.to_json(), "train_missing": False}),
-                        truth=None)
+                        truth=None, progress=print_progress)
             summary = read_manifest(r["manifest"])["summary"]
             secs = summary["seconds"]
             for f in summary.get("fallbacks", []):
                 print(f"note: {f}", file=sys.stderr)
             rows.append({"method": "MASRefine", "target": tid, "seconds": sum(secs.values()), "stages": secs,
+                         "cpu_seconds": time.process_time() - c0,
                          "fusion": summary.get("fusion"), "stage": summary.get("stage"),
                          "metrics": score(Path(r["fused"]), lab_p, groups)})
             atomic_write_text(json.dumps(rows[-1], indent=1, default=float), row_path)
         have_ants = (work / tid / "ants.json").exists()
-        if not a.skip_ants and (a.only != "masrefine" or have_ants):
+        if a.only != "masrefine" or have_ants:
             atl = [(i, aset.image_path(i), aset.label_path(i)) for i in aset.ids]
             info = ants_segment(Path(img_p), atl, work / tid, a.threads)
-            rows.append({"method": "ANTs SyN + JLF", "target": tid, "seconds": info["seconds"], "stages": info,
+            rows.append({"method": "ANTs SyN + JLF", "target": tid, "seconds": info["seconds"],
+                         "cpu_seconds": info.get("cpu_seconds", float("nan")), "stages": info,
                          "metrics": score(work / tid / "ants_jlf.nii.gz", lab_p, groups)})
 
     gnames = list(groups) if groups else ["mean"]
     print()
     print(f"{a.dataset}: {len(atlas_ids)} atlases -> {len(target_ids)} targets (different subjects), preset "
           f"{a.preset}, {a.threads} threads, device {dev}")
-    head = f"{'method':<18}" + "".join(f"{'Dice ' + g:>16}{'SD ' + g:>16}{'ASD ' + g:>14}" for g in gnames) + f"{'s/target':>10}"
+    head = f"{'method':<18}" + "".join(f"{'Dice ' + g:>16}{'SD ' + g:>16}{'ASD ' + g:>14}" for g in gnames) + \
+        f"{'s/target':>10}{'cpu s':>8}"
     print(head)
     print("-" * len(head))
     for method in ("MASRefine", "ANTs SyN + JLF"):
@@ -179,7 +208,7 @@ def main(argv=None) -> int:
             for key, w, sc in (("dice", 16, 100), ("surface_dice", 16, 100), ("asd_mm", 14, 1)):
                 v = [r["metrics"][g][key] for r in rs]
                 line += f"{np.mean(v) * sc:>{w - 7}.2f} ({np.std(v) * sc:4.2f})"
-        line += f"{np.mean([r['seconds'] for r in rs]):>10.0f}"
+        line += f"{np.mean([r['seconds'] for r in rs]):>10.0f}{np.mean([r.get('cpu_seconds', np.nan) for r in rs]):>8.0f}"
         print(line)
     ours = [r for r in rows if r["method"] == "MASRefine"]
     if not ours:
@@ -190,7 +219,9 @@ def main(argv=None) -> int:
     print(f"model training (once per atlas set): {t_models:.0f} s")
     theirs = [r for r in rows if r["method"] != "MASRefine"]
     if theirs:
-        print(f"speed-up vs ANTs: {np.mean([r['seconds'] for r in theirs]) / np.mean([r['seconds'] for r in ours]):.1f}x")
+        def ratio(key):
+            return np.mean([r.get(key, np.nan) for r in theirs]) / np.mean([r.get(key, np.nan) for r in ours])
+        print(f"speed-up vs ANTs: {ratio('seconds'):.1f}x wall clock, {ratio('cpu_seconds'):.1f}x CPU time")
     atomic_write_text(json.dumps(rows, indent=1, default=float), work / f"results-{a.preset}.json")
     return 0
 

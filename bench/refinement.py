@@ -83,15 +83,24 @@ def cached(path: Path, fresh: bool, make):
     return ws
 
 
-def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fresh: bool):
+def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fresh: bool,
+                  epochs: int | None = None):
+    """The surrogate U-Net trained on ``train_ids`` (``masrefine train segmenter`` defaults, ``epochs``
+    when given), kept in ``.cache/atlas-sets/<name>`` and reused."""
     from bench.datasets import make_atlas_set
-    from MASRefineLib.segmenter import load_segmenter, train_on_atlas_set
+    from MASRefineLib.segmenter import SegmenterSettings, load_segmenter, train_on_atlas_set
     aset = make_atlas_set(dataset, train_ids, name=name)
     path = aset.models_dir / "segmenter.json"
     if path.exists() and not fresh:
         return load_segmenter(path, device)
     print(f"training the surrogate U-Net on {len(train_ids)} {dataset} subjects ({aset.root})", file=sys.stderr)
-    return train_on_atlas_set(aset.root, device=device)
+    settings = SegmenterSettings(epochs=epochs) if epochs else None
+    return train_on_atlas_set(aset.root, settings, device=device, progress=_print_progress)
+
+
+def _print_progress(ev) -> None:
+    if ev.message:
+        print(f"  [{ev.stage} {100 * ev.fraction:3.0f}%] {ev.message}", file=sys.stderr, flush=True)
 
 
 def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args) -> list[dict]:
@@ -116,10 +125,12 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
     else:
         case = D.ixi_case
     seg = None
+    # a U-Net trained for other epochs is another model: its own folder, and IS results cached apart
+    seg_tag = f"-e{args.segmenter_epochs}" if args.segmenter_epochs else ""
     if "IS" in args.variants:
         t0 = time.perf_counter()
-        seg = segmenter_for(dataset, others, f"{dataset}-refinement-segmenter-{len(others)}", args.device,
-                            args.fresh_segmenter)
+        seg = segmenter_for(dataset, others, f"{dataset}-refinement-segmenter-{len(others)}{seg_tag}", args.device,
+                            args.fresh_segmenter, args.segmenter_epochs)
         print(f"{dataset}: segmenter ready ({time.perf_counter() - t0:.0f} s; trained "
               f"{seg.meta.get('training', {}).get('seconds', float('nan')):.0f} s)", file=sys.stderr)
     rows, unet = [], []
@@ -151,6 +162,8 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
                     folder = base / label.replace(" ", "_").replace("=", "")
                     if alpha is not None:
                         folder = folder.with_name(folder.name + f"_a{alpha:g}")
+                    if variant == "IS" and seg_tag:
+                        folder = folder.with_name(folder.name + f"_seg{seg_tag}")
                     ws = cached(folder, args.fresh, lambda: refine(ws0, tarr, variant, segmenter=seg,
                                                                    device=args.device, **kw))
                 m = evaluate_set(ws, tarr, ref, groups)
@@ -202,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="recompute cached registrations and refinements")
     ap.add_argument("--fresh-segmenter", action="store_true", help="retrain the U-Net")
+    ap.add_argument("--segmenter-epochs", type=int, default=None, metavar="N",
+                    help="train the U-Net for N epochs (default: masrefine train segmenter's); kept apart")
     ap.add_argument("--json", metavar="OUT", help="also write all rows as JSON")
     args = ap.parse_args(argv)
     import torch
