@@ -547,7 +547,7 @@ def _votenet_trainer() -> Optional[Callable]:
 SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"epochs": 16, "steps_per_epoch": 20, "patch_size": 48, "learning_rate": 3e-3},
     "default": {},
-    "accurate": {"epochs": 60},
+    "accurate": {"epochs": 300},
 }
 
 

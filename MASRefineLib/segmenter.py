@@ -58,7 +58,7 @@ class SegmenterSettings:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 1
-    epochs: int = 30
+    epochs: int = 150                   # 30 epochs left knee cartilage at Dice ~0.5 (docs/refinement.md)
     steps_per_epoch: int = 20
     batch_size: int = 2
     learning_rate: float = 2e-3
