@@ -124,3 +124,28 @@ def test_train_cli_on_an_atlas_set(data, tmp_path):
     seg = UNetSegmenter.load(tmp_path / "set")
     assert seg.num_classes == 4 and seg.settings.patch_size == 16
     assert main(["train", "segmenter", str(tmp_path / "nowhere"), "--quiet"]) == 2
+
+
+def test_many_labels_get_a_1x1_head_that_saves_and_reloads(ixi_crop, tmp_path):
+    """With more classes than twice the first feature width (a brain parcellation) the U-Net ends at that
+    width and a 1x1x1 convolution gives the classes (a full-resolution 3x3x3 layer over ~150 class channels
+    made CPU training ~15x slower); the head is recorded in the JSON and reloads to identical predictions."""
+    img, lab = ixi_crop
+    a = sitk.GetArrayFromImage(lab).astype(np.int64)
+    parcels = sorted(set(np.unique(a).tolist()) - {0})[:12]           # 12 real structures, the rest background
+    g = sitk.GetImageFromArray(np.where(np.isin(a, parcels), a, 0).astype(np.uint16))
+    g.CopyInformation(lab)
+    table = LabelTable.from_values(parcels)
+    s = SegmenterSettings(epochs=1, steps_per_epoch=2, **TINY)       # channels (4, 8, 16): head width 8 < 13 classes
+    seg = train_segmenter([img], [g], table, tmp_path, s, ids=["a"], device="cpu")
+    meta = json.loads((tmp_path / "segmenter.json").read_text())
+    assert meta["architecture"]["out_channels"] == 13 and meta["architecture"]["head"]["width"] == 8
+    assert isinstance(seg.net, torch.nn.Sequential) and seg.net[-1].out_channels == 13
+    grid = Grid.from_image(img)
+    x = image_tensor(normalize_intensity(sitk.GetArrayFromImage(img)))
+    p1 = seg.predict(x, grid)
+    p2 = load_segmenter(tmp_path, "cpu").predict(x, grid)
+    assert p1.shape == (1, 13, *grid.shape) and torch.equal(p1, p2)
+    # few classes: MONAI's U-Net as it is (the knee and phantom models stay loadable unchanged)
+    from MASRefineLib.segmenter import build_unet, head_width
+    assert head_width(5, (8, 16, 32, 64)) is None and not isinstance(build_unet(5), torch.nn.Sequential)
