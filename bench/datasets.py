@@ -224,6 +224,22 @@ def params_digest(stage: str, preset: str, *extra: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+def progress_printer(interval_s: float = 20.0):
+    """A progress callback for benchmark logs (plain lines, not tqdm bars, since the logs are files): each
+    event's message with the time, stage and fraction, at most one line per ``interval_s`` per stage."""
+    import time
+
+    last: dict[str, float] = {}
+
+    def show(ev) -> None:
+        now = time.monotonic()
+        if ev.message and now - last.get(ev.stage, -float("inf")) >= interval_s:
+            last[ev.stage] = now
+            print(f"  [{time.strftime('%H:%M:%S')} {ev.stage} {100 * ev.fraction:3.0f}%] {ev.message}",
+                  file=sys.stderr, flush=True)
+    return show
+
+
 def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: str = "deformable",
                preset: str = "default", device: str = "cpu",
                cache: str | os.PathLike = ".cache/registered") -> Path:

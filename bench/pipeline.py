@@ -105,18 +105,6 @@ def run_digest(opts_json: dict, models_dir: Path) -> str:
     return h.hexdigest()[:10]
 
 
-def print_progress(ev) -> None:
-    """Terminal progress of the long runs: one line per message, at most every 20 s per stage."""
-    now = time.monotonic()
-    if ev.message and now - _last.get(ev.stage, 0.0) >= 20.0:
-        _last[ev.stage] = now
-        print(f"  [{time.strftime('%H:%M:%S')} {ev.stage} {100 * ev.fraction:3.0f}%] {ev.message}",
-              file=sys.stderr, flush=True)
-
-
-_last: dict[str, float] = {}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=("knee", "ixi"), default="knee")
@@ -153,6 +141,7 @@ def main(argv=None) -> int:
     # models, trained once on the atlas set
     opts = SegmentOptions(prereg="deformable", refine="IS", fusion="votenet", device=a.device, preset=a.preset,
                           seed=a.seed, threads=a.threads)
+    print_progress = datasets.progress_printer(20.0)
     t0 = time.perf_counter()
     fallbacks: list[str] = []
     if a.only != "ants":
@@ -161,13 +150,14 @@ def main(argv=None) -> int:
     for f in fallbacks:
         print(f"note: {f}", file=sys.stderr)
 
+    digest = run_digest(opts.to_json(), aset.models_dir)
     rows = []
     for tid in target_ids:
         img_p, lab_p = case(tid)
         print(f"target {tid}", file=sys.stderr, flush=True)
         out = work / tid / f"masrefine-{a.preset}"
         # finished targets are not rerun, unless the settings or the trained models changed
-        row_path = work / tid / f"masrefine-{a.preset}-{run_digest(opts.to_json(), aset.models_dir)}-row.json"
+        row_path = work / tid / f"masrefine-{a.preset}-{digest}-row.json"
         if row_path.exists():
             rows.append(json.loads(row_path.read_text()))
         elif a.only != "ants":

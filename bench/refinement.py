@@ -87,7 +87,7 @@ def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fr
                   epochs: int | None = None):
     """The surrogate U-Net trained on ``train_ids`` (``masrefine train segmenter`` defaults, ``epochs``
     when given), kept in ``.cache/atlas-sets/<name>`` and reused."""
-    from bench.datasets import make_atlas_set
+    from bench.datasets import make_atlas_set, progress_printer
     from MASRefineLib.segmenter import SegmenterSettings, load_segmenter, train_on_atlas_set
     aset = make_atlas_set(dataset, train_ids, name=name)
     path = aset.models_dir / "segmenter.json"
@@ -95,12 +95,7 @@ def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fr
         return load_segmenter(path, device)
     print(f"training the surrogate U-Net on {len(train_ids)} {dataset} subjects ({aset.root})", file=sys.stderr)
     settings = SegmenterSettings(epochs=epochs) if epochs else None
-    return train_on_atlas_set(aset.root, settings, device=device, progress=_print_progress)
-
-
-def _print_progress(ev) -> None:
-    if ev.message:
-        print(f"  [{ev.stage} {100 * ev.fraction:3.0f}%] {ev.message}", file=sys.stderr, flush=True)
+    return train_on_atlas_set(aset.root, settings, device=device, progress=progress_printer(0.0))
 
 
 def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args) -> list[dict]:
