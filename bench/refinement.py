@@ -83,10 +83,9 @@ def cached(path: Path, fresh: bool, make):
     return ws
 
 
-def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fresh: bool,
-                  epochs: int | None = None):
-    """The surrogate U-Net trained on ``train_ids`` (``masrefine train segmenter`` defaults, ``epochs``
-    when given), kept in ``.cache/atlas-sets/<name>`` and reused."""
+def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fresh: bool, epochs: int):
+    """The surrogate U-Net trained on ``train_ids`` for ``epochs`` (``masrefine train segmenter``'s other
+    defaults), kept in ``.cache/atlas-sets/<name>`` and reused."""
     from bench.datasets import make_atlas_set, progress_printer
     from MASRefineLib.segmenter import SegmenterSettings, load_segmenter, train_on_atlas_set
     aset = make_atlas_set(dataset, train_ids, name=name)
@@ -94,8 +93,8 @@ def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fr
     if path.exists() and not fresh:
         return load_segmenter(path, device)
     print(f"training the surrogate U-Net on {len(train_ids)} {dataset} subjects ({aset.root})", file=sys.stderr)
-    settings = SegmenterSettings(epochs=epochs) if epochs else None
-    return train_on_atlas_set(aset.root, settings, device=device, progress=progress_printer(0.0))
+    return train_on_atlas_set(aset.root, SegmenterSettings(epochs=epochs), device=device,
+                              progress=progress_printer(0.0))
 
 
 def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args) -> list[dict]:
@@ -120,12 +119,15 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
     else:
         case = D.ixi_case
     seg = None
-    # a U-Net trained for other epochs is another model: its own folder, and IS results cached apart
-    seg_tag = f"-e{args.segmenter_epochs}" if args.segmenter_epochs else ""
+    # the U-Net's training length names its folder and the IS cache, so a changed default (30 -> 150
+    # epochs) or --segmenter-epochs never reuses another model or its refinements
+    from MASRefineLib.segmenter import SegmenterSettings
+    seg_epochs = args.segmenter_epochs or SegmenterSettings().epochs
+    seg_tag = f"-e{seg_epochs}"
     if "IS" in args.variants:
         t0 = time.perf_counter()
         seg = segmenter_for(dataset, others, f"{dataset}-refinement-segmenter-{len(others)}{seg_tag}", args.device,
-                            args.fresh_segmenter, args.segmenter_epochs)
+                            args.fresh_segmenter, seg_epochs)
         print(f"{dataset}: segmenter ready ({time.perf_counter() - t0:.0f} s; trained "
               f"{seg.meta.get('training', {}).get('seconds', float('nan')):.0f} s)", file=sys.stderr)
     rows, unet = [], []
@@ -157,7 +159,7 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
                     folder = base / label.replace(" ", "_").replace("=", "")
                     if alpha is not None:
                         folder = folder.with_name(folder.name + f"_a{alpha:g}")
-                    if variant == "IS" and seg_tag:
+                    if variant == "IS":
                         folder = folder.with_name(folder.name + f"_seg{seg_tag}")
                     ws = cached(folder, args.fresh, lambda: refine(ws0, tarr, variant, segmenter=seg,
                                                                    device=args.device, **kw))
@@ -211,7 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="recompute cached registrations and refinements")
     ap.add_argument("--fresh-segmenter", action="store_true", help="retrain the U-Net")
     ap.add_argument("--segmenter-epochs", type=int, default=None, metavar="N",
-                    help="train the U-Net for N epochs (default: masrefine train segmenter's); kept apart")
+                    help="train the U-Net for N epochs (default: masrefine train segmenter's); each length is "
+                         "a separate model and IS cache")
     ap.add_argument("--json", metavar="OUT", help="also write all rows as JSON")
     args = ap.parse_args(argv)
     import torch
