@@ -11,7 +11,7 @@ Schema (version 1)::
     {"schema_version": 1, "status": "complete", "created": ISO-8601, "software": {...},
      "inputs": {"target": path, "atlas_dir": path}, "parameters": {...},
      "labels": {value: {name, color}}, "target_grid": Grid.to_json(),
-     "stages": [{"name": str, "seconds": float}, ...], "seconds_total": float,
+     "stages": [{"name": str, "seconds": float, "cpu_seconds": float}, ...], "seconds_total": float,
      "atlases": [{"id": str, "qa": {...}}, ...], "summary": {...},
      "outputs": [{"path": relative path, "kind": KIND, "role": ROLE, "format": str, "name": str,
                   "atlas_id": str | null, "label": int | null, ...}, ...]}
@@ -112,20 +112,26 @@ class Manifest:
     def set(self, key: str, value: Any) -> None:
         self.data[key] = value
 
-    def add_stage_time(self, name: str, seconds: float) -> None:
-        self.data["stages"].append({"name": name, "seconds": round(float(seconds), 3)})
+    def add_stage_time(self, name: str, seconds: float, cpu_seconds: float | None = None) -> None:
+        """Record a stage's wall-clock ``seconds`` and, if given, the CPU seconds of this process (all
+        threads): on a shared machine only the latter compares runs."""
+        entry = {"name": name, "seconds": round(float(seconds), 3)}
+        if cpu_seconds is not None:
+            entry["cpu_seconds"] = round(float(cpu_seconds), 3)
+        self.data["stages"].append(entry)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage: ``with manifest.stage("register"): ...`` (recorded only if it finishes)."""
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         yield
-        self.add_stage_time(name, time.perf_counter() - t)
+        self.add_stage_time(name, time.perf_counter() - t, time.process_time() - c)
 
-    def stage_seconds(self) -> dict[str, float]:
+    def stage_seconds(self, key: str = "seconds") -> dict[str, float]:
+        """Seconds per stage name (summed over repeats); ``key="cpu_seconds"`` for CPU time."""
         out: dict[str, float] = {}
         for s in self.data["stages"]:
-            out[s["name"]] = out.get(s["name"], 0.0) + s["seconds"]
+            out[s["name"]] = out.get(s["name"], 0.0) + s.get(key, 0.0)
         return out
 
     # -- write -------------------------------------------------------------------------------

@@ -490,7 +490,7 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
 
     summary = {"target": target_path, "atlases": len(ws.atlases), "failed": ws.failed,
                "stage": ws.stage, "fusion": fused.info.get("method", opts.fusion), "fallbacks": fallbacks,
-               "seconds": m.stage_seconds()}
+               "seconds": m.stage_seconds(), "cpu_seconds": m.stage_seconds("cpu_seconds")}
     if metrics is not None:
         summary["metrics"] = metrics
     m.set("summary", summary)

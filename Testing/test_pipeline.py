@@ -49,6 +49,9 @@ def test_segment_job_through_worker(sample, tmp_path):
     for role in ("atlas-image", "atlas-labels", "atlas-field", "atlas-jacobian", "atlas-image-unrefined"):
         assert sorted({e["atlas_id"] for e in roles[role]}) == ["knee01", "knee02", "knee03"], role
     assert [s["name"] for s in m["stages"]] == ["load", "register", "refine", "fuse", "write", "qa"]
+    # CPU time per stage: registration and refinement do real work in this process
+    assert m["stages"][1]["cpu_seconds"] > 0 and m["stages"][2]["cpu_seconds"] > 0
+    assert set(m["summary"]["cpu_seconds"]) == set(m["summary"]["seconds"])
     assert m["parameters"]["refine"] == "I" and m["inputs"]["target"] == sample["target"]
 
     # the fused labels: values of the atlas set, names and colours in the seg.nrrd, target geometry

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             for f in summary.get("fallbacks", []):
                 print(f"note: {f}", file=sys.stderr)
             rows.append({"method": "MASRefine", "target": tid, "seconds": sum(secs.values()), "stages": secs,
-                         "cpu_seconds": time.process_time() - c0,
+                         "cpu_seconds": time.process_time() - c0, "cpu_stages": summary.get("cpu_seconds", {}),
                          "fusion": summary.get("fusion"), "stage": summary.get("stage"),
                          "metrics": score(Path(r["fused"]), lab_p, groups)})
             atomic_write_text(json.dumps(rows[-1], indent=1, default=float), row_path)
@@ -206,6 +206,9 @@ def main(argv=None) -> int:
     print(f"MASRefine ran: {sorted({r['stage'] for r in ours})}, fusion {sorted({r['fusion'] for r in ours})}")
     stages = {k: np.mean([r["stages"].get(k, 0.0) for r in ours]) for k in ours[0]["stages"]}
     print("MASRefine seconds per stage (mean per target): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    if all(r.get("cpu_stages") for r in ours):
+        cpu = {k: np.mean([r["cpu_stages"].get(k, 0.0) for r in ours]) for k in ours[0]["cpu_stages"]}
+        print("MASRefine CPU seconds per stage (mean per target): " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
     print(f"model training (once per atlas set): {t_models:.0f} s")
     theirs = [r for r in rows if r["method"] != "MASRefine"]
     if theirs:
