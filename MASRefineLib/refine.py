@@ -379,8 +379,8 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
             sim = 1.0 - ncc(w[:, :1], tgt.expand(b, -1, -1, -1, -1))
             seg = None
             if use_seg:
-                ws = torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], 1)
-                seg = soft_dice_loss(ws, tseg.expand(b, -1, -1, -1, -1))
+                # channels 1.. of w are the structures (0 is the image); Eq. 5 runs over structures only
+                seg = soft_dice_loss(w[:, 1:], tseg[:, 1:].expand(b, -1, -1, -1, -1), include_background=True)
             fold = folding_barrier(field, g, stride=control) if folding_weight > 0 else None
             return _Terms(sim, seg, bending_energy(field, spacing), fold)
 
