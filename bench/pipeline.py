@@ -97,8 +97,11 @@ def score(pred: Path, truth: Path, groups) -> dict:
 
 
 def run_digest(opts_json: dict, models_dir: Path) -> str:
-    """Digest of the run settings and the trained model files: the key of a cached MASRefine row."""
+    """Digest of the run settings, the trained model files and the library's source: the key of a cached
+    MASRefine row (a row measured with older code, e.g. before a speed-up, is not reused)."""
     h = hashlib.sha1(json.dumps(opts_json, sort_keys=True).encode())
+    for f in sorted((ROOT / "MASRefineLib").rglob("*.py")):
+        h.update(f.relative_to(ROOT).as_posix().encode() + f.read_bytes())
     for f in sorted(Path(models_dir).glob("*.safetensors")):
         if "checkpoint" not in f.name:
             h.update(f.name.encode() + f.read_bytes())
