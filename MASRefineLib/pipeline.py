@@ -43,7 +43,7 @@ import torch
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import array_to_image, image_stem, normalize_intensity, read_image, read_label, write_image
+from .imageio import array_to_image, image_stem, normalize_intensity, read_image, read_label, run_writers, write_image
 from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .progress import ProgressCallback, ProgressEvent, report
@@ -352,34 +352,45 @@ def qa_picture(path: Path, target_arr: np.ndarray, fused: np.ndarray, ws: Warped
 
 # ------------------------------------------------------------------------------------------ outputs
 def _write_atlases(out: Path, ws: WarpedSet, pre: Optional[WarpedSet], fused: Fused, m: Manifest,
-                   progress: Optional[ProgressCallback]) -> None:
+                   progress: Optional[ProgressCallback], workers: int = 1) -> None:
+    """Every atlas's refined image, labels and field (``ws.save``), then its QA maps (Jacobian determinant,
+    the unrefined image and labels, its fusion weights), each on ``workers`` threads; manifest entries
+    are added in atlas order once the files exist."""
     from .fields import jacobian_image
     adir = out / "atlases"
-    report_path = ws.save(adir)
+    report(progress, "write", 0.2, f"{len(ws.atlases)} refined atlases")
+    report_path = ws.save(adir, workers=workers)
     m.add(report_path, "json", "report", name="atlases report")
-    n = len(ws.atlases)
-    for i, a in enumerate(ws.atlases):
-        report(progress, "write", 0.2 + 0.6 * i / n, f"atlas {a.id}")
+    unrefined = {b.id: b for b in pre.atlases} if pre is not None else {}
+    grid = ws.target_grid
+
+    def extras(i: int, a) -> Callable[[], list[tuple[Path, str, str]]]:
+        def write() -> list[tuple[Path, str, str]]:
+            done = [(write_image(jacobian_image(a.field, grid), adir / f"{a.id}_jacobian.nii.gz"),
+                     "volume", "atlas-jacobian")]
+            b = unrefined.get(a.id)
+            if b is not None:
+                done.append((write_image(array_to_image(b.image.astype(np.float32), grid),
+                                         adir / f"{a.id}_image_unrefined.nii.gz"), "volume", "atlas-image-unrefined"))
+                done.append((write_image(array_to_image(b.label.astype(np.uint16), grid),
+                                         adir / f"{a.id}_label_unrefined.nii.gz"),
+                             "segmentation", "atlas-labels-unrefined"))
+            if fused.weights is not None:
+                done.append((write_image(array_to_image(fused.weights[i].astype(np.float32), grid),
+                                         adir / f"{a.id}_weights.nii.gz"), "volume", "atlas-weights"))
+            return done
+        return write
+
+    report(progress, "write", 0.6, "atlas QA maps")
+    written = run_writers([extras(i, a) for i, a in enumerate(ws.atlases)], workers)
+    for a, files in zip(ws.atlases, written):
         f = ws.files(a.id)
         m.add(adir / f["image"], "volume", "atlas-image", atlas_id=a.id)
         m.add(adir / f["segmentation"], "segmentation", "atlas-labels", atlas_id=a.id)
         m.add(adir / f["label"], "segmentation", "atlas-labels", atlas_id=a.id)
         m.add(adir / f["field"], "transform", "atlas-field", atlas_id=a.id, moving=a.source_image)
-        jac = write_image(jacobian_image(a.field, ws.target_grid), adir / f"{a.id}_jacobian.nii.gz")
-        m.add(jac, "volume", "atlas-jacobian", atlas_id=a.id)
-        if pre is not None:
-            b = next((x for x in pre.atlases if x.id == a.id), None)
-            if b is not None:
-                p1 = write_image(array_to_image(b.image.astype(np.float32), ws.target_grid),
-                                 adir / f"{a.id}_image_unrefined.nii.gz")
-                p2 = write_image(array_to_image(b.label.astype(np.uint16), ws.target_grid),
-                                 adir / f"{a.id}_label_unrefined.nii.gz")
-                m.add(p1, "volume", "atlas-image-unrefined", atlas_id=a.id)
-                m.add(p2, "segmentation", "atlas-labels-unrefined", atlas_id=a.id)
-        if fused.weights is not None:
-            p = write_image(array_to_image(fused.weights[i].astype(np.float32), ws.target_grid),
-                            adir / f"{a.id}_weights.nii.gz")
-            m.add(p, "volume", "atlas-weights", atlas_id=a.id)
+        for path, kind, role in files:
+            m.add(path, kind, role, atlas_id=a.id)
 
 
 def _safe(name: str) -> str:
@@ -456,15 +467,19 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
         paths = write_label_outputs(array_to_image(fused.labels, grid), aset.label_table, out / "fused_labels")
         m.add(paths["seg_nrrd"], "segmentation", "fused-labels", name="fused labels")
         m.add(paths["nifti"], "segmentation", "fused-labels", name="fused labels")
-        for v in sorted(fused.posterior_values):  # one map in memory at a time (~150 labels for brains)
-            if v == 0:
-                continue
-            nm = aset.label_table[v].name if v in aset.label_table else f"label {v}"
-            p = fused.posterior_map(v)
-            pp = write_image(array_to_image(p.astype(np.float32), grid), out / "posteriors" / f"{v}_{_safe(nm)}.nii.gz")
+        workers = max(1, torch.get_num_threads())
+
+        def posterior(v: int, nm: str) -> Callable[[], Path]:
+            return lambda: write_image(array_to_image(fused.posterior_map(v).astype(np.float32), grid),
+                                       out / "posteriors" / f"{v}_{_safe(nm)}.nii.gz")
+
+        names = {v: aset.label_table[v].name if v in aset.label_table else f"label {v}"
+                 for v in sorted(fused.posterior_values) if v != 0}
+        # one map per writer thread in memory at a time (~150 labels for brains)
+        for (v, nm), pp in zip(names.items(), run_writers([posterior(v, nm) for v, nm in names.items()], workers)):
             m.add(pp, "volume", "posterior", name=f"P({nm})", label=int(v))
         if opts.save_atlases:
-            _write_atlases(out, ws, pre, fused, m, wcb)
+            _write_atlases(out, ws, pre, fused, m, wcb, workers)
         report(wcb, "write", 1.0, "done")
 
     with m.stage("qa"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,7 +26,7 @@ import torch
 from .errors import MASRefineError
 from .fields import read_field, write_field
 from .geometry import Grid
-from .imageio import array_to_image, write_image
+from .imageio import array_to_image, run_writers, write_image
 from .jsonio import read_json, write_json
 from .labels import LabelTable, write_label_outputs
 
@@ -74,19 +74,24 @@ class WarpedSet:
         return {"image": f"{atlas_id}_image.nii.gz", "label": f"{atlas_id}_label.nii.gz",
                 "segmentation": f"{atlas_id}_label.seg.nrrd", "field": f"{atlas_id}_field.nrrd"}
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write every atlas's files, then ``report.json`` last (atomically). Returns the report path."""
+    def save(self, out_dir: str | Path, workers: int = 1) -> Path:
+        """Write every atlas's files (on ``workers`` threads), then ``report.json`` last (atomically).
+        Returns the report path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for a in self.atlases:
-            f = self.files(a.id)
-            write_image(array_to_image(a.image.astype(np.float32), self.target_grid), out / f["image"])
-            write_label_outputs(array_to_image(a.label.astype(np.uint16), self.target_grid), self.label_table,
-                                out / f"{a.id}_label")
-            write_field(a.field, self.target_grid, out / f["field"])
-            entries.append({"id": a.id, "files": f, "source_image": a.source_image, "source_label": a.source_label,
-                            **{k: v for k, v in a.info.items()}})
+
+        def writer(a: WarpedAtlas) -> Callable[[], None]:
+            def write() -> None:
+                f = self.files(a.id)
+                write_image(array_to_image(a.image.astype(np.float32), self.target_grid), out / f["image"])
+                write_label_outputs(array_to_image(a.label.astype(np.uint16), self.target_grid), self.label_table,
+                                    out / f"{a.id}_label")
+                write_field(a.field, self.target_grid, out / f["field"])
+            return write
+
+        run_writers([writer(a) for a in self.atlases], workers)
+        entries = [{"id": a.id, "files": self.files(a.id), "source_image": a.source_image,
+                    "source_label": a.source_label, **{k: v for k, v in a.info.items()}} for a in self.atlases]
         report = {"schema_version": SCHEMA_VERSION, "stage": self.stage, "target": self.target_path,
                   "grid": self.target_grid.to_json(), "labels": self.label_table.to_json_dict(),
                   "atlases": entries, "failed": self.failed, "info": self.info}
