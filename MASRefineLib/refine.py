@@ -66,6 +66,7 @@ from .errors import MASRefineError
 from .fields import folding_fraction, jacobian_determinant
 from .geometry import Grid
 from .imageio import normalize_intensity, read_image, read_label, resample_image
+from .labels import label_values
 from .losses import bending_energy, ncc, soft_dice_loss
 from .progress import ProgressCallback, report
 from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
@@ -535,7 +536,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
                 image, label, how = _rewarp(a, total, f_t, grid, warped, dev, rewarp_from_source)
                 fold = float(folding_fraction(total, grid)[0])
                 fold_ref = float(folding_fraction(f_t, grid)[0])
-                max_mm = float(f_t.norm(dim=1).max())
+                max_mm = float(f_t.pow(2).sum(1).max().sqrt())  # not .norm(dim=1): 8x slower here
             seconds = t_opt / len(chunk) + (time.perf_counter() - t1)
             cpu = c_opt / len(chunk) + (time.process_time() - c1)
             info = dict(a.info)
@@ -569,7 +570,7 @@ def _rewarp(a: WarpedAtlas, total: torch.Tensor, f_t: torch.Tensor, grid: Grid, 
         arr = normalize_intensity(sitk.GetArrayFromImage(img))
         image = warp(image_tensor(arr, dev), src_grid, total, grid)
         labels = torch.from_numpy(sitk.GetArrayFromImage(lab).astype(np.int64)).to(dev)[None, None]
-        present = sorted(set(torch.unique(labels).tolist()) | {0})
+        present = sorted(set(label_values(labels)) | {0})
         label = warp_labels(labels, src_grid, total, grid, values=present)
         how = "source"
     else:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import Grid
+from .labels import label_values
 
 
 def physical_to_normalized(grid: Grid) -> np.ndarray:
@@ -142,7 +143,7 @@ def warp_labels(labels: torch.Tensor, moving_grid: Grid, field: torch.Tensor | N
     for b in range(labels.shape[0]):
         flat = labels[b, 0].reshape(-1).to(torch.int32)
         keep = allowed
-        if keep is not None and bool(torch.isin(torch.unique(flat), keep).all()):
+        if keep is not None and set(label_values(flat)) <= set(keep.tolist()):
             keep = None  # every value in this map may be assigned: no restriction to apply
         for s in range(0, base.shape[0], chunk):
             pts = base[s:s + chunk]

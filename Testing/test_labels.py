@@ -144,3 +144,20 @@ def test_label_table_formats(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(MASRefineError, match=str(tmp_path / name)):
             LabelTable.load(tmp_path / name)
+
+
+def test_label_values_equals_unique(ixi_crop):
+    import torch
+    from MASRefineLib.labels import label_values
+
+    lab = sitk.GetArrayFromImage(ixi_crop[1])
+    expected = np.unique(lab).tolist()
+    assert len(expected) > 10
+    assert label_values(lab) == expected
+    assert label_values(torch.from_numpy(lab.astype(np.int64))) == expected
+    # outside the histogram's range (negative, >= 2^16) the sort is used, with the same answer
+    odd = np.array([[70000, -3], [5, 5]], dtype=np.int64)
+    assert label_values(odd) == [-3, 5, 70000] == label_values(torch.from_numpy(odd))
+    assert label_values(np.zeros((0, 3), np.uint16)) == []
+    with pytest.raises(ValueError, match="integer"):
+        label_values(np.ones(3, np.float32))

@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("masrefine", "ants"), default=None,
                     help="run one side only (two processes can then share the cores); the table uses both "
                          "sides' cached per-target results")
+    ap.add_argument("--target-index", type=int, default=None, metavar="K",
+                    help="run only the K-th target (1-based) of the split, so that two processes can run two targets "
+                         "side by side at equal load; rerun without it to print the table of all cached targets")
     a = ap.parse_args(argv)
 
     import torch
@@ -155,6 +158,10 @@ def main(argv=None) -> int:
 
     digest = run_digest(opts.to_json(), aset.models_dir)
     rows = []
+    if a.target_index is not None:
+        if not 1 <= a.target_index <= len(target_ids):
+            ap.error(f"--target-index must be between 1 and --targets ({len(target_ids)})")
+        target_ids = [target_ids[a.target_index - 1]]
     for tid in target_ids:
         img_p, lab_p = case(tid)
         print(f"target {tid}", file=sys.stderr, flush=True)

@@ -146,7 +146,10 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
             methods = [("none", None, None, None)]
             for v in args.variants:
                 for g in (args.gammas or [None]):
-                    methods.append((v if g is None else f"{v} g={g:g}", v, g, args.alpha))
+                    label = v if g is None else f"{v} g={g:g}"
+                    if args.iterations:  # its own label, so its own cache folder and table row
+                        label += " it" + "-".join(map(str, args.iterations))
+                    methods.append((label, v, g, args.alpha))
             for label, variant, gamma, alpha in methods:
                 if variant is None:
                     ws = ws0
@@ -156,6 +159,8 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
                         kw["gamma"] = gamma
                     if alpha is not None:
                         kw["alpha"] = alpha
+                    if args.iterations:
+                        kw["iterations"] = tuple(args.iterations)
                     folder = base / label.replace(" ", "_").replace("=", "")
                     if alpha is not None:
                         folder = folder.with_name(folder.name + f"_a{alpha:g}")
@@ -208,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["I", "IS"], choices=["I", "IS"])
     ap.add_argument("--gammas", type=float, nargs="+", help="refine with each of these gammas (mm^2) instead of the default")
     ap.add_argument("--alpha", type=float, default=None, help="alpha for IS (default: refine's)")
+    ap.add_argument("--iterations", type=int, nargs="+", default=None, metavar="N",
+                    help="L-BFGS iterations per working grid, coarse to fine (default: refine's); cached apart")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="recompute cached registrations and refinements")

@@ -27,7 +27,7 @@ from ..device import resolve_device
 from ..errors import MASRefineError
 from ..fields import folding_fraction
 from ..geometry import Grid
-from ..labels import LabelTable
+from ..labels import LabelTable, label_values
 from ..losses import ncc
 from ..progress import ProgressCallback, report
 from ..warp import image_tensor, warp, warp_labels
@@ -86,7 +86,7 @@ def _prepare_atlas(atlas: AtlasInput, label_table: Optional[LabelTable]) -> tupl
     _check_image(image, f"atlas {atlas.id} image")
     if not Grid.from_image(image).isclose(Grid.from_image(label)):
         raise MASRefineError(f"atlas {atlas.id}: label map grid does not match the image grid")
-    values = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist()) - {0}
+    values = set(label_values(sitk.GetArrayViewFromImage(label))) - {0}
     if not values:
         raise MASRefineError(f"atlas {atlas.id}: label map is empty")
     if label_table is not None:
@@ -199,7 +199,7 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
                 warnings.warn(f"skipping atlas {a.id}: {e}")
                 continue
             label_np = lab[0, 0].cpu().numpy().astype(np.uint16)
-            present |= set(np.unique(label_np).tolist())
+            present |= set(label_values(label_np))
             timing["warp"] += time.perf_counter() - t0
             seconds = shared_seconds + prep_s + (time.perf_counter() - t0)
             info = {"seconds": round(seconds, 3), "similarity": round(float(sim[i]), 5),
