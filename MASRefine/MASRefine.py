@@ -165,7 +165,7 @@ class Device(enum.Enum):
 # mm^2, the finest level of DEFAULT_ITERATIONS); Testing/test_slicer_module.py keeps them in step.
 DEFAULT_ALPHA = 3.0
 DEFAULT_GAMMA = 40.0
-DEFAULT_ITERATIONS = 40
+DEFAULT_ITERATIONS = 20
 
 #
 # MASRefineParameterNode

@@ -67,7 +67,7 @@ class SegmentOptions:
     preset: str = "default"
     alpha: Optional[float] = None       # refinement: weight of L_seg (None: refine.py's default)
     gamma: Optional[float] = None       # refinement: weight of the bending energy, mm^2 (None: default)
-    iterations: Optional[int] = None    # refinement iterations per level (None: preset)
+    iterations: Optional[int] = None    # refinement iterations at the finest level (None: refine.py's default)
     train_missing: bool = True          # train missing models on the atlas set first
     save_atlases: bool = True
     qa_picture: bool = True
@@ -526,8 +526,8 @@ def refine_stage(ws: WarpedSet, target_arr: np.ndarray, opts: SegmentOptions, se
         kw["alpha"] = float(opts.alpha)
     if opts.gamma is not None:
         kw["gamma"] = float(opts.gamma)
-    if opts.iterations is not None:
-        kw["iterations"] = int(opts.iterations)
+    if opts.iterations is not None:  # the finest level's; coarser levels keep their defaults
+        kw["iterations"] = (*refmod.DEFAULT_ITERATIONS[:-1], int(opts.iterations))
     variant = opts.refine
     if variant == "IS" and segmenter is None:
         fallbacks.append("refine: no segmenter available; variant I used instead of IS")
