@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,10 @@ def test_segment_job_through_worker(sample, tmp_path):
     assert m["stages"][1]["cpu_seconds"] > 0 and m["stages"][2]["cpu_seconds"] > 0
     assert set(m["summary"]["cpu_seconds"]) == set(m["summary"]["seconds"])
     assert m["parameters"]["refine"] == "I" and m["inputs"]["target"] == sample["target"]
+    # the job's single iteration count is the finest level's; coarser levels keep refine's defaults
+    from MASRefineLib.refine import DEFAULT_ITERATIONS
+    report = json.loads(next(Path(e["abs_path"]) for e in roles["report"]).read_text())
+    assert report["info"]["refinement"]["iterations"] == [*DEFAULT_ITERATIONS[:-1], 8]
 
     # the fused labels: values of the atlas set, names and colours in the seg.nrrd, target geometry
     seg = next(e for e in roles["fused-labels"] if e["format"] == "seg.nrrd")
