@@ -159,7 +159,10 @@ def _onehot_argmax(flat: torch.Tensor, idx: torch.Tensor, size: tuple[int, int, 
     of the label volume ``flat`` (int32, x fastest); corners outside the volume are background 0."""
     lo = torch.floor(idx)
     frac = (idx - lo).to(torch.float32)
-    lo = lo.to(torch.int64)
+    # int32 flat indices when the volume allows: index_select with an int32 index is ~3x faster than
+    # int64 fancy indexing (the gathers below are most of a label warp's time)
+    itype = torch.int32 if size[0] * size[1] * size[2] < 2 ** 31 - 1 else torch.int64
+    lo = lo.clamp(-2, max(size) + 1).to(itype)  # clamped where both corners are outside anyway (no overflow)
     per_axis = []  # for each axis: [(clamped index * stride, inside, weight) for offset 0, 1]
     stride = 1
     for a, n in enumerate(size):
@@ -174,7 +177,7 @@ def _onehot_argmax(flat: torch.Tensor, idx: torch.Tensor, size: tuple[int, int, 
     labs, weights = [], []
     for corner in range(8):
         (ix, inx, wx), (iy, iny, wy), (iz, inz, wz) = (per_axis[a][(corner >> a) & 1] for a in range(3))
-        lab = flat[ix + iy + iz]
+        lab = flat.index_select(0, ix + iy + iz)
         labs.append(torch.where(inx & iny & inz, lab, torch.zeros_like(lab)))
         weights.append(wx * wy * wz)
     result = labs[0].clone()
