@@ -194,6 +194,18 @@ def test_onehot_label_warp_equals_argmax_of_interpolated_indicators(ixi_crop):
     ours = warp_labels(t, mgrid, field, tgrid, method="onehot")[0, 0].numpy()
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(ours[clear], ref[clear])
+    # shifted far (many voxels) beyond one side: sample points outside the map are background, as in
+    # the one-hot reference with zero padding
+    far = field.clone()
+    far[:, 0] += 0.6 * tgrid.size[0] * tgrid.spacing[0]
+    pf = warp(onehot, mgrid, far, tgrid, padding="zeros")
+    pf[:, values.index(0)] += 1.0 - warp(torch.ones_like(t, dtype=torch.float32), mgrid, far, tgrid)[:, 0]
+    t2 = pf.topk(2, dim=1).values
+    cf = (t2[:, 0] - t2[:, 1] > 1e-4)[0].numpy()
+    rf = torch.as_tensor(values)[pf.argmax(dim=1)][0].numpy()
+    of = warp_labels(t, mgrid, far, tgrid, method="onehot")[0, 0].numpy()
+    assert (rf[cf] == 0).mean() > 0.3 and (rf[cf] != 0).any()
+    np.testing.assert_array_equal(of[cf], rf[cf])
     # restricting the allowed values: a removed label is never assigned
     drop = values[len(values) // 2]
     restricted = warp_labels(t, mgrid, field, tgrid, values=[v for v in values if v != drop])[0, 0].numpy()
