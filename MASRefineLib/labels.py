@@ -133,7 +133,7 @@ def label_values(labels) -> list[int]:
     if not np.issubdtype(a.dtype, np.integer):
         raise ValueError("label_values needs an integer label map")
     if int(a.min()) >= 0 and int(a.max()) < 1 << 16:
-        return np.flatnonzero(np.bincount(a)).tolist()
+        return np.flatnonzero(np.bincount(a.astype(np.intp, copy=False))).tolist()  # uint64 maps too
     return np.unique(a).tolist()
 
 

@@ -159,5 +159,6 @@ def test_label_values_equals_unique(ixi_crop):
     odd = np.array([[70000, -3], [5, 5]], dtype=np.int64)
     assert label_values(odd) == [-3, 5, 70000] == label_values(torch.from_numpy(odd))
     assert label_values(np.zeros((0, 3), np.uint16)) == []
+    assert label_values(np.array([3, 1, 3], np.uint64)) == [1, 3]  # SimpleITK's UInt64 label maps
     with pytest.raises(ValueError, match="integer"):
         label_values(np.ones(3, np.float32))
