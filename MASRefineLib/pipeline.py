@@ -529,34 +529,11 @@ def refine_stage(ws: WarpedSet, target_arr: np.ndarray, opts: SegmentOptions, se
     if opts.iterations is not None:  # the finest level's; coarser levels keep their defaults
         kw["iterations"] = (*refmod.DEFAULT_ITERATIONS[:-1], int(opts.iterations))
     variant = opts.refine
-    if variant == "IS" and segmenter is not None:
-        msg = surrogate_warning(segmenter)
-        if msg:
-            log.warning(msg)
     if variant == "IS" and segmenter is None:
         fallbacks.append("refine: no segmenter available; variant I used instead of IS")
         log.warning("no surrogate segmenter available: refinement variant I instead of IS")
         variant = "I"
     return refmod.refine(ws, target_arr, variant, segmenter=segmenter, device=device, progress=progress, **kw)
-
-
-#: validation Dice of the surrogate U-Net below which IS refinement is expected to hurt. Measured: knee
-#: segmenters at 0.62 and 0.78 improved the warped atlases' cartilage (docs/refinement.md); an IXI one at
-#: 0.11 (148 structures, 40 epochs on the CPU) lowered the pipeline's IXI Dice from 0.70 to 0.60
-#: (docs/pipeline.md, session 4)
-SURROGATE_MIN_DICE = 0.5
-
-
-def surrogate_warning(segmenter) -> Optional[str]:
-    """A one-line warning when the surrogate segmenter's stored validation Dice is below
-    :data:`SURROGATE_MIN_DICE` (IS would pull the atlases towards a poor segmentation), else None."""
-    val = (getattr(segmenter, "meta", None) or {}).get("validation") or {}
-    dice = val.get("mean_dice")
-    if dice is None or dice >= SURROGATE_MIN_DICE:
-        return None
-    return (f"the surrogate segmenter's validation Dice is {dice:.2f} (below {SURROGATE_MIN_DICE}): refinement IS "
-            f"may make the atlases worse; train it longer ('masrefine train segmenter ATLAS_DIR --epochs N') "
-            f"or use refinement I")
 
 
 def votenet_model_path(aset, prereg: str | None = None) -> Optional[Path]:

@@ -50,6 +50,7 @@ the *original* atlas image and label map once (one interpolation; labels one-hot
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -71,6 +72,8 @@ from .losses import bending_energy, ncc, soft_dice_loss
 from .progress import ProgressCallback, report
 from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
 from .warped import WarpedAtlas, WarpedSet
+
+log = logging.getLogger(__name__)
 
 VARIANTS = ("I", "IS")
 DEFAULT_ALPHA = 3.0
@@ -434,6 +437,26 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
     return f.detach(), terms
 
 
+#: validation Dice of the surrogate U-Net below which IS refinement is expected to hurt. Measured: knee
+#: segmenters at 0.62 and 0.78 improved the warped atlases' cartilage (docs/refinement.md); an IXI one at
+#: 0.11 (148 structures, 40 epochs on the CPU) lowered the pipeline's IXI Dice from 0.70 to 0.60
+#: (docs/pipeline.md, session 4); refine() logs it, so the pipeline, the worker's events and
+#: 'masrefine refine' all show it
+SURROGATE_MIN_DICE = 0.5
+
+
+def surrogate_warning(segmenter) -> str | None:
+    """A one-line warning when the surrogate segmenter's stored validation Dice is below
+    :data:`SURROGATE_MIN_DICE` (IS would pull the atlases towards a poor segmentation), else None."""
+    val = (getattr(segmenter, "meta", None) or {}).get("validation") or {}
+    dice = val.get("mean_dice")
+    if dice is None or dice >= SURROGATE_MIN_DICE:
+        return None
+    return (f"the surrogate segmenter's validation Dice is {dice:.2f} (below {SURROGATE_MIN_DICE}): refinement IS "
+            f"may make the atlases worse; train it longer ('masrefine train segmenter ATLAS_DIR --epochs N') "
+            f"or use refinement I")
+
+
 # ---------------------------------------------------------------------------------------------
 # the public entry point
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +506,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     if variant == "IS" and segmenter is None:
         raise MASRefineError("refinement variant IS needs a segmenter (train one with "
                              "'masrefine train segmenter ATLAS_DIR', or use variant I)")
+    if variant == "IS" and (msg := surrogate_warning(segmenter)):
+        log.warning(msg)
     if not warped.atlases:
         raise MASRefineError("nothing to refine: the registered set has no atlases")
     if gamma < 0 or alpha < 0 or folding_weight < 0:
@@ -594,4 +619,5 @@ def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch
 
 __all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
            "normalized_displacement", "RefineSettings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
-           "DEFAULT_ITERATIONS", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "folding_barrier", "refinement_field_error"]
+           "DEFAULT_ITERATIONS", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "folding_barrier", "refinement_field_error",
+           "SURROGATE_MIN_DICE", "surrogate_warning"]

@@ -144,14 +144,3 @@ def test_missing_models_without_training_name_the_command(sample, tmp_path):
                 SegmentOptions(prereg="affine", refine="none", fusion="votenet", train_missing=False))
     assert not (tmp_path / "o" / MANIFEST_NAME).exists()
 
-
-def test_poor_surrogate_segmenter_is_warned_about():
-    from types import SimpleNamespace
-
-    from MASRefineLib.pipeline import SURROGATE_MIN_DICE, surrogate_warning
-
-    poor = SimpleNamespace(meta={"validation": {"mean_dice": 0.11}})
-    msg = surrogate_warning(poor)
-    assert msg and "0.11" in msg and "--epochs" in msg and "\n" not in msg
-    assert surrogate_warning(SimpleNamespace(meta={"validation": {"mean_dice": SURROGATE_MIN_DICE + 0.1}})) is None
-    assert surrogate_warning(SimpleNamespace(meta={})) is None  # nothing stored: nothing to judge

@@ -221,3 +221,21 @@ def test_folding_barrier_is_zero_without_folding_and_penalises_a_fold(case):
     # on every second voxel (the control nodes) it sees the same fold
     assert float(folding_barrier(folded, grid, stride=2)[0]) > 1.0
     assert float(folding_barrier(u, grid, stride=2)[0]) == 0.0
+
+
+def test_poor_surrogate_segmenter_is_warned_about(case, caplog):
+    from types import SimpleNamespace
+
+    from MASRefineLib.refine import SURROGATE_MIN_DICE, surrogate_warning
+
+    poor = SimpleNamespace(meta={"validation": {"mean_dice": 0.11}})
+    msg = surrogate_warning(poor)
+    assert msg and "0.11" in msg and "--epochs" in msg and "\n" not in msg
+    assert surrogate_warning(SimpleNamespace(meta={"validation": {"mean_dice": SURROGATE_MIN_DICE + 0.1}})) is None
+    assert surrogate_warning(SimpleNamespace(meta={})) is None  # nothing stored: nothing to judge
+    # refine() itself logs it (so the pipeline, the worker's events and 'masrefine refine' show it)
+    seg = IntensityClasses()
+    seg.meta = poor.meta
+    with caplog.at_level("WARNING", logger="MASRefineLib.refine"), pytest.raises(Cancelled):
+        refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", progress=cancel_after(1), **FAST)
+    assert any("validation Dice is 0.11" in r.getMessage() for r in caplog.records)
