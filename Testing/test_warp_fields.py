@@ -266,3 +266,8 @@ def test_folding_fraction_by_slabs_equals_whole_volume(ixi_crop):
     assert 0 < whole.item() < 1
     for slab in (1, 7, 16, 1000):
         assert torch.allclose(folding_fraction(field, grid, slab=slab), whole, atol=1e-7)
+    # the Jacobian map written for QA (also by slabs) is the whole-volume determinant, on the field's grid
+    from MASRefineLib.fields import jacobian_image
+    img = jacobian_image(field[0], grid)
+    assert grid.shape[0] > 16 and Grid.from_image(img).isclose(grid)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), jacobian_determinant(field, grid)[0].numpy())
