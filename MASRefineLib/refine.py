@@ -10,7 +10,10 @@ minimises (Eq. 3)::
 - ``L_seg`` (Eq. 5): soft multi-class Dice (:func:`losses.soft_dice_loss`, structures only) between the
   surrogate segmenter's class probabilities of the warped atlas image, ``S_src``, warped by ``f``, and
   of the target, ``S_tar``. Both are predicted once, before the optimisation. Variant ``"I"`` drops
-  this term; variant ``"IS"`` keeps it.
+  this term; variant ``"IS"`` keeps it. Beyond the paper, the structures the surrogate segments poorly
+  (stored validation Dice below ``seg_min_dice``, default 0.5) are left out of the Dice: with many
+  structures and few training subjects (IXI, 148 structures) a CPU-trained U-Net gets most of them wrong,
+  and their Dice pulls atlases away from a good registration (:func:`surrogate_structures`).
 - ``L_reg`` (Eq. 6): bending energy, mean over voxels of sum_i ||H(f_i)||_F^2
   (:func:`losses.bending_energy`, compact stencils including the mixed terms).
 
@@ -177,11 +180,15 @@ class RefineSettings:
     control: int = DEFAULT_CONTROL        # control points every `control` voxels of each level
     batch_size: int = DEFAULT_BATCH
     folding_weight: float = DEFAULT_FOLDING_WEIGHT
+    seg_min_dice: float = 0.0             # IS: structures below this surrogate validation Dice left out of L_seg
+    seg_structures: tuple[int, ...] | None = None  # IS: label values in L_seg (None: all, or variant I)
 
     def to_json(self) -> dict:
         return {"variant": self.variant, "alpha": self.alpha, "gamma_mm2": self.gamma,
                 "spacings_mm": list(self.spacings_mm), "iterations": list(self.iterations), "control": self.control,
-                "batch_size": self.batch_size, "folding_weight": self.folding_weight}
+                "batch_size": self.batch_size, "folding_weight": self.folding_weight,
+                "segmentation_min_dice": self.seg_min_dice,
+                "segmentation_structures": None if self.seg_structures is None else list(self.seg_structures)}
 
 
 def working_grids(grid: Grid, spacings_mm: Sequence[float] | None = None) -> list[Grid]:
@@ -440,20 +447,39 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
 #: validation Dice of the surrogate U-Net below which IS refinement is expected to hurt. Measured: knee
 #: segmenters at 0.62 and 0.78 improved the warped atlases' cartilage (docs/refinement.md); an IXI one at
 #: 0.11 (148 structures, 40 epochs on the CPU) lowered the pipeline's IXI Dice from 0.70 to 0.60
-#: (docs/pipeline.md, session 4); refine() logs it, so the pipeline, the worker's events and
-#: 'masrefine refine' all show it
+#: (docs/pipeline.md, session 4). The same threshold, per structure, decides which structures enter
+#: L_seg (:func:`surrogate_structures`); refine() logs the warning, so the pipeline, the worker's events
+#: and 'masrefine refine' all show it
 SURROGATE_MIN_DICE = 0.5
 
 
-def surrogate_warning(segmenter) -> str | None:
+def surrogate_structures(segmenter, min_dice: float = SURROGATE_MIN_DICE) -> list[int] | None:
+    """The segmenter's structure channels (1..K, its class order) whose stored per-label validation Dice is at
+    least ``min_dice``: the structures L_seg (Eq. 5) is taken over. A structure the surrogate cannot segment
+    gives the soft Dice a wrong target, so it would pull the atlas away from its (better) registration.
+    None (all structures, as the paper) when ``min_dice`` <= 0 or the segmenter stores no per-label Dice."""
+    per = ((getattr(segmenter, "meta", None) or {}).get("validation") or {}).get("dice_per_label")
+    values = getattr(segmenter, "label_values", None)
+    if float(min_dice) <= 0 or not per or values is None:
+        return None
+    return [c for c, v in enumerate(values) if c > 0 and float(per.get(str(int(v)), 0.0)) >= float(min_dice)]
+
+
+def surrogate_warning(segmenter, structures: Sequence[int] | None = None) -> str | None:
     """A one-line warning when the surrogate segmenter's stored validation Dice is below
-    :data:`SURROGATE_MIN_DICE` (IS would pull the atlases towards a poor segmentation), else None."""
+    :data:`SURROGATE_MIN_DICE` (IS would pull the atlases towards a poor segmentation), else None.
+    ``structures``: the channels kept by :func:`surrogate_structures` (named in the message)."""
     val = (getattr(segmenter, "meta", None) or {}).get("validation") or {}
     dice = val.get("mean_dice")
     if dice is None or dice >= SURROGATE_MIN_DICE:
         return None
-    return (f"the surrogate segmenter's validation Dice is {dice:.2f} (below {SURROGATE_MIN_DICE}): refinement IS "
-            f"may make the atlases worse; train it longer ('masrefine train segmenter ATLAS_DIR --epochs N') "
+    n_all = len(getattr(segmenter, "label_values", None) or [0]) - 1
+    kept = "" if structures is None else (
+        f"; L_seg uses only the {len(structures)} of {n_all} structures it segments with Dice >= "
+        f"{SURROGATE_MIN_DICE}" if structures else "; no structure reaches Dice "
+        f"{SURROGATE_MIN_DICE}, so IS runs as I")
+    return (f"the surrogate segmenter's validation Dice is {dice:.2f} (below {SURROGATE_MIN_DICE}){kept}: refinement "
+            f"IS may make the atlases worse; train it longer ('masrefine train segmenter ATLAS_DIR --epochs N') "
             f"or use refinement I")
 
 
@@ -465,7 +491,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
            spacings_mm: Sequence[float] | None = None, control: int = DEFAULT_CONTROL,
            folding_weight: float = DEFAULT_FOLDING_WEIGHT, segmenter: Segmenter | None = None, device: str | torch.device = "auto",
            batch_size: int = DEFAULT_BATCH, progress: ProgressCallback | None = None,
-           rewarp_from_source: bool = True) -> WarpedSet:
+           rewarp_from_source: bool = True, seg_min_dice: float = SURROGATE_MIN_DICE) -> WarpedSet:
     """Refine every atlas of ``warped`` towards ``target_image``; returns a new :class:`WarpedSet`
     (stage ``refined-I`` / ``refined-IS``).
 
@@ -491,6 +517,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         probabilities (:class:`MASRefineLib.segmenter.UNetSegmenter`).
     batch_size: atlases optimised together (memory grows linearly with it).
     progress: callback; may raise :class:`Cancelled` (checked every 10 iterations and between atlases).
+    seg_min_dice: IS takes L_seg over the structures the segmenter segments with at least this validation
+        Dice (stored with the model; :func:`surrogate_structures`); 0 = all structures, as the paper.
     rewarp_from_source: warp the original atlas files (``source_image``/``source_label``) with the
         composed field (one interpolation). Atlases without readable sources are re-warped from their
         warped image/labels instead (two interpolations; noted in their info).
@@ -506,7 +534,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     if variant == "IS" and segmenter is None:
         raise MASRefineError("refinement variant IS needs a segmenter (train one with "
                              "'masrefine train segmenter ATLAS_DIR', or use variant I)")
-    if variant == "IS" and (msg := surrogate_warning(segmenter)):
+    structures = surrogate_structures(segmenter, seg_min_dice) if variant == "IS" else None
+    if variant == "IS" and (msg := surrogate_warning(segmenter, structures)):
         log.warning(msg)
     if not warped.atlases:
         raise MASRefineError("nothing to refine: the registered set has no atlases")
@@ -522,9 +551,16 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     if isinstance(iterations, (int, np.integer)):
         iterations = [int(iterations)] * len(levels)
     iterations = [int(i) for i in iterations]
+    use_seg = variant == "IS" and structures != []
+    values = getattr(segmenter, "label_values", None)
+    used = None if structures is None or values is None else tuple(int(values[c]) for c in structures)
     settings = RefineSettings(variant, float(alpha), float(gamma), tuple(min(g.spacing) for g in levels),
-                              tuple(iterations), int(control), int(batch_size), float(folding_weight))
-    use_seg = variant == "IS"
+                              tuple(iterations), int(control), int(batch_size), float(folding_weight),
+                              float(seg_min_dice) if variant == "IS" else 0.0, used)
+
+    def kept(p: torch.Tensor) -> torch.Tensor:
+        """Background and the structures of L_seg (fewer channels to resample and sample, too)."""
+        return p if structures is None else p[:, [0, *structures]]
 
     target = image_tensor(_target_array(target_image, grid), dev)
     fine = levels[-1]
@@ -533,7 +569,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         tseg_levels = None
         if use_seg:
             report(progress, "refine", 0.0, "segmenting the target")
-            tseg = segmenter.predict(target, grid, staggered(fine)).to(dev)
+            tseg = kept(segmenter.predict(target, grid, staggered(fine))).to(dev)
             tseg_levels = [level_target(tseg, staggered(fine), g) for g in levels]
 
     n = len(warped.atlases)
@@ -547,7 +583,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         with torch.no_grad():
             images = torch.from_numpy(np.stack([warped.atlases[i].image for i in chunk])).unsqueeze(1).float().to(dev)
             seg_grid = staggered(fine)
-            mseg = segmenter.predict(images, grid, seg_grid).to(dev) if use_seg else None
+            mseg = kept(segmenter.predict(images, grid, seg_grid)).to(dev) if use_seg else None
         f, terms = optimise_field(images, grid, target_levels, levels, mseg, seg_grid, tseg_levels, alpha, gamma,
                                   iterations, control, folding_weight=folding_weight, progress=progress,
                                   stage="refine", fraction=frac, ids=ids)
@@ -620,4 +656,4 @@ def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch
 __all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
            "normalized_displacement", "RefineSettings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
            "DEFAULT_ITERATIONS", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "folding_barrier", "refinement_field_error",
-           "SURROGATE_MIN_DICE", "surrogate_warning"]
+           "SURROGATE_MIN_DICE", "surrogate_structures", "surrogate_warning"]

@@ -239,3 +239,35 @@ def test_poor_surrogate_segmenter_is_warned_about(case, caplog):
     with caplog.at_level("WARNING", logger="MASRefineLib.refine"), pytest.raises(Cancelled):
         refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", progress=cancel_after(1), **FAST)
     assert any("validation Dice is 0.11" in r.getMessage() for r in caplog.records)
+
+
+def test_is_leaves_out_the_structures_the_surrogate_cannot_segment(case, refined_I, caplog):
+    from MASRefineLib.refine import surrogate_structures
+
+    seg = IntensityClasses()
+    seg.label_values = [0, 10, 20]
+    seg.meta = {"validation": {"mean_dice": 0.3, "dice_per_label": {"10": 0.9, "20": 0.1}}}
+    assert surrogate_structures(seg) == [1] and surrogate_structures(seg, 0.0) is None
+    with caplog.at_level("WARNING", logger="MASRefineLib.refine"):
+        part = refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", **FAST)
+    assert any("only the 1 of 2 structures" in r.getMessage() for r in caplog.records)
+    r = part.atlases[0].info["refinement"]
+    assert r["segmentation_structures"] == [10] and r["segmentation_min_dice"] == 0.5
+
+    class FirstStructureOnly(IntensityClasses):  # the same surrogate without the unreliable class
+        def predict(self, images, grid, out_grid=None):
+            return super().predict(images, grid, out_grid)[:, :2]
+
+    alone = refine(case["ws"], case["target"], "IS", segmenter=FirstStructureOnly(), device="cpu", seg_min_dice=0.0,
+                   **FAST)
+    assert alone.atlases[0].info["refinement"]["segmentation_structures"] is None
+    assert r["segmentation_before"] == pytest.approx(alone.atlases[0].info["refinement"]["segmentation_before"])
+    np.testing.assert_allclose(part.atlases[0].field, alone.atlases[0].field, atol=1e-4)
+    # with every structure kept (the paper) the Dice term is a different one
+    every = refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", seg_min_dice=0.0, **FAST)
+    assert abs(every.atlases[0].info["refinement"]["segmentation_before"] - r["segmentation_before"]) > 1e-3
+    # no structure good enough: IS is I
+    seg.meta = {"validation": {"mean_dice": 0.15, "dice_per_label": {"10": 0.2, "20": 0.1}}}
+    none = refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", **FAST)
+    assert none.atlases[0].info["refinement"]["segmentation_structures"] == []
+    np.testing.assert_allclose(none.atlases[0].field, refined_I.atlases[0].field, atol=1e-4)

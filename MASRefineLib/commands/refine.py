@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..refine import DEFAULT_ALPHA, DEFAULT_CONTROL, DEFAULT_GAMMA
+    from ..refine import DEFAULT_ALPHA, DEFAULT_CONTROL, DEFAULT_GAMMA, SURROGATE_MIN_DICE
     p = sub.add_parser(
         "refine", help="refine pre-registered atlases towards the target (VoteNet++, variants I and IS)",
         description="Optimise one more smooth displacement field per atlas: 1 - NCC(image) + alpha x soft Dice of a "
@@ -33,6 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--segmenter", metavar="PATH",
                    help="trained segmenter for IS: an atlas set, its models/ folder or segmenter.json (default: the "
                         "atlas set named in the registered report, if any)")
+    p.add_argument("--seg-min-dice", type=float, default=SURROGATE_MIN_DICE, metavar="D",
+                   help=f"IS: leave out of the soft Dice the structures the segmenter segments with a validation Dice "
+                        f"below D (default {SURROGATE_MIN_DICE:g}; 0 = all structures, as the paper)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="atlases optimised together (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm_progress(disable=args.quiet) as bar:
         out = refine(warped, target, variant, alpha=args.alpha, gamma=gamma, iterations=args.iterations,
                      spacings_mm=args.spacings, control=args.control, segmenter=segmenter, device=args.device,
-                     batch_size=args.batch_size if args.batch_size else DEFAULT_BATCH, progress=bar)
+                     batch_size=args.batch_size if args.batch_size else DEFAULT_BATCH, progress=bar,
+                     seg_min_dice=args.seg_min_dice)
     if out.target_path is None:
         out.target_path = str(args.target)
     out.save(args.out)
