@@ -133,7 +133,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write ``image`` atomically (see :func:`atomic_path`)."""
+    """Write ``image`` atomically (see :func:`atomic_path`). ``compress``: gzip (where the format has it).
+
+    Float32 volumes (warped images, displacement fields, Jacobian maps) are written raw, ``.nrrd`` with
+    ``compress=False``: gzip saves only 9-16 % of their size (the low mantissa bits are noise) for 0.7-2 CPU s
+    per file on a knee grid (160 x 200 x 200), ~40 CPU s per 10-atlas pipeline run (docs/pipeline.md).
+    Label maps, weights and posteriors (mostly constant) compress well and stay gzipped."""
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, tmp, compress)
     return Path(path)

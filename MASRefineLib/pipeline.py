@@ -5,11 +5,12 @@ output folder::
 
     OUT/fused_labels.nii.gz, .seg.nrrd      fused segmentation (label values and names of the atlas set)
     OUT/posteriors/<value>_<name>.nii.gz    per-label posterior probability (float32, 0..1)
-    OUT/atlases/<id>_image.nii.gz           per atlas: refined warped image (normalised intensities)
+    OUT/atlases/<id>_image.nrrd             per atlas: refined warped image (normalised intensities)
     OUT/atlases/<id>_label.nii.gz, .seg.nrrd   refined warped labels
     OUT/atlases/<id>_field.nrrd             total displacement field (LPS mm; a Slicer grid transform)
-    OUT/atlases/<id>_jacobian.nii.gz        its Jacobian determinant
-    OUT/atlases/<id>_image_unrefined.nii.gz, <id>_label_unrefined.nii.gz   before refinement (compare)
+    OUT/atlases/<id>_jacobian.nrrd          its Jacobian determinant
+    OUT/atlases/<id>_image_unrefined.nrrd, <id>_label_unrefined.nii.gz   before refinement (compare)
+    (float32 volumes are written raw, labels and maps gzipped: imageio.write_image)
     OUT/atlases/<id>_weights.nii.gz         fusion weight map (methods that have one)
     OUT/atlases/report.json                 the WarpedSet report (per-atlas info)
     OUT/qa.csv, OUT/qa.png                  per-atlas QA numbers and the QA montage
@@ -366,12 +367,13 @@ def _write_atlases(out: Path, ws: WarpedSet, pre: Optional[WarpedSet], fused: Fu
 
     def extras(i: int, a) -> Callable[[], list[tuple[Path, str, str]]]:
         def write() -> list[tuple[Path, str, str]]:
-            done = [(write_image(jacobian_image(a.field, grid), adir / f"{a.id}_jacobian.nii.gz"),
+            done = [(write_image(jacobian_image(a.field, grid), adir / f"{a.id}_jacobian.nrrd", compress=False),
                      "volume", "atlas-jacobian")]
             b = unrefined.get(a.id)
             if b is not None:
                 done.append((write_image(array_to_image(b.image.astype(np.float32), grid),
-                                         adir / f"{a.id}_image_unrefined.nii.gz"), "volume", "atlas-image-unrefined"))
+                                         adir / f"{a.id}_image_unrefined.nrrd", compress=False),
+                             "volume", "atlas-image-unrefined"))
                 done.append((write_image(array_to_image(b.label.astype(np.uint16), grid),
                                          adir / f"{a.id}_label_unrefined.nii.gz"),
                              "segmentation", "atlas-labels-unrefined"))

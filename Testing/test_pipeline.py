@@ -97,7 +97,7 @@ def test_segment_job_through_worker(sample, tmp_path):
     tr = next(i for i in a2 if i["kind"] == "transform")
     assert tr["fixed"] == "target" and tr["moving"].endswith("knee02.nii.gz") and os.path.isfile(tr["moving"])
     assert next(i for i in a2 if i["role"] == "atlas-labels")["path"].endswith(".seg.nrrd")
-    assert next(i for i in a2 if i["role"] == "atlas-image-unrefined")["compare_with"].endswith("knee02_image.nii.gz")
+    assert next(i for i in a2 if i["role"] == "atlas-image-unrefined")["compare_with"].endswith("knee02_image.nrrd")
     assert len([i for i in full if i["role"] == "posterior"]) == 4
     assert all(i["folder"][0] == "MASRefine target01" for i in full)
     with pytest.raises(KeyError):

@@ -246,7 +246,7 @@ def test_cli_writes_outputs_and_skips_a_bad_atlas(brains, tmp_path):
     assert ws.ids == ["s1", "s2"] and ws.stage == "deformable"
     assert [f["id"] for f in ws.failed] == ["bad"] and "constant" in ws.failed[0]["error"]
     for aid in ws.ids:
-        for name in ("image.nii.gz", "label.nii.gz", "label.seg.nrrd", "field.nrrd"):
+        for name in ("image.nrrd", "label.nii.gz", "label.seg.nrrd", "field.nrrd"):
             assert (out / f"{aid}_{name}").exists()
     report = json.loads((out / "report.json").read_text())
     for entry in report["atlases"]:
