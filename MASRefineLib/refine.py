@@ -71,7 +71,7 @@ from .fields import folding_fraction, jacobian_determinant
 from .geometry import Grid
 from .imageio import normalize_intensity, read_image, read_label, resample_image
 from .labels import label_values
-from .losses import bending_energy, ncc, soft_dice_loss
+from .losses import bending_energy, lncc, ncc, soft_dice_loss
 from .progress import ProgressCallback, report
 from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
 from .warped import WarpedAtlas, WarpedSet
@@ -95,6 +95,9 @@ DEFAULT_CONTROL = 2
 DEFAULT_FOLDING_WEIGHT = 10.0
 #: Jacobian determinant below which the barrier starts
 FOLDING_MARGIN = 0.2
+#: image similarity of Eq. 4: "ncc" (global, the paper) or "lncc" (local NCC over LNCC_WINDOW voxels of each level)
+SIMILARITIES = ("ncc", "lncc")
+LNCC_WINDOW = 5
 #: atlases per L-BFGS run; measured on one CPU thread (knee, 4 atlases): batch 2 took 22 CPU s per atlas, batch 4 took 41
 DEFAULT_BATCH = 2
 
@@ -180,13 +183,14 @@ class RefineSettings:
     control: int = DEFAULT_CONTROL        # control points every `control` voxels of each level
     batch_size: int = DEFAULT_BATCH
     folding_weight: float = DEFAULT_FOLDING_WEIGHT
+    similarity: str = "ncc"               # Eq. 4: global NCC (paper) or "lncc"
     seg_min_dice: float = 0.0             # IS: structures below this surrogate validation Dice left out of L_seg
     seg_structures: tuple[int, ...] | None = None  # IS: label values in L_seg (None: all, or variant I)
 
     def to_json(self) -> dict:
         return {"variant": self.variant, "alpha": self.alpha, "gamma_mm2": self.gamma,
                 "spacings_mm": list(self.spacings_mm), "iterations": list(self.iterations), "control": self.control,
-                "batch_size": self.batch_size, "folding_weight": self.folding_weight,
+                "batch_size": self.batch_size, "folding_weight": self.folding_weight, "similarity": self.similarity,
                 "segmentation_min_dice": self.seg_min_dice,
                 "segmentation_structures": None if self.seg_structures is None else list(self.seg_structures)}
 
@@ -343,7 +347,7 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
                    target_seg: Sequence[torch.Tensor] | None = None,
                    alpha: float = DEFAULT_ALPHA, gamma: float = DEFAULT_GAMMA,
                    iterations: Sequence[int] = DEFAULT_ITERATIONS, control: int = DEFAULT_CONTROL,
-                   folding_weight: float = DEFAULT_FOLDING_WEIGHT,
+                   folding_weight: float = DEFAULT_FOLDING_WEIGHT, similarity: str = "ncc",
                    progress: ProgressCallback | None = None, stage: str = "refine",
                    fraction: tuple[float, float] = (0.0, 1.0), ids: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
     """Minimise Eq. 3 for a batch of warped atlases; returns (f on ``levels[-1]`` (B, 3, ...) mm, terms).
@@ -389,7 +393,8 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
 
         def evaluate(field: torch.Tensor) -> _Terms:
             w = sample(mov, sg, pts + field.permute(0, 2, 3, 4, 1), padding="border")
-            sim = 1.0 - ncc(w[:, :1], tgt.expand(b, -1, -1, -1, -1))
+            tb = tgt.expand(b, -1, -1, -1, -1)
+            sim = 1.0 - (ncc(w[:, :1], tb) if similarity == "ncc" else lncc(w[:, :1], tb, LNCC_WINDOW))
             seg = None
             if use_seg:
                 # channels 1.. of w are the structures (0 is the image); Eq. 5 runs over structures only
@@ -491,7 +496,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
            spacings_mm: Sequence[float] | None = None, control: int = DEFAULT_CONTROL,
            folding_weight: float = DEFAULT_FOLDING_WEIGHT, segmenter: Segmenter | None = None, device: str | torch.device = "auto",
            batch_size: int = DEFAULT_BATCH, progress: ProgressCallback | None = None,
-           rewarp_from_source: bool = True, seg_min_dice: float = SURROGATE_MIN_DICE) -> WarpedSet:
+           rewarp_from_source: bool = True, seg_min_dice: float = SURROGATE_MIN_DICE,
+           similarity: str = "ncc") -> WarpedSet:
     """Refine every atlas of ``warped`` towards ``target_image``; returns a new :class:`WarpedSet`
     (stage ``refined-I`` / ``refined-IS``).
 
@@ -517,6 +523,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         probabilities (:class:`MASRefineLib.segmenter.UNetSegmenter`).
     batch_size: atlases optimised together (memory grows linearly with it).
     progress: callback; may raise :class:`Cancelled` (checked every 10 iterations and between atlases).
+    similarity: Eq. 4's image term: ``"ncc"`` (global normalised cross-correlation, the paper) or ``"lncc"``
+        (local NCC over :data:`LNCC_WINDOW` voxels of each working grid, as the deformable pre-registration).
     seg_min_dice: IS takes L_seg over the structures the segmenter segments with at least this validation
         Dice (stored with the model; :func:`surrogate_structures`); 0 = all structures, as the paper.
     rewarp_from_source: warp the original atlas files (``source_image``/``source_label``) with the
@@ -538,6 +546,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     structures = surrogate_structures(segmenter, seg_min_dice) if variant == "IS" else None
     if variant == "IS" and (msg := surrogate_warning(segmenter, structures)):
         log.warning(msg)
+    if similarity not in SIMILARITIES:
+        raise MASRefineError(f"unknown refinement similarity {similarity!r} (expected ncc or lncc)")
     if not warped.atlases:
         raise MASRefineError("nothing to refine: the registered set has no atlases")
     if gamma < 0 or alpha < 0 or folding_weight < 0:
@@ -557,7 +567,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     used = None if structures is None or values is None else tuple(int(values[c]) for c in structures)
     settings = RefineSettings(variant, float(alpha), float(gamma), tuple(min(g.spacing) for g in levels),
                               tuple(iterations), int(control), int(batch_size), float(folding_weight),
-                              float(seg_min_dice) if variant == "IS" else 0.0, used)
+                              similarity, float(seg_min_dice) if variant == "IS" else 0.0, used)
 
     def kept(p: torch.Tensor) -> torch.Tensor:
         """Background and the structures of L_seg (fewer channels to resample and sample, too)."""
@@ -586,7 +596,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
             seg_grid = staggered(fine)
             mseg = kept(segmenter.predict(images, grid, seg_grid)).to(dev) if use_seg else None
         f, terms = optimise_field(images, grid, target_levels, levels, mseg, seg_grid, tseg_levels, alpha, gamma,
-                                  iterations, control, folding_weight=folding_weight, progress=progress,
+                                  iterations, control, folding_weight=folding_weight, similarity=similarity,
+                                  progress=progress,
                                   stage="refine", fraction=frac, ids=ids)
         del images, mseg
         t_opt, c_opt = time.perf_counter() - t0, time.process_time() - c0
@@ -659,4 +670,4 @@ def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch
 __all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
            "normalized_displacement", "RefineSettings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
            "DEFAULT_ITERATIONS", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "folding_barrier", "refinement_field_error",
-           "SURROGATE_MIN_DICE", "surrogate_structures", "surrogate_warning"]
+           "SURROGATE_MIN_DICE", "surrogate_structures", "surrogate_warning", "SIMILARITIES", "LNCC_WINDOW"]

@@ -271,3 +271,11 @@ def test_is_leaves_out_the_structures_the_surrogate_cannot_segment(case, refined
     none = refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", **FAST)
     assert none.atlases[0].info["refinement"]["segmentation_structures"] == []
     np.testing.assert_allclose(none.atlases[0].field, refined_I.atlases[0].field, atol=1e-4)
+
+
+def test_local_ncc_similarity_is_optimised_and_unknown_ones_refused(case):
+    with pytest.raises(MASRefineError, match="similarity 'mi'"):
+        refine(case["ws"], case["target"], "I", similarity="mi", device="cpu", **FAST)
+    out = refine(case["ws"], case["target"], "I", similarity="lncc", device="cpu", **FAST)
+    r = out.atlases[0].info["refinement"]
+    assert r["similarity"] == "lncc" and r["similarity_after"] < r["similarity_before"] - 0.01

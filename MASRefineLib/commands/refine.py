@@ -33,6 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--segmenter", metavar="PATH",
                    help="trained segmenter for IS: an atlas set, its models/ folder or segmenter.json (default: the "
                         "atlas set named in the registered report, if any)")
+    p.add_argument("--similarity", default="ncc", choices=["ncc", "lncc"],
+                   help="image term: global NCC (the paper, default) or local NCC")
     p.add_argument("--seg-min-dice", type=float, default=SURROGATE_MIN_DICE, metavar="D",
                    help=f"IS: leave out of the soft Dice the structures the segmenter segments with a validation Dice "
                         f"below D (default {SURROGATE_MIN_DICE:g}; 0 = all structures, as the paper)")
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         out = refine(warped, target, variant, alpha=args.alpha, gamma=gamma, iterations=args.iterations,
                      spacings_mm=args.spacings, control=args.control, segmenter=segmenter, device=args.device,
                      batch_size=args.batch_size if args.batch_size else DEFAULT_BATCH, progress=bar,
-                     seg_min_dice=args.seg_min_dice)
+                     seg_min_dice=args.seg_min_dice, similarity=args.similarity)
     if out.target_path is None:
         out.target_path = str(args.target)
     out.save(args.out)
