@@ -100,3 +100,16 @@ def test_box_mean_gradient():
     for w in (3, 9):
         x = torch.rand(1, 2, 5, 6, 10, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda t: box_mean(t, w), (x,))
+
+
+def test_lncc_with_the_fixed_images_moments_gives_the_same_loss_and_gradient(ixi_crop):
+    """Registration computes the target's local moments once per level (losses.box_moments): same numbers."""
+    from MASRefineLib.losses import box_moments
+    b = image_tensor(normalize_intensity(sitk.GetArrayFromImage(ixi_crop[0])))
+    a = torch.cat([torch.roll(b, s, dims=-1) for s in (1, 3)]).requires_grad_(True)  # two "atlases"
+    for w in (5, 9):
+        plain = lncc(a, b.expand_as(a), w)
+        (g_plain,) = torch.autograd.grad(plain.sum(), a)
+        fast = lncc(a, b.expand_as(a), w, box_moments(b, w))
+        (g_fast,) = torch.autograd.grad(fast.sum(), a)
+        assert float(plain.min()) > 0.05 and torch.equal(plain, fast) and torch.equal(g_plain, g_fast)

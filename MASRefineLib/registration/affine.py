@@ -63,15 +63,22 @@ def initial_matrices(target: sitk.Image, atlases: list[sitk.Image], mode: str) -
     return torch.as_tensor(np.stack(mats), dtype=torch.float64)
 
 
-def similarity_loss(kind: str, warped: torch.Tensor, target: torch.Tensor, window: int = 5) -> torch.Tensor:
-    """Per-atlas loss (B,) to minimise for similarity ``kind`` (ncc, lncc, mse), plus the similarity itself."""
+def similarity_loss(kind: str, warped: torch.Tensor, target: torch.Tensor, window: int = 5,
+                    target_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-atlas loss (B,) to minimise for similarity ``kind`` (ncc, lncc, mse). ``target_moments``: for lncc,
+    :func:`target_moments` of ``target`` (once per level)."""
     if kind == "ncc":
         return 1.0 - losses.ncc(warped, target.expand_as(warped))
     if kind == "lncc":
-        return 1.0 - losses.lncc(warped, target.expand_as(warped), window)
+        return 1.0 - losses.lncc(warped, target.expand_as(warped), window, target_moments)
     if kind == "mse":
         return losses.mse(warped, target.expand_as(warped))
     raise ValueError(f"unknown similarity {kind!r}")
+
+
+def target_moments(kind: str, target: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fixed target's local moments for :func:`similarity_loss` (lncc only; None otherwise)."""
+    return losses.box_moments(target, window) if kind == "lncc" else None
 
 
 def cosine_lr(lr: float, it: int, n: int, floor: float = 0.05) -> float:
@@ -116,12 +123,13 @@ def optimize_affine(target: TargetPyramid, atlases: AtlasPyramid, init: torch.Te
         spacing = target.spacing(shrink)
         tgt, grid = target.levels[spacing]
         q = grid_points(grid, dev, torch.float32).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, Z, Y, X) mm
+        tmom = target_moments(params.affine_similarity, tgt, params.lncc_window)
         for it in range(n_it):
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lr, it, n_it)
             opt.zero_grad(set_to_none=True)
             warped = atlases.sample(spacing, matrices().float(), q)
-            loss = similarity_loss(params.affine_similarity, warped, tgt, params.lncc_window)
+            loss = similarity_loss(params.affine_similarity, warped, tgt, params.lncc_window, tmom)
             loss.sum().backward()
             opt.step()
             sim = (1.0 - loss.detach()) if params.affine_similarity != "mse" else -loss.detach()

@@ -16,7 +16,7 @@ import torch
 from .. import losses
 from ..geometry import Grid
 from ..warp import affine_to_field, compose, grid_points, resample_field
-from .affine import Tick, cosine_lr, similarity_loss
+from .affine import Tick, cosine_lr, similarity_loss, target_moments
 from .params import RegistrationParams
 from .pyramid import AtlasPyramid, TargetPyramid, working_grid
 
@@ -93,13 +93,14 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
         p = grid_points(grid, dev).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, Z, Y, X) mm
         h = float(np.mean(cgrid.spacing))  # bending measured in control-grid voxels: u / h over x / h
         cspacing = tuple(sp / h for sp in cgrid.spacing)
+        tmom = target_moments(params.similarity, tgt, params.lncc_window)
         for it in range(n_it):
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lr, it, n_it)
             opt.zero_grad(set_to_none=True)
             d = resample_field(control_displacement(theta, cgrid, params), cgrid, grid)
             warped = atlases.sample(spacing, mats, p + d)
-            dissim = similarity_loss(params.similarity, warped, tgt, params.lncc_window)
+            dissim = similarity_loss(params.similarity, warped, tgt, params.lncc_window, tmom)
             loss = dissim
             if params.bending_weight > 0:
                 loss = loss + params.bending_weight * losses.bending_energy(theta / h, cspacing)
