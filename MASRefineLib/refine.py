@@ -13,7 +13,8 @@ minimises (Eq. 3)::
   this term; variant ``"IS"`` keeps it. Beyond the paper, the structures the surrogate segments poorly
   (stored validation Dice below ``seg_min_dice``, default 0.5) are left out of the Dice: with many
   structures and few training subjects (IXI, 148 structures) a CPU-trained U-Net gets most of them wrong,
-  and their Dice pulls atlases away from a good registration (:func:`surrogate_structures`).
+  and their Dice pulls atlases away from a good registration (:func:`surrogate_structures`). On IXI this
+  was not enough: IS still lowered the Dice with a 0.45 surrogate (docs/refinement.md, docs/pipeline.md).
 - ``L_reg`` (Eq. 6): bending energy, mean over voxels of sum_i ||H(f_i)||_F^2
   (:func:`losses.bending_energy`, compact stencils including the mixed terms).
 
