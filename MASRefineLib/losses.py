@@ -147,6 +147,25 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _flat((a - b) ** 2).mean(1)
 
 
+def similarity_loss(kind: str, warped: torch.Tensor, target: torch.Tensor, window: int = 5,
+                    moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-atlas loss (B,) to minimise for image similarity ``kind`` (ncc, lncc, mse) of ``warped`` (B, 1, ...)
+    against the fixed ``target`` (1, 1, ...): the one dispatch registration and refinement share.
+    ``moments``: for lncc, :func:`target_moments` of ``target`` (once per level)."""
+    if kind == "ncc":
+        return 1.0 - ncc(warped, target.expand_as(warped))
+    if kind == "lncc":
+        return 1.0 - lncc(warped, target.expand_as(warped), window, moments)
+    if kind == "mse":
+        return mse(warped, target.expand_as(warped))
+    raise ValueError(f"unknown similarity {kind!r}")
+
+
+def target_moments(kind: str, target: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fixed target's local moments for :func:`similarity_loss` (lncc only; None otherwise)."""
+    return box_moments(target, window) if kind == "lncc" else None
+
+
 def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, include_background: bool = False) -> torch.Tensor:
     """Soft multi-class Dice loss (paper Eq. 5) per batch item (B,), in [0, 1].
 

@@ -72,7 +72,7 @@ from .fields import folding_fraction, jacobian_determinant
 from .geometry import Grid
 from .imageio import normalize_intensity, read_image, read_label, resample_image
 from .labels import label_values
-from .losses import bending_energy, box_moments, lncc, ncc, soft_dice_loss
+from .losses import bending_energy, similarity_loss, soft_dice_loss, target_moments
 from .progress import ProgressCallback, report
 from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
 from .warped import WarpedAtlas, WarpedSet
@@ -387,7 +387,7 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
             channels.append(_resample(moving_seg[:, 1:], seg_grid or moving_grid, sg))
         mov = torch.cat(channels, 1)
         tgt = target[li]
-        tmom = box_moments(tgt, LNCC_WINDOW) if similarity == "lncc" else None  # the target's half, once
+        tmom = target_moments(similarity, tgt, LNCC_WINDOW)  # lncc: the target's half, once per level
         tseg = target_seg[li] if use_seg else None
         pts = grid_points(g, mov.device).unsqueeze(0)
         if f is None:
@@ -398,8 +398,7 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
 
         def evaluate(field: torch.Tensor) -> _Terms:
             w = sample(mov, sg, pts + field.permute(0, 2, 3, 4, 1), padding="border")
-            tb = tgt.expand(b, -1, -1, -1, -1)
-            sim = 1.0 - (ncc(w[:, :1], tb) if similarity == "ncc" else lncc(w[:, :1], tb, LNCC_WINDOW, tmom))
+            sim = similarity_loss(similarity, w[:, :1], tgt, LNCC_WINDOW, tmom)
             seg = None
             if use_seg:
                 # channels 1.. of w are the structures (0 is the image); Eq. 5 runs over structures only
@@ -548,11 +547,11 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     if variant == "IS" and segmenter is None:
         raise MASRefineError("refinement variant IS needs a segmenter (train one with "
                              "'masrefine train segmenter ATLAS_DIR', or use variant I)")
+    if similarity not in SIMILARITIES:
+        raise MASRefineError(f"unknown refinement similarity {similarity!r} (expected ncc or lncc)")
     structures = surrogate_structures(segmenter, seg_min_dice) if variant == "IS" else None
     if variant == "IS" and (msg := surrogate_warning(segmenter, structures)):
         log.warning(msg)
-    if similarity not in SIMILARITIES:
-        raise MASRefineError(f"unknown refinement similarity {similarity!r} (expected ncc or lncc)")
     if not warped.atlases:
         raise MASRefineError("nothing to refine: the registered set has no atlases")
     if gamma < 0 or alpha < 0 or folding_weight < 0:

@@ -12,8 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .. import losses
 from ..geometry import Grid
+from ..losses import similarity_loss, target_moments
 from ..warp import grid_points
 from .params import RegistrationParams
 from .pyramid import AtlasPyramid, TargetPyramid
@@ -61,24 +61,6 @@ def initial_matrices(target: sitk.Image, atlases: list[sitk.Image], mode: str) -
             m[:3, 3] = Grid.from_image(atlas).center_mm() - Grid.from_image(target).center_mm()
         mats.append(m)
     return torch.as_tensor(np.stack(mats), dtype=torch.float64)
-
-
-def similarity_loss(kind: str, warped: torch.Tensor, target: torch.Tensor, window: int = 5,
-                    target_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Per-atlas loss (B,) to minimise for similarity ``kind`` (ncc, lncc, mse). ``target_moments``: for lncc,
-    :func:`target_moments` of ``target`` (once per level)."""
-    if kind == "ncc":
-        return 1.0 - losses.ncc(warped, target.expand_as(warped))
-    if kind == "lncc":
-        return 1.0 - losses.lncc(warped, target.expand_as(warped), window, target_moments)
-    if kind == "mse":
-        return losses.mse(warped, target.expand_as(warped))
-    raise ValueError(f"unknown similarity {kind!r}")
-
-
-def target_moments(kind: str, target: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fixed target's local moments for :func:`similarity_loss` (lncc only; None otherwise)."""
-    return losses.box_moments(target, window) if kind == "lncc" else None
 
 
 def cosine_lr(lr: float, it: int, n: int, floor: float = 0.05) -> float:

@@ -16,7 +16,8 @@ import torch
 from .. import losses
 from ..geometry import Grid
 from ..warp import affine_to_field, compose, grid_points, resample_field
-from .affine import Tick, cosine_lr, similarity_loss, target_moments
+from ..losses import similarity_loss, target_moments
+from .affine import Tick, cosine_lr
 from .params import RegistrationParams
 from .pyramid import AtlasPyramid, TargetPyramid, working_grid
 
