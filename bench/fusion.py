@@ -120,10 +120,17 @@ def worker(job: dict) -> dict:
     return {"seconds": wall, "cpu_seconds": cpu, "peak_mb": max(0.0, peak), "threads": threads, **info}
 
 
+def _inputs(job: dict) -> tuple:
+    """What decides a cached result: the method, its model and parameters, and the registration folder
+    (keyed by its parameter digest, so a changed registration default never reuses an old fusion)."""
+    return job["method"], Path(job["registered"]).parent.name, Path(job["registered"]).name, \
+        Path(job["model"]).name if job.get("model") else None, json.dumps(job.get("params") or {}, sort_keys=True)
+
+
 def run_job(job: dict, result_path: Path) -> dict:
-    if result_path.exists():
-        return json.loads(result_path.read_text())
     jp = result_path.with_suffix(".job.json")
+    if result_path.exists() and jp.exists() and _inputs(json.loads(jp.read_text())) == _inputs(job):
+        return json.loads(result_path.read_text())
     jp.parent.mkdir(parents=True, exist_ok=True)
     jp.write_text(json.dumps(job))
     subprocess.run([sys.executable, __file__, "--worker", str(jp)], check=True)
