@@ -141,8 +141,11 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
             labels = sorted(set(np.unique(ref).tolist()) - {0})
             unet.append(summarize(dice_per_label(pred, ref, labels), groups))
         for start in args.starts:
-            base = CACHE / dataset / tid / start
-            ws0 = WarpedSet.load(D.registered(dataset, tid, atlas_ids, start, "default", device=args.device))
+            reg = D.registered(dataset, tid, atlas_ids, start, "default", device=args.device)
+            # refinements are cached per registration (its folder names the parameters' digest), so a changed
+            # registration default never pairs new unrefined atlases with old refined ones
+            base = CACHE / dataset / tid / start / reg.parent.name
+            ws0 = WarpedSet.load(reg)
             methods = [("none", None, None, None)]
             for v in args.variants:
                 for g in (args.gammas or [None]):
