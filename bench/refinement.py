@@ -152,6 +152,8 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
                     label = v if g is None else f"{v} g={g:g}"
                     if args.iterations:  # its own label, so its own cache folder and table row
                         label += " it" + "-".join(map(str, args.iterations))
+                    if args.similarity != "ncc":
+                        label += f" {args.similarity}"
                     methods.append((label, v, g, args.alpha))
             for label, variant, gamma, alpha in methods:
                 if variant is None:
@@ -164,6 +166,7 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
                         kw["alpha"] = alpha
                     if args.iterations:
                         kw["iterations"] = tuple(args.iterations)
+                    kw["similarity"] = args.similarity
                     folder = base / label.replace(" ", "_").replace("=", "")
                     if alpha is not None:
                         folder = folder.with_name(folder.name + f"_a{alpha:g}")
@@ -216,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["I", "IS"], choices=["I", "IS"])
     ap.add_argument("--gammas", type=float, nargs="+", help="refine with each of these gammas (mm^2) instead of the default")
     ap.add_argument("--alpha", type=float, default=None, help="alpha for IS (default: refine's)")
+    ap.add_argument("--similarity", choices=("ncc", "lncc"), default="ncc",
+                    help="refinement image term (default ncc, the paper's; lncc rows are labelled and cached apart)")
     ap.add_argument("--iterations", type=int, nargs="+", default=None, metavar="N",
                     help="L-BFGS iterations per working grid, coarse to fine (default: refine's); cached apart")
     ap.add_argument("--device", default="cpu")
