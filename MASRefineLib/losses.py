@@ -15,6 +15,13 @@ import torch
 import torch.nn.functional as F
 
 _EPS = 1e-5
+#: floor added to the product of the local variances in :func:`lncc`. The variances are *means* over a
+#: window of images normalised to [0, 1], so low-contrast tissue has va * vb ~ 1e-5..1e-4: a floor of 1e-5
+#: (this code until 2026-12-02) made identical images score far below 1 there, and the optimum moved
+#: *away* from the identity towards higher local variance (a test crop aligned exactly drifted 1.5 mm).
+#: VoxelMorph's 1e-5 is added to window *sums*, ~(window^3)^2 larger: 1e-5 / 125^2 = 6e-10 for a 5-voxel
+#: window. 1e-9 keeps only truly flat windows (std < ~0.006) out (docs/refinement.md, "The LNCC floor").
+LNCC_EPS = 1e-9
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -42,15 +49,16 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> t
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9,
-         b_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         b_moments: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = LNCC_EPS) -> torch.Tensor:
     """Local NCC (squared local correlation, as in VoxelMorph/ANTs' CC) averaged over voxels: (B,).
 
     ``window`` is the side of the cubic window in voxels. Loss: ``1 - lncc``. ``b_moments``: the fixed
     image's local moments, :func:`box_moments` of ``b`` (computed once per level instead of at every
-    iteration for every atlas; the same numbers).
+    iteration for every atlas; the same numbers). ``eps`` is added to the product of the local
+    variances (intensity units squared, squared: see :data:`LNCC_EPS`).
     """
     cov, va, vb = _local_moments(a, b, window, b_moments)
-    cc = cov * cov / (va * vb + _EPS)
+    cc = cov * cov / (va * vb + float(eps))
     return _flat(cc).mean(1)
 
 
@@ -148,14 +156,16 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def similarity_loss(kind: str, warped: torch.Tensor, target: torch.Tensor, window: int = 5,
-                    moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    moments: tuple[torch.Tensor, torch.Tensor] | None = None, lncc_eps: float = LNCC_EPS
+                    ) -> torch.Tensor:
     """Per-atlas loss (B,) to minimise for image similarity ``kind`` (ncc, lncc, mse) of ``warped`` (B, 1, ...)
     against the fixed ``target`` (1, 1, ...): the one dispatch registration and refinement share.
-    ``moments``: for lncc, :func:`target_moments` of ``target`` (once per level)."""
+    ``moments``: for lncc, :func:`target_moments` of ``target`` (once per level); ``lncc_eps``: :func:`lncc`'s
+    ``eps``."""
     if kind == "ncc":
         return 1.0 - ncc(warped, target.expand_as(warped))
     if kind == "lncc":
-        return 1.0 - lncc(warped, target.expand_as(warped), window, moments)
+        return 1.0 - lncc(warped, target.expand_as(warped), window, moments, lncc_eps)
     if kind == "mse":
         return mse(warped, target.expand_as(warped))
     raise ValueError(f"unknown similarity {kind!r}")

@@ -219,8 +219,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["I", "IS"], choices=["I", "IS"])
     ap.add_argument("--gammas", type=float, nargs="+", help="refine with each of these gammas (mm^2) instead of the default")
     ap.add_argument("--alpha", type=float, default=None, help="alpha for IS (default: refine's)")
-    ap.add_argument("--similarity", choices=("ncc", "lncc"), default="ncc",
-                    help="refinement image term (default ncc, the paper's; lncc rows are labelled and cached apart)")
+    ap.add_argument("--similarity", choices=("ncc", "lncc"), default="lncc",
+                    help="refinement image term (default lncc, refine's; its rows are labelled 'lncc' and cached apart "
+                         "from the paper's ncc, the unlabelled rows)")
     ap.add_argument("--iterations", type=int, nargs="+", default=None, metavar="N",
                     help="L-BFGS iterations per working grid, coarse to fine (default: refine's); cached apart")
     ap.add_argument("--device", default="cpu")

@@ -5,10 +5,11 @@ import argparse
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..refine import DEFAULT_ALPHA, DEFAULT_CONTROL, DEFAULT_GAMMA, SURROGATE_MIN_DICE
+    from ..refine import (DEFAULT_ALPHA, DEFAULT_CONTROL, DEFAULT_GAMMA, DEFAULT_SIMILARITY, SIMILARITIES,
+                          SURROGATE_MIN_DICE)
     p = sub.add_parser(
         "refine", help="refine pre-registered atlases towards the target (VoteNet++, variants I and IS)",
-        description="Optimise one more smooth displacement field per atlas: 1 - NCC(image) + alpha x soft Dice of a "
+        description="Optimise one more smooth displacement field per atlas: 1 - (L)NCC(image) + alpha x soft Dice of a "
                     "surrogate U-Net's predictions (variant IS) + gamma x bending energy. Reads what "
                     "'masrefine register' wrote and writes the same layout (composed fields, atlases re-warped from "
                     "their original files, report.json).")
@@ -33,8 +34,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--segmenter", metavar="PATH",
                    help="trained segmenter for IS: an atlas set, its models/ folder or segmenter.json (default: the "
                         "atlas set named in the registered report, if any)")
-    p.add_argument("--similarity", default="ncc", choices=["ncc", "lncc"],
-                   help="image term: global NCC (the paper, default) or local NCC")
+    p.add_argument("--similarity", default=DEFAULT_SIMILARITY, choices=list(SIMILARITIES),
+                   help=f"image term: local NCC (lncc) or global NCC (ncc, the paper) (default {DEFAULT_SIMILARITY})")
     p.add_argument("--seg-min-dice", type=float, default=SURROGATE_MIN_DICE, metavar="D",
                    help=f"IS: leave out of the soft Dice the structures the segmenter segments with a validation Dice "
                         f"below D (default {SURROGATE_MIN_DICE:g}; 0 = all structures, as the paper)")
