@@ -55,7 +55,7 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9,
     ``window`` is the side of the cubic window in voxels. Loss: ``1 - lncc``. ``b_moments``: the fixed
     image's local moments, :func:`box_moments` of ``b`` (computed once per level instead of at every
     iteration for every atlas; the same numbers). ``eps`` is added to the product of the local
-    variances (intensity units squared, squared: see :data:`LNCC_EPS`).
+    variances (intensity units to the 4th power; see :data:`LNCC_EPS`).
     """
     cov, va, vb = _local_moments(a, b, window, b_moments)
     cc = cov * cov / (va * vb + float(eps))
