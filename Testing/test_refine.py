@@ -192,12 +192,12 @@ def test_refine_cli_reads_register_output_and_writes_the_same_layout(case, tmp_p
     case["ws"].save(reg)
     sitk.WriteImage(case["image"], str(tmp_path / "target.nii.gz"))
     rc = main(["refine", "--registered", str(reg), "--target", str(tmp_path / "target.nii.gz"), "--out", str(out),
-               "--variant", "I", "--iterations", "8", "4", "--spacings", "4", "2", "--similarity", "lncc",
+               "--variant", "I", "--iterations", "8", "4", "--spacings", "4", "2", "--similarity", "ncc",
                "--device", "cpu", "--quiet"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     settings = report["atlases"][0]["refinement"]
-    assert report["stage"] == "refined-I" and settings["variant"] == "I" and settings["similarity"] == "lncc"
+    assert report["stage"] == "refined-I" and settings["variant"] == "I" and settings["similarity"] == "ncc"
     back = WarpedSet.load(out)
     assert back.atlases[0].label.shape == case["ws"].target_grid.shape
     # IS without any segmenter is a one-line error naming the folder
