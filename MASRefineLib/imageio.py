@@ -126,10 +126,27 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            # a full disk or a failed write surfaces from ITK as a many-line RuntimeError: say it in one line
+            raise MASRefineError(f"{path}: could not write ({_write_reason(e, path.parent)})") from e
         raise
+
+
+def _write_reason(e: BaseException, folder: Path) -> str:
+    """One line on why a write failed: the free space when the disk is (nearly) full, else the error's gist."""
+    import shutil
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if (isinstance(e, OSError) and e.errno == 28) or (free is not None and free < 64 * 2 ** 20):
+        return f"no space left on the device: {free / 2 ** 20:.0f} MB free" if free is not None else "no space left"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    gist = next((ln for ln in reversed(lines) if not ln.startswith(("ITK ERROR", "/"))), lines[-1] if lines else "")
+    return gist or type(e).__name__
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:

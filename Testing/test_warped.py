@@ -81,3 +81,24 @@ def test_run_writers_keeps_order_and_reraises(tmp_path):
     # the other writer still finished, and nothing temporary is left behind
     assert (tmp_path / "x.txt").read_text() == "x"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_failed_write_is_one_line_naming_the_file_and_leaves_the_old_file(ixi_crop, tmp_path, monkeypatch):
+    from MASRefineLib import imageio
+    img = ixi_crop[0]
+    out = tmp_path / "t_image.nrrd"
+    imageio.write_image(img, out)
+    before = out.read_bytes()
+
+    def failing_write(image, path, *args):  # what ITK raised when the disk filled up during a benchmark
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError(f"Exception thrown in SimpleITK ImageFileWriter_Execute: /tmp/SimpleITK-build/ITK/Modules/"
+                           f"IO/NRRD/src/itkNrrdImageIO.cxx:1349:\nITK ERROR: NrrdImageIO(0x5566): Write: Error writing "
+                           f"{path}:\n[nrrd] _nrrdEncodingRaw_write: fwrite wrote only 6291328 4-sized things")
+    monkeypatch.setattr(imageio.sitk, "WriteImage", failing_write)
+    with pytest.raises(MASRefineError) as e:
+        imageio.write_image(sitk.Cast(img, sitk.sitkFloat32) * 2, out)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{out}: could not write (") and "fwrite wrote only" in msg
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [out.name]
