@@ -7,7 +7,9 @@ Every read keeps origin, spacing and direction exactly as in the file (LPS mm). 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -137,12 +139,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
 def _write_reason(e: BaseException, folder: Path) -> str:
     """One line on why a write failed: the free space when the disk is (nearly) full, else the error's gist."""
-    import shutil
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    if (isinstance(e, OSError) and e.errno == 28) or (free is not None and free < 64 * 2 ** 20):
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < 64 * 2 ** 20):
         return f"no space left on the device: {free / 2 ** 20:.0f} MB free" if free is not None else "no space left"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     gist = next((ln for ln in reversed(lines) if not ln.startswith(("ITK ERROR", "/"))), lines[-1] if lines else "")

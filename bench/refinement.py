@@ -211,6 +211,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from MASRefineLib.refine import DEFAULT_SIMILARITY, SIMILARITIES
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--knee", type=int, nargs=2, default=[8, 4], metavar=("ATLASES", "TARGETS"))
     ap.add_argument("--ixi", type=int, nargs=2, default=[10, 5], metavar=("ATLASES", "TARGETS"))
@@ -219,9 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["I", "IS"], choices=["I", "IS"])
     ap.add_argument("--gammas", type=float, nargs="+", help="refine with each of these gammas (mm^2) instead of the default")
     ap.add_argument("--alpha", type=float, default=None, help="alpha for IS (default: refine's)")
-    ap.add_argument("--similarity", choices=("ncc", "lncc"), default="lncc",
-                    help="refinement image term (default lncc, refine's; its rows are labelled 'lncc' and cached apart "
-                         "from the paper's ncc, the unlabelled rows)")
+    ap.add_argument("--similarity", choices=SIMILARITIES, default=DEFAULT_SIMILARITY,
+                    help=f"refinement image term (default {DEFAULT_SIMILARITY}, refine's; rows other than the paper's ncc "
+                         f"are labelled with it and cached apart)")
     ap.add_argument("--iterations", type=int, nargs="+", default=None, metavar="N",
                     help="L-BFGS iterations per working grid, coarse to fine (default: refine's); cached apart")
     ap.add_argument("--device", default="cpu")

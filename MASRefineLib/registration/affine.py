@@ -15,8 +15,7 @@ import torch
 from ..geometry import Grid
 from ..losses import similarity_loss, target_moments
 from ..warp import grid_points
-from . import params as P
-from .params import RegistrationParams
+from .params import REGISTRATION_LNCC_EPS, RegistrationParams
 from .pyramid import AtlasPyramid, TargetPyramid
 
 Tick = Callable[[int, str, dict], None]
@@ -112,7 +111,7 @@ def optimize_affine(target: TargetPyramid, atlases: AtlasPyramid, init: torch.Te
                 g["lr"] = cosine_lr(lr, it, n_it)
             opt.zero_grad(set_to_none=True)
             warped = atlases.sample(spacing, matrices().float(), q)
-            loss = similarity_loss(params.affine_similarity, warped, tgt, params.lncc_window, tmom, P.REGISTRATION_LNCC_EPS)
+            loss = similarity_loss(params.affine_similarity, warped, tgt, params.lncc_window, tmom, REGISTRATION_LNCC_EPS)
             loss.sum().backward()
             opt.step()
             sim = (1.0 - loss.detach()) if params.affine_similarity != "mse" else -loss.detach()

@@ -18,8 +18,7 @@ from ..geometry import Grid
 from ..warp import affine_to_field, compose, grid_points, resample_field
 from ..losses import similarity_loss, target_moments
 from .affine import Tick, cosine_lr
-from . import params as P
-from .params import RegistrationParams
+from .params import REGISTRATION_LNCC_EPS, RegistrationParams
 from .pyramid import AtlasPyramid, TargetPyramid, working_grid
 
 
@@ -102,7 +101,7 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
             opt.zero_grad(set_to_none=True)
             d = resample_field(control_displacement(theta, cgrid, params), cgrid, grid)
             warped = atlases.sample(spacing, mats, p + d)
-            dissim = similarity_loss(params.similarity, warped, tgt, params.lncc_window, tmom, P.REGISTRATION_LNCC_EPS)
+            dissim = similarity_loss(params.similarity, warped, tgt, params.lncc_window, tmom, REGISTRATION_LNCC_EPS)
             loss = dissim
             if params.bending_weight > 0:
                 loss = loss + params.bending_weight * losses.bending_energy(theta / h, cspacing)
