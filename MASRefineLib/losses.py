@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .geometry import Grid
 
 _EPS = 1e-5
 #: floor added to the product of the local variances in :func:`lncc`. The variances are *means* over a
@@ -22,6 +25,8 @@ _EPS = 1e-5
 #: VoxelMorph's 1e-5 is added to window *sums*, ~(window^3)^2 larger: 1e-5 / 125^2 = 6e-10 for a 5-voxel
 #: window. 1e-9 keeps only truly flat windows (std < ~0.006) out (docs/refinement.md, "The LNCC floor").
 LNCC_EPS = 1e-9
+#: Jacobian determinant below which :func:`folding_barrier` starts (a voxel may shrink to 20 % of its volume freely)
+FOLDING_MARGIN = 0.2
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -290,3 +295,79 @@ def diffusion(field: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -
     for ax, h in ((2, sz), (3, sy), (4, sx)):
         total = total + _voxel_mean((torch.diff(field, dim=ax) / h) ** 2)
     return total
+
+
+def _gradient_transpose(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """Adjoint of ``torch.gradient(u, dim=dim)`` (unit spacing, edge order 1: central differences inside,
+    one-sided at both ends): the gradient with respect to ``u`` of ``sum(g * torch.gradient(u)[0])``."""
+    n = g.shape[dim]
+    out = torch.zeros_like(g)
+    first, last = g.narrow(dim, 0, 1), g.narrow(dim, n - 1, 1)
+    out.narrow(dim, 1, 1).add_(first)  # out[0] = u[1] - u[0]
+    out.narrow(dim, 0, 1).sub_(first)
+    out.narrow(dim, n - 1, 1).add_(last)  # out[n-1] = u[n-1] - u[n-2]
+    out.narrow(dim, n - 2, 1).sub_(last)
+    if n > 2:  # out[k] = (u[k+1] - u[k-1]) / 2
+        inner = g.narrow(dim, 1, n - 2) * 0.5
+        out.narrow(dim, 2, n - 2).add_(inner)
+        out.narrow(dim, 0, n - 2).sub_(inner)
+    return out
+
+
+class _FoldingBarrier(torch.autograd.Function):
+    """:func:`folding_barrier` with a hand-written backward. Autograd through the 3x3 determinant of every
+    voxel recorded ~60 full-volume tensors per call (2.1 s per iteration for 8 knee control grids, 4x the
+    bending energy; now 0.5 s, and 0.2 s when no voxel is below the margin, the usual case, as the
+    backward is then skipped). The Jacobian is that of :func:`fields.spatial_gradient`, in ``field``'s dtype."""
+
+    @staticmethod
+    def forward(ctx, field: torch.Tensor, minv: np.ndarray, margin: float) -> torch.Tensor:
+        d_idx = [torch.gradient(field, dim=d)[0] for d in (4, 3, 2)]  # d/di, d/dj, d/dk: (B, 3, Z, Y, X)
+        # j[a][b] = delta_ab + du_a/dp_b with du/dp = du/didx @ M^-1 (M: index -> LPS mm), as spatial_gradient
+        j = [[None] * 3 for _ in range(3)]
+        for b in range(3):
+            terms = [float(minv[i, b]) * d_idx[i] for i in range(3) if abs(minv[i, b]) > 1e-12]
+            col = sum(terms[1:], terms[0]) if terms else torch.zeros_like(field)
+            for a in range(3):
+                j[a][b] = col[:, a] + 1.0 if a == b else col[:, a]
+        cof = [[j[(a + 1) % 3][(b + 1) % 3] * j[(a + 2) % 3][(b + 2) % 3]
+                - j[(a + 1) % 3][(b + 2) % 3] * j[(a + 2) % 3][(b + 1) % 3] for b in range(3)] for a in range(3)]
+        det = j[0][0] * cof[0][0] + j[0][1] * cof[0][1] + j[0][2] * cof[0][2]
+        r = torch.relu(margin - det)
+        ctx.minv, ctx.active, ctx.shape = minv, bool(r.max() > 0), field.shape
+        if ctx.active:
+            ctx.save_for_backward(r, *[c for row in cof for c in row])
+        return r.pow(2).flatten(1).mean(1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.active or not ctx.needs_input_grad[0]:
+            return None, None, None
+        r, *cof = ctx.saved_tensors
+        minv = ctx.minv
+        gdet = r * (grad_out.view(-1, 1, 1, 1) * (-2.0 / r[0].numel()))  # d loss / d det, (B, Z, Y, X)
+        # d det / d J_ab = cofactor_ab; d J_ab / d (du_a / didx_i) = minv[i, b]
+        g_j = [[gdet * cof[3 * a + b] for b in range(3)] for a in range(3)]
+        grad = torch.zeros(ctx.shape, dtype=r.dtype, device=r.device)
+        for i, dim in enumerate((4, 3, 2)):
+            cols = [b for b in range(3) if abs(minv[i, b]) > 1e-12]
+            if cols:
+                g_di = torch.stack([sum(g_j[a][b] * float(minv[i, b]) for b in cols) for a in range(3)], dim=1)
+                grad += _gradient_transpose(g_di, dim)
+        return grad, None, None
+
+
+def folding_barrier(field: torch.Tensor, grid: Grid, margin: float = FOLDING_MARGIN, stride: int = 1) -> torch.Tensor:
+    """Folding barrier per batch item (B,): mean over voxels of ``relu(margin - det(I + Jf))^2`` (dimensionless;
+    ``field`` (B, 3, ...) in mm on ``grid``; the determinant is that of the central-difference
+    :func:`~MASRefineLib.fields.jacobian_determinant`, the folding metric). Zero wherever the field keeps every voxel's volume above
+    ``margin``, so it changes nothing (refinement's Eq. 3, registration's loss) unless a step starts to fold.
+    ``stride`` > 1 evaluates it on every ``stride``-th voxel (the control nodes of a trilinear parameterisation,
+    e.g. :func:`MASRefineLib.refine.optimise_field`'s), ``stride**3`` times cheaper."""
+    k = max(1, int(stride))
+    if k > 1:
+        field = field[:, :, ::k, ::k, ::k]
+        grid = Grid((field.shape[4], field.shape[3], field.shape[2]), tuple(float(s) * k for s in grid.spacing),
+                    grid.origin, grid.direction)
+    minv = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
+    return _FoldingBarrier.apply(field, minv, float(margin))

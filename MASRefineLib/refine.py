@@ -69,11 +69,11 @@ import torch.nn.functional as F
 
 from .device import resolve_device
 from .errors import MASRefineError
-from .fields import folding_fraction, jacobian_determinant
+from .fields import folding_fraction
 from .geometry import Grid
 from .imageio import normalize_intensity, read_image, read_label, resample_image
 from .labels import label_values
-from .losses import bending_energy, similarity_loss, soft_dice_loss, target_moments
+from .losses import bending_energy, folding_barrier, similarity_loss, soft_dice_loss, target_moments
 from .progress import ProgressCallback, report
 from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
 from .warped import WarpedAtlas, WarpedSet
@@ -95,8 +95,6 @@ DEFAULT_ITERATIONS = (80, 20)
 DEFAULT_CONTROL = 2
 #: weight of the folding barrier (dimensionless; 0 = Eq. 3 exactly), see :func:`folding_barrier`
 DEFAULT_FOLDING_WEIGHT = 10.0
-#: Jacobian determinant below which the barrier starts
-FOLDING_MARGIN = 0.2
 #: image similarity of Eq. 4: "lncc" (local NCC over LNCC_WINDOW voxels of each level, default) or "ncc" (global,
 #: the paper). Measured (docs/refinement.md, "The LNCC floor"): with an unbiased variance floor (losses.LNCC_EPS)
 #: lncc undoes the test crop's known misalignment better than ncc (0.17 vs 0.27 mm), keeps an exactly aligned atlas
@@ -293,21 +291,6 @@ class _Terms:
     segmentation: torch.Tensor | None  # soft Dice loss, (B,)
     bending: torch.Tensor  # mm^-2, (B,)
     folding: torch.Tensor | None = None  # folding barrier, (B,)
-
-
-def folding_barrier(field: torch.Tensor, grid: Grid, margin: float = FOLDING_MARGIN, stride: int = 1) -> torch.Tensor:
-    """Folding barrier per batch item (B,): mean over voxels of ``relu(margin - det(I + Jf))^2`` (dimensionless;
-    ``field`` (B, 3, ...) in mm on ``grid``, :func:`fields.jacobian_determinant`). Zero wherever the field
-    keeps every voxel's volume above ``margin``, so it leaves Eq. 3 unchanged unless a step starts to fold.
-    ``stride`` > 1 evaluates it on every ``stride``-th voxel (the control nodes of :func:`optimise_field`'s
-    parameterisation, between which the field is trilinear), ``stride**3`` times cheaper."""
-    k = max(1, int(stride))
-    if k > 1:
-        field = field[:, :, ::k, ::k, ::k]
-        grid = Grid((field.shape[4], field.shape[3], field.shape[2]), tuple(float(s) * k for s in grid.spacing),
-                    grid.origin, grid.direction)
-    det = jacobian_determinant(field, grid)
-    return torch.relu(float(margin) - det).pow(2).flatten(1).mean(1)
 
 
 def _control_shape(shape: Sequence[int], control: int) -> tuple[int, ...]:
@@ -677,5 +660,5 @@ def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch
 
 __all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
            "normalized_displacement", "RefineSettings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
-           "DEFAULT_ITERATIONS", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "folding_barrier", "refinement_field_error",
+           "DEFAULT_ITERATIONS", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "refinement_field_error",
            "SURROGATE_MIN_DICE", "surrogate_structures", "surrogate_warning", "SIMILARITIES", "DEFAULT_SIMILARITY", "LNCC_WINDOW"]

@@ -117,3 +117,32 @@ def test_lncc_with_the_fixed_images_moments_gives_the_same_loss_and_gradient(ixi
         fast = lncc(a, b.expand_as(a), w, box_moments(b, w))
         (g_fast,) = torch.autograd.grad(fast.sum(), a)
         assert float(plain.detach().min()) > 0.05 and torch.equal(plain, fast) and torch.equal(g_plain, g_fast)
+
+
+def test_folding_barrier_matches_autograd_through_the_jacobian_on_an_oblique_grid():
+    # the hand-written backward against autograd through the folding metric's Jacobian (fields.spatial_gradient)
+    from MASRefineLib.fields import jacobian_determinant, spatial_gradient
+    from MASRefineLib.geometry import Grid
+    from MASRefineLib.losses import folding_barrier
+    torch.manual_seed(0)
+    c, s = np.cos(0.3), np.sin(0.3)
+    grid = Grid((6, 5, 7), (0.7, 1.1, 2.0), (3.0, -2.0, 1.0), (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    f = (0.8 * torch.randn(2, 3, 7, 5, 6, dtype=torch.float64)).requires_grad_()
+
+    def reference(f):
+        j = spatial_gradient(f, grid) + torch.eye(3, dtype=f.dtype).view(1, 3, 3, 1, 1, 1)
+        det = torch.linalg.det(j.permute(0, 3, 4, 5, 1, 2))
+        return torch.relu(0.2 - det).pow(2).flatten(1).mean(1)
+
+    w = torch.tensor([0.3, -1.7], dtype=torch.float64)
+    e = folding_barrier(f, grid)
+    assert torch.allclose(e, reference(f)) and float(e.min()) > 0  # the random field folds somewhere
+    det32 = jacobian_determinant(f.detach(), grid)  # the metric itself (float32)
+    assert torch.allclose(e.float(), torch.relu(0.2 - det32).pow(2).flatten(1).mean(1), rtol=1e-4)
+    (g,) = torch.autograd.grad((e * w).sum(), f)
+    (g_ref,) = torch.autograd.grad((reference(f) * w).sum(), f)
+    assert torch.allclose(g, g_ref, atol=1e-12)
+    # no voxel below the margin: zero and a zero gradient
+    z = torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    folding_barrier(z, grid).sum().backward()
+    assert z.grad is None or float(z.grad.abs().max()) == 0.0

@@ -66,7 +66,8 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
     Per level: images compared on the working grid of ``deform_shrink * v``; parameters on the grid of
     ``control_shrink * v`` (upsampled from the previous level's); loss per atlas ``dissimilarity +
     bending_weight * bending + diffusion_weight * diffusion`` of the control parameters (velocity in
-    diffeomorphic mode), the bending energy measured in control-grid voxels (dimensionless); Adam step
+    diffeomorphic mode), the bending energy measured in control-grid voxels (dimensionless), plus
+    ``folding_weight * folding_barrier`` of the control-grid displacement (mm); Adam step
     ``deform_lr * v`` mm with cosine decay.
     """
     dev = next(iter(target.levels.values()))[0].device
@@ -99,7 +100,8 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lr, it, n_it)
             opt.zero_grad(set_to_none=True)
-            d = resample_field(control_displacement(theta, cgrid, params), cgrid, grid)
+            cdisp = control_displacement(theta, cgrid, params)
+            d = resample_field(cdisp, cgrid, grid)
             warped = atlases.sample(spacing, mats, p + d)
             dissim = similarity_loss(params.similarity, warped, tgt, params.lncc_window, tmom, REGISTRATION_LNCC_EPS)
             loss = dissim
@@ -107,6 +109,9 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
                 loss = loss + params.bending_weight * losses.bending_energy(theta / h, cspacing)
             if params.diffusion_weight > 0:
                 loss = loss + params.diffusion_weight * losses.diffusion(theta / h, cspacing)
+            if params.folding_weight > 0:
+                # on the displacement itself (after integration in diffeomorphic mode): what folds is d
+                loss = loss + params.folding_weight * losses.folding_barrier(cdisp, cgrid)
             loss.sum().backward()
             opt.step()
             sim = (1.0 - dissim.detach()) if params.similarity != "mse" else -dissim.detach()
