@@ -38,7 +38,9 @@ Units (this module's convention)
   no folded voxel; the composed field's folding is then the pre-registration's.
 
 Optimisation: ``f`` lives on a working grid over the target's field of view, coarse to fine
-(``spacings_mm``, default 4x and 2x the target spacing). On each level ``f = f_coarser + U(p)``:
+(``spacings_mm``; default :func:`default_spacings`: the finest level is the target's own spacing when its
+grid has at most :data:`DEFAULT_MAX_VOXELS` voxels, else 2x, 4x, ... that, and the coarse level twice the
+finest: 2.8 / 1.4 mm on 0.7 mm knees, 4 / 2 mm on 2 mm brains). On each level ``f = f_coarser + U(p)``:
 ``p`` is a displacement on a control grid ``control`` voxels apart, ``U`` trilinear upsampling (a smooth
 parameterisation that spreads each edge's pull over its neighbourhood and halves the unknowns; the energy
 is always evaluated on ``f`` itself, on the level grid), optimised with
@@ -85,8 +87,12 @@ DEFAULT_ALPHA = 3.0
 #: gamma in mm^2 (see the module docstring); chosen by measurement, evidence in docs/refinement.md
 #: (the paper's 20000 converts to ~0.4 mm^2, which folds the refinement field on real knees)
 DEFAULT_GAMMA = 40.0
-#: working-grid spacings as multiples of the target spacing, coarse to fine
-DEFAULT_LEVEL_FACTORS = (4.0, 2.0)
+#: voxels of the finest working grid at most (:func:`default_spacings`). 1.5 M keeps the 0.7 mm knee
+#: (6.4 M voxels) at 2x its spacing, the cost the iterations below were tuned for, and refines 2 mm brains
+#: (1.3 M) at their own resolution: measured on 5 IXI targets (docs/refinement.md, "Working grids by voxel
+#: budget"), 8 / 4 mm working grids (the old fixed 4x / 2x) could add nothing to the registration's own 4 mm
+#: level (vote -0.002), 4 / 2 mm grids lift the vote by ~+0.02.
+DEFAULT_MAX_VOXELS = 1_500_000
 #: L-BFGS iterations per level (coarse to fine). The fine level costs ~6x the coarse one per iteration;
 #: measured on 4 knee targets x 8 atlases (IS): (80, 20) against (80, 40) -0.004 cartilage Dice (atlas and
 #: vote) for -32 % CPU (26.8 vs 39.3 s per atlas); evidence in docs/refinement.md
@@ -200,12 +206,23 @@ class RefineSettings:
                 "segmentation_structures": None if self.seg_structures is None else list(self.seg_structures)}
 
 
+def default_spacings(grid: Grid, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[float, float]:
+    """Default working-grid spacings (mm), coarse to fine: ``(2 f s, f s)`` with ``s`` the target's
+    (geometric-mean) spacing and ``f`` the smallest of 1, 2, 4, ... for which the finest grid has at most
+    ``max_voxels`` voxels; so the cost is bounded and small or coarse images are refined at their own resolution."""
+    s = float(np.prod(grid.spacing) ** (1.0 / 3.0))
+    n = float(np.prod(grid.size))
+    f = 1.0
+    while n / f ** 3 > max_voxels:
+        f *= 2.0
+    return (2.0 * f * s, f * s)
+
+
 def working_grids(grid: Grid, spacings_mm: Sequence[float] | None = None) -> list[Grid]:
-    """The refinement pyramid over ``grid``'s field of view, coarse to fine. ``spacings_mm`` default:
-    :data:`DEFAULT_LEVEL_FACTORS` times the target's (geometric-mean) spacing, never finer than it."""
+    """The refinement pyramid over ``grid``'s field of view, coarse to fine (``spacings_mm`` in mm; default
+    :func:`default_spacings`); a level finer than ``grid`` is ``grid`` itself."""
     if not spacings_mm:
-        s = float(np.prod(grid.spacing) ** (1.0 / 3.0))
-        spacings_mm = [f * s for f in DEFAULT_LEVEL_FACTORS]
+        spacings_mm = default_spacings(grid)
     out = []
     for sp in spacings_mm:
         if not (float(sp) > 0):
@@ -502,7 +519,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     gamma: weight of the bending energy, in **mm^2** (the energy is in mm^-2 of a displacement in mm);
         :func:`gamma_from_paper` converts the paper's value.
     iterations: L-BFGS iterations per working grid (coarse to fine), or one number for every level.
-    spacings_mm: working-grid spacings (mm), coarse to fine; default 4x and 2x the target spacing.
+    spacings_mm: working-grid spacings (mm), coarse to fine; default :func:`default_spacings` (the target's own
+        spacing when its grid has at most 1.5 M voxels, else 2x, 4x, ..., with a coarse level at twice that).
     control: control-point spacing (voxels of each level) of the parameterisation ``f = U(p)``, trilinear
         upsampling (preconditions the optimisation and halves the unknowns per axis; the energy minimised
         is Eq. 3 on ``f``); 1 = one displacement per voxel.
@@ -660,5 +678,5 @@ def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch
 
 __all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
            "normalized_displacement", "RefineSettings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
-           "DEFAULT_ITERATIONS", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "refinement_field_error",
+           "DEFAULT_ITERATIONS", "DEFAULT_MAX_VOXELS", "default_spacings", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "refinement_field_error",
            "SURROGATE_MIN_DICE", "surrogate_structures", "surrogate_warning", "SIMILARITIES", "DEFAULT_SIMILARITY", "LNCC_WINDOW"]

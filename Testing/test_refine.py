@@ -18,12 +18,13 @@ from MASRefineLib.imageio import normalize_intensity
 from MASRefineLib.labels import LabelTable
 from MASRefineLib.losses import bending_energy, folding_barrier
 from MASRefineLib.progress import cancel_after
-from MASRefineLib.refine import (gamma_from_paper, gamma_to_paper, normalized_displacement, refine,
+from MASRefineLib.refine import (default_spacings, gamma_from_paper, gamma_to_paper, normalized_displacement, refine,
                                  refinement_field_error)
 from MASRefineLib.warp import grid_points, image_tensor, warp, warp_labels
 from MASRefineLib.warped import WarpedAtlas, WarpedSet
 
-FAST = dict(iterations=(30, 15))  # default working grids: 4x and 2x the 2 mm spacing
+# working grids 8 / 4 mm (4x and 2x the crops' 2 mm; the default would be 4 / 2 mm on these small crops)
+FAST = dict(iterations=(30, 15), spacings_mm=(8.0, 4.0))
 
 
 class IntensityClasses:
@@ -298,3 +299,18 @@ def test_local_ncc_similarity_is_optimised_and_unknown_ones_refused(case):
     out = refine(case["ws"], case["target"], "I", similarity="lncc", device="cpu", **FAST)
     r = out.atlases[0].info["refinement"]
     assert r["similarity"] == "lncc" and r["similarity_after"] < r["similarity_before"] - 0.01
+
+
+def test_default_working_grids_follow_the_voxel_budget():
+    """The finest default working grid is the target's own when it has at most 1.5 M voxels (a 2 mm brain),
+    else 2x, 4x, ... (a 0.7 mm knee at 1.4 mm); the coarse level is twice the finest."""
+    brain = Grid((120, 120, 90), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    knee = Grid((200, 200, 160), (0.7, 0.7, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert np.allclose(default_spacings(brain), (4.0, 2.0))
+    assert np.allclose(default_spacings(knee), (2.8, 1.4))
+    assert np.allclose(default_spacings(knee, max_voxels=100_000), (5.6, 2.8))
+    # anisotropic: the geometric-mean spacing, so the voxel count is what the budget says
+    aniso = Grid((256, 256, 40), (0.5, 0.5, 4.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    fine = default_spacings(aniso)[1]
+    assert np.isclose(fine, 2.0) and np.prod(aniso.size) * np.prod(aniso.spacing) / fine ** 3 <= 1_500_000
+

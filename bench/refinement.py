@@ -69,11 +69,18 @@ def evaluate_set(ws, target_arr: np.ndarray, ref: np.ndarray, groups: dict | Non
                                                     for a in ws.atlases]))}
 
 
-def cached(path: Path, fresh: bool, make):
-    """A WarpedSet from ``path`` if complete, else ``make()`` saved there (with its wall seconds)."""
+def cached(path: Path, fresh: bool, make, expect: dict | None = None):
+    """A WarpedSet from ``path`` if complete (and, with ``expect``, its recorded ``info["refinement"]`` has
+    those values: a changed refinement default never reuses a stale result), else ``make()`` saved there
+    (with its wall seconds)."""
     from MASRefineLib.warped import WarpedSet
     if path.exists() and (path / "report.json").exists() and not fresh:
-        return WarpedSet.load(path)
+        ws = WarpedSet.load(path)
+        rec = ws.info.get("refinement", {})
+        stale = {k: (rec.get(k), v) for k, v in (expect or {}).items() if not _same(rec.get(k), v)}
+        if not stale:
+            return ws
+        print(f"  {path}: cached with other settings {stale}; recomputing", file=sys.stderr)
     if path.exists():
         shutil.rmtree(path)
     t0 = time.perf_counter()
@@ -81,6 +88,29 @@ def cached(path: Path, fresh: bool, make):
     ws.info["bench_wall_seconds"] = time.perf_counter() - t0
     ws.save(path)
     return ws
+
+
+def _same(a, b) -> bool:
+    """Equal, numbers (and lists of them) to 1e-6 relative (spacings are recorded as resolved floats)."""
+    if isinstance(b, (int, float, list)) and not isinstance(b, bool):
+        try:
+            return np.shape(a) == np.shape(b) and bool(np.allclose(a, b, rtol=1e-6, atol=0))
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def expected_settings(grid, variant: str, kw: dict) -> dict:
+    """The refinement settings ``refine(..., variant, **kw)`` records (``info["refinement"]``) on ``grid``,
+    defaults resolved: the cache check of :func:`cached`."""
+    from MASRefineLib import refine as R
+    return {"variant": variant, "alpha": float(kw.get("alpha", R.DEFAULT_ALPHA)),
+            "gamma_mm2": float(kw.get("gamma", R.DEFAULT_GAMMA)),
+            "spacings_mm": [float(x) for x in (kw.get("spacings_mm") or R.default_spacings(grid))],
+            "iterations": [int(x) for x in kw.get("iterations", R.DEFAULT_ITERATIONS)],
+            "control": int(kw.get("control", R.DEFAULT_CONTROL)),
+            "folding_weight": float(kw.get("folding_weight", R.DEFAULT_FOLDING_WEIGHT)),
+            "similarity": kw.get("similarity", R.DEFAULT_SIMILARITY)}
 
 
 def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fresh: bool, epochs: int):
@@ -173,7 +203,8 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
                     if variant == "IS":
                         folder = folder.with_name(folder.name + f"_seg{seg_tag}")
                     ws = cached(folder, args.fresh, lambda: refine(ws0, tarr, variant, segmenter=seg,
-                                                                   device=args.device, **kw))
+                                                                   device=args.device, **kw),
+                                expect=expected_settings(ws0.target_grid, variant, kw))
                 m = evaluate_set(ws, tarr, ref, groups)
                 rows.append({"dataset": dataset, "target": tid, "start": start, "method": label, **m})
                 print(f"  {dataset} {tid} {start:10s} {label:12s} atlas {m['atlas']} pv {m['pv']} "

@@ -28,7 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, nargs="+", metavar="N",
                    help="L-BFGS iterations per working grid, coarse to fine (one number: every level)")
     p.add_argument("--spacings", type=float, nargs="+", metavar="MM",
-                   help="working-grid spacings in mm, coarse to fine (default 4x and 2x the target spacing)")
+                   help="working-grid spacings in mm, coarse to fine (default: the target spacing, or 2x, 4x, ... "
+                        "of it above 1.5 M voxels, and a coarse level at twice that)")
     p.add_argument("--control", type=int, default=DEFAULT_CONTROL, metavar="VOXELS",
                    help=f"control points of the field every VOXELS voxels of each working grid (default {DEFAULT_CONTROL})")
     p.add_argument("--segmenter", metavar="PATH",
