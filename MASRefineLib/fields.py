@@ -77,12 +77,9 @@ def field_to_transform(field, grid: Grid) -> sitk.DisplacementFieldTransform:
     return sitk.DisplacementFieldTransform(field_to_sitk(field, grid))
 
 
-def spatial_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """du_a/dx_b in physical units: (B, 3, 3, Z, Y, X), a = component, b = LPS axis.
-
-    Central differences in index space (one-sided at the border), mapped to LPS through
-    (direction * spacing)^-1, so oblique and anisotropic grids are handled.
-    """
+def gradient_columns(field: torch.Tensor, grid: Grid) -> list[torch.Tensor]:
+    """The columns of :func:`spatial_gradient` unstacked: ``[du/dx, du/dy, du/dz]``, each (B, 3, Z, Y, X)
+    (component a in channel a), without the (B, 3, 3, ...) copy (for callers that use the entries one by one)."""
     if field.dim() == 4:
         field = field.unsqueeze(0)
     # torch.gradient along dims X (i), Y (j), Z (k)
@@ -94,7 +91,16 @@ def spatial_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     for j in range(3):
         terms = [float(minv[i, j]) * d_idx[i] for i in range(3) if abs(minv[i, j]) > 1e-12]
         cols.append(sum(terms[1:], terms[0]) if terms else torch.zeros_like(field))
-    return torch.stack(cols, dim=2)
+    return cols
+
+
+def spatial_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """du_a/dx_b in physical units: (B, 3, 3, Z, Y, X), a = component, b = LPS axis.
+
+    Central differences in index space (one-sided at the border), mapped to LPS through
+    (direction * spacing)^-1, so oblique and anisotropic grids are handled.
+    """
+    return torch.stack(gradient_columns(field, grid), dim=2)
 
 
 def jacobian_determinant(field, grid: Grid) -> torch.Tensor:

@@ -313,4 +313,3 @@ def test_default_working_grids_follow_the_voxel_budget():
     aniso = Grid((256, 256, 40), (0.5, 0.5, 4.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     fine = default_spacings(aniso)[1]
     assert np.isclose(fine, 2.0) and np.prod(aniso.size) * np.prod(aniso.spacing) / fine ** 3 <= 1_500_000
-
