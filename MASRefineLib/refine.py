@@ -495,6 +495,46 @@ def surrogate_warning(segmenter, structures: Sequence[int] | None = None) -> str
             f"or use refinement I")
 
 
+def resolve_settings(grid: Grid, variant: str = "IS", *, alpha: float = DEFAULT_ALPHA, gamma: float = DEFAULT_GAMMA,
+                     iterations: Sequence[int] | int | None = None, spacings_mm: Sequence[float] | None = None,
+                     control: int = DEFAULT_CONTROL, batch_size: int = DEFAULT_BATCH,
+                     folding_weight: float = DEFAULT_FOLDING_WEIGHT, similarity: str = DEFAULT_SIMILARITY,
+                     segmenter: Segmenter | None = None, seg_min_dice: float = SURROGATE_MIN_DICE,
+                     ) -> tuple[RefineSettings, list[Grid], list[int] | None]:
+    """:func:`refine`'s arguments checked and its defaults resolved on the target ``grid``: the settings it
+    records (``RefineSettings``, spacings in mm as resolved), its working grids (coarse to fine) and the
+    segmenter channels of L_seg (:func:`surrogate_structures`; None = all, or variant I). The one place
+    refinement settings are decided, so a caller (a cache check, a report) sees exactly what ``refine`` runs.
+    Raises :class:`MASRefineError` naming the bad value."""
+    variant = str(variant).upper()
+    if variant not in VARIANTS:
+        raise MASRefineError(f"unknown refinement variant {variant!r} (expected I or IS)")
+    if variant == "IS" and segmenter is None:
+        raise MASRefineError("refinement variant IS needs a segmenter (train one with "
+                             "'masrefine train segmenter ATLAS_DIR', or use variant I)")
+    if similarity not in SIMILARITIES:
+        raise MASRefineError(f"unknown refinement similarity {similarity!r} (expected ncc or lncc)")
+    if gamma < 0 or alpha < 0 or folding_weight < 0:
+        raise MASRefineError(f"alpha ({alpha}), gamma ({gamma}) and the folding weight ({folding_weight}) must be "
+                             f"non-negative")
+    levels = working_grids(grid, spacings_mm)
+    if iterations is None:
+        iterations = DEFAULT_ITERATIONS if len(levels) == len(DEFAULT_ITERATIONS) else \
+            [DEFAULT_ITERATIONS[-1]] * len(levels)
+    if isinstance(iterations, (int, np.integer)):
+        iterations = [int(iterations)] * len(levels)
+    iterations = [int(i) for i in iterations]
+    if len(iterations) != len(levels):
+        raise MASRefineError(f"{len(iterations)} iteration counts for {len(levels)} working grids")
+    structures = surrogate_structures(segmenter, seg_min_dice) if variant == "IS" else None
+    values = getattr(segmenter, "label_values", None)
+    used = None if structures is None or values is None else tuple(int(values[c]) for c in structures)
+    settings = RefineSettings(variant, float(alpha), float(gamma), tuple(min(g.spacing) for g in levels),
+                              tuple(iterations), int(control), int(batch_size), float(folding_weight),
+                              similarity, float(seg_min_dice) if variant == "IS" else 0.0, used)
+    return settings, levels, structures
+
+
 # ---------------------------------------------------------------------------------------------
 # the public entry point
 # ---------------------------------------------------------------------------------------------
@@ -546,37 +586,19 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     (on the finest working grid), its largest displacement (mm), ``cpu_seconds`` (as ``seconds``, in CPU
     time of this process).
     """
-    variant = str(variant).upper()
-    if variant not in VARIANTS:
-        raise MASRefineError(f"unknown refinement variant {variant!r} (expected I or IS)")
-    if variant == "IS" and segmenter is None:
-        raise MASRefineError("refinement variant IS needs a segmenter (train one with "
-                             "'masrefine train segmenter ATLAS_DIR', or use variant I)")
-    if similarity not in SIMILARITIES:
-        raise MASRefineError(f"unknown refinement similarity {similarity!r} (expected ncc or lncc)")
-    structures = surrogate_structures(segmenter, seg_min_dice) if variant == "IS" else None
+    settings, levels, structures = resolve_settings(
+        warped.target_grid, variant, alpha=alpha, gamma=gamma, iterations=iterations, spacings_mm=spacings_mm,
+        control=control, batch_size=batch_size, folding_weight=folding_weight, similarity=similarity,
+        segmenter=segmenter, seg_min_dice=seg_min_dice)
+    variant = settings.variant
     if variant == "IS" and (msg := surrogate_warning(segmenter, structures)):
         log.warning(msg)
     if not warped.atlases:
         raise MASRefineError("nothing to refine: the registered set has no atlases")
-    if gamma < 0 or alpha < 0 or folding_weight < 0:
-        raise MASRefineError(f"alpha ({alpha}), gamma ({gamma}) and the folding weight ({folding_weight}) must be "
-                             f"non-negative")
     dev = resolve_device(device)
     grid = warped.target_grid
-    levels = working_grids(grid, spacings_mm)
-    if iterations is None:
-        iterations = DEFAULT_ITERATIONS if len(levels) == len(DEFAULT_ITERATIONS) else \
-            [DEFAULT_ITERATIONS[-1]] * len(levels)
-    if isinstance(iterations, (int, np.integer)):
-        iterations = [int(iterations)] * len(levels)
-    iterations = [int(i) for i in iterations]
     use_seg = variant == "IS" and structures != []
-    values = getattr(segmenter, "label_values", None)
-    used = None if structures is None or values is None else tuple(int(values[c]) for c in structures)
-    settings = RefineSettings(variant, float(alpha), float(gamma), tuple(min(g.spacing) for g in levels),
-                              tuple(iterations), int(control), int(batch_size), float(folding_weight),
-                              similarity, float(seg_min_dice) if variant == "IS" else 0.0, used)
+    alpha, gamma, iterations = settings.alpha, settings.gamma, list(settings.iterations)
 
     def kept(p: torch.Tensor) -> torch.Tensor:
         """Background and the structures of L_seg (fewer channels to resample and sample, too)."""
@@ -677,6 +699,6 @@ def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch
 
 
 __all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
-           "normalized_displacement", "RefineSettings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
+           "normalized_displacement", "RefineSettings", "resolve_settings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
            "DEFAULT_ITERATIONS", "DEFAULT_MAX_VOXELS", "default_spacings", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "refinement_field_error",
            "SURROGATE_MIN_DICE", "surrogate_structures", "surrogate_warning", "SIMILARITIES", "DEFAULT_SIMILARITY", "LNCC_WINDOW"]

@@ -293,6 +293,31 @@ def test_is_leaves_out_the_structures_the_surrogate_cannot_segment(case, refined
     np.testing.assert_allclose(none.atlases[0].field, refined_I.atlases[0].field, atol=1e-4)
 
 
+def test_refine_records_exactly_the_settings_resolve_settings_gives(case, refined_I):
+    """``resolve_settings`` is the one place defaults are resolved (a cache check relies on it): what
+    ``refine`` records must equal it, for I with every default and for IS with a structure subset."""
+    from MASRefineLib.refine import resolve_settings
+
+    grid = case["ws"].target_grid
+    rec = refined_I.atlases[0].info["refinement"]
+    settings, levels, structures = resolve_settings(grid, "i", **FAST)
+    assert structures is None and len(levels) == len(settings.iterations)
+    assert {k: rec[k] for k in settings.to_json()} == settings.to_json()
+    seg = IntensityClasses()
+    seg.label_values = [0, 10, 20]
+    seg.meta = {"validation": {"mean_dice": 0.6, "dice_per_label": {"10": 0.4, "20": 0.8}}}
+    settings, _, structures = resolve_settings(grid, "IS", segmenter=seg, **FAST)
+    assert structures == [2] and settings.seg_structures == (20,)
+    out = refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", **FAST)
+    rec = out.atlases[0].info["refinement"]
+    assert {k: rec[k] for k in settings.to_json()} == settings.to_json()
+    for bad, match in (({"iterations": (5, 5, 5)}, "3 iteration counts for 2"), ({"gamma": -1.0}, "non-negative"),
+                       ({"variant": "X"}, "variant 'X'")):
+        kw = {**FAST, **bad}
+        with pytest.raises(MASRefineError, match=match):
+            resolve_settings(grid, kw.pop("variant", "I"), **kw)
+
+
 def test_local_ncc_similarity_is_optimised_and_unknown_ones_refused(case):
     with pytest.raises(MASRefineError, match="similarity 'mi'"):
         refine(case["ws"], case["target"], "I", similarity="mi", device="cpu", **FAST)

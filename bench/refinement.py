@@ -100,19 +100,6 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def expected_settings(grid, variant: str, kw: dict) -> dict:
-    """The refinement settings ``refine(..., variant, **kw)`` records (``info["refinement"]``) on ``grid``,
-    defaults resolved: the cache check of :func:`cached`."""
-    from MASRefineLib import refine as R
-    return {"variant": variant, "alpha": float(kw.get("alpha", R.DEFAULT_ALPHA)),
-            "gamma_mm2": float(kw.get("gamma", R.DEFAULT_GAMMA)),
-            "spacings_mm": [float(x) for x in (kw.get("spacings_mm") or R.default_spacings(grid))],
-            "iterations": [int(x) for x in kw.get("iterations", R.DEFAULT_ITERATIONS)],
-            "control": int(kw.get("control", R.DEFAULT_CONTROL)),
-            "folding_weight": float(kw.get("folding_weight", R.DEFAULT_FOLDING_WEIGHT)),
-            "similarity": kw.get("similarity", R.DEFAULT_SIMILARITY)}
-
-
 def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fresh: bool, epochs: int):
     """The surrogate U-Net trained on ``train_ids`` for ``epochs`` (``masrefine train segmenter``'s other
     defaults), kept in ``.cache/atlas-sets/<name>`` and reused."""
@@ -131,7 +118,7 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
     import SimpleITK as sitk
     from bench import datasets as D
     from MASRefineLib.imageio import normalize_intensity, read_image, read_label
-    from MASRefineLib.refine import refine
+    from MASRefineLib.refine import refine, resolve_settings
     from MASRefineLib.warped import WarpedSet
 
     if dataset == "knee":
@@ -204,7 +191,7 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
                         folder = folder.with_name(folder.name + f"_seg{seg_tag}")
                     ws = cached(folder, args.fresh, lambda: refine(ws0, tarr, variant, segmenter=seg,
                                                                    device=args.device, **kw),
-                                expect=expected_settings(ws0.target_grid, variant, kw))
+                                expect=resolve_settings(ws0.target_grid, variant, segmenter=seg, **kw)[0].to_json())
                 m = evaluate_set(ws, tarr, ref, groups)
                 rows.append({"dataset": dataset, "target": tid, "start": start, "method": label, **m})
                 print(f"  {dataset} {tid} {start:10s} {label:12s} atlas {m['atlas']} pv {m['pv']} "
