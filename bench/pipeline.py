@@ -114,6 +114,10 @@ def main(argv=None) -> int:
     ap.add_argument("--atlases", type=int, default=10)
     ap.add_argument("--targets", type=int, default=3)
     ap.add_argument("--preset", choices=("fast", "default", "accurate"), default="default")
+    ap.add_argument("--refine", choices=("none", "I", "IS"), default="IS",
+                    help="MASRefine's refinement (default IS, the issue's configuration)")
+    ap.add_argument("--fusion", choices=("pv", "wv", "jlf", "staple", "votenet"), default="votenet",
+                    help="MASRefine's label fusion (default votenet, the issue's configuration)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and ITK (default 2)")
     ap.add_argument("--seed", type=int, default=0)
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
     dev = resolve_device(a.device)
 
     # models, trained once on the atlas set
-    opts = SegmentOptions(prereg="deformable", refine="IS", fusion="votenet", device=a.device, preset=a.preset,
+    opts = SegmentOptions(prereg="deformable", refine=a.refine, fusion=a.fusion, device=a.device, preset=a.preset,
                           seed=a.seed, threads=a.threads)
     print_progress = datasets.progress_printer(20.0)
     t0 = time.perf_counter()
@@ -165,7 +169,8 @@ def main(argv=None) -> int:
     for tid in target_ids:
         img_p, lab_p = case(tid)
         print(f"target {tid}", file=sys.stderr, flush=True)
-        out = work / tid / f"masrefine-{a.preset}"
+        config = "" if (a.refine, a.fusion) == ("IS", "votenet") else f"-{a.refine}-{a.fusion}"
+        out = work / tid / f"masrefine-{a.preset}{config}"
         # finished targets are not rerun, unless the settings or the trained models changed
         row_path = work / tid / f"masrefine-{a.preset}-{digest}-row.json"
         if row_path.exists():
