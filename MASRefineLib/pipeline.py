@@ -227,7 +227,7 @@ def fuse_stage(ws: WarpedSet, target_arr: np.ndarray, aset, opts: SegmentOptions
     if fusion is not None:
         kw = {}
         if opts.fusion == "votenet":
-            kw["model"] = votenet_model_path(aset, opts.prereg)
+            kw["model"] = votenet_model_path(aset, opts.prereg, opts.refine)
         r = fusion(ws, target_arr, method=opts.fusion, device=device, progress=progress, **kw)
         out = Fused(np.asarray(r.labels, np.uint16), [int(v) for v in r.posteriors.values],
                     lambda v, P=r.posteriors: P.map(int(v)), r.weights,
@@ -405,8 +405,7 @@ def _training_weight(atlas_dir, opts: SegmentOptions) -> float:
     w = 0.0
     if opts.train_missing and opts.refine == "IS" and not (models / "segmenter.json").exists():
         w += 0.5
-    if opts.train_missing and opts.fusion == "votenet" and not ((models / f"votenet-{opts.prereg}.json").exists()
-                                                                 or (models / "votenet.json").exists()):
+    if opts.train_missing and opts.fusion == "votenet" and votenet_model_path(atlas_dir, opts.prereg, opts.refine) is None:
         w += 0.7
     return w
 
@@ -538,12 +537,15 @@ def refine_stage(ws: WarpedSet, target_arr: np.ndarray, opts: SegmentOptions, se
     return refmod.refine(ws, target_arr, variant, segmenter=segmenter, device=device, progress=progress, **kw)
 
 
-def votenet_model_path(aset, prereg: str | None = None) -> Optional[Path]:
-    """The VoteNet+ model of an atlas set for a pre-registration kind: ``models/votenet-<prereg>.json``,
-    else ``models/votenet.json``; None when there is none."""
-    names = ([f"votenet-{prereg}"] if prereg else []) + ["votenet"]
+def votenet_model_path(aset, prereg: str | None = None, refine: str | None = None) -> Optional[Path]:
+    """The VoteNet+ model of an atlas set for a pre-registration kind (and refinement variant): the first of
+    ``models/votenet-<prereg>-<refine>.json`` (``masrefine train votenet --refine``), ``votenet-<prereg>.json``
+    and ``votenet.json`` that exists; None when there is none. ``aset``: an atlas set or its folder."""
+    models = Path(getattr(aset, "models_dir", None) or Path(aset) / "models")
+    names = ([f"votenet-{prereg}-{refine}"] if prereg and refine and refine != "none" else []) + \
+        ([f"votenet-{prereg}"] if prereg else []) + ["votenet"]
     for n in names:
-        p = Path(aset.models_dir) / f"{n}.json"
+        p = models / f"{n}.json"
         if p.exists():
             return p
     return None
@@ -591,14 +593,14 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
     may change ``opts.fusion`` (recorded in ``fallbacks``) when VoteNet+ can be neither found nor trained."""
     segmenter = None
     seg_missing = opts.refine == "IS" and not (Path(aset.models_dir) / "segmenter.json").exists()
-    vn_missing = opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg) is None
+    vn_missing = opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None
     split = 0.4 if seg_missing and vn_missing else (1.0 if seg_missing else 0.0)
     if opts.refine == "IS":
         if not _have(f"{__package__}.segmenter"):
             fallbacks.append("models: segmenter module not installed")
         else:
             segmenter = _ensure_segmenter(aset, opts, device, _part(progress, 0.0, split))
-    if opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg) is None:
+    if opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None:
         cmd = f"masrefine train votenet {aset.root} --prereg {opts.prereg}"
         if not opts.train_missing:
             raise MASRefineError(f"{aset.models_dir}: no VoteNet+ model for {opts.prereg} pre-registration; "

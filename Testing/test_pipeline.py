@@ -144,3 +144,34 @@ def test_missing_models_without_training_name_the_command(sample, tmp_path):
                 SegmentOptions(prereg="affine", refine="none", fusion="votenet", train_missing=False))
     assert not (tmp_path / "o" / MANIFEST_NAME).exists()
 
+
+
+def test_train_votenet_command_stores_a_model_that_segment_uses(sample, tmp_path, capsys):
+    """``masrefine train votenet`` (leave-one-out registrations of the set to itself, refined with I here)
+    stores ``votenet-affine-I``, with its calibration report; ``segment --refine I --fusion votenet`` then
+    finds and uses it without training."""
+    from MASRefineLib.fusion.votenet import VoteNetModel
+    from MASRefineLib.pipeline import votenet_model_path
+
+    atlas_dir = Path(sample["atlas_dir"])
+    for args, why in ((["--refine", "IS"], "train it first with 'masrefine train segmenter"),
+                      (["--targets", "1"], "--targets must be at least 2")):
+        assert cli_main(["train", "votenet", str(atlas_dir), *args, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("masrefine train: error:") and why in err[0], err
+    rc = cli_main(["train", "votenet", str(atlas_dir), "--prereg", "affine", "--refine", "I", "--preset", "fast",
+                   "--targets", "2", "--iterations", "3", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    path = atlas_dir / "models" / "votenet-affine-I.json"
+    assert f"wrote {path}" in text and "expected calibration error" in text
+    model = VoteNetModel.load(path)
+    assert model.meta["registration"]["prereg"] == "affine" and model.meta["registration"]["refine"] == "I"
+    assert model.meta["reliability"]["ece_after"] >= 0
+    assert votenet_model_path(atlas_dir, "affine", "I") == path
+    assert votenet_model_path(atlas_dir, "affine", "none") is None  # only refinement I asked for this one
+    r = segment(sample["target"], atlas_dir, tmp_path / "o",
+                SegmentOptions(prereg="affine", refine="I", fusion="votenet", preset="fast", iterations=5,
+                               train_missing=False, save_atlases=False, qa_picture=False))
+    summary = read_manifest(r["manifest"])["summary"]
+    assert summary["fusion"] == "votenet" and not summary.get("fallbacks")

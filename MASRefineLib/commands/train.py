@@ -1,6 +1,6 @@
 """``masrefine train MODEL ATLAS_DIR``: train a model on an atlas set; stored in the set's ``models/``.
 
-One sub-command per model. To add one (e.g. ``votenet``), write ``_add_<name>(sub)`` that adds its
+One sub-command per model (``segmenter``, ``votenet``). To add one, write ``_add_<name>(sub)`` that adds its
 parser with ``set_defaults(func=...)`` and list it in :data:`MODELS`.
 """
 from __future__ import annotations
@@ -62,8 +62,77 @@ def _run_segmenter(args: argparse.Namespace) -> int:
     return 0
 
 
-#: model name -> function adding its sub-parser (the fusion engineer adds "votenet" here)
-MODELS = {"segmenter": _add_segmenter}
+def _add_votenet(sub) -> argparse.ArgumentParser:
+    from ..fusion.votenet import TRAIN_PRESETS
+    p = sub.add_parser(
+        "votenet", help="VoteNet+ for label fusion (leave-one-out registrations of the atlas set to itself)",
+        description="Register the atlases of the set to each other (leave-one-out: each chosen atlas is a target, "
+                    "the others are registered to it), train a small 3D U-Net to predict where a warped atlas's "
+                    "label is right, calibrate it (Platt scaling) on held-out targets and store it as "
+                    "ATLAS_DIR/models/votenet-PREREG[-REFINE].safetensors + .json, with the reliability report "
+                    "(ECE before/after calibration). 'masrefine segment --fusion votenet' uses it.")
+    p.add_argument("atlas_dir", metavar="ATLAS_DIR", help="atlas set folder (with atlas.json)")
+    p.add_argument("--prereg", choices=("affine", "deformable"), default="deformable",
+                   help="pre-registration of the training pairs (default deformable); one model per kind")
+    p.add_argument("--refine", choices=("none", "I", "IS"), default="none",
+                   help="also refine the training pairs (default none, as the paper: the refined variants use the "
+                        "pre-registration model); I or IS store votenet-PREREG-I / -IS, which 'segment' prefers "
+                        "for that refinement. IS needs the set's segmenter ('masrefine train segmenter').")
+    p.add_argument("--preset", choices=tuple(TRAIN_PRESETS), default="default",
+                   help="registration preset and training length: "
+                        + "; ".join(f"{k}: {v['iterations']} iterations, "
+                                    f"{'all' if v['targets'] is None else v['targets']} leave-one-out targets"
+                                    for k, v in TRAIN_PRESETS.items()) + " (default: default)")
+    p.add_argument("--targets", type=int, default=None, metavar="N",
+                   help="leave-one-out targets (atlases) to register to (default from the preset; at least 2)")
+    p.add_argument("--iterations", type=int, default=None, metavar="N", help="Adam iterations (default from the preset)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep the leave-one-out registrations here and reuse them on a rerun")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_votenet)
+    return p
+
+
+def _run_votenet(args: argparse.Namespace) -> int:
+    from ..atlas import AtlasSet
+    from ..errors import MASRefineError
+    from ..fusion.votenet import VoteNetModel, train_for_atlas_set
+    from ..progress import tqdm_progress
+
+    if args.targets is not None and args.targets < 2:
+        raise MASRefineError("--targets must be at least 2 (one target is held out to calibrate)")
+    if args.iterations is not None and args.iterations < 1:
+        raise MASRefineError("--iterations must be at least 1")
+    aset = AtlasSet.load(args.atlas_dir)
+    refine = None if args.refine == "none" else args.refine
+    segmenter = None
+    if refine == "IS":
+        from ..segmenter import MODEL_NAME, load_segmenter
+        path = aset.models_dir / f"{MODEL_NAME}.json"
+        if not path.exists():
+            raise MASRefineError(f"{aset.models_dir}: --refine IS needs the atlas set's segmenter; train it first with "
+                                 f"'masrefine train segmenter {aset.root}'")
+        segmenter = load_segmenter(path, args.device)
+    name = f"votenet-{args.prereg}" + (f"-{refine}" if refine else "")
+    with tqdm_progress(disable=args.quiet) as bar:
+        path = train_for_atlas_set(aset, prereg=args.prereg, refine=refine, preset=args.preset, device=args.device,
+                                   progress=bar, segmenter=segmenter, targets=args.targets,
+                                   iterations=args.iterations, name=name, seed=args.seed, cache=args.cache)
+    model = VoteNetModel.load(path)
+    rel, reg = model.meta.get("reliability", {}), model.meta.get("registration", {})
+    print(f"VoteNet+: leave-one-out targets {', '.join(reg.get('targets', []))} ({reg.get('seconds', 0):.0f} s of "
+          f"registration), Platt a {model.a:.3f} b {model.b:.3f}")
+    if rel.get("ece_before") is not None:
+        print(f"expected calibration error on held-out pairs: {rel['ece_before']:.4f} before, "
+              f"{rel['ece_after']:.4f} after calibration")
+    print(f"wrote {path}")
+    return 0
+
+
+#: model name -> function adding its sub-parser
+MODELS = {"segmenter": _add_segmenter, "votenet": _add_votenet}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
