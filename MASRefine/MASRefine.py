@@ -194,7 +194,7 @@ class MASRefineParameterNode:
     preset: Preset = Preset.DEFAULT
     prereg: PreRegistration = PreRegistration.DEFORMABLE
     refine: Refinement = Refinement.IS
-    fusion: Fusion = Fusion.VOTENET
+    fusion: Fusion = Fusion.JLF
     device: Device = Device.AUTO
     overrideDefaults: bool = False
     alpha: Annotated[float, WithinRange(0.0, 1000.0)] = DEFAULT_ALPHA

@@ -63,7 +63,7 @@ class SegmentOptions:
     """Settings of one run (see ``masrefine segment --help`` and :data:`MASRefineLib.jobs.PARAMETERS`)."""
     prereg: str = "deformable"
     refine: str = "IS"
-    fusion: str = "votenet"
+    fusion: str = "jlf"                 # jobs.PARAMETERS' default (docs/pipeline.md, "Default fusion")
     device: str = "auto"
     preset: str = "default"
     alpha: Optional[float] = None       # refinement: weight of L_seg (None: refine.py's default)

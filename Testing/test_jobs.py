@@ -48,7 +48,7 @@ def _kinds(evs):
 def test_make_validate_write_read(sample, tmp_path):
     job = jobs.make_job(sample["target"], sample["atlas_dir"], tmp_path / "out", refine="I", alpha=2.5)
     assert jobs.validate_job(job) == []
-    assert job["parameters"]["refine"] == "I" and job["parameters"]["fusion"] == "votenet"
+    assert job["parameters"]["refine"] == "I" and job["parameters"]["fusion"] == "jlf"
     assert os.path.isabs(job["output_dir"]) and job["cancel_file"].startswith(job["output_dir"])
     p = jobs.write_job(job, tmp_path / "job.json")
     assert jobs.read_job(p) == job
