@@ -193,7 +193,7 @@ class MASRefineParameterNode:
     outputDir: pathlib.Path
     preset: Preset = Preset.DEFAULT
     prereg: PreRegistration = PreRegistration.DEFORMABLE
-    refine: Refinement = Refinement.IS
+    refine: Refinement = Refinement.I
     fusion: Fusion = Fusion.JLF
     device: Device = Device.AUTO
     overrideDefaults: bool = False

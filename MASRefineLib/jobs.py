@@ -6,7 +6,7 @@ Schema (version 1)::
       "schema_version": 1,
       "pipeline": "segment",                     # optional; a name in PIPELINES or "package.module:function"
       "inputs": {"target": "/abs/target.nii.gz", "atlas_dir": "/abs/atlas-set"},
-      "parameters": {"prereg": "deformable", "refine": "IS", "fusion": "jlf", "device": "auto",
+      "parameters": {"prereg": "deformable", "refine": "I", "fusion": "jlf", "device": "auto",
                      "preset": "default", ...},  # see PARAMETERS; missing ones take their defaults
       "output_dir": "/abs/out",
       "cancel_file": "/abs/out/.cancel"          # the worker stops when this file appears
@@ -35,9 +35,11 @@ PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job"}
 # default means "the preset decides".
 PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
     "prereg": (str, ("affine", "deformable"), "deformable", "pre-registration of the atlases to the target"),
-    "refine": (str, ("none", "I", "IS"), "IS", "registration refinement: none, image only (I), image + segmentation (IS)"),
-    # jlf by default: VoteNet+ as trainable on a CPU is 10-12 Dice points below it on knees and brains
-    # (docs/pipeline.md, "Default fusion"); votenet stays one choice away
+    # I by default: needs no trained model and gave the best JLF results on knees and brains; IS (the paper's) is
+    # for atlas sets whose surrogate segments well (docs/pipeline.md, "Default fusion and refinement")
+    "refine": (str, ("none", "I", "IS"), "I", "registration refinement: none, image only (I), image + segmentation (IS)"),
+    # jlf by default: VoteNet+ as trainable on a CPU is 10-13 Dice points below it on knees and brains
+    # (docs/pipeline.md, "Default fusion and refinement"); votenet stays one choice away
     "fusion": (str, ("pv", "wv", "jlf", "staple", "votenet"), "jlf", "label fusion method"),
     "device": (str, ("auto", "cpu", "cuda"), "auto", "torch device"),
     "preset": (str, ("fast", "default", "accurate"), "default", "speed/accuracy preset of every stage"),

@@ -62,8 +62,8 @@ PRESETS = ("fast", "default", "accurate")
 class SegmentOptions:
     """Settings of one run (see ``masrefine segment --help`` and :data:`MASRefineLib.jobs.PARAMETERS`)."""
     prereg: str = "deformable"
-    refine: str = "IS"
-    fusion: str = "jlf"                 # jobs.PARAMETERS' default (docs/pipeline.md, "Default fusion")
+    refine: str = "I"                   # the defaults are jobs.PARAMETERS' (docs/pipeline.md)
+    fusion: str = "jlf"
     device: str = "auto"
     preset: str = "default"
     alpha: Optional[float] = None       # refinement: weight of L_seg (None: refine.py's default)
