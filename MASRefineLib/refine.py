@@ -490,7 +490,7 @@ def surrogate_warning(segmenter, structures: Sequence[int] | None = None) -> str
         f"; L_seg uses only the {len(structures)} of {n_all} structures it segments with Dice >= "
         f"{SURROGATE_MIN_DICE}" if structures else "; no structure reaches Dice "
         f"{SURROGATE_MIN_DICE}, so IS runs as I")
-    return (f"the surrogate segmenter's validation Dice is {dice:.2f} (below {SURROGATE_MIN_DICE}){kept}: refinement "
+    return (f"the surrogate segmenter's validation Dice is {dice:.3f} (below {SURROGATE_MIN_DICE}){kept}: refinement "
             f"IS may make the atlases worse; train it longer ('masrefine train segmenter ATLAS_DIR --epochs N') "
             f"or use refinement I")
 

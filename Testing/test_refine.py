@@ -252,6 +252,8 @@ def test_poor_surrogate_segmenter_is_warned_about(case, caplog):
     msg = surrogate_warning(poor)
     assert msg and "0.11" in msg and "--epochs" in msg and "\n" not in msg
     assert surrogate_warning(SimpleNamespace(meta={"validation": {"mean_dice": SURROGATE_MIN_DICE + 0.1}})) is None
+    # just below the threshold it must not read "0.50 (below 0.5)"
+    assert "is 0.499 (below" in surrogate_warning(SimpleNamespace(meta={"validation": {"mean_dice": 0.4987}}))
     assert surrogate_warning(SimpleNamespace(meta={})) is None  # nothing stored: nothing to judge
     # refine() itself logs it (so the pipeline, the worker's events and 'masrefine refine' show it)
     seg = IntensityClasses()
