@@ -542,6 +542,7 @@ def votenet_model_path(aset, prereg: str | None = None, refine: str | None = Non
     ``models/votenet-<prereg>-<refine>.json`` (``masrefine train votenet --refine``), ``votenet-<prereg>.json``
     and ``votenet.json`` that exists; None when there is none. ``aset``: an atlas set or its folder."""
     models = Path(getattr(aset, "models_dir", None) or Path(aset) / "models")
+    # the names of fusion.votenet.model_name, spelled out: the fusion module is optional here (_have)
     names = ([f"votenet-{prereg}-{refine}"] if prereg and refine and refine != "none" else []) + \
         ([f"votenet-{prereg}"] if prereg else []) + ["votenet"]
     for n in names:
@@ -600,7 +601,7 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
             fallbacks.append("models: segmenter module not installed")
         else:
             segmenter = _ensure_segmenter(aset, opts, device, _part(progress, 0.0, split))
-    if opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None:
+    if vn_missing:  # training the segmenter above does not add a VoteNet+ model
         cmd = f"masrefine train votenet {aset.root} --prereg {opts.prereg}"
         if not opts.train_missing:
             raise MASRefineError(f"{aset.models_dir}: no VoteNet+ model for {opts.prereg} pre-registration; "

@@ -115,11 +115,10 @@ def _run_votenet(args: argparse.Namespace) -> int:
             raise MASRefineError(f"{aset.models_dir}: --refine IS needs the atlas set's segmenter; train it first with "
                                  f"'masrefine train segmenter {aset.root}'")
         segmenter = load_segmenter(path, args.device)
-    name = f"votenet-{args.prereg}" + (f"-{refine}" if refine else "")
-    with tqdm_progress(disable=args.quiet) as bar:
+    with tqdm_progress(disable=args.quiet) as bar:  # stored as votenet.model_name(prereg, refine)
         path = train_for_atlas_set(aset, prereg=args.prereg, refine=refine, preset=args.preset, device=args.device,
                                    progress=bar, segmenter=segmenter, targets=args.targets,
-                                   iterations=args.iterations, name=name, seed=args.seed, cache=args.cache)
+                                   iterations=args.iterations, seed=args.seed, cache=args.cache)
     model = VoteNetModel.load(path)
     rel, reg = model.meta.get("reliability", {}), model.meta.get("registration", {})
     print(f"VoteNet+: leave-one-out targets {', '.join(reg.get('targets', []))} ({reg.get('seconds', 0):.0f} s of "

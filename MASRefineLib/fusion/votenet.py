@@ -435,6 +435,12 @@ def _default_register(aset, prereg: str, preset: str, refine: str | None, segmen
     return fn
 
 
+def model_name(prereg: str = "deformable", refine: str | None = None) -> str:
+    """The stored name of a model trained on ``prereg`` pairs, refined with ``refine`` (None/"none": not):
+    ``votenet-<prereg>`` or ``votenet-<prereg>-<refine>`` (``pipeline.votenet_model_path`` looks them up)."""
+    return f"votenet-{prereg}" + (f"-{refine}" if refine and refine != "none" else "")
+
+
 #: training settings per preset (``fast`` trains in a few minutes on 2 CPU cores)
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"iterations": 150, "targets": 3},
@@ -449,7 +455,7 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
                         iterations: int | None = None, name: str | None = None, seed: int = 0,
                         cache: str | Path | None = None, **train_kw) -> Path:
     """Train VoteNet+ on an atlas set alone (leave-one-out registrations of its atlases to each other) and
-    store it in ``aset.models_dir`` as ``votenet-<prereg>`` (``.safetensors`` + ``.json``). ``targets``:
+    store it in ``aset.models_dir`` as :func:`model_name` (``.safetensors`` + ``.json``). ``targets``:
     atlas ids used as targets, or how many (chosen at random with ``seed``; default from the preset); about
     30 % of the targets are held out for calibration; ``cache``: keep/reuse the leave-one-out registrations
     there (see :func:`loo_pairs`). Returns the JSON path."""
@@ -484,4 +490,4 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
     model.meta["atlas_set"] = str(aset.root)
     model.meta["registration"] = {"prereg": prereg, "refine": refine, "preset": preset, "targets": list(targets),
                                   "seconds": round(reg_s, 1), "custom": register_fn is not None}
-    return model.save(aset.models_dir, name or f"votenet-{prereg}")
+    return model.save(aset.models_dir, name or model_name(prereg, refine))
