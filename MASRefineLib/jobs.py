@@ -38,7 +38,7 @@ PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
     # I by default: needs no trained model and gave the best JLF results on knees and brains; IS (the paper's) is
     # for atlas sets whose surrogate segments well (docs/pipeline.md, "Default fusion and refinement")
     "refine": (str, ("none", "I", "IS"), "I", "registration refinement: none, image only (I), image + segmentation (IS)"),
-    # jlf by default: VoteNet+ as trainable on a CPU is 10-13 Dice points below it on knees and brains
+    # jlf by default: VoteNet+ as trainable on a CPU is 9.8-13 Dice points below it on knees and brains
     # (docs/pipeline.md, "Default fusion and refinement"); votenet stays one choice away
     "fusion": (str, ("pv", "wv", "jlf", "staple", "votenet"), "jlf", "label fusion method"),
     "device": (str, ("auto", "cpu", "cuda"), "auto", "torch device"),
