@@ -240,8 +240,11 @@ class UNetSegmenter:
             cand = [p / f"{name}.json", p / "models" / f"{name}.json"]
             found = [c for c in cand if c.is_file()]
             if not found:
+                # name the atlas set to train on: p itself, or the set holding this models/ folder
+                aset = p.parent if p.name == "models" and (p.parent / "atlas.json").is_file() else p
+                hint = aset if (aset / "atlas.json").is_file() else "ATLAS_DIR"
                 raise MASRefineError(f"{p}: no trained segmenter ({name}.json) here or in {p / 'models'}; "
-                                     f"train one with 'masrefine train segmenter ATLAS_DIR'")
+                                     f"train one with 'masrefine train segmenter {hint}'")
             p = found[0]
         if not p.is_file():
             raise MASRefineError(f"{p}: segmenter description not found")

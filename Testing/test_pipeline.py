@@ -154,7 +154,7 @@ def test_train_votenet_command_stores_a_model_that_segment_uses(sample, tmp_path
     from MASRefineLib.pipeline import votenet_model_path
 
     atlas_dir = Path(sample["atlas_dir"])
-    for args, why in ((["--refine", "IS"], "train it first with 'masrefine train segmenter"),
+    for args, why in ((["--refine", "IS"], f"train one with 'masrefine train segmenter {atlas_dir}'"),
                       (["--targets", "1"], "--targets must be at least 2")):
         assert cli_main(["train", "votenet", str(atlas_dir), *args, "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

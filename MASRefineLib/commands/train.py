@@ -109,12 +109,8 @@ def _run_votenet(args: argparse.Namespace) -> int:
     refine = None if args.refine == "none" else args.refine
     segmenter = None
     if refine == "IS":
-        from ..segmenter import MODEL_NAME, load_segmenter
-        path = aset.models_dir / f"{MODEL_NAME}.json"
-        if not path.exists():
-            raise MASRefineError(f"{aset.models_dir}: --refine IS needs the atlas set's segmenter; train it first with "
-                                 f"'masrefine train segmenter {aset.root}'")
-        segmenter = load_segmenter(path, args.device)
+        from ..segmenter import load_segmenter
+        segmenter = load_segmenter(aset.root, args.device)  # a missing one: its error names the command to train it
     with tqdm_progress(disable=args.quiet) as bar:  # stored as votenet.model_name(prereg, refine)
         path = train_for_atlas_set(aset, prereg=args.prereg, refine=refine, preset=args.preset, device=args.device,
                                    progress=bar, segmenter=segmenter, targets=args.targets,
