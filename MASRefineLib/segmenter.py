@@ -39,6 +39,7 @@ from .geometry import Grid
 from .imageio import atomic_write_bytes, atomic_write_text, normalize_intensity
 from .jsonio import json_default, read_json
 from .labels import LabelTable
+from .losses import soft_dice_loss
 from .progress import ProgressCallback, report
 from .warp import image_tensor, warp, warp_labels
 
@@ -63,6 +64,8 @@ class SegmenterSettings:
     batch_size: int = 2
     learning_rate: float = 2e-3
     foreground_fraction: float = 0.7    # patches centred on a labelled voxel
+    sampling: str = "foreground"        # that voxel: any labelled one, or "class": of a structure drawn uniformly
+    loss: str = "ce"                    # "ce": cross entropy; "dice_ce": + soft Dice over the structures present
     validation_fraction: float = 0.2    # held-out atlases (none when fewer than 3 atlases)
     seed: int = 0
 
@@ -83,7 +86,8 @@ class SegmenterSettings:
     def architecture_key(self) -> tuple:
         """What must match for a checkpoint to be resumed."""
         return (self.spacing_mm, self.patch_size, tuple(self.channels), tuple(self.strides), self.num_res_units,
-                self.batch_size, self.learning_rate, self.foreground_fraction, self.validation_fraction, self.seed)
+                self.batch_size, self.learning_rate, self.foreground_fraction, self.validation_fraction, self.seed,
+                self.sampling, self.loss)
 
 
 def head_width(out_channels: int, channels: Sequence[int]) -> int | None:
@@ -283,7 +287,12 @@ class _Volume:
     id: str
     image: np.ndarray   # (Z, Y, X) float32 on the working grid
     classes: np.ndarray  # (Z, Y, X) int64 class indices
-    fg: np.ndarray       # (N, 3) indices of labelled voxels (patch centres)
+    by_class: np.ndarray  # flat voxel indices sorted by class (int32): class c is by_class[start[c]:start[c + 1]]
+    start: np.ndarray     # (K + 2,) offsets into by_class
+
+    def voxels(self, c: int) -> np.ndarray:
+        """Flat indices of the voxels of class ``c``."""
+        return self.by_class[self.start[c]:self.start[c + 1]]
 
 
 def auto_spacing(grids: Sequence[Grid], max_voxels: int = 1_000_000) -> float:
@@ -311,8 +320,10 @@ def _prepare(atlas_id: str, image: sitk.Image, label: sitk.Image, spacing: float
     if (cls < 0).any():
         bad = sorted(set(np.unique(lab[cls < 0]).tolist()))
         raise MASRefineError(f"atlas {atlas_id}: label values {bad[:8]} are not in the label table")
-    fg = np.argwhere(cls > 0)
-    return _Volume(atlas_id, img.astype(np.float32), cls.astype(np.int64), fg)
+    flat = cls.ravel()
+    start = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=len(values)))])
+    return _Volume(atlas_id, img.astype(np.float32), cls.astype(np.int64),
+                   np.argsort(flat, kind="stable").astype(np.int32), start)
 
 
 def _patch(v: _Volume, centre: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -330,12 +341,37 @@ def _patch(v: _Volume, centre: np.ndarray, size: int) -> tuple[np.ndarray, np.nd
     return img, cls
 
 
+def _present_dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Soft Dice (:func:`losses.soft_dice_loss`, Eq. 5) of the batch taken as one volume, over the structures
+    present in its reference: an absent structure's Dice has (almost) no gradient and would only dilute the mean
+    of the ~40 structures a brain patch holds among ~150."""
+    present = torch.unique(y)
+    present = present[present > 0]
+    if present.numel() == 0:
+        return logits.new_zeros(())
+    p = torch.softmax(logits, 1)[:, present]
+    q = (y.unsqueeze(1) == present.view(1, -1, *([1] * (y.dim() - 1)))).to(p.dtype)
+
+    def fold(t: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (1, C, B * ...)
+        return t.transpose(0, 1).reshape(1, t.shape[1], -1)
+    return soft_dice_loss(fold(p), fold(q), include_background=True)[0]
+
+
 def _batch(vols: Sequence[_Volume], rng: np.random.Generator, s: SegmenterSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random patches. A fraction ``foreground_fraction`` is centred on a labelled voxel: any
+    one (``sampling="foreground"``), or one of a structure drawn uniformly from those in the volume
+    (``"class"``), so that small structures are seen as often as large ones (many-structure brains)."""
     xs, ys = [], []
     for _ in range(s.batch_size):
         v = vols[int(rng.integers(len(vols)))]
-        if len(v.fg) and rng.random() < s.foreground_fraction:
-            c = v.fg[int(rng.integers(len(v.fg)))]
+        n_fg = int(v.start[-1] - v.start[1])
+        if n_fg and rng.random() < s.foreground_fraction:
+            if s.sampling == "class":
+                present = np.flatnonzero(np.diff(v.start)[1:]) + 1
+                vox = v.voxels(int(present[int(rng.integers(len(present)))]))
+            else:
+                vox = v.by_class[v.start[1]:]
+            c = np.array(np.unravel_index(int(vox[int(rng.integers(len(vox)))]), v.image.shape))
         else:
             c = np.array([rng.integers(n) for n in v.image.shape])
         img, cls = _patch(v, c, s.patch_size)
@@ -414,6 +450,9 @@ def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], 
     out and their Dice on the working grid is stored with the model.
     """
     s = settings or SegmenterSettings()
+    if s.loss not in ("ce", "dice_ce") or s.sampling not in ("foreground", "class"):
+        raise MASRefineError(f"segmenter settings: unknown loss {s.loss!r} (ce, dice_ce) or sampling {s.sampling!r} "
+                             f"(foreground, class)")
     if len(images) != len(labels) or not images:
         raise MASRefineError("training needs the same, non-zero number of images and label maps")
     ids = list(ids) if ids is not None else [f"atlas{i}" for i in range(len(images))]
@@ -469,7 +508,10 @@ def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], 
             x, y = _batch(train_vols, rng, s)
             x, y = x.to(dev), y.to(dev)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(x), y)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            if s.loss == "dice_ce":
+                loss = loss + _present_dice_loss(logits, y)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
