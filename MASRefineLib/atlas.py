@@ -57,7 +57,7 @@ class AtlasSet:
     """An atlas set loaded from its folder (no image is read until :meth:`read`)."""
 
     def __init__(self, root: str | os.PathLike, label_table: LabelTable, atlases: Sequence[Atlas]):
-        self.root = Path(root)
+        self.root = Path(os.path.abspath(root))  # absolute: its paths go into reports read from other folders
         self.label_table = label_table
         self.atlases: list[Atlas] = list(atlases)
         self._by_id = {a.id: a for a in self.atlases}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from .errors import Cancelled, MASRefineError
 
@@ -28,8 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        # a library warning (an atlas skipped, a field of view) reads like the errors: one line, no source line
+        print(f"masrefine {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return int(args.func(args) or 0)
     except MASRefineError as e:
         print(f"masrefine {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -83,6 +83,22 @@ class Grid:
             return False
         return bool(np.allclose(self.index_to_physical(), other.index_to_physical(), rtol=rtol, atol=atol_mm))
 
+    def difference(self, other: "Grid") -> str:
+        """What differs from ``other`` (size, spacing mm, origin LPS mm, direction), for one-line errors."""
+        parts = []
+        if tuple(self.size) != tuple(other.size):
+            parts.append(f"size {tuple(self.size)} vs {tuple(other.size)}")
+        if not np.allclose(self.spacing, other.spacing, rtol=1e-5, atol=1e-6):
+            parts.append(f"spacing {tuple(round(s, 6) for s in self.spacing)} vs "
+                         f"{tuple(round(s, 6) for s in other.spacing)}")
+        if not np.allclose(self.origin, other.origin, atol=1e-4):
+            parts.append(f"origin {tuple(round(o, 4) for o in self.origin)} vs "
+                         f"{tuple(round(o, 4) for o in other.origin)}")
+        if not np.allclose(self.direction, other.direction, atol=1e-5):
+            parts.append(f"direction {tuple(round(d, 4) for d in self.direction)} vs "
+                         f"{tuple(round(d, 4) for d in other.direction)}")
+        return "; ".join(parts) or "voxel-to-LPS mappings differ"
+
     def resized(self, size: tuple[int, int, int]) -> "Grid":
         """A grid over the same field of view (same corners of the first and last voxel centres'
         bounding box extents) with a different number of voxels: used for working grids.

@@ -220,10 +220,16 @@ def _bending_terms(field: torch.Tensor, spacing: Sequence[float]):
     sx, sy, sz = (float(s) for s in spacing)
     h = {4: sx, 3: sy, 2: sz}  # tensor axis -> spacing
     maps, specs = [], []
+    # a stencil that does not fit (fewer than 3 nodes along an axis for d2, 2 for a mixed difference: a small
+    # image's coarse control grid) has nothing to penalise there: a field is linear between 2 nodes
     for ax in (2, 3, 4):
+        if field.shape[ax] < 3:
+            continue
         maps.append(_d2(field, ax, h[ax]))
         specs.append(("d2", (ax,), (h[ax],), 1.0 / maps[-1][0, 0].numel()))
     for a, b in ((2, 3), (2, 4), (3, 4)):
+        if field.shape[a] < 2 or field.shape[b] < 2:
+            continue
         maps.append(_dxy(field, a, b, h[a], h[b]))
         # the mixed partials appear twice in the Frobenius norm of the Hessian
         specs.append(("dxy", (a, b), (h[a], h[b]), 2.0 / maps[-1][0, 0].numel()))

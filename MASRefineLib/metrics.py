@@ -262,19 +262,6 @@ def parse_groups(groups: Mapping[str, Sequence[int]] | str | os.PathLike | None,
     return out
 
 
-def _grid_difference(a: Grid, b: Grid) -> str:
-    parts = []
-    if a.size != b.size:
-        parts.append(f"size {a.size} vs {b.size}")
-    if not np.allclose(a.spacing, b.spacing, rtol=1e-5, atol=1e-6):
-        parts.append(f"spacing {tuple(round(s, 6) for s in a.spacing)} vs {tuple(round(s, 6) for s in b.spacing)}")
-    if not np.allclose(a.origin, b.origin, atol=1e-4):
-        parts.append(f"origin {tuple(round(o, 4) for o in a.origin)} vs {tuple(round(o, 4) for o in b.origin)}")
-    if not np.allclose(a.direction, b.direction, atol=1e-5):
-        parts.append(f"direction {tuple(round(d, 4) for d in a.direction)} vs {tuple(round(d, 4) for d in b.direction)}")
-    return "; ".join(parts) or "voxel-to-LPS mappings differ"
-
-
 def _check_direction(grid: Grid, name: str) -> None:
     d = grid.direction_matrix
     if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
@@ -299,7 +286,7 @@ def evaluate(pred: sitk.Image | np.ndarray, ref: sitk.Image | np.ndarray, spacin
     if isinstance(pred, sitk.Image):
         gp, gr = Grid.from_image(pred), Grid.from_image(ref)
         if not gp.isclose(gr):
-            raise MASRefineError(f"{pred_name} and {ref_name} are on different grids ({_grid_difference(gp, gr)}); "
+            raise MASRefineError(f"{pred_name} and {ref_name} are on different grids ({gp.difference(gr)}); "
                                  "resample the prediction onto the reference grid first")
         _check_direction(gp, pred_name)
         spacing_xyz = gp.spacing

@@ -440,6 +440,10 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
         plan.report("load", 0.0, "reading inputs")
         target, target_arr, aset = load_inputs(target_path, atlas_dir)
         grid = Grid.from_image(target)
+        ref = read_label(truth) if truth else None  # checked before hours of work, not after
+        if ref is not None and not Grid.from_image(ref).isclose(grid):
+            raise MASRefineError(f"{truth}: reference label map and target {target_path} are on different grids "
+                                 f"({Grid.from_image(ref).difference(grid)})")
         m.set("labels", aset.label_table.to_json_dict())
         m.set("target_grid", grid.to_json())
         plan.report("load", 1.0, f"{len(aset)} atlases")
@@ -501,7 +505,7 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
         metrics = None
         if truth:
             report(qcb, "qa", 0.8, "metrics against the reference")
-            metrics = _write_metrics(out, fused.labels, grid, truth, aset.label_table, m, groups)
+            metrics = _write_metrics(out, fused.labels, grid, ref, str(truth), aset.label_table, m, groups)
         report(qcb, "qa", 1.0, "done")
 
     summary = {"target": target_path, "atlases": len(ws.atlases), "failed": ws.failed,
@@ -620,14 +624,12 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
     return segmenter
 
 
-def _write_metrics(out: Path, fused: np.ndarray, grid: Grid, truth, table: LabelTable, m: Manifest,
-                   groups=None) -> dict:
-    """Evaluate the fused labels against a reference label map: metrics.json and metrics.csv."""
-    from .imageio import atomic_write_text, resample_label
+def _write_metrics(out: Path, fused: np.ndarray, grid: Grid, ref: sitk.Image, truth: str, table: LabelTable,
+                   m: Manifest, groups=None) -> dict:
+    """Evaluate the fused labels against the reference label map ``ref`` (read from ``truth``, on the target's
+    grid): metrics.json and metrics.csv."""
+    from .imageio import atomic_write_text
     from .metrics import evaluate
-    ref = read_label(truth)
-    if not Grid.from_image(ref).isclose(grid):
-        ref = resample_label(ref, grid)
     ev = evaluate(array_to_image(fused, grid), ref, groups=groups, labels=list(table),
                   pred_name="fused labels", ref_name=str(truth))
     names = {v: lab.name for v, lab in table.items()}

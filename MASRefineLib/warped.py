@@ -15,6 +15,7 @@ Arrays are (Z, Y, X) on ``target_grid``; fields (3, Z, Y, X) in LPS mm, resampli
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,10 @@ from .jsonio import read_json, write_json
 from .labels import LabelTable, write_label_outputs
 
 SCHEMA_VERSION = 1
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
 
 
 @dataclass
@@ -91,9 +96,11 @@ class WarpedSet:
             return write
 
         run_writers([writer(a) for a in self.atlases], workers)
-        entries = [{"id": a.id, "files": self.files(a.id), "source_image": a.source_image,
-                    "source_label": a.source_label, **{k: v for k, v in a.info.items()}} for a in self.atlases]
-        report = {"schema_version": SCHEMA_VERSION, "stage": self.stage, "target": self.target_path,
+        # absolute paths: a later 'masrefine refine/fuse' may run from another working directory
+        entries = [{"id": a.id, "files": self.files(a.id), "source_image": _absolute(a.source_image),
+                    "source_label": _absolute(a.source_label), **{k: v for k, v in a.info.items()}}
+                   for a in self.atlases]
+        report = {"schema_version": SCHEMA_VERSION, "stage": self.stage, "target": _absolute(self.target_path),
                   "grid": self.target_grid.to_json(), "labels": self.label_table.to_json_dict(),
                   "atlases": entries, "failed": self.failed, "info": self.info}
         return write_json(report, out / "report.json")

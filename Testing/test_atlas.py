@@ -157,6 +157,13 @@ def _break(kind: str, aset: AtlasSet) -> Path:
     if kind == "missing file":
         lab_p.unlink()
         return lab_p
+    if kind == "truncated file":  # ITK would read it, zero-filling what is missing
+        data = img_p.read_bytes()
+        img_p.write_bytes(data[: len(data) // 3])
+        return img_p
+    if kind == "thin slab":
+        sitk.WriteImage(img[:, :, 10:13], str(img_p))
+        return img_p
     d = json.loads(aset.json_path.read_text())
     if kind == "duplicate id":
         d["atlases"].append(dict(d["atlases"][0]))
@@ -167,7 +174,7 @@ def _break(kind: str, aset: AtlasSet) -> Path:
 
 
 KINDS = ["nan image", "2d image", "empty label", "grid mismatch", "unknown label value", "missing file",
-         "duplicate id", "bad schema"]
+         "truncated file", "thin slab", "duplicate id", "bad schema"]
 
 
 def test_validation_errors_one_line_naming_the_file(crops, tmp_path):

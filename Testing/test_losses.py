@@ -90,6 +90,21 @@ def test_bending_energy_gradient_matches_autograd():
     assert torch.autograd.gradcheck(lambda x: bending_energy(x, sp), (f[:, :, :4, :5, :4].detach().clone().requires_grad_(),))
 
 
+def test_bending_energy_of_a_control_grid_with_two_nodes_along_an_axis():
+    """A small image's coarse control grid may have 2 nodes along an axis: the pure second difference along it
+    does not fit (the field is linear there) and is left out; the other terms remain, with their gradient."""
+    from MASRefineLib.losses import _d2, _dxy
+    torch.manual_seed(1)
+    f = torch.randn(1, 3, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    e = bending_energy(f)
+    expected = sum(_d2(f, ax, 1.0).pow(2).sum(1).mean() for ax in (3, 4)) + \
+        sum(2.0 * _dxy(f, a, b, 1.0, 1.0).pow(2).sum(1).mean() for a, b in ((2, 3), (2, 4), (3, 4)))
+    assert torch.allclose(e, expected.reshape(1))
+    assert torch.autograd.gradcheck(bending_energy, (f,))
+    assert bending_energy(torch.randn(1, 3, 1, 1, 4)).item() != 0.0  # only d2 along x fits
+    assert bending_energy(torch.randn(1, 3, 1, 1, 2)).item() == 0.0  # nothing fits
+
+
 def test_separable_box_mean_equals_full_window_pool():
     import torch.nn.functional as F
     from MASRefineLib.losses import box_mean

@@ -175,3 +175,40 @@ def test_train_votenet_command_stores_a_model_that_segment_uses(sample, tmp_path
                                train_missing=False, save_atlases=False, qa_picture=False))
     summary = read_manifest(r["manifest"])["summary"]
     assert summary["fusion"] == "votenet" and not summary.get("fallbacks")
+
+
+def test_a_small_target_segments_and_a_thin_slab_is_refused(sample, tmp_path):
+    """An 8-voxel cube (the smallest volume read) runs through every stage (its coarse control grids have 2 nodes
+    along an axis: the bending energy leaves out what does not fit), with outputs on its grid; a 3-slice slab is
+    refused with a one-line error naming the file."""
+    from MASRefineLib.errors import MASRefineError
+    img = sitk.ReadImage(sample["target"])
+    c = [n // 2 - 4 for n in img.GetSize()]
+    small = sitk.RegionOfInterest(img, [8, 8, 8], c)
+    sitk.WriteImage(small, str(tmp_path / "small.nii.gz"))
+    r = segment(tmp_path / "small.nii.gz", sample["atlas_dir"], tmp_path / "o",
+                SegmentOptions(prereg="deformable", refine="I", fusion="pv", preset="fast", save_atlases=False,
+                               qa_picture=False))
+    fused = sitk.ReadImage(str(tmp_path / "o" / "fused_labels.nii.gz"))
+    assert fused.GetSize() == small.GetSize() and np.allclose(fused.GetOrigin(), small.GetOrigin())
+    assert r["summary"]["atlases"] == len(json.loads((Path(sample["atlas_dir"]) / "atlas.json").read_text())["atlases"])
+    slab = sitk.RegionOfInterest(img, [img.GetSize()[0], img.GetSize()[1], 3], [0, 0, c[2]])
+    sitk.WriteImage(slab, str(tmp_path / "slab.nii.gz"))
+    with pytest.raises(MASRefineError, match=r"slab.nii.gz: expected a 3D volume of at least 8 voxels"):
+        segment(tmp_path / "slab.nii.gz", sample["atlas_dir"], tmp_path / "o2", SegmentOptions(preset="fast"))
+
+
+def test_a_reference_on_another_grid_is_refused_before_any_work(sample, tmp_path):
+    """``truth`` is read and checked with the target, not after the whole run (evaluate refuses it too)."""
+    from MASRefineLib.errors import MASRefineError
+    ref = sitk.ReadImage(sample["truth"])
+    ref.SetOrigin(tuple(o + 30.0 for o in ref.GetOrigin()))
+    sitk.WriteImage(ref, str(tmp_path / "shifted.nii.gz"))
+    with pytest.raises(MASRefineError, match=r"shifted.nii.gz: reference label map and target .* different grids "
+                                             r"\(origin"):
+        segment(sample["target"], sample["atlas_dir"], tmp_path / "o", SegmentOptions(preset="fast"),
+                truth=tmp_path / "shifted.nii.gz")
+    with pytest.raises(MASRefineError, match="nosuch.nii.gz: file not found"):
+        segment(sample["target"], sample["atlas_dir"], tmp_path / "o", SegmentOptions(preset="fast"),
+                truth=tmp_path / "nosuch.nii.gz")
+    assert not (tmp_path / "o" / MANIFEST_NAME).exists()

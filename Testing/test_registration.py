@@ -235,7 +235,7 @@ def test_folding_barrier_removes_most_folding_at_the_same_similarity(brains):
     assert ncc1 > ncc0 - 0.005, out
 
 
-def test_cli_writes_outputs_and_skips_a_bad_atlas(brains, tmp_path):
+def test_cli_writes_outputs_and_skips_a_bad_atlas(brains, tmp_path, capsys):
     from MASRefineLib.cli import main
 
     root = tmp_path / "set"
@@ -258,6 +258,9 @@ def test_cli_writes_outputs_and_skips_a_bad_atlas(brains, tmp_path):
                "--set", "affine_shrink=1.5", "--set", "affine_iterations=20", "--set", "deform_iterations=20",
                "--set", "deform_lr=0.25"])
     assert rc == 0
+    # the skip is said once, in one line, without Python's warning source line
+    err = capsys.readouterr().err.splitlines()
+    assert len([ln for ln in err if "atlas bad" in ln]) == 1 and not any("warnings.warn" in ln for ln in err), err
     ws = WarpedSet.load(out)
     assert ws.ids == ["s1", "s2"] and ws.stage == "deformable"
     assert [f["id"] for f in ws.failed] == ["bad"] and "constant" in ws.failed[0]["error"]

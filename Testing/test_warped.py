@@ -1,6 +1,8 @@
 """The stage hand-off folder round-trips exactly (geometry, label values, fields)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -24,10 +26,14 @@ def test_warped_set_round_trip(ixi_crop, tmp_path):
     rng = np.random.default_rng(0)
     atlases = [WarpedAtlas(f"a{i}", arr, labels, rng.normal(size=(3, *grid.shape)).astype(np.float32),
                            info={"seconds": 1.5, "folding_fraction": 0.0}) for i in range(2)]
+    atlases[0].source_image, atlases[0].source_label = "atlases/a0.nii.gz", "atlases/a0_label.nii.gz"
     ws = WarpedSet(grid, table, atlases, "affine", target_path="t.nii.gz")
     ws.save(tmp_path)
     back = WarpedSet.load(tmp_path)
     assert back.ids == ["a0", "a1"] and back.stage == "affine"
+    # paths given relative to the working directory are stored absolute, so another folder can read them
+    assert back.target_path == os.path.abspath("t.nii.gz")
+    assert back.atlases[0].source_image == os.path.abspath("atlases/a0.nii.gz") and back.atlases[1].source_image is None
     assert back.target_grid.isclose(grid)
     np.testing.assert_array_equal(back.atlases[0].label, labels)
     np.testing.assert_allclose(back.atlases[1].field, atlases[1].field, atol=1e-6)
