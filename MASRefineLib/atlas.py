@@ -123,7 +123,7 @@ class AtlasSet:
         gi, gl = Grid.from_image(img), Grid.from_image(lab)
         if not gi.isclose(gl):
             raise MASRefineError(f"{lab_p}: label grid does not match the image grid of {img_p} "
-                                 f"({grid_difference(gl, gi)})")
+                                 f"({gl.difference(gi)})")
         unknown = sorted(set(label_values(lab)) - set(self.label_table))
         if unknown:
             raise MASRefineError(f"{lab_p}: label values {_short(unknown)} are not in the label table of "
@@ -168,25 +168,8 @@ class Problem(str):
         return cls(path, msg or text)
 
 
-def describe_grid(g: Grid) -> str:
-    """``120x120x90 @ 2x2x2 mm`` (size i x j x k, spacing in mm)."""
-    sp = "x".join(f"{s:.4g}" for s in g.spacing)
-    return "x".join(str(s) for s in g.size) + f" @ {sp} mm"
-
-
-def grid_difference(a: Grid, b: Grid) -> str:
-    """What differs between two grids, in words (``a`` first): size, spacing, origin or direction."""
-    diffs = []
-    if tuple(a.size) != tuple(b.size):
-        diffs.append(f"size {'x'.join(map(str, a.size))} vs {'x'.join(map(str, b.size))}")
-    if not np.allclose(a.spacing, b.spacing, rtol=1e-5, atol=1e-6):
-        diffs.append(f"spacing {'x'.join(f'{v:.4g}' for v in a.spacing)} vs {'x'.join(f'{v:.4g}' for v in b.spacing)} mm")
-    d = float(np.linalg.norm(np.subtract(a.origin, b.origin)))
-    if d > 1e-4:
-        diffs.append(f"origin {d:.3g} mm apart")
-    if not np.allclose(a.direction, b.direction, atol=1e-5):
-        diffs.append("direction differs")
-    return ", ".join(diffs) or "differs slightly"
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 @dataclass
@@ -213,10 +196,10 @@ class CheckReport:
 
     def summary(self) -> str:
         """One line: atlases, labels, grid (size @ spacing; whether placements differ), status."""
-        parts = [f"{self.n_atlases} atlases", f"{len(self.label_table)} labels"]
+        parts = [_count(self.n_atlases, "atlas", "atlases"), _count(len(self.label_table), "label", "labels")]
         shapes = Counter()
         for g, n in self.grids.items():
-            shapes[describe_grid(g)] += n
+            shapes[g.describe()] += n
         if len(shapes) == 1:
             text = "grid " + next(iter(shapes))
             if len(self.grids) > 1:
@@ -285,7 +268,7 @@ def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None
             gi, gl = Grid.from_image(img), Grid.from_image(lab)
             if not gi.isclose(gl):
                 rep.problems.append(Problem(lab_p, f"label grid does not match the image grid of {img_p} "
-                                                   f"({grid_difference(gl, gi)}){where}"))
+                                                   f"({gl.difference(gi)}){where}"))
             else:
                 rep.grids[gi] += 1
                 rep.n_atlases += 1

@@ -83,21 +83,26 @@ class Grid:
             return False
         return bool(np.allclose(self.index_to_physical(), other.index_to_physical(), rtol=rtol, atol=atol_mm))
 
+    def describe(self) -> str:
+        """``120x120x90 @ 2x2x2 mm`` (size i x j x k, spacing in mm)."""
+        sp = "x".join(f"{v:.4g}" for v in self.spacing)
+        return "x".join(str(n) for n in self.size) + f" @ {sp} mm"
+
     def difference(self, other: "Grid") -> str:
-        """What differs from ``other`` (size, spacing mm, origin LPS mm, direction), for one-line errors."""
-        parts = []
+        """What differs from ``other``, in words, for one-line errors: size, spacing (mm), origin (distance in
+        mm) or direction."""
+        diffs = []
         if tuple(self.size) != tuple(other.size):
-            parts.append(f"size {tuple(self.size)} vs {tuple(other.size)}")
+            diffs.append(f"size {'x'.join(map(str, self.size))} vs {'x'.join(map(str, other.size))}")
         if not np.allclose(self.spacing, other.spacing, rtol=1e-5, atol=1e-6):
-            parts.append(f"spacing {tuple(round(s, 6) for s in self.spacing)} vs "
-                         f"{tuple(round(s, 6) for s in other.spacing)}")
-        if not np.allclose(self.origin, other.origin, atol=1e-4):
-            parts.append(f"origin {tuple(round(o, 4) for o in self.origin)} vs "
-                         f"{tuple(round(o, 4) for o in other.origin)}")
+            diffs.append(f"spacing {'x'.join(f'{v:.4g}' for v in self.spacing)} vs "
+                         f"{'x'.join(f'{v:.4g}' for v in other.spacing)} mm")
+        d = float(np.linalg.norm(np.subtract(self.origin, other.origin)))
+        if d > 1e-4:
+            diffs.append(f"origin {d:.3g} mm apart")
         if not np.allclose(self.direction, other.direction, atol=1e-5):
-            parts.append(f"direction {tuple(round(d, 4) for d in self.direction)} vs "
-                         f"{tuple(round(d, 4) for d in other.direction)}")
-        return "; ".join(parts) or "voxel-to-LPS mappings differ"
+            diffs.append("direction differs")
+        return ", ".join(diffs) or "differs slightly"
 
     def resized(self, size: tuple[int, int, int]) -> "Grid":
         """A grid over the same field of view (same corners of the first and last voxel centres'

@@ -4,7 +4,7 @@ Schema (version 1)::
 
     {
       "schema_version": 1,
-      "pipeline": "segment",                     # optional; a name in PIPELINES or "package.module:function"
+      "pipeline": "segment",                     # optional; a name in PIPELINES (see pipeline_target)
       "inputs": {"target": "/abs/target.nii.gz", "atlas_dir": "/abs/atlas-set"},
       "parameters": {"prereg": "deformable", "refine": "I", "fusion": "jlf", "device": "auto",
                      "preset": "default", ...},  # see PARAMETERS; missing ones take their defaults
@@ -28,8 +28,40 @@ from .imageio import atomic_write_text, is_image_file
 SCHEMA_VERSION = 1
 CANCEL_FILE_NAME = ".cancel"
 
-#: pipeline names the worker knows (``"module:function"``); a job may also name one directly.
+#: pipeline names the worker knows -> ``"module:function"``; a job may also name one of these functions
+#: directly, or a small pipeline of the project's own tests (:func:`pipeline_target`).
 PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job"}
+
+#: where the protocol tests' small pipelines live (``worker_pipelines:slow``): the Testing/ folder beside this
+#: package in a source checkout; an installed package has none, so there only :data:`PIPELINES` runs
+TEST_PIPELINE_DIR = Path(__file__).resolve().parent.parent / "Testing"
+
+
+def pipeline_target(name: Any) -> str:
+    """The ``"module:function"`` a job's ``pipeline`` field runs, or :class:`MASRefineError` saying why not.
+
+    A job file must not make the worker import and call arbitrary code: it runs one of the project's
+    pipelines, named (``"segment"``) or as ``"module:function"`` of :data:`PIPELINES`, or a function of a
+    top-level module in the project's ``Testing/`` folder (the protocol tests' pipelines). That module is
+    located without being imported."""
+    if not isinstance(name, str):
+        name = repr(name)  # refused below, named as written in the job
+    if name in PIPELINES:
+        return PIPELINES[name]
+    if name in PIPELINES.values():
+        return name
+    mod, _, func = name.partition(":")
+    if mod and func and "." not in mod and mod.isidentifier() and func.isidentifier():
+        import importlib.util
+        try:
+            spec = importlib.util.find_spec(mod)  # a top-level module: found, not run
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None)
+        if origin and Path(origin).resolve().parent == TEST_PIPELINE_DIR:
+            return name
+    raise MASRefineError(f"unknown pipeline {name!r} (known: {', '.join(PIPELINES)}; other functions are not run "
+                         "from a job file)")
 
 # name -> (type, allowed values or (min, max) for numbers or None, default, help). ``None`` as a
 # default means "the preset decides".
@@ -142,8 +174,10 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     if version != SCHEMA_VERSION:
         problems.append(f"unsupported schema_version {version!r} (this MASRefine reads {SCHEMA_VERSION})")
     pipeline = job.get("pipeline", "segment")
-    if not isinstance(pipeline, str) or not (pipeline in PIPELINES or ":" in pipeline):
-        problems.append(f"unknown pipeline {pipeline!r} (known: {', '.join(PIPELINES)}, or 'module:function')")
+    try:
+        pipeline_target(pipeline)
+    except MASRefineError as e:
+        problems.append(str(e))
     inputs = job.get("inputs")
     if not isinstance(inputs, dict):
         problems.append("'inputs' must be an object with 'target' and 'atlas_dir'")
@@ -167,7 +201,7 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     params = job.get("parameters", {})
     if not isinstance(params, dict):
         problems.append("'parameters' must be an object")
-    elif pipeline == "segment":
+    elif pipeline in ("segment", PIPELINES["segment"]):
         for name, value in params.items():
             if name not in PARAMETERS:
                 problems.append(f"unknown parameter '{name}' (known: {', '.join(PARAMETERS)})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -78,7 +79,15 @@ class LabelTable(dict):
         path = Path(path)
         if not path.exists():
             raise MASRefineError(f"{path}: label table not found")
-        text = path.read_text(encoding="utf-8-sig")
+        if not path.is_file():
+            raise MASRefineError(f"{path}: not a file (a label table is a JSON, CSV or colour-table file)")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise MASRefineError(f"{path}: not a label table (not text; expected JSON {{value: {{name, color}}}}, "
+                                 "CSV with Index,Name columns or a Slicer colour table)") from None
+        except OSError as e:
+            raise MASRefineError(f"{path}: cannot be read ({e.strerror or e})") from None
         if path.suffix.lower() == ".json":
             try:
                 d = json.loads(text)
@@ -88,20 +97,43 @@ class LabelTable(dict):
                 d = d["labels"]
             return cls.from_json_dict(d, str(path))
         if path.suffix.lower() == ".csv":
-            reader = csv.DictReader(text.splitlines())
-            reader.fieldnames = [f.strip() for f in (reader.fieldnames or [])]
-            rows = [r for r in reader if (r.get("Index") or "").strip()]
-            if "Index" not in reader.fieldnames or "Name" not in reader.fieldnames or not rows:
-                raise MASRefineError(f"{path}: CSV label table needs 'Index' and 'Name' columns and at least one row")
-            return cls.from_json_dict({r["Index"]: {"name": (r["Name"] or "").strip()} for r in rows}, str(path))
+            return cls._from_csv(text, path)
+        return cls._from_colour_table(text, path)
+
+    @classmethod
+    def _from_csv(cls, text: str, path: Path) -> "LabelTable":
+        """A CSV with ``Index`` and ``Name`` columns; a bad row is named by its line number."""
+        reader = csv.DictReader(text.splitlines())
+        reader.fieldnames = [f.strip() for f in (reader.fieldnames or [])]
+        if "Index" not in reader.fieldnames or "Name" not in reader.fieldnames:
+            raise MASRefineError(f"{path}: CSV label table needs 'Index' and 'Name' columns and at least one row")
         t = {}
-        for line in text.splitlines():
+        for r in reader:
+            index = (r.get("Index") or "").strip()
+            if not index:
+                continue
+            if not _is_int(index):
+                raise MASRefineError(f"{path}, line {reader.line_num}: label value {index!r} is not an integer")
+            t[index] = {"name": (r.get("Name") or "").strip()}
+        if not t:
+            raise MASRefineError(f"{path}: CSV label table needs 'Index' and 'Name' columns and at least one row")
+        return cls.from_json_dict(t, str(path))
+
+    @classmethod
+    def _from_colour_table(cls, text: str, path: Path) -> "LabelTable":
+        """A Slicer colour table: ``value name r g b [a]`` per line, ``#`` comments; any other line is
+        refused with its number (a file of another kind lands here: its first line says so)."""
+        t = {}
+        for n, line in enumerate(text.splitlines(), 1):
             parts = line.split()
             if not parts or parts[0].startswith("#"):
                 continue
-            if len(parts) < 5:
-                raise MASRefineError(f"{path}: colour-table line needs 'value name r g b [a]': {line.strip()}")
-            t[parts[0]] = {"name": parts[1], "color": [int(float(c)) for c in parts[2:5]]}
+            rgb = parts[2:5]
+            if len(parts) < 5 or not _is_int(parts[0]) or not all(_is_number(c) for c in rgb):
+                shown = line.strip() if len(line.strip()) <= 60 else line.strip()[:57] + "..."
+                raise MASRefineError(f"{path}, line {n}: colour-table line needs 'value name r g b [a]' (integer "
+                                     f"value, numbers r g b), got {shown!r}")
+            t[parts[0]] = {"name": parts[1], "color": [int(float(c)) for c in rgb]}
         return cls.from_json_dict(t, str(path))
 
     def subset(self, values) -> "LabelTable":
@@ -222,6 +254,21 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, LabelTable]:
     img.SetOrigin(tuple(float(o) for o in ijk[:3, 3]))
     img.SetDirection(tuple(float(d) for d in direction.ravel()))
     return img, LabelTable.from_json_dict(table, str(path))
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _one_line(text: str) -> str:

@@ -242,8 +242,13 @@ def parse_groups(groups: Mapping[str, Sequence[int]] | str | os.PathLike | None,
     if isinstance(groups, (str, os.PathLike)):
         text = str(groups)
         p = Path(text)
-        if not text.lstrip().startswith("{") and p.exists():
-            source, text = str(p), p.read_text(encoding="utf-8-sig")
+        if not text.lstrip().startswith("{"):  # not JSON text: a file name
+            if not p.is_file():
+                raise MASRefineError(f"{p}: label groups file not found ({source} takes a JSON file or JSON text)")
+            try:
+                source, text = str(p), p.read_text(encoding="utf-8-sig")
+            except (OSError, UnicodeDecodeError) as e:
+                raise MASRefineError(f"{p}: cannot be read as JSON text ({getattr(e, 'strerror', None) or e})") from None
         try:
             groups = json.loads(text)
         except json.JSONDecodeError as e:

@@ -30,8 +30,13 @@ Protocol (what :mod:`MASRefineLib.runner` and the Slicer module rely on):
   not reach a progress report by then.
 
 The pipeline is a function ``fn(job: dict, progress: ProgressCallback) -> dict`` named by the job's
-``pipeline`` field (``"segment"`` -> :func:`MASRefineLib.pipeline.run_job`, or any
-``"package.module:function"``), so the protocol can be exercised with small pipelines in tests.
+``pipeline`` field: ``"segment"`` -> :func:`MASRefineLib.pipeline.run_job`, or (so the protocol can be
+exercised with small pipelines in tests) ``"module:function"`` of a module in the project's Testing/
+folder; nothing else is imported (:func:`MASRefineLib.jobs.pipeline_target`).
+
+- **Output folder**: before the pipeline runs, ``output_dir`` is checked and prepared like any command's
+  ``--out`` (:func:`MASRefineLib.outputs.prepare_output_dir`): new, or an earlier ``segment`` output,
+  and apart from the atlas set and its image/label folders; otherwise an ``input`` error.
 """
 from __future__ import annotations
 
@@ -153,11 +158,14 @@ class _EventLogHandler(logging.Handler):
 
 
 def load_pipeline(name: str) -> Callable[..., dict]:
-    """The pipeline function for a job's ``pipeline`` field (a known name or ``module:function``)."""
-    from .jobs import PIPELINES
-    target = PIPELINES.get(name, name)
-    if ":" not in target:
-        raise ValueError(f"unknown pipeline {name!r}")
+    """The pipeline function for a job's ``pipeline`` field (only what :func:`MASRefineLib.jobs.pipeline_target`
+    allows is imported; anything else is a ValueError)."""
+    from .errors import MASRefineError
+    from .jobs import pipeline_target
+    try:
+        target = pipeline_target(name)
+    except MASRefineError as e:
+        raise ValueError(str(e)) from None
     mod, func = target.split(":", 1)
     fn = getattr(importlib.import_module(mod), func, None)
     if not callable(fn):
@@ -275,6 +283,12 @@ class Worker:
         try:
             if self.cancelled():
                 raise Cancelled("cancelled before the job started")
+            from .outputs import atlas_set_inputs, prepare_output_dir
+            # the pipeline reports a broken atlas set itself; here only its folders matter
+            prepare_output_dir(job["output_dir"], command="segment", option="output_dir",
+                               inputs=[*atlas_set_inputs(job["inputs"]["atlas_dir"], "inputs.atlas_dir",
+                                                         unreadable_ok=True),
+                                       ("inputs.target image", job["inputs"]["target"])])
             result = fn(job, progress=self.progress) or {}
             self.events.emit("result", **{"output_dir": job["output_dir"], **result})
             return EXIT_DONE

@@ -45,14 +45,18 @@ def add_parser(sub) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     from ..atlas import init_atlas_set
+    from ..outputs import check_folder_path
     from ..progress import tqdm_progress
 
+    # OUT may already hold the data (atlas init DATA --images DATA/images ...), so only: a folder, not a file
+    check_folder_path(args.out, "OUT")
     with tqdm_progress(disable=not sys.stderr.isatty()) as bar:
         aset = init_atlas_set(args.out, args.images, args.labels, args.label_table, mode=args.mode,
                               ids=args.ids, overwrite=args.force, progress=bar)
     for note in aset.notes:
         print(f"note: {note}")
-    print(f"{aset.json_path}: {len(aset)} atlases, {len(aset.label_table)} labels ({args.mode} mode)")
+    n, k = len(aset), len(aset.label_table)
+    print(f"{aset.json_path}: {n} atlas{'' if n == 1 else 'es'}, {k} label{'' if k == 1 else 's'} ({args.mode} mode)")
     if args.no_check:
         return 0
     return _check(str(aset.root), quiet=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._common import finite_nonneg_float
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -15,11 +17,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, metavar="FILE", help="reference label map on the same grid")
     p.add_argument("--groups", metavar="JSON",
                    help='label groups to average over, as JSON or a JSON file: {"bones": [1, 3], "cartilages": [2, 4]}')
-    p.add_argument("--tolerance-mm", type=float, default=0.7, metavar="MM",
+    p.add_argument("--tolerance-mm", type=finite_nonneg_float, default=0.7, metavar="MM",
                    help="surface Dice tolerance in mm (default: 0.7, as in the paper)")
     p.add_argument("--labels", metavar="FILE",
                    help="label table for names (JSON {value: {name, color}}, CSV with Index,Name, or Slicer .ctbl)")
-    p.add_argument("--json", metavar="OUT", help="also write all results to this JSON file")
+    p.add_argument("--json", metavar="OUT",
+                   help="also write all results to this JSON file (replaced if it exists; never one of the inputs)")
     p.set_defaults(func=run)
     return p
 
@@ -27,15 +30,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..imageio import atomic_write_text
     from ..labels import LabelTable
-    from ..metrics import evaluate_files, format_table, parse_groups
+    from ..metrics import evaluate_files, format_table
+    from ..outputs import check_output_file
+    from ._common import groups_option
 
-    groups = parse_groups(args.groups) if args.groups else None
+    if args.json is not None:  # before any work: the JSON must not replace what is being evaluated
+        check_output_file(args.json, option="--json",
+                          inputs=[("--pred label map", args.pred), ("--ref label map", args.ref),
+                                  ("--labels table", args.labels), ("--groups file", args.groups)])
+    groups = groups_option(args.groups)
     names = None
     if args.labels:
         names = {v: lab.name for v, lab in LabelTable.load(args.labels).items()}
     result = evaluate_files(args.pred, args.ref, groups=groups, tolerance_mm=args.tolerance_mm)
     print(format_table(result, names))
-    if args.json:
+    if args.json is not None:
         doc = result.to_json_dict(names, pred=str(args.pred), ref=str(args.ref))
         atomic_write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", args.json)
         print(f"wrote {args.json}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._common import finite_nonneg_float, nonnegative_int, positive_int
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -23,13 +25,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="VoteNet+ model: votenet.json, a models/ folder or an atlas-set folder (default: the "
                         "atlas set recorded in report.json, if any)")
     g = p.add_argument_group("method parameters (defaults per method)")
-    g.add_argument("--alpha", type=float, help="JLF ridge alpha (jlf 0.1; votenet: the model's, 0.01)")
-    g.add_argument("--beta", type=float, help="JLF exponent beta (default 2)")
-    g.add_argument("--patch-radius", type=int, metavar="VOX", help="JLF patch radius in voxels (jlf 2, votenet 1)")
-    g.add_argument("--search-radius", type=int, metavar="VOX", help="JLF search radius in voxels (default 3)")
-    g.add_argument("--window", type=int, metavar="VOX", help="wv: local correlation window in voxels (default 5)")
-    g.add_argument("--power", type=float, help="wv: weight = max(correlation, 0)^power (default 4)")
-    g.add_argument("--max-iter", type=int, help="staple: maximum EM iterations (default 50)")
+    g.add_argument("--alpha", type=finite_nonneg_float, help="JLF ridge alpha (jlf 0.1; votenet: the model's, 0.01)")
+    g.add_argument("--beta", type=finite_nonneg_float, help="JLF exponent beta (default 2)")
+    g.add_argument("--patch-radius", type=nonnegative_int, metavar="VOX",
+                   help="JLF patch radius in voxels (jlf 2, votenet 1)")
+    g.add_argument("--search-radius", type=nonnegative_int, metavar="VOX", help="JLF search radius in voxels (default 3)")
+    g.add_argument("--window", type=positive_int, metavar="VOX", help="wv: local correlation window in voxels (default 5)")
+    g.add_argument("--power", type=finite_nonneg_float, help="wv: weight = max(correlation, 0)^power (default 4)")
+    g.add_argument("--max-iter", type=positive_int, help="staple: maximum EM iterations (default 50)")
     p.add_argument("--no-posteriors", action="store_true", help="do not write the per-label posterior maps")
     p.add_argument("--no-weights", action="store_true", help="do not write the per-atlas weight maps")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
@@ -46,9 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import MASRefineError
     from ..fusion import fuse
+    from ..geometry import Grid
     from ..imageio import read_image
+    from ..outputs import prepare_output_dir, warped_set_inputs
     from ..progress import tqdm_progress
     from ..warped import WarpedSet
+    from ._common import check_target_grid
 
     warped = WarpedSet.load(args.registered)
     target = args.target or warped.target_path
@@ -68,9 +74,14 @@ def run(args: argparse.Namespace) -> int:
         if not model:
             raise MASRefineError("--method votenet needs --model (votenet.json, models/ or the atlas-set folder)")
     image = read_image(target)
+    check_target_grid(target, Grid.from_image(image), args.registered, warped.target_grid)
+    # before anything is written: a new or earlier 'fuse' folder, apart from --registered and the atlases
+    out_dir = prepare_output_dir(args.out, command="fuse",
+                                 inputs=[*warped_set_inputs(args.registered, warped), ("--target image", target),
+                                         ("--model", args.model)])
     with tqdm_progress(disable=not sys.stderr.isatty()) as bar:
         result = fuse(warped, image, args.method, device=args.device, progress=bar, model=model, **params)
-    path = result.save(Path(args.out), posteriors=not args.no_posteriors, weights=not args.no_weights,
+    path = result.save(out_dir, posteriors=not args.no_posteriors, weights=not args.no_weights,
                        extra={"registered": str(Path(args.registered).resolve()), "target": str(target)})
     n = int(result.posteriors.uncertain.sum())
     print(f"{args.method}: {len(result.atlas_ids)} atlases, {n} of {result.labels.size} voxels solved, "

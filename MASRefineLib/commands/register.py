@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._common import nonnegative_int, positive_int
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -26,14 +28,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--list-params", action="store_true",
                    help="print the parameters of the chosen preset with their units and exit")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=nonnegative_int, help="random seed (default: the preset's, 0)")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads for torch, at least 1 (default: torch's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
 
 def _overrides(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as a dict of strings (converted and range-checked, NaN included, by the
+    registration parameters: ``RegistrationParams.validate``)."""
     from ..errors import MASRefineError
     out = {}
     for item in items:
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..atlas import AtlasSet
     from ..imageio import read_image
+    from ..outputs import atlas_set_inputs, prepare_output_dir
     from ..progress import tqdm_progress
     from ..registration import AtlasInput, register
 
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     aset = AtlasSet.load(args.atlases)
     target = read_image(args.target)
+    prepare_output_dir(args.out, command="register",
+                       inputs=[*atlas_set_inputs(args.atlases), ("--target image", args.target)])
     inputs = [AtlasInput(aid, load=(lambda a=aid: aset.read(a)), source_image=str(aset.image_path(aid)),
                          source_label=str(aset.label_path(aid))) for aid in aset.ids]
     with warnings.catch_warnings():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ._common import finite_nonneg_float, nonnegative_int, positive_int
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from ..jobs import PARAMETERS
@@ -19,9 +21,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     for name in ("prereg", "refine", "fusion", "preset", "device"):
         typ, choices, default, hlp = PARAMETERS[name]
         p.add_argument(f"--{name}", choices=choices, default=default, help=f"{hlp} (default: {default})")
-    p.add_argument("--alpha", type=float, help=PARAMETERS["alpha"][3])
-    p.add_argument("--gamma", type=float, help=PARAMETERS["gamma"][3])
-    p.add_argument("--iterations", type=int, help=PARAMETERS["iterations"][3])
+    p.add_argument("--alpha", type=finite_nonneg_float, help=PARAMETERS["alpha"][3])
+    p.add_argument("--gamma", type=finite_nonneg_float, help=PARAMETERS["gamma"][3])
+    p.add_argument("--iterations", type=positive_int, help=PARAMETERS["iterations"][3])
     p.add_argument("--no-train", dest="train_missing", action="store_false",
                    help="never train missing models; fail with the 'masrefine train ...' command to run instead")
     p.add_argument("--no-atlas-outputs", dest="save_atlases", action="store_false",
@@ -29,8 +31,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-qa-picture", dest="qa_picture", action="store_false", help="do not write qa.png")
     p.add_argument("--truth", metavar="IMG", help="reference segmentation of the target: also write metrics")
     p.add_argument("--groups", metavar="JSON", help='label groups for the metrics, e.g. {"bone": [1, 3]}')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="random seed of registration, refinement and model training (default: 0)")
+    p.add_argument("--threads", type=positive_int, default=0, metavar="N",
+                   help="torch CPU threads, at least 1 (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -101,12 +105,15 @@ def format_rows(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..manifest import read_manifest
+    from ..outputs import atlas_set_inputs, prepare_output_dir
     from ..pipeline import SegmentOptions, segment
+    from ._common import groups_option
 
-    groups = None
-    if args.groups:
-        from ..metrics import parse_groups
-        groups = parse_groups(args.groups)
+    groups = groups_option(args.groups)
+    # before anything is written: the folder is a new or earlier 'segment' output, apart from every input
+    prepare_output_dir(args.out, command="segment",
+                       inputs=[*atlas_set_inputs(args.atlases), ("--target image", args.target),
+                               ("--truth label map", args.truth)])
     opts = SegmentOptions(prereg=args.prereg, refine=args.refine, fusion=args.fusion, device=args.device,
                           preset=args.preset, alpha=args.alpha, gamma=args.gamma, iterations=args.iterations,
                           train_missing=args.train_missing, save_atlases=args.save_atlases,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import nonnegative_int, positive_float, positive_int
+
 
 def _add_segmenter(sub) -> argparse.ArgumentParser:
     from ..segmenter import SegmenterSettings
@@ -17,19 +19,21 @@ def _add_segmenter(sub) -> argparse.ArgumentParser:
                     "reduced working grid. Saved as ATLAS_DIR/models/segmenter.safetensors + segmenter.json; a "
                     "checkpoint after every epoch lets an interrupted run resume (run the same command again).")
     p.add_argument("atlas_dir", metavar="ATLAS_DIR", help="atlas set folder (with atlas.json)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs}); raise it to train longer")
-    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, metavar="N",
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default {d.epochs}); raise it to train longer")
+    p.add_argument("--steps-per-epoch", type=positive_int, default=d.steps_per_epoch, metavar="N",
                    help=f"patch batches per epoch (default {d.steps_per_epoch})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N", help=f"patches per batch (default {d.batch_size})")
-    p.add_argument("--patch-size", type=int, default=d.patch_size, metavar="VOXELS",
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, metavar="N",
+                   help=f"patches per batch (default {d.batch_size})")
+    p.add_argument("--patch-size", type=positive_int, default=d.patch_size, metavar="VOXELS",
                    help=f"cubic patch side in working-grid voxels (default {d.patch_size})")
-    p.add_argument("--spacing", type=float, default=None, metavar="MM",
+    p.add_argument("--spacing", type=positive_float, default=None, metavar="MM",
                    help="working-grid spacing in mm (default: the atlases' spacing, coarsened to at most "
                         f"{d.max_voxels:,} voxels)")
-    p.add_argument("--channels", type=int, nargs="+", default=list(d.channels), metavar="C",
-                   help=f"U-Net channels per level (default {' '.join(map(str, d.channels))})")
-    p.add_argument("--lr", type=float, default=d.learning_rate, help=f"Adam learning rate (default {d.learning_rate:g})")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--channels", type=positive_int, nargs="+", default=list(d.channels), metavar="C",
+                   help=f"U-Net channels per level, at least 2 levels (default {' '.join(map(str, d.channels))})")
+    p.add_argument("--lr", type=positive_float, default=d.learning_rate,
+                   help=f"Adam learning rate (default {d.learning_rate:g})")
+    p.add_argument("--seed", type=nonnegative_int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -42,8 +46,8 @@ def _run_segmenter(args: argparse.Namespace) -> int:
     from ..progress import tqdm_progress
     from ..segmenter import SegmenterSettings, train_on_atlas_set
 
-    if args.epochs < 1 or args.steps_per_epoch < 1 or args.batch_size < 1:
-        raise MASRefineError("--epochs, --steps-per-epoch and --batch-size must be at least 1")
+    if len(args.channels) < 2:  # the counts and sizes themselves are checked by argparse (positive_int)
+        raise MASRefineError(f"--channels needs at least 2 values (one per U-Net level), got {len(args.channels)}")
     m = 2 ** (len(args.channels) - 1)
     if args.patch_size < m or args.patch_size % m:
         raise MASRefineError(f"--patch-size must be a multiple of {m} for {len(args.channels)} U-Net levels")
@@ -85,10 +89,11 @@ def _add_votenet(sub) -> argparse.ArgumentParser:
                                     for k, v in TRAIN_PRESETS.items()) + " (default: default)")
     p.add_argument("--targets", type=int, default=None, metavar="N",
                    help="leave-one-out targets (atlases) to register to (default from the preset; at least 2)")
-    p.add_argument("--iterations", type=int, default=None, metavar="N", help="Adam iterations (default from the preset)")
+    p.add_argument("--iterations", type=positive_int, default=None, metavar="N",
+                   help="Adam iterations (default from the preset)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="keep the leave-one-out registrations here and reuse them on a rerun")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_votenet)
@@ -103,8 +108,9 @@ def _run_votenet(args: argparse.Namespace) -> int:
 
     if args.targets is not None and args.targets < 2:
         raise MASRefineError("--targets must be at least 2 (one target is held out to calibrate)")
-    if args.iterations is not None and args.iterations < 1:
-        raise MASRefineError("--iterations must be at least 1")
+    if args.cache is not None:
+        from ..outputs import check_folder_path
+        check_folder_path(args.cache, "--cache")  # a folder of per-target registration folders, not a file
     aset = AtlasSet.load(args.atlas_dir)
     refine = None if args.refine == "none" else args.refine
     segmenter = None

@@ -46,6 +46,7 @@ General
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -117,6 +118,10 @@ class RegistrationParams:
             bad("max_batch must be >= 1")
         if self.bending_weight < 0 or self.diffusion_weight < 0 or self.folding_weight < 0:
             bad("regularisation weights must be >= 0")
+        for f in fields(self):  # NaN passes every comparison above and would silently change the result
+            v = getattr(self, f.name)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
+                bad(f"{f.name} must be finite, got {v!r}")
         return self
 
     def to_json(self) -> dict[str, Any]:

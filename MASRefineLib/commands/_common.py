@@ -1,0 +1,75 @@
+"""What several sub-commands share: argparse ``type=`` checks of numbers, ``--groups``, the target-grid check.
+
+The number checks run while argparse parses, so a bad value is refused before anything is read or written,
+with argparse's usual one-line ``masrefine <cmd>: error: argument --x: ...`` (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts: threads, iterations, windows, batch sizes)."""
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds, radii)."""
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return v
+
+
+def finite_nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (loss weights, exponents, tolerances); nan and inf are refused."""
+    v = _number(text, float)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (spacings in mm, learning rates)."""
+    v = _number(text, float)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def groups_option(value: str | None, option: str = "--groups") -> dict[str, list[int]] | None:
+    """``--groups``: JSON text or a JSON file (None when not given). A value that is not JSON text
+    (it does not start with ``{``) names a file, so a missing one says "file not found" (:func:`parse_groups`)."""
+    from ..metrics import parse_groups
+
+    if value is None:
+        return None
+    return parse_groups(value, option)
+
+
+def check_target_grid(target_path: str | os.PathLike, target_grid, registered: str | os.PathLike, registered_grid) -> None:
+    """Refine and fuse work on the grid the atlases were registered to: a ``--target`` on another grid (size,
+    spacing, origin or direction beyond a small tolerance) is refused, naming the file and both grids,
+    rather than silently resampled."""
+    from ..errors import MASRefineError
+
+    # 1e-3 mm: far below a voxel, above the rounding of a grid written to NIfTI (float32) and read back
+    if not target_grid.isclose(registered_grid, rtol=1e-5, atol_mm=1e-3):
+        raise MASRefineError(
+            f"{target_path}: grid {target_grid.describe()} differs from the grid the atlases were registered to "
+            f"({registered_grid.describe()}, {Path(registered) / 'report.json'}): "
+            f"{target_grid.difference(registered_grid)}; give the target that was registered to")

@@ -1,0 +1,207 @@
+"""Where MASRefine may write: the one check of output folders and output files.
+
+Every command that writes a folder (``segment``, ``register``, ``refine``, ``fuse``, and the background
+worker's ``output_dir``) calls :func:`prepare_output_dir` before it writes anything; ``evaluate --json``
+calls :func:`check_output_file`; options naming a folder that is not one run's output folder (``atlas init
+OUT``, ``train votenet --cache``, the resumable ``experiment --out``) call :func:`check_folder_path` (rule 1). The rules, so that nothing the user
+gave is ever overwritten:
+
+1. the path is not empty and, if it exists, is a folder (an output file: not a folder);
+2. an existing, non-empty folder must have been prepared by the same MASRefine command before: the
+   folder holds :data:`MARKER` (written when the folder is first prepared) naming that command. Folders
+   written before the marker existed are recognised by the file their command writes last
+   (:data:`LEGACY_RESULTS`) and get the marker;
+3. the folder is not, does not contain and does not lie inside an input folder (the atlas set and the
+   folders of its images and label maps, a ``--registered`` folder, ...), and contains no input file;
+   an output file is none of the inputs.
+
+Errors are :class:`MASRefineError` with one line naming the path, the problem and the option to change.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Union
+
+from .errors import MASRefineError
+
+#: the marker file of an output folder: JSON ``{"masrefine_output": 1, "command": "segment"}``
+MARKER = ".masrefine-output"
+
+PathLike = Union[str, os.PathLike]
+#: an input of a command: ``(what it is, path)``, e.g. ``("--atlases folder", "/data/set")``; folders and
+#: files are told apart on disk (a path that does not exist is taken as a file)
+Input = tuple[str, PathLike]
+
+_MANIFEST_KEYS = {"schema_version", "status", "created", "software", "inputs", "parameters", "labels", "target_grid",
+                  "stages", "seconds_total", "atlases", "summary", "outputs"}
+
+#: command -> (the JSON file it writes last, a test of that file's content): a folder holding such a file
+#: was written by that command before output folders were marked (read by :func:`_legacy_command`)
+LEGACY_RESULTS: dict[str, tuple[str, Callable[[dict[str, Any]], bool]]] = {
+    # a manifest holds only the keys of its schema (manifest.py); a stale or empty one ({}) counts too
+    "segment": ("manifest.json", lambda d: set(d) <= _MANIFEST_KEYS),
+    "register": ("report.json", lambda d: "grid" in d and d.get("stage") in ("affine", "deformable")),
+    "refine": ("report.json", lambda d: "grid" in d and str(d.get("stage")).startswith("refined")),
+    "fuse": ("fusion.json", lambda d: all(k in d for k in ("method", "grid", "files"))),
+}
+
+
+def check_folder_path(path: PathLike | None, option: str = "--out") -> Path:
+    """``path`` as an absolute Path after rule 1 (not empty; an existing path, and every existing folder
+    above it, is a folder). Nothing is created."""
+    if path is None or not str(path).strip():
+        raise MASRefineError(f"{option}: empty path; give a folder")
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if p.exists() and not p.is_dir():
+        raise MASRefineError(f"{p}: exists and is not a folder; choose another {option}")
+    for parent in p.parents:  # mkdir would fail with NotADirectoryError on the first file above it
+        if parent.exists():
+            if not parent.is_dir():
+                raise MASRefineError(f"{p}: {parent} is a file, not a folder; choose another {option}")
+            break
+    return p
+
+
+def prepare_output_dir(out: PathLike | None, *, inputs: Iterable[Input] = (), command: str = "segment",
+                       option: str = "--out") -> Path:
+    """Check ``out`` against the rules of this module, create it and mark it as ``command``'s output
+    folder; returns it (absolute). Reruns of ``command`` into its own folder pass; outputs already there
+    are the caller's to replace."""
+    p = check_folder_path(out, option)
+    _check_inputs(p, inputs, option)
+    if p.is_dir() and any(e != MARKER for e in os.listdir(p)):  # an empty folder (or only a marker) is new
+        owner = _marked_command(p) or _legacy_command(p, command)
+        if owner is None:
+            raise MASRefineError(f"{p}: not empty and not a MASRefine output folder; choose another {option}")
+        if owner != command:
+            raise MASRefineError(f"{p}: output folder of 'masrefine {owner}', not of '{command}'; choose another {option}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        if _marked_command(p) != command:
+            (p / MARKER).write_text(json.dumps({"masrefine_output": 1, "command": command}) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise MASRefineError(f"{p}: cannot create the output folder ({e.strerror or e})") from None
+    return p
+
+
+def check_output_file(path: PathLike | None, *, inputs: Iterable[Input] = (), option: str = "--json") -> Path:
+    """``path`` as an absolute Path if it may be written: not empty, not a folder, and none of ``inputs``
+    (compared after resolving links, and as the same file on disk). Nothing is written."""
+    if path is None or not str(path).strip():
+        raise MASRefineError(f"{option}: empty path; give a file name")
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if p.is_dir():
+        raise MASRefineError(f"{p}: is a folder; {option} needs a file name")
+    for what, inp in inputs:
+        if inp is None or not str(inp):
+            continue
+        if _same(p, Path(inp)):
+            raise MASRefineError(f"{p}: is the {what}; {option} would overwrite it, choose another file")
+    return p
+
+
+def atlas_set_inputs(atlas_dir: PathLike, option: str = "--atlases", *, unreadable_ok: bool = False) -> list[Input]:
+    """The inputs of a run on an atlas set: its folder and the folders of its images and label maps
+    (they may lie elsewhere: atlas.json references files where they are). Reads atlas.json only; one that
+    cannot be loaded raises its :class:`MASRefineError`, or with ``unreadable_ok`` leaves just the folder
+    (for a caller whose run reports the broken set itself, e.g. the worker)."""
+    from .atlas import AtlasSet
+
+    try:
+        aset = AtlasSet.load(atlas_dir)
+    except MASRefineError:
+        if not unreadable_ok:
+            raise
+        return [(f"{option} atlas set", Path(atlas_dir))]
+    found: list[Input] = [(f"{option} atlas set", aset.root)]
+    for aid in aset.ids:
+        found += [("folder of atlas images", aset.image_path(aid).parent),
+                  ("folder of atlas label maps", aset.label_path(aid).parent)]
+    return _unique(found)
+
+
+def warped_set_inputs(registered: PathLike, warped, option: str = "--registered") -> list[Input]:
+    """The inputs of a run on a registered folder (a :class:`MASRefineLib.warped.WarpedSet` loaded from
+    it): the folder, the folders of the original atlas files it records and its atlas set, if recorded."""
+    found: list[Input] = [(f"{option} folder", registered)]
+    for a in warped.atlases:
+        for what, src in (("folder of atlas images", a.source_image), ("folder of atlas label maps", a.source_label)):
+            if src:
+                found.append((what, Path(src).parent))
+    for key in ("atlas_set", "atlases", "atlas_dir"):
+        v = warped.info.get(key)
+        if isinstance(v, str) and v:
+            found.append(("atlas set", v))
+    return _unique(found)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _forms(p: Path) -> set[Path]:
+    """The path as given (absolute) and with links resolved: a folder reached through a link is the same."""
+    a = Path(os.path.abspath(p))
+    return {a, Path(os.path.realpath(a))}
+
+
+def _same(a: Path, b: Path) -> bool:
+    if _forms(a) & _forms(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _check_inputs(out: Path, inputs: Iterable[Input], option: str) -> None:
+    outs = _forms(out)
+    for what, inp in inputs:
+        if inp is None or not str(inp):
+            continue
+        ip = Path(inp)
+        for o in outs:
+            for i in _forms(ip):
+                if ip.is_dir():
+                    if o == i:
+                        raise MASRefineError(f"{out}: is the {what}; choose another {option}")
+                    if i in o.parents:
+                        raise MASRefineError(f"{out}: lies inside the {what} {ip}; choose another {option}")
+                    if o in i.parents:
+                        raise MASRefineError(f"{out}: contains the {what} {ip}; choose another {option}")
+                elif o == i:
+                    raise MASRefineError(f"{out}: is the {what}; choose another {option}")
+                elif o in i.parents:
+                    raise MASRefineError(f"{out}: contains the {what} {ip}; choose another {option}")
+
+
+def _marked_command(folder: Path) -> str | None:
+    """The command named by the folder's marker (None: no readable marker)."""
+    try:
+        doc = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc.get("command") if isinstance(doc, dict) and isinstance(doc.get("command"), str) else None
+
+
+def _legacy_command(folder: Path, command: str) -> str | None:
+    """``command`` if ``folder`` holds the file that command writes last, as written before output folders
+    were marked (:data:`LEGACY_RESULTS`); None otherwise."""
+    if command not in LEGACY_RESULTS:
+        return None
+    name, written_by = LEGACY_RESULTS[command]
+    try:
+        doc = json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return command if isinstance(doc, dict) and written_by(doc) else None
+
+
+def _unique(items: list[Input]) -> list[Input]:
+    seen: set[str] = set()
+    out: list[Input] = []
+    for what, p in items:
+        key = os.path.abspath(str(p))
+        if key not in seen:
+            seen.add(key)
+            out.append((what, p))
+    return out
