@@ -198,6 +198,26 @@ def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, include_background:
     return 1.0 - dice.mean(1)
 
 
+def soft_dice_loss_labels(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`soft_dice_loss` of class probabilities ``probs`` (B, K+1, ...) against the one-hot map of the
+    class-index map ``labels`` (B, ...), with the batch taken as one volume and the mean over the structures
+    (k >= 1) present in ``labels``: a scalar in [0, 1]. For training a segmenter with many classes: the one-hot
+    map is never built (the intersection is a scatter of each voxel's probability of its own class), so it costs
+    O(voxels) beyond the per-class sums instead of O(voxels x classes); a structure absent from the batch would
+    have (almost) no gradient and only dilute the mean."""
+    k = probs.shape[1]
+    flat = labels.reshape(-1)
+    counts = torch.bincount(flat, minlength=k).to(probs.dtype)
+    own = probs.gather(1, labels.unsqueeze(1)).reshape(-1)  # each voxel's probability of its labelled class
+    inter = torch.zeros(k, dtype=probs.dtype, device=probs.device).index_add(0, flat, own)
+    psum = probs.sum(dim=[0, *range(2, probs.dim())])  # per class, over the batch and the voxels
+    present = counts[1:] > 0
+    if not bool(present.any()):
+        return probs.sum() * 0.0
+    dice = (2 * inter[1:] + _EPS) / (psum[1:] + counts[1:] + _EPS)
+    return 1.0 - dice[present].mean()
+
+
 def _d2(f: torch.Tensor, axis: int, h: float) -> torch.Tensor:
     """Compact second difference f(x+1) - 2 f(x) + f(x-1) along a spatial axis (2, 3, 4), / h^2."""
     n = f.shape[axis]

@@ -111,11 +111,6 @@ DEFAULT_SIMILARITY = "lncc"
 LNCC_WINDOW = 5
 #: atlases per L-BFGS run; measured on one CPU thread (knee, 4 atlases): batch 2 took 22 CPU s per atlas, batch 4 took 41
 DEFAULT_BATCH = 2
-#: IS: structure channels x voxels at which L_seg (Eq. 5) is sampled on a level, at most (:func:`seg_strides`).
-#: Knees (4 structures, 0.8 M voxels at 1.4 mm) stay below it, so L_seg sees every voxel there; 2 mm brains
-#: (64-148 structures, 1.3 M voxels) take every 2nd voxel along each axis on the fine level, one in 8, which
-#: made IS on brains ~10x dearer than I before (evidence in docs/refinement.md)
-SEG_SAMPLE_BUDGET = 16_000_000
 
 
 class Segmenter(Protocol):
@@ -202,15 +197,13 @@ class RefineSettings:
     similarity: str = DEFAULT_SIMILARITY  # Eq. 4's image term: "lncc" or "ncc" (global, the paper)
     seg_min_dice: float = 0.0             # IS: structures below this surrogate validation Dice left out of L_seg
     seg_structures: tuple[int, ...] | None = None  # IS: label values in L_seg (None: all, or variant I)
-    seg_strides: tuple[int, ...] = ()     # IS: L_seg sampled every n-th voxel of each level (() = every voxel)
 
     def to_json(self) -> dict:
         return {"variant": self.variant, "alpha": self.alpha, "gamma_mm2": self.gamma,
                 "spacings_mm": list(self.spacings_mm), "iterations": list(self.iterations), "control": self.control,
                 "batch_size": self.batch_size, "folding_weight": self.folding_weight, "similarity": self.similarity,
                 "segmentation_min_dice": self.seg_min_dice,
-                "segmentation_structures": None if self.seg_structures is None else list(self.seg_structures),
-                "segmentation_strides": list(self.seg_strides)}
+                "segmentation_structures": None if self.seg_structures is None else list(self.seg_structures)}
 
 
 def default_spacings(grid: Grid, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[float, float]:
@@ -223,23 +216,6 @@ def default_spacings(grid: Grid, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[
     while n / f ** 3 > max_voxels:
         f *= 2.0
     return (2.0 * f * s, f * s)
-
-
-def seg_strides(levels: Sequence[Grid], n_structures: int, control: int = DEFAULT_CONTROL,
-                budget: int | None = None) -> tuple[int, ...]:
-    """Per level, the voxel stride at which IS samples L_seg: the smallest ``s`` with ``n_structures`` x
-    voxels / s^3 <= ``budget``, at most ``control`` (so every control node of the field still sees L_seg).
-    With ~100 structures on a 2 mm brain, sampling and summing the warped probabilities of every structure at
-    every voxel made L_seg 10x the cost of the rest of Eq. 3; the soft Dice of a regular subsample estimates it."""
-    budget = SEG_SAMPLE_BUDGET if budget is None else budget
-    out = []
-    for g in levels:
-        n = max(1, int(n_structures)) * float(np.prod(g.shape))
-        s = 1
-        while n / s ** 3 > budget and s < max(1, int(control)):
-            s += 1
-        out.append(s)
-    return tuple(out)
 
 
 def working_grids(grid: Grid, spacings_mm: Sequence[float] | None = None) -> list[Grid]:
@@ -379,15 +355,14 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
                    alpha: float = DEFAULT_ALPHA, gamma: float = DEFAULT_GAMMA,
                    iterations: Sequence[int] = DEFAULT_ITERATIONS, control: int = DEFAULT_CONTROL,
                    folding_weight: float = DEFAULT_FOLDING_WEIGHT, similarity: str = DEFAULT_SIMILARITY,
-                   seg_strides: Sequence[int] = (), progress: ProgressCallback | None = None, stage: str = "refine",
+                   progress: ProgressCallback | None = None, stage: str = "refine",
                    fraction: tuple[float, float] = (0.0, 1.0), ids: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
     """Minimise Eq. 3 for a batch of warped atlases; returns (f on ``levels[-1]`` (B, 3, ...) mm, terms).
 
     ``moving``: warped atlas images (B, 1, ...) on ``moving_grid``; ``target``: the target image (1, 1, ...)
     on every level; ``moving_seg`` (B, K+1, ...) on ``seg_grid`` and ``target_seg`` (1, K+1, ...) per level:
     the segmenter's probabilities (None: variant I). ``gamma`` in mm^2. Per level the moving maps are
-    resampled onto the :func:`staggered` level grid. ``seg_strides``: per level, L_seg is taken at every n-th
-    voxel along each axis (:func:`seg_strides`; () = every voxel).
+    resampled onto the :func:`staggered` level grid.
     Returns the per-atlas loss terms before and after (finest level) as lists of floats.
     """
     if len(iterations) != len(levels):
@@ -410,16 +385,13 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
     f = None
     for li, g in enumerate(levels):
         sg = staggered(g)
-        st = int(seg_strides[li]) if li < len(seg_strides) else 1
         channels = [_resample(moving, moving_grid, sg)]
-        if use_seg and st == 1:  # structures only (background is unused by Eq. 5), sampled with the image
+        if use_seg:  # structures only (background is unused by Eq. 5)
             channels.append(_resample(moving_seg[:, 1:], seg_grid or moving_grid, sg))
         mov = torch.cat(channels, 1)
-        # with a stride, the structures are sampled on their own, at every st-th voxel only
-        mseg = _resample(moving_seg[:, 1:], seg_grid or moving_grid, sg) if use_seg and st > 1 else None
         tgt = target[li]
         tmom = target_moments(similarity, tgt, LNCC_WINDOW)  # lncc: the target's half, once per level
-        tseg = target_seg[li][:, 1:, ::st, ::st, ::st] if use_seg else None
+        tseg = target_seg[li] if use_seg else None
         pts = grid_points(g, mov.device).unsqueeze(0)
         if f is None:
             f = torch.zeros((b, 3, *g.shape), device=mov.device)
@@ -428,15 +400,12 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
         spacing = g.spacing
 
         def evaluate(field: torch.Tensor) -> _Terms:
-            at = pts + field.permute(0, 2, 3, 4, 1)
-            w = sample(mov, sg, at, padding="border")
+            w = sample(mov, sg, pts + field.permute(0, 2, 3, 4, 1), padding="border")
             sim = similarity_loss(similarity, w[:, :1], tgt, LNCC_WINDOW, tmom)
             seg = None
             if use_seg:
-                # the structures: channels 1.. of w (0 is the image), or sampled apart at every st-th voxel;
-                # Eq. 5 runs over structures only
-                ws = w[:, 1:] if mseg is None else sample(mseg, sg, at[:, ::st, ::st, ::st], padding="border")
-                seg = soft_dice_loss(ws, tseg.expand(b, -1, -1, -1, -1), include_background=True)
+                # channels 1.. of w are the structures (0 is the image); Eq. 5 runs over structures only
+                seg = soft_dice_loss(w[:, 1:], tseg[:, 1:].expand(b, -1, -1, -1, -1), include_background=True)
             fold = folding_barrier(field, g, stride=control) if folding_weight > 0 else None
             return _Terms(sim, seg, bending_energy(field, spacing), fold)
 
@@ -560,13 +529,9 @@ def resolve_settings(grid: Grid, variant: str = "IS", *, alpha: float = DEFAULT_
     structures = surrogate_structures(segmenter, seg_min_dice) if variant == "IS" else None
     values = getattr(segmenter, "label_values", None)
     used = None if structures is None or values is None else tuple(int(values[c]) for c in structures)
-    strides = ()
-    if variant == "IS":
-        n_struct = len(structures) if structures is not None else max(1, len(values or [0, 1]) - 1)
-        strides = seg_strides(levels, n_struct, int(control))
     settings = RefineSettings(variant, float(alpha), float(gamma), tuple(min(g.spacing) for g in levels),
                               tuple(iterations), int(control), int(batch_size), float(folding_weight),
-                              similarity, float(seg_min_dice) if variant == "IS" else 0.0, used, strides)
+                              similarity, float(seg_min_dice) if variant == "IS" else 0.0, used)
     return settings, levels, structures
 
 
@@ -663,7 +628,6 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
             mseg = kept(segmenter.predict(images, grid, seg_grid)).to(dev) if use_seg else None
         f, terms = optimise_field(images, grid, target_levels, levels, mseg, seg_grid, tseg_levels, alpha, gamma,
                                   iterations, control, folding_weight=folding_weight, similarity=similarity,
-                                  seg_strides=settings.seg_strides,
                                   progress=progress,
                                   stage="refine", fraction=frac, ids=ids)
         del images, mseg

@@ -39,7 +39,7 @@ from .geometry import Grid
 from .imageio import atomic_write_bytes, atomic_write_text, normalize_intensity
 from .jsonio import json_default, read_json
 from .labels import LabelTable
-from .losses import soft_dice_loss
+from .losses import soft_dice_loss_labels
 from .progress import ProgressCallback, report
 from .warp import image_tensor, warp, warp_labels
 
@@ -341,22 +341,6 @@ def _patch(v: _Volume, centre: np.ndarray, size: int) -> tuple[np.ndarray, np.nd
     return img, cls
 
 
-def _present_dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Soft Dice (:func:`losses.soft_dice_loss`, Eq. 5) of the batch taken as one volume, over the structures
-    present in its reference: an absent structure's Dice has (almost) no gradient and would only dilute the mean
-    of the ~40 structures a brain patch holds among ~150."""
-    present = torch.unique(y)
-    present = present[present > 0]
-    if present.numel() == 0:
-        return logits.new_zeros(())
-    p = torch.softmax(logits, 1)[:, present]
-    q = (y.unsqueeze(1) == present.view(1, -1, *([1] * (y.dim() - 1)))).to(p.dtype)
-
-    def fold(t: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (1, C, B * ...)
-        return t.transpose(0, 1).reshape(1, t.shape[1], -1)
-    return soft_dice_loss(fold(p), fold(q), include_background=True)[0]
-
-
 def _batch(vols: Sequence[_Volume], rng: np.random.Generator, s: SegmenterSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random patches. A fraction ``foreground_fraction`` is centred on a labelled voxel: any
     one (``sampling="foreground"``), or one of a structure drawn uniformly from those in the volume
@@ -510,8 +494,8 @@ def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], 
             opt.zero_grad(set_to_none=True)
             logits = net(x)
             loss = F.cross_entropy(logits, y)
-            if s.loss == "dice_ce":
-                loss = loss + _present_dice_loss(logits, y)
+            if s.loss == "dice_ce":  # + Eq. 5 over the structures in the batch
+                loss = loss + soft_dice_loss_labels(torch.softmax(logits, 1), y)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))

@@ -161,3 +161,23 @@ def test_folding_barrier_matches_autograd_through_the_jacobian_on_an_oblique_gri
     z = torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     folding_barrier(z, grid).sum().backward()
     assert z.grad is None or float(z.grad.abs().max()) == 0.0
+
+
+def test_soft_dice_from_labels_equals_eq5_on_the_one_hot_map_of_the_present_structures():
+    """The segmenter's training Dice (no one-hot map) is Eq. 5 over the structures present, batch as one volume."""
+    from MASRefineLib.losses import soft_dice_loss, soft_dice_loss_labels
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 6, 7, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 6, (2, 6, 7, 5))  # structures 6-8 absent
+    present = torch.arange(1, 6)
+    q = (y.unsqueeze(1) == present.view(1, -1, 1, 1, 1)).double()
+
+    def fold(t):
+        return t.transpose(0, 1).reshape(1, t.shape[1], -1)
+    ref = soft_dice_loss(fold(torch.softmax(logits, 1)[:, present]), fold(q), include_background=True)[0]
+    new = soft_dice_loss_labels(torch.softmax(logits, 1), y)
+    assert torch.allclose(new, ref)
+    (g1,) = torch.autograd.grad(ref, logits)
+    (g2,) = torch.autograd.grad(soft_dice_loss_labels(torch.softmax(logits, 1), y), logits)
+    assert torch.allclose(g1, g2, atol=1e-12)
+    assert float(soft_dice_loss_labels(torch.softmax(logits, 1), torch.zeros_like(y))) == 0.0  # no structure

@@ -340,31 +340,3 @@ def test_default_working_grids_follow_the_voxel_budget():
     aniso = Grid((256, 256, 40), (0.5, 0.5, 4.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     fine = default_spacings(aniso)[1]
     assert np.isclose(fine, 2.0) and np.prod(aniso.size) * np.prod(aniso.spacing) / fine ** 3 <= 1_500_000
-
-
-def test_seg_strides_follow_the_channel_voxel_budget():
-    """IS samples L_seg at every voxel while structures x voxels fit the budget (knees), else every 2nd voxel
-    along each axis (brains with ~100 structures), never sparser than the field's control nodes."""
-    from MASRefineLib.refine import seg_strides, working_grids
-    brain = Grid((120, 120, 90), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    knee = Grid((200, 200, 160), (0.7, 0.7, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    assert seg_strides(working_grids(knee), 4) == (1, 1)
-    assert seg_strides(working_grids(brain), 64) == (1, 2)
-    assert seg_strides(working_grids(brain), 148) == (2, 2)            # capped at the control spacing
-    assert seg_strides(working_grids(brain), 148, control=4) == (2, 3)
-
-
-def test_is_with_a_segmentation_stride_still_optimises_it_and_keeps_the_field_error(case, monkeypatch):
-    """A 1-voxel budget forces stride 2 on this crop: L_seg on every 8th voxel estimates L_seg on all of them and
-    still falls, and the field's error (mm) stays within 10 % of that with L_seg on every voxel."""
-    import MASRefineLib.refine as R
-    seg = IntensityClasses()
-    every = refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", **FAST)
-    monkeypatch.setattr(R, "SEG_SAMPLE_BUDGET", 1)
-    sub = refine(case["ws"], case["target"], "IS", segmenter=seg, device="cpu", **FAST)
-    r = sub.atlases[0].info["refinement"]
-    assert r["segmentation_strides"] == [2, 2] and every.atlases[0].info["refinement"]["segmentation_strides"] == [1, 1]
-    assert r["segmentation_after"] < r["segmentation_before"] - 0.005
-    e = every.atlases[0].info["refinement"]
-    assert abs(r["segmentation_before"] - e["segmentation_before"]) < 0.005  # the subsample estimates L_seg
-    assert _error(sub, case) < 1.1 * _error(every, case)

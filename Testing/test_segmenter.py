@@ -149,3 +149,21 @@ def test_many_labels_get_a_1x1_head_that_saves_and_reloads(ixi_crop, tmp_path):
     # few classes: MONAI's U-Net as it is (the knee and phantom models stay loadable unchanged)
     from MASRefineLib.segmenter import build_unet, head_width
     assert head_width(5, (8, 16, 32, 64)) is None and not isinstance(build_unet(5), torch.nn.Sequential)
+
+
+def test_class_sampling_and_dice_ce_train_and_are_recorded(data, tmp_path):
+    """The options for many-structure sets: patches centred on a structure drawn uniformly, and cross entropy
+    plus the soft Dice (Eq. 5) of the structures in the batch; the loss falls and the settings are stored and
+    required for resuming."""
+    img, lab, table = data
+    s = SegmenterSettings(epochs=6, steps_per_epoch=4, sampling="class", loss="dice_ce", **TINY)
+    seg = train_segmenter([img], [lab], table, tmp_path / "m", s, ids=["a"], device="cpu")
+    hist = [h["loss"] for h in seg.meta["training"]["history"]]
+    assert np.mean(hist[-2:]) < 0.9 * hist[0]  # the Dice part (up to 1) falls more slowly than cross entropy
+    meta = json.loads((tmp_path / "m" / "segmenter.json").read_text())
+    assert meta["settings"]["sampling"] == "class" and meta["settings"]["loss"] == "dice_ce"
+    with pytest.raises(MASRefineError, match="a checkpoint with other data or settings"):
+        train_segmenter([img], [lab], table, tmp_path / "m", SegmenterSettings(epochs=7, steps_per_epoch=4, **TINY),
+                        ids=["a"], device="cpu")
+    with pytest.raises(MASRefineError, match="unknown loss 'dice'"):
+        train_segmenter([img], [lab], table, tmp_path / "x", SegmenterSettings(loss="dice", **TINY), device="cpu")
