@@ -119,8 +119,10 @@ def test_train_cli_on_an_atlas_set(data, tmp_path):
         "schema_version": 1, "labels": table.to_json_dict(),
         "atlases": [{"id": "a", "image": "a_img.nii.gz", "label": "a_lab.nii.gz"}]}))
     rc = main(["train", "segmenter", str(tmp_path / "set"), "--epochs", "1", "--steps-per-epoch", "2",
-               "--patch-size", "16", "--channels", "4", "8", "--spacing", "2", "--device", "cpu", "--quiet"])
+               "--patch-size", "16", "--channels", "4", "8", "--spacing", "2", "--sampling", "class", "--device", "cpu",
+               "--quiet"])
     assert rc == 0
+    assert json.loads((tmp_path / "set" / "models" / "segmenter.json").read_text())["settings"]["sampling"] == "class"
     seg = UNetSegmenter.load(tmp_path / "set")
     assert seg.num_classes == 4 and seg.settings.patch_size == 16
     assert main(["train", "segmenter", str(tmp_path / "nowhere"), "--quiet"]) == 2

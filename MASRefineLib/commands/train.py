@@ -33,6 +33,11 @@ def _add_segmenter(sub) -> argparse.ArgumentParser:
                    help=f"U-Net channels per level, at least 2 levels (default {' '.join(map(str, d.channels))})")
     p.add_argument("--lr", type=positive_float, default=d.learning_rate,
                    help=f"Adam learning rate (default {d.learning_rate:g})")
+    p.add_argument("--sampling", choices=("foreground", "class"), default=d.sampling,
+                   help="patch centres: any labelled voxel, or a voxel of a structure drawn uniformly (for sets with "
+                        f"many small structures) (default {d.sampling})")
+    p.add_argument("--loss", choices=("ce", "dice_ce"), default=d.loss,
+                   help=f"cross entropy, or cross entropy + soft Dice of the structures in the batch (default {d.loss})")
     p.add_argument("--seed", type=nonnegative_int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
@@ -54,7 +59,7 @@ def _run_segmenter(args: argparse.Namespace) -> int:
     settings = SegmenterSettings(spacing_mm=args.spacing, patch_size=args.patch_size, channels=tuple(args.channels),
                                  strides=(2,) * (len(args.channels) - 1), epochs=args.epochs,
                                  steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                                 learning_rate=args.lr, seed=args.seed)
+                                 learning_rate=args.lr, seed=args.seed, sampling=args.sampling, loss=args.loss)
     with tqdm_progress(disable=args.quiet) as bar:
         seg = train_on_atlas_set(args.atlas_dir, settings, args.device, bar, resume=not args.fresh)
     tr, val = seg.meta.get("training", {}), seg.meta.get("validation") or {}
