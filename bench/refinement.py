@@ -140,7 +140,9 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
     # epochs) or --segmenter-epochs never reuses another model or its refinements
     from MASRefineLib.segmenter import SegmenterSettings
     seg_epochs = args.segmenter_epochs or SegmenterSettings().epochs
-    seg_tag = f"-e{seg_epochs}"
+    d = SegmenterSettings()
+    # the training recipe names the folder too, so a model of another default recipe is never reused
+    seg_tag = f"-e{seg_epochs}" + ("" if (d.loss, d.sampling) == ("ce", "foreground") else f"-{d.loss}-{d.sampling}")
     if "IS" in args.variants:
         t0 = time.perf_counter()
         seg = segmenter_for(dataset, others, f"{dataset}-refinement-segmenter-{len(others)}{seg_tag}", args.device,
