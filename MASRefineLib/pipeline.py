@@ -47,6 +47,7 @@ from .geometry import Grid
 from .imageio import array_to_image, image_stem, normalize_intensity, read_image, read_label, run_writers, write_image
 from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
+from .outputs import atlas_set_inputs, prepare_output_dir
 from .progress import ProgressCallback, ProgressEvent, report
 from .warped import WarpedAtlas, WarpedSet
 
@@ -412,8 +413,11 @@ def _training_weight(atlas_dir, opts: SegmentOptions) -> float:
 
 def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
             options: SegmentOptions | None = None, progress: Optional[ProgressCallback] = None,
-            truth: str | os.PathLike | None = None, groups=None) -> dict[str, Any]:
+            truth: str | os.PathLike | None = None, groups=None, out_option: str = "out_dir") -> dict[str, Any]:
     """Segment ``target_path`` with the atlas set at ``atlas_dir`` into ``out_dir`` (layout: module doc).
+
+    ``out_dir`` must be new or empty, or an earlier ``segment`` output, and apart from every input
+    (:func:`MASRefineLib.outputs.prepare_output_dir`; its errors name ``out_option``, e.g. the CLI's ``--out``).
 
     ``truth``: an optional reference label map of the target; then ``metrics.csv``/``.json`` are
     written (volume Dice, surface Dice, ASD, HD95 per label and per group of ``groups``, a mapping
@@ -428,7 +432,11 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
     torch.manual_seed(opts.seed)
     device = resolve_device(opts.device)
     target_path = str(Path(target_path).resolve())
-    out = begin_output(Path(out_dir).resolve())
+    # before anything is written (the atlas set's own problems are reported when it is loaded below)
+    out = prepare_output_dir(out_dir, command="segment", option=out_option,
+                             inputs=[*atlas_set_inputs(atlas_dir, unreadable_ok=True), ("target image", target_path),
+                                     ("reference label map", truth)])
+    out = begin_output(out.resolve())
     weights = {"load": 0.03, "models": _training_weight(atlas_dir, opts), "register": 0.4,
                "refine": 0.3 if opts.refine != "none" else 0.0, "fuse": 0.12, "write": 0.1, "qa": 0.05}
     plan = _Plan(progress, weights)
@@ -651,4 +659,5 @@ def run_job(job: dict[str, Any], progress: Optional[ProgressCallback] = None) ->
     """The worker's ``segment`` pipeline: :func:`segment` with the job's inputs and parameters."""
     from .jobs import resolved_parameters
     opts = SegmentOptions.from_parameters(resolved_parameters(job))
-    return segment(job["inputs"]["target"], job["inputs"]["atlas_dir"], job["output_dir"], opts, progress)
+    return segment(job["inputs"]["target"], job["inputs"]["atlas_dir"], job["output_dir"], opts, progress,
+                   out_option="output_dir")

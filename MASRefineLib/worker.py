@@ -34,9 +34,9 @@ The pipeline is a function ``fn(job: dict, progress: ProgressCallback) -> dict``
 exercised with small pipelines in tests) ``"module:function"`` of a module in the project's Testing/
 folder; nothing else is imported (:func:`MASRefineLib.jobs.pipeline_target`).
 
-- **Output folder**: before the pipeline runs, ``output_dir`` is checked and prepared like any command's
-  ``--out`` (:func:`MASRefineLib.outputs.prepare_output_dir`): new, or an earlier ``segment`` output,
-  and apart from the atlas set and its image/label folders; otherwise an ``input`` error.
+- **Output folder**: the ``segment`` pipeline checks ``output_dir`` like the command line's ``--out``
+  (:func:`MASRefineLib.outputs.prepare_output_dir`, called by :func:`MASRefineLib.pipeline.segment`): new, or an
+  earlier ``segment`` output, and apart from the atlas set and its image/label folders; otherwise an ``input`` error.
 """
 from __future__ import annotations
 
@@ -283,12 +283,6 @@ class Worker:
         try:
             if self.cancelled():
                 raise Cancelled("cancelled before the job started")
-            from .outputs import atlas_set_inputs, prepare_output_dir
-            # the pipeline reports a broken atlas set itself; here only its folders matter
-            prepare_output_dir(job["output_dir"], command="segment", option="output_dir",
-                               inputs=[*atlas_set_inputs(job["inputs"]["atlas_dir"], "inputs.atlas_dir",
-                                                         unreadable_ok=True),
-                                       ("inputs.target image", job["inputs"]["target"])])
             result = fn(job, progress=self.progress) or {}
             self.events.emit("result", **{"output_dir": job["output_dir"], **result})
             return EXIT_DONE

@@ -20,6 +20,7 @@ from MASRefineLib import jobs, sampledata
 from MASRefineLib.cli import main
 from MASRefineLib.errors import MASRefineError
 from MASRefineLib.outputs import MARKER, prepare_output_dir
+from MASRefineLib.pipeline import segment
 
 # the fastest registration that still writes a real registered folder
 FAST_REG = ["--preset", "fast", "--device", "cpu", "-q", "--set", "affine_iterations=3", "--set",
@@ -143,7 +144,7 @@ def test_out_must_stay_apart_from_the_inputs(sample, registered, tmp_path, capsy
     one_line_error(seg + [str(atlases)], capsys, f"{atlases}: is the --atlases atlas set; choose another --out")
     one_line_error(seg + [str(atlases / "images" / "new")], capsys, "lies inside the --atlases atlas set")
     one_line_error(seg + [str(atlases.parent)], capsys, f"{atlases.parent}: contains the --atlases atlas set")
-    one_line_error(seg + [str(Path(sample["target"]).parent)], capsys, "contains the --target image")
+    one_line_error(seg + [str(Path(sample["target"]).parent)], capsys, "contains the target image")
     reg = ["register", "--atlases", str(atlases), "--target", sample["target"], "-q", "--out"]
     one_line_error(reg + [str(atlases / "labels")], capsys, "lies inside the --atlases atlas set")
     ref = ["refine", "--registered", str(registered), "--target", sample["target"], "--quiet", "--out"]
@@ -293,7 +294,7 @@ def test_worker_refuses_a_foreign_output_dir(sample, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "thesis.tex").write_text("mine")
-    job = jobs.make_job(sample["target"], sample["atlas_dir"], out, pipeline="worker_pipelines:slow", steps=1)
+    job = jobs.make_job(sample["target"], sample["atlas_dir"], out, preset="fast")  # the segment pipeline
     path = jobs.write_job(job, tmp_path / "job.json")
     stream = io.StringIO()
     assert Worker(path, EventWriter(stream)).run() == EXIT_ERROR
@@ -302,6 +303,11 @@ def test_worker_refuses_a_foreign_output_dir(sample, tmp_path):
     assert err["kind"] == "input" and err["message"] == (
         f"{out}: not empty and not a MASRefine output folder; choose another output_dir")
     assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "mine"
+    # a script calling the library directly is held to the same rule (the message names its argument)
+    with pytest.raises(MASRefineError, match=f"{out}: not empty and not a MASRefine output folder; choose "
+                                             "another out_dir"):
+        segment(sample["target"], sample["atlas_dir"], out)
+    assert os.listdir(out) == ["thesis.tex"]
 
 
 def test_library_inputs_refuse_non_finite_parameters_and_missing_group_files(tmp_path):

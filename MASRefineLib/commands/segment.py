@@ -105,15 +105,10 @@ def format_rows(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..manifest import read_manifest
-    from ..outputs import atlas_set_inputs, prepare_output_dir
     from ..pipeline import SegmentOptions, segment
     from ._common import groups_option
 
     groups = groups_option(args.groups)
-    # before anything is written: the folder is a new or earlier 'segment' output, apart from every input
-    prepare_output_dir(args.out, command="segment",
-                       inputs=[*atlas_set_inputs(args.atlases), ("--target image", args.target),
-                               ("--truth label map", args.truth)])
     opts = SegmentOptions(prereg=args.prereg, refine=args.refine, fusion=args.fusion, device=args.device,
                           preset=args.preset, alpha=args.alpha, gamma=args.gamma, iterations=args.iterations,
                           train_missing=args.train_missing, save_atlases=args.save_atlases,
@@ -121,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         console_logging()
     with terminal_progress(args.quiet) as bar:
-        result = segment(args.target, args.atlases, args.out, opts, bar, truth=args.truth, groups=groups)
+        result = segment(args.target, args.atlases, args.out, opts, bar, truth=args.truth, groups=groups,
+                         out_option="--out")
     m = read_manifest(result["manifest"])
     print(format_rows([{"id": a["id"], **a.get("qa", {})} for a in m.get("atlases", [])]))
     secs = result["summary"]["seconds"]
