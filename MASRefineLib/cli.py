@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     def one_line(message, category, filename, lineno, file=None, line=None) -> None:
         # a library warning (an atlas skipped, a field of view) reads like the errors: one line, no source line
-        print(f"masrefine {args.command}: warning: {message}", file=sys.stderr)
+        print(f"masrefine {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     try:
         with warnings.catch_warnings():

@@ -66,19 +66,28 @@ MIN_AXIS_VOXELS = 8
 
 
 def _check_gzip(path: Path) -> None:
-    """Refuse a truncated or corrupt ``.gz`` file: ITK's NIfTI reader fills what is missing with zeros and
-    says nothing. Decompresses the stream once into nothing (~0.1 s for a 0.7 mm knee)."""
+    """Refuse a truncated or corrupt gzip file (every member): ITK's NIfTI reader fills what is missing with
+    zeros and says nothing. Decompresses the stream once, 16 MB of output at a time, keeping none of it (~0.1 s
+    for a 0.7 mm knee). A file named ``.gz`` that is not gzip-compressed (ITK reads it) is left alone."""
     import zlib
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                d.decompress(chunk)
-                if d.eof:
-                    break
-    except zlib.error as e:
-        raise MASRefineError(f"{path}: corrupt gzip data ({e})") from None
-    if not d.eof:
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return
+        fh.seek(0)
+        d, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False  # gzip framing; fed: d has had input
+        try:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                data = block
+                while data:
+                    fed = True
+                    d.decompress(data, 1 << 24)
+                    data = d.unconsumed_tail
+                    if d.eof:  # a member ends; another may follow (multi-member gzip)
+                        data = d.unused_data + data
+                        d, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+        except zlib.error as e:
+            raise MASRefineError(f"{path}: corrupt gzip data ({e})") from None
+    if fed and not d.eof:
         raise MASRefineError(f"{path}: truncated file (the gzip stream ends early)")
 
 
@@ -100,15 +109,17 @@ def _read(path: str | os.PathLike, pixel_id: int) -> sitk.Image:
         raise MASRefineError(f"{path}: expected a 3D image, got {img.GetDimension()}D")
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise MASRefineError(f"{path}: expected a scalar image, got {img.GetNumberOfComponentsPerPixel()} components per voxel")
-    if min(img.GetSize()) < MIN_AXIS_VOXELS:
-        raise MASRefineError(f"{path}: expected a 3D volume of at least {MIN_AXIS_VOXELS} voxels along each axis, "
-                             f"got size {img.GetSize()}")
+    if min(img.GetSize()) < 2:
+        raise MASRefineError(f"{path}: expected a 3D volume, got size {img.GetSize()}")
     return sitk.Cast(img, pixel_id) if img.GetPixelID() != pixel_id else img
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read a 3D intensity image as float32, rejecting non-3D, multi-component, NaN/inf and constant images."""
     img = _read(path, sitk.sitkFloat32)
+    if min(img.GetSize()) < MIN_AXIS_VOXELS:  # what registration needs; label maps follow their image's grid
+        raise MASRefineError(f"{path}: expected a 3D volume of at least {MIN_AXIS_VOXELS} voxels along each axis, "
+                             f"got size {img.GetSize()}")
     arr = sitk.GetArrayViewFromImage(img)
     if not np.isfinite(arr).all():
         raise MASRefineError(f"{path}: image contains NaN or infinite values")

@@ -436,6 +436,11 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
     out = prepare_output_dir(out_dir, command="segment", option=out_option,
                              inputs=[*atlas_set_inputs(atlas_dir, unreadable_ok=True), ("target image", target_path),
                                      ("reference label map", truth)])
+    # a reference on another grid is refused before an earlier run's manifest is removed
+    ref = read_label(truth) if truth else None
+    if ref is not None and not Grid.from_image(ref).isclose(target_grid := Grid.from_image(read_image(target_path))):
+        raise MASRefineError(f"{truth}: reference label map and target {target_path} are on different grids "
+                             f"({Grid.from_image(ref).difference(target_grid)})")
     out = begin_output(out.resolve())
     weights = {"load": 0.03, "models": _training_weight(atlas_dir, opts), "register": 0.4,
                "refine": 0.3 if opts.refine != "none" else 0.0, "fuse": 0.12, "write": 0.1, "qa": 0.05}
@@ -448,10 +453,6 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
         plan.report("load", 0.0, "reading inputs")
         target, target_arr, aset = load_inputs(target_path, atlas_dir)
         grid = Grid.from_image(target)
-        ref = read_label(truth) if truth else None  # checked before hours of work, not after
-        if ref is not None and not Grid.from_image(ref).isclose(grid):
-            raise MASRefineError(f"{truth}: reference label map and target {target_path} are on different grids "
-                                 f"({Grid.from_image(ref).difference(grid)})")
         m.set("labels", aset.label_table.to_json_dict())
         m.set("target_grid", grid.to_json())
         plan.report("load", 1.0, f"{len(aset)} atlases")

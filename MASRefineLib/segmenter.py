@@ -472,7 +472,13 @@ def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], 
     ck = _load_checkpoint(models_dir, name) if resume else None
     if ck is not None:
         model_state, opt_state, info = ck
-        old = SegmenterSettings.from_json(info.get("settings", {}))
+        stored = info.get("settings", {})
+        old = SegmenterSettings.from_json(stored)
+        if "loss" not in stored and (s.loss, s.sampling) != (old.loss, old.sampling):
+            # a checkpoint from before the recipe was a setting goes on with the recipe it was started with
+            s = SegmenterSettings(**{**asdict(s), "loss": old.loss, "sampling": old.sampling})
+            report(progress, "train-segmenter", start_epoch / max(1, s.epochs),
+                   f"resuming a checkpoint of the earlier recipe (loss {s.loss}, sampling {s.sampling})")
         same = (old.architecture_key() == s.architecture_key() and info.get("train_ids") == [ids[i] for i in train_idx]
                 and info.get("label_values") == values and set(model_state) == set(net.state_dict()))
         if not same:

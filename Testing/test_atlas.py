@@ -265,3 +265,21 @@ def test_knee_atlas_set_from_synthesized_knee(tmp_path):
     assert report.problems == [] and report.n_atlases == 1
     g = next(iter(report.grids))
     np.testing.assert_allclose(g.spacing, 0.7, rtol=1e-4)
+
+
+def test_gzip_check_reads_every_member_and_leaves_uncompressed_files_to_itk(tmp_path):
+    """A multi-member gzip file is read whole (a truncated last member is refused), and a file named .nii.gz
+    that is not compressed, which ITK reads, is not refused."""
+    import gzip
+    from MASRefineLib.imageio import read_image
+    img = sitk.GetImageFromArray(np.random.default_rng(0).random((10, 11, 12)).astype(np.float32))
+    sitk.WriteImage(img, str(tmp_path / "raw.nii"))
+    raw = (tmp_path / "raw.nii").read_bytes()
+    (tmp_path / "plain.nii.gz").write_bytes(raw)
+    assert read_image(tmp_path / "plain.nii.gz").GetSize() == (12, 11, 10)
+    two = gzip.compress(raw[:1000]) + gzip.compress(raw[1000:])
+    (tmp_path / "two.nii.gz").write_bytes(two)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "two.nii.gz")), sitk.GetArrayFromImage(img))
+    (tmp_path / "cut.nii.gz").write_bytes(two[:-40])
+    with pytest.raises(MASRefineError, match=r"cut.nii.gz: truncated file"):
+        read_image(tmp_path / "cut.nii.gz")

@@ -204,6 +204,8 @@ def test_a_reference_on_another_grid_is_refused_before_any_work(sample, tmp_path
     ref = sitk.ReadImage(sample["truth"])
     ref.SetOrigin(tuple(o + 30.0 for o in ref.GetOrigin()))
     sitk.WriteImage(ref, str(tmp_path / "shifted.nii.gz"))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / MANIFEST_NAME).write_text('{"schema_version": 1}')  # an earlier run's result
     with pytest.raises(MASRefineError, match=r"shifted.nii.gz: reference label map and target .* different grids "
                                              r"\(origin"):
         segment(sample["target"], sample["atlas_dir"], tmp_path / "o", SegmentOptions(preset="fast"),
@@ -211,4 +213,4 @@ def test_a_reference_on_another_grid_is_refused_before_any_work(sample, tmp_path
     with pytest.raises(MASRefineError, match="nosuch.nii.gz: file not found"):
         segment(sample["target"], sample["atlas_dir"], tmp_path / "o", SegmentOptions(preset="fast"),
                 truth=tmp_path / "nosuch.nii.gz")
-    assert not (tmp_path / "o" / MANIFEST_NAME).exists()
+    assert (tmp_path / "o" / MANIFEST_NAME).read_text() == '{"schema_version": 1}'  # kept: nothing was started

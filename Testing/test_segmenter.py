@@ -171,5 +171,14 @@ def test_the_cross_entropy_recipe_trains_and_recipes_are_recorded_and_keyed_for_
     old = SegmenterSettings.from_json({k: v for k, v in meta["settings"].items() if k not in ("loss", "sampling")})
     assert (old.loss, old.sampling) == ("ce", "foreground")
     assert (SegmenterSettings().loss, SegmenterSettings().sampling) == ("dice_ce", "class")
+    # a checkpoint written before the recipe was stored resumes with its own recipe under the new defaults
+    ck = tmp_path / "m" / "segmenter.checkpoint.json"
+    info = json.loads(ck.read_text())
+    info["settings"] = {k: v for k, v in info["settings"].items() if k not in ("loss", "sampling")}
+    ck.write_text(json.dumps(info))
+    more = train_segmenter([img], [lab], table, tmp_path / "m", SegmenterSettings(epochs=7, steps_per_epoch=4, **TINY),
+                           ids=["a"], device="cpu")
+    assert len(more.meta["training"]["history"]) == 7 and more.settings.loss == "ce"
+    assert more.meta["training"]["history"][:6] == seg.meta["training"]["history"]
     with pytest.raises(MASRefineError, match="unknown loss 'dice'"):
         train_segmenter([img], [lab], table, tmp_path / "x", SegmenterSettings(loss="dice", **TINY), device="cpu")
