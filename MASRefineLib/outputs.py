@@ -72,7 +72,7 @@ def prepare_output_dir(out: PathLike | None, *, inputs: Iterable[Input] = (), co
     p = check_folder_path(out, option)
     _check_inputs(p, inputs, option)
     if p.is_dir() and any(e != MARKER for e in os.listdir(p)):  # an empty folder (or only a marker) is new
-        owner = _marked_command(p) or _legacy_command(p, command)
+        owner = _marked_command(p) or _legacy_command(p, command) or _legacy_owner(p)
         if owner is None:
             raise MASRefineError(f"{p}: not empty and not a MASRefine output folder; choose another {option}")
         if owner != command:
@@ -194,6 +194,11 @@ def _legacy_command(folder: Path, command: str) -> str | None:
     except (OSError, ValueError):
         return None
     return command if isinstance(doc, dict) and written_by(doc) else None
+
+
+def _legacy_owner(folder: Path) -> str | None:
+    """The command whose unmarked output ``folder`` is (:data:`LEGACY_RESULTS`), to name it in the refusal."""
+    return next((c for c in LEGACY_RESULTS if _legacy_command(folder, c)), None)
 
 
 def _unique(items: list[Input]) -> list[Input]:

@@ -441,9 +441,10 @@ def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], 
     out and their Dice on the working grid is stored with the model.
     """
     s = settings or SegmenterSettings()
-    if s.loss not in ("ce", "dice_ce") or s.sampling not in ("foreground", "class"):
-        raise MASRefineError(f"segmenter settings: unknown loss {s.loss!r} (ce, dice_ce) or sampling {s.sampling!r} "
-                             f"(foreground, class)")
+    if s.loss not in ("ce", "dice_ce"):
+        raise MASRefineError(f"segmenter settings: unknown loss {s.loss!r} (expected ce or dice_ce)")
+    if s.sampling not in ("foreground", "class"):
+        raise MASRefineError(f"segmenter settings: unknown sampling {s.sampling!r} (expected foreground or class)")
     if len(images) != len(labels) or not images:
         raise MASRefineError("training needs the same, non-zero number of images and label maps")
     ids = list(ids) if ids is not None else [f"atlas{i}" for i in range(len(images))]

@@ -134,6 +134,12 @@ def test_unmarked_output_of_an_earlier_version_is_rerun(tmp_path):
     with pytest.raises(MASRefineError, match="not a MASRefine output folder"):
         prepare_output_dir(web, command="segment")
     assert not (web / MARKER).exists()
+    # an unmarked folder of another command is named as such
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "report.json").write_text('{"grid": {}, "stage": "deformable"}')
+    with pytest.raises(MASRefineError, match="output folder of 'masrefine register', not of 'refine'"):
+        prepare_output_dir(reg, command="refine")
 
 
 # ------------------------------------------------------------------------------ A3: inputs are never outputs
