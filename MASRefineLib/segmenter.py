@@ -65,11 +65,13 @@ class SegmenterSettings:
     learning_rate: float = 2e-3
     foreground_fraction: float = 0.7    # patches centred on a labelled voxel
     # that voxel: "class", of a structure drawn uniformly, or "foreground", any labelled one; and the loss:
-    # "dice_ce", cross entropy + soft Dice of the structures in the batch, or "ce". Measured (docs/refinement.md,
-    # "Surrogate training recipe"): validation Dice after 100 knee epochs 0.743 -> 0.835, after 80 brain epochs
-    # 0.366 -> 0.434, at the same CPU cost per epoch on knees and twice it on 148-structure brains
+    # "dice_ce", cross entropy + soft Dice of the structures in the batch, "ce", or "auto": dice_ce up to
+    # AUTO_DICE_MAX_STRUCTURES structures, else ce (resolved when training starts). Measured (docs/refinement.md,
+    # "Surrogate training recipe"): knees (4 structures), 100 epochs: 0.743 (ce/foreground) -> 0.817 (ce/class) ->
+    # 0.835 (dice_ce/class) at the same cost; brains (148), where the Dice doubles the cost of an epoch, at ~2400-2800
+    # CPU s: ce/class 0.475, ce/foreground 0.470, dice_ce/class 0.434
     sampling: str = "class"
-    loss: str = "dice_ce"
+    loss: str = "auto"
     validation_fraction: float = 0.2    # held-out atlases (none when fewer than 3 atlases)
     seed: int = 0
 
@@ -95,6 +97,17 @@ class SegmenterSettings:
         return (self.spacing_mm, self.patch_size, tuple(self.channels), tuple(self.strides), self.num_res_units,
                 self.batch_size, self.learning_rate, self.foreground_fraction, self.validation_fraction, self.seed,
                 self.sampling, self.loss)
+
+
+#: structures up to which loss "auto" adds the soft Dice: its softmax over every class costs ~1 % of a training
+#: step with 4 knee structures and doubles it with 148 brain structures, where per CPU second it lost
+#: (docs/refinement.md, "Surrogate training recipe")
+AUTO_DICE_MAX_STRUCTURES = 32
+
+
+def auto_loss(n_structures: int) -> str:
+    """The loss that ``loss="auto"`` trains with for ``n_structures`` structures (background not counted)."""
+    return "dice_ce" if int(n_structures) <= AUTO_DICE_MAX_STRUCTURES else "ce"
 
 
 def head_width(out_channels: int, channels: Sequence[int]) -> int | None:
@@ -441,8 +454,8 @@ def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], 
     out and their Dice on the working grid is stored with the model.
     """
     s = settings or SegmenterSettings()
-    if s.loss not in ("ce", "dice_ce"):
-        raise MASRefineError(f"segmenter settings: unknown loss {s.loss!r} (expected ce or dice_ce)")
+    if s.loss not in ("auto", "ce", "dice_ce"):
+        raise MASRefineError(f"segmenter settings: unknown loss {s.loss!r} (expected auto, ce or dice_ce)")
     if s.sampling not in ("foreground", "class"):
         raise MASRefineError(f"segmenter settings: unknown sampling {s.sampling!r} (expected foreground or class)")
     if len(images) != len(labels) or not images:
@@ -454,6 +467,8 @@ def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], 
     if s.spacing_mm is None:
         s = SegmenterSettings(**{**asdict(s), "spacing_mm": auto_spacing(grids, s.max_voxels)})
     values = [0] + sorted(int(v) for v in label_table)
+    if s.loss == "auto":  # stored resolved, so the model says what it was trained with
+        s = SegmenterSettings(**{**asdict(s), "loss": auto_loss(len(values) - 1)})
     lut = -np.ones(max(values) + 1, np.int64)
     lut[values] = np.arange(len(values))
 
@@ -576,5 +591,5 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return UNetSegmenter.load(path, resolve_device(device))
 
 
-__all__ = ["SegmenterSettings", "UNetSegmenter", "train_segmenter", "train_on_atlas_set", "load_segmenter",
+__all__ = ["auto_loss", "SegmenterSettings", "UNetSegmenter", "train_segmenter", "train_on_atlas_set", "load_segmenter",
            "build_unet", "head_width", "auto_spacing", "dice_per_class", "MODEL_NAME"]

@@ -55,6 +55,7 @@ def test_training_lowers_the_loss_and_saves_safetensors_and_json(trained):
     assert meta["label_values"] == [0, 1, 2, 3] and meta["spacing_mm"] == 2.0
     assert meta["normalisation"]["function"].endswith("normalize_intensity")
     assert meta["settings"]["epochs"] == 6 and meta["architecture"]["out_channels"] == 4
+    assert meta["settings"]["loss"] == "dice_ce"  # "auto", stored resolved: 3 structures
     # safetensors layout: 8-byte little-endian header length, then a JSON header
     raw = (d / "segmenter.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
@@ -170,7 +171,9 @@ def test_the_cross_entropy_recipe_trains_and_recipes_are_recorded_and_keyed_for_
                         ids=["a"], device="cpu")
     old = SegmenterSettings.from_json({k: v for k, v in meta["settings"].items() if k not in ("loss", "sampling")})
     assert (old.loss, old.sampling) == ("ce", "foreground")
-    assert (SegmenterSettings().loss, SegmenterSettings().sampling) == ("dice_ce", "class")
+    assert (SegmenterSettings().loss, SegmenterSettings().sampling) == ("auto", "class")
+    from MASRefineLib.segmenter import auto_loss
+    assert auto_loss(4) == "dice_ce" and auto_loss(148) == "ce"  # knees / brains (docs/refinement.md)
     # a checkpoint written before the recipe was stored resumes with its own recipe under the new defaults
     ck = tmp_path / "m" / "segmenter.checkpoint.json"
     info = json.loads(ck.read_text())

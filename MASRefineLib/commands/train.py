@@ -11,7 +11,7 @@ from ._common import nonnegative_int, positive_float, positive_int
 
 
 def _add_segmenter(sub) -> argparse.ArgumentParser:
-    from ..segmenter import SegmenterSettings
+    from ..segmenter import AUTO_DICE_MAX_STRUCTURES, SegmenterSettings
     d = SegmenterSettings()
     p = sub.add_parser(
         "segmenter", help="the surrogate U-Net of refinement variant IS (and the U-Net baseline)",
@@ -36,8 +36,9 @@ def _add_segmenter(sub) -> argparse.ArgumentParser:
     p.add_argument("--sampling", choices=("foreground", "class"), default=d.sampling,
                    help="patch centres: any labelled voxel, or a voxel of a structure drawn uniformly (for sets with "
                         f"many small structures) (default {d.sampling})")
-    p.add_argument("--loss", choices=("ce", "dice_ce"), default=d.loss,
-                   help=f"cross entropy, or cross entropy + soft Dice of the structures in the batch (default {d.loss})")
+    p.add_argument("--loss", choices=("auto", "ce", "dice_ce"), default=d.loss,
+                   help="cross entropy, or cross entropy + soft Dice of the structures in the batch; auto: dice_ce up "
+                        f"to {AUTO_DICE_MAX_STRUCTURES} structures, else ce (default {d.loss})")
     p.add_argument("--seed", type=nonnegative_int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
