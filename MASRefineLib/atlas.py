@@ -35,7 +35,7 @@ import SimpleITK as sitk
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import atomic_write_text, image_stem, is_image_file, read_image, read_label, require_file
+from .imageio import atomic_write_text, image_stem, is_image_file, read_grid, read_image, read_label
 from .labels import Label, LabelTable, default_color
 from .progress import ProgressCallback, report
 
@@ -110,7 +110,7 @@ class AtlasSet:
 
     def grid(self, atlas_id: str) -> Grid:
         """The image grid of an atlas, from the file header only (fast)."""
-        return _header_grid(self.image_path(atlas_id))
+        return read_grid(self.image_path(atlas_id))
 
     def read(self, atlas_id: str) -> tuple[sitk.Image, sitk.Image]:
         """(image as float32, label map as uint16), both with their file geometry (LPS mm).
@@ -561,20 +561,6 @@ def _same_content(a: Path, b: Path) -> bool:
                 return False
             if not x:
                 return True
-
-
-def _header_grid(path: Path) -> Grid:
-    require_file(path)
-    r = sitk.ImageFileReader()
-    r.SetFileName(str(path))
-    try:
-        r.ReadImageInformation()
-    except RuntimeError:
-        raise MASRefineError(f"{path}: cannot be read as an image") from None
-    if r.GetDimension() != 3:
-        raise MASRefineError(f"{path}: expected a 3D image, got {r.GetDimension()}D")
-    return Grid(tuple(int(s) for s in r.GetSize()), tuple(float(s) for s in r.GetSpacing()),
-                tuple(float(o) for o in r.GetOrigin()), tuple(float(d) for d in r.GetDirection()))
 
 
 def _short(values: Sequence, n: int = 8) -> str:

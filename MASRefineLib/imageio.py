@@ -114,6 +114,21 @@ def _read(path: str | os.PathLike, pixel_id: int) -> sitk.Image:
     return sitk.Cast(img, pixel_id) if img.GetPixelID() != pixel_id else img
 
 
+def read_grid(path: str | os.PathLike) -> Grid:
+    """The grid of a 3D image file from its header only (no voxels read); errors name the file."""
+    path = require_file(path)
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    try:
+        r.ReadImageInformation()
+    except RuntimeError:
+        raise MASRefineError(f"{path}: cannot be read as an image") from None
+    if r.GetDimension() != 3:
+        raise MASRefineError(f"{path}: expected a 3D image, got {r.GetDimension()}D")
+    return Grid(tuple(int(s) for s in r.GetSize()), tuple(float(s) for s in r.GetSpacing()),
+                tuple(float(o) for o in r.GetOrigin()), tuple(float(d) for d in r.GetDirection()))
+
+
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read a 3D intensity image as float32, rejecting non-3D, multi-component, NaN/inf and constant images."""
     img = _read(path, sitk.sitkFloat32)

@@ -44,7 +44,8 @@ import torch
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import array_to_image, image_stem, normalize_intensity, read_image, read_label, run_writers, write_image
+from .imageio import (array_to_image, image_stem, normalize_intensity, read_grid, read_image, read_label,
+                      run_writers, write_image)
 from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, prepare_output_dir
@@ -438,7 +439,7 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
                                      ("reference label map", truth)])
     # a reference on another grid is refused before an earlier run's manifest is removed
     ref = read_label(truth) if truth else None
-    if ref is not None and not Grid.from_image(ref).isclose(target_grid := Grid.from_image(read_image(target_path))):
+    if ref is not None and not Grid.from_image(ref).isclose(target_grid := read_grid(target_path)):  # header only
         raise MASRefineError(f"{truth}: reference label map and target {target_path} are on different grids "
                              f"({Grid.from_image(ref).difference(target_grid)})")
     out = begin_output(out.resolve())

@@ -1,7 +1,8 @@
 """The surrogate segmentation network of VoteNet++ (the paper's U-Net; also its "U-Net baseline").
 
-A small MONAI 3D U-Net trained with cross entropy + soft Dice on an atlas set, on a reduced working grid with
-random patches centred on structures drawn uniformly, so it trains in minutes on a CPU (and faster on a GPU). Refinement (variant IS) uses
+A small MONAI 3D U-Net trained with cross entropy (+ soft Dice for up to 32 structures) on an atlas set, on a
+reduced working grid with random patches centred on structures drawn uniformly, so it trains in minutes on a CPU
+(and faster on a GPU). Refinement (variant IS) uses
 its class probabilities of the warped atlas images and of the target (:mod:`MASRefineLib.refine`).
 
 Stored inside the atlas set, ``<set>/models/``::

@@ -15,8 +15,9 @@ def _add_segmenter(sub) -> argparse.ArgumentParser:
     d = SegmenterSettings()
     p = sub.add_parser(
         "segmenter", help="the surrogate U-Net of refinement variant IS (and the U-Net baseline)",
-        description="Train a small 3D U-Net (MONAI) with cross entropy + soft Dice on random patches of the atlas "
-                    "set, on a reduced working grid. Saved as ATLAS_DIR/models/segmenter.safetensors + segmenter.json; a "
+        description="Train a small 3D U-Net (MONAI) with cross entropy (+ soft Dice for sets of few structures) on "
+                    "random patches of the atlas set, on a reduced working grid. Saved as "
+                    "ATLAS_DIR/models/segmenter.safetensors + segmenter.json; a "
                     "checkpoint after every epoch lets an interrupted run resume (run the same command again).")
     p.add_argument("atlas_dir", metavar="ATLAS_DIR", help="atlas set folder (with atlas.json)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default {d.epochs}); raise it to train longer")
