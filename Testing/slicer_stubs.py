@@ -1,5 +1,5 @@
 """Stand-ins for Slicer's Python modules (``slicer``, ``qt``, ``ctk``, ``vtk``): just enough to import
-``MASRefine/MASRefine.py`` outside Slicer and drive the parts of it that do not need Slicer's C++
+``MASRefine/MASRefine.py`` (and its package ``MASRefine/MASRefineModule``) outside Slicer and drive the parts of it that do not need Slicer's C++
 (the job handle, the runner, the load plan consumption). Nodes are recorded, not rendered: a test can
 see which files were loaded as which kind of node, with which names, references and folders.
 
@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE_PY = ROOT / "MASRefine" / "MASRefine.py"
+MODULE_DIR = ROOT / "MASRefine"
+MODULE_PY = MODULE_DIR / "MASRefine.py"
+PACKAGE = "MASRefineModule"
 STUBBED = ("slicer", "slicer.util", "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule",
            "qt", "ctk", "vtk", "MASRefine")
 
@@ -206,7 +208,7 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
     slicer = types.ModuleType("slicer")
     slicer.app = FakeApp(str(tmp / "slicer-temp"), str(tmp / "slicer-cache"))
     slicer.mrmlScene = FakeScene()
-    slicer.loaded, slicer.exported, slicer.layers = [], [], []
+    slicer.loaded, slicer.exported, slicer.layers, slicer.reloaded = [], [], [], []
     sh = FakeSubjectHierarchy()
     slicer.subjectHierarchy = sh
     slicer.vtkMRMLSubjectHierarchyNode = type("vtkMRMLSubjectHierarchyNode", (), {
@@ -260,6 +262,9 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
         def __init__(self, parent=None):
             self.parent = parent
 
+        def onReload(self):
+            slicer.reloaded.append(self)
+
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):
             pass
@@ -286,7 +291,10 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
 def load_module(monkeypatch, tmp: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """Import MASRefine.py against fresh stubs (undone by ``monkeypatch``); returns (module, slicer)."""
     stubs = make_slicer(tmp)
-    for name in STUBBED:
+    # the package's modules are imported afresh, against these stubs (Slicer puts the module's folder on
+    # sys.path: qSlicerScriptedLoadableModuleFactory appends it)
+    monkeypatch.syspath_prepend(str(MODULE_DIR))
+    for name in STUBBED + tuple(n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")):
         monkeypatch.delitem(sys.modules, name, raising=False)
     for name, mod in stubs.items():
         monkeypatch.setitem(sys.modules, name, mod)
@@ -295,6 +303,11 @@ def load_module(monkeypatch, tmp: Path) -> tuple[types.ModuleType, types.ModuleT
     monkeypatch.setitem(sys.modules, "MASRefine", module)
     spec.loader.exec_module(module)
     return module, stubs["slicer"]
+
+
+def submodule(name: str) -> types.ModuleType:
+    """``MASRefineModule.<name>`` as imported by the last :func:`load_module`."""
+    return sys.modules[f"{PACKAGE}.{name}"]
 
 
 def volume_node(image, name: str = "knee target") -> FakeNode:

@@ -31,10 +31,10 @@ WORKER_ENV = {"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
 @pytest.fixture
 def mod(monkeypatch, tmp_path):
     module, slicer = slicer_stubs.load_module(monkeypatch, tmp_path)
-    module._activeJobs.clear()
-    module._jobGuardsInstalled = False
+    jobModule = slicer_stubs.submodule("Job")
+    assert jobModule.activeJobs == [] and not jobModule.jobGuardsInstalled  # a fresh import per test
     yield module, slicer
-    for job in list(module._activeJobs):  # never leave a worker behind
+    for job in list(jobModule.activeJobs):  # never leave a worker behind
         job.runner.kill()
 
 
@@ -96,6 +96,20 @@ def test_job_parameters(mod):
     assert logic.jobParameters(**logic.parametersFromNode(p))["iterations"] == 40
 
 
+def test_reload_reexecutes_the_package_before_the_module(mod):
+    """Slicer's Reload re-executes MASRefine.py only; the widget reloads MASRefineModule's files first."""
+    module, slicer = mod
+    before = {name: vars(slicer_stubs.submodule(name)).copy() for name in ("Parameters", "Logic", "Test")}
+    widget = object.__new__(module.MASRefineWidget)
+    module.MASRefineWidget.onReload(widget)
+    assert slicer.reloaded == [widget]
+    logic = slicer_stubs.submodule("Logic")
+    assert logic.MASRefineLogic is not before["Logic"]["MASRefineLogic"]  # re-executed
+    # and in dependency order: the reloaded logic uses the reloaded choices
+    assert logic.Refinement is slicer_stubs.submodule("Parameters").Refinement is not before["Parameters"]["Refinement"]
+    assert slicer_stubs.submodule("Test").MASRefineLogic is logic.MASRefineLogic
+
+
 def test_input_problems(mod, target, atlas_dir, tmp_path):
     module, _ = mod
     problem = module.MASRefineLogic.inputProblem
@@ -126,11 +140,11 @@ def test_full_run_exports_runs_and_loads(mod, target, atlas_dir, tmp_path):
     assert back.GetDirection() == pytest.approx(target.image.GetDirection())
     assert back.GetSpacing() == pytest.approx(target.image.GetSpacing())
     # a QTimer pumps the job; the job is registered for stopAllJobs until it ends
-    assert job.timer.active and job.timer.interval == logic.POLL_INTERVAL_MS and job in module._activeJobs
+    assert job.timer.active and job.timer.interval == logic.POLL_INTERVAL_MS and job in slicer_stubs.submodule("Job").activeJobs
 
     nodes = job.wait(timeout=60)
     assert job.state == "completed" and finished == [job]
-    assert not job.timer.active and job not in module._activeJobs
+    assert not job.timer.active and job not in slicer_stubs.submodule("Job").activeJobs
     assert events[0] == "started" and "progress" in events and events[-2:] == ["result", "exit"]
     assert job.fraction == 1.0 and job.stage == "write"
     assert job.manifestPath == str(Path(job.outputDir) / "manifest.json")
@@ -199,7 +213,7 @@ def test_scene_close_and_app_exit_stop_workers(mod, target, atlas_dir, tmp_path)
         with pytest.raises(RuntimeError, match="cancelled"):
             job.wait(timeout=20)
         assert job.runner.returncode != 0
-    assert time.monotonic() - t0 < 10.0 and module._activeJobs == []
+    assert time.monotonic() - t0 < 10.0 and slicer_stubs.submodule("Job").activeJobs == []
 
     job = logic.start(target, atlas_dir, outDir=tmp_path)
     slicer.app.emit("aboutToQuit()")
@@ -231,7 +245,8 @@ def test_wait_timeout_stops_the_worker(mod, target, atlas_dir, tmp_path):
 
 
 def test_dependency_helpers(mod):
-    module, _ = mod
+    _ = mod
+    module = slicer_stubs.submodule("Environment")
     reqs = module.readRequirements()
     assert "monai>=1.3" in reqs and not any(r.lower().startswith(("numpy", "simpleitk", "torch")) for r in reqs)
     assert module.requirementSatisfied("pytest>=1")

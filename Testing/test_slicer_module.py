@@ -21,11 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "MASRefine"
 LIB_DIR = ROOT / "MASRefineLib"
 MODULE_PY = MODULE_DIR / "MASRefine.py"
+PACKAGE_DIR = MODULE_DIR / "MASRefineModule"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MASRefine.ui"
 REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 
 SOURCE = MODULE_PY.read_text(encoding="utf-8")
 TREE = ast.parse(SOURCE, filename=str(MODULE_PY))
+# every Python file of the module: MASRefine.py and its package (what Slicer's process imports)
+FILES = [MODULE_PY] + sorted(PACKAGE_DIR.glob("*.py"))
+TREES = {p: ast.parse(p.read_text(encoding="utf-8"), filename=str(p)) for p in FILES}
+ALL = ast.Module(body=[n for t in TREES.values() for n in t.body], type_ignores=[])
 UI = ET.parse(UI_FILE).getroot()
 
 # Imported lazily inside functions only: heavy, or pip-installed after asking (not there at import).
@@ -40,7 +45,7 @@ REMOVED = {"imp", "distutils", "asynchat", "asyncore", "smtpd", "pkg_resources",
 NEVER_PIP = {"numpy", "simpleitk", "torch"}
 
 
-def classes(tree=TREE) -> dict[str, ast.ClassDef]:
+def classes(tree=ALL) -> dict[str, ast.ClassDef]:
     return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
 
@@ -177,17 +182,22 @@ def _lib_module_imports(module: str, seen: set[str]) -> set[str]:
     return out
 
 
-def test_no_heavy_or_removed_imports_at_module_level():
-    for name, line in module_level_imports(TREE):
-        assert top(name) not in NOT_AT_MODULE_LEVEL, f"MASRefine.py:{line} imports {name} at module level"
-        assert name not in REMOVED and top(name) not in REMOVED, f"MASRefine.py:{line} imports removed {name}"
-    for name, line in all_imports(TREE):
-        assert name not in REMOVED and top(name) not in REMOVED, f"MASRefine.py:{line} imports removed {name}"
-        assert top(name) not in NEVER_IN_SLICER_PROCESS, f"MASRefine.py:{line} imports {name} into Slicer's process"
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_no_heavy_or_removed_imports_at_module_level(path):
+    tree, where = TREES[path], path.relative_to(MODULE_DIR)
+    for name, line in module_level_imports(tree):
+        assert top(name) not in NOT_AT_MODULE_LEVEL, f"{where}:{line} imports {name} at module level"
+        assert name not in REMOVED and top(name) not in REMOVED, f"{where}:{line} imports removed {name}"
+    for name, line in all_imports(tree):
+        assert name not in REMOVED and top(name) not in REMOVED, f"{where}:{line} imports removed {name}"
+        assert top(name) not in NEVER_IN_SLICER_PROCESS, f"{where}:{line} imports {name} into Slicer's process"
+        if top(name) == "MASRefineModule" and path.parent == PACKAGE_DIR:
+            # absolute imports only: the package is imported as MASRefineModule from the module's folder
+            assert not name.startswith("."), f"{where}:{line}"
 
 
 def test_masrefinelib_modules_used_by_the_module_do_not_import_torch():
-    used = sorted({n for n, _ in all_imports(TREE) if top(n) == "MASRefineLib"})
+    used = sorted({n for n, _ in all_imports(ALL) if top(n) == "MASRefineLib"})
     assert used, "the module is expected to use MASRefineLib (jobs, runner, loadplan)"
     for name in used:
         module = name
@@ -222,7 +232,7 @@ def test_requirements_never_pip_install_slicer_packages_and_match_pyproject():
 
 def test_installs_only_after_asking_and_never_at_import():
     install_calls = []
-    for n in ast.walk(TREE):
+    for n in ast.walk(ALL):
         if isinstance(n, ast.Call):
             name = ast.unparse(n.func)
             if name.endswith(("pip_install", "pip_ensure", "installTorch")):
@@ -238,9 +248,10 @@ def test_installs_only_after_asking_and_never_at_import():
     assert all(id(c) in inside for c in install_calls), "install calls outside ensureDependencies"
     text = ast.unparse(ensure)
     assert "askConfirmation" in text and "confirmOkCancelDisplay" in text
-    for n in TREE.body:  # nothing runs at import besides definitions and constants
-        assert isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)) or (
-            isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)), f"MASRefine.py:{n.lineno} runs code at import"
+    for path, tree in TREES.items():  # nothing runs at import besides definitions and constants
+        for n in tree.body:
+            assert isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)) or (
+                isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)), f"{path.name}:{n.lineno} runs code at import"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,7 +290,7 @@ def enum_classes() -> dict[str, dict[str, str]]:
 
 
 def test_every_ui_attribute_used_exists_in_the_ui():
-    used = {n.attr for n in ast.walk(TREE) if isinstance(n, ast.Attribute) and ast.unparse(n.value) == "self.ui"}
+    used = {n.attr for n in ast.walk(ALL) if isinstance(n, ast.Attribute) and ast.unparse(n.value) == "self.ui"}
     assert used, "the widget is expected to use self.ui"
     missing = used - set(ui_widgets())
     assert not missing, f"self.ui.{sorted(missing)} not in {UI_FILE.name}"
@@ -387,7 +398,7 @@ def _module_constants(tree: ast.Module) -> dict:
 
 
 def test_advanced_defaults_are_the_library_defaults():
-    ours = _module_constants(TREE)
+    ours = _module_constants(TREES[PACKAGE_DIR / "Parameters.py"])
     lib = _module_constants(ast.parse((LIB_DIR / "refine.py").read_text(encoding="utf-8")))
     assert ours["DEFAULT_ALPHA"] == lib["DEFAULT_ALPHA"]
     assert ours["DEFAULT_GAMMA"] == lib["DEFAULT_GAMMA"]
@@ -460,9 +471,10 @@ def test_cmake_extension_structure():
     macro = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", lib_cmake, re.S).group(1)
     assert "WITH_SUBDIR" in macro, "MASRefineLib must be installed in its own folder beside the module"
     assert re.search(r"set\(\s*MODULE_NAME\s+MASRefineLib\s*\)", lib_cmake)
-    # Slicer finds the module's resources beside MASRefine.py; only MASRefine.py at the module's top
+    # Slicer finds the module's resources beside MASRefine.py; only MASRefine.py at the module's top, the
+    # rest in its package (as SlicerNNUnet's SlicerNNUNetLib)
     assert {p.name for p in MODULE_DIR.iterdir() if p.is_file()} == {"MASRefine.py", "CMakeLists.txt"}
-    assert {p.name for p in MODULE_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"} == {"Resources"}
+    assert {p.name for p in MODULE_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"} == {"Resources", "MASRefineModule"}
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -477,3 +489,34 @@ def test_icons():
         assert _png_size(path) == (128, 128), path
     icon_url = re.search(r'EXTENSION_ICONURL\s+"([^"]+)"', (ROOT / "CMakeLists.txt").read_text()).group(1)
     assert icon_url.endswith("Resources/Icons/MASRefine.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# the module's files (issue #20, item 5: MASRefine.py split as SlicerNNUnet does)
+
+
+def _package_imports(tree: ast.AST) -> set[str]:
+    return {name.split(".")[1] for name, _ in all_imports(tree)
+            if top(name) == "MASRefineModule" and name.count(".") >= 1 and (PACKAGE_DIR / f"{name.split('.')[1]}.py").exists()}
+
+
+def test_masrefine_py_is_the_module_and_its_panel_only():
+    """Slicer looks up MASRefine, MASRefineWidget, MASRefineLogic and MASRefineTest in MASRefine.py's
+    namespace; the first two are defined there, the logic and test come from the package."""
+    defined = {n.name for n in TREE.body if isinstance(n, ast.ClassDef)}
+    assert defined == {"MASRefine", "MASRefineWidget"}
+    imported = {a.asname or a.name for n in TREE.body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("MASRefineModule")
+                for a in n.names}
+    assert {"MASRefineLogic", "MASRefineTest", "MASRefineParameterNode"} <= imported
+    assert len(SOURCE.splitlines()) < 500, "MASRefine.py grows again: move logic into MASRefineModule"
+
+
+def test_reload_order_covers_every_submodule_after_its_imports():
+    init = TREES[PACKAGE_DIR / "__init__.py"]
+    order = next(ast.literal_eval(n.value) for n in init.body if isinstance(n, ast.Assign) and n.targets[0].id == "SUBMODULES")
+    assert sorted(order) == sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__")
+    for i, name in enumerate(order):
+        deps = _package_imports(TREES[PACKAGE_DIR / f"{name}.py"]) - {name}
+        assert deps <= set(order[:i]), f"{name} imports {deps - set(order[:i])}, reloaded after it"
+    reload = ast.unparse(methods(classes()["MASRefineWidget"])["onReload"])
+    assert "MASRefineModule.SUBMODULES" in reload and "ScriptedLoadableModuleWidget.onReload(self)" in reload

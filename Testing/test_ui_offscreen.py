@@ -3,7 +3,7 @@
 Slicer's and CTK's widgets are not available outside Slicer: each is created as the base class its
 <customwidgets> entry declares (QWidget for all of them), as Qt Designer would. The enum combo boxes,
 spin-box ranges and defaults are filled the way Slicer's parameterNodeWrapper does (from the
-parameter node class of MASRefine.py, imported against stand-ins for Slicer), a screenshot of the
+parameter node class of MASRefineModule/Parameters.py, imported against stand-ins for Slicer), a screenshot of the
 panel is written to Testing/artifacts/, and any Qt warning that the fallback does not explain fails.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def bindings() -> dict[str, str]:
 def connect_like_parameter_node_wrapper(panel, module):
     """What parameterNodeWrapper.connectGui does to the widgets: fill the enum combo boxes with
     label(), set ranges from WithinRange, write the defaults. Returns {parameter: widget}."""
-    source = ast.parse(slicer_stubs.MODULE_PY.read_text(encoding="utf-8"))
+    source = ast.parse((slicer_stubs.MODULE_DIR / slicer_stubs.PACKAGE / "Parameters.py").read_text(encoding="utf-8"))
     cls = next(n for n in source.body if isinstance(n, ast.ClassDef) and n.name == "MASRefineParameterNode")
     widgets = {}
     for node in cls.body:

@@ -1,0 +1,64 @@
+"""Where the library is, how the worker is started, and what it needs installed (no Qt, no MRML)."""
+import os
+import shutil
+import sys
+from typing import Optional
+
+from slicer.i18n import tr as _
+
+
+def moduleDir() -> str:
+    """The module's folder (MASRefine.py and Resources/), one up from this package."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def libraryParentDir() -> str:
+    """The folder that contains MASRefineLib: beside this file once installed (WITH_SUBDIR), or the
+    repository root when the module is used from the source tree."""
+    for candidate in (moduleDir(), os.path.dirname(moduleDir())):
+        if os.path.isfile(os.path.join(candidate, "MASRefineLib", "__init__.py")):
+            return candidate
+    raise RuntimeError(_("MASRefineLib was not found beside {path}").format(path=moduleDir()))
+
+
+def ensureLibraryImportable() -> None:
+    parent = libraryParentDir()
+    if parent not in sys.path:
+        sys.path.insert(0, parent)
+
+
+def pythonSlicerExecutable() -> str:
+    """PythonSlicer (Slicer's Python without the application), which runs the worker."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def workerEnvironment() -> dict:
+    """The worker's environment: Slicer's, with MASRefineLib importable."""
+    env = dict(os.environ)
+    parent = libraryParentDir()
+    env["PYTHONPATH"] = os.pathsep.join([parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def readRequirements(path: Optional[str] = None) -> list:
+    """Requirement strings of Resources/requirements.txt (never torch, numpy or SimpleITK: see the file)."""
+    path = path or os.path.join(moduleDir(), "Resources", "requirements.txt")
+    with open(path, encoding="utf-8") as f:
+        lines = (line.split("#", 1)[0].strip() for line in f)
+        return [line for line in lines if line]
+
+
+def requirementSatisfied(requirement: str) -> bool:
+    """Whether an installed distribution satisfies the requirement (checked without importing it)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    req = Requirement(requirement)
+    try:
+        version = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        return False
+    return req.specifier.contains(version, prereleases=True)
+

@@ -1,0 +1,238 @@
+"""MASRefineLogic: what the panel and the Python console call. Every computation runs in the worker
+(``PythonSlicer -m MASRefineLib.worker job.json``); the logic writes the job, starts the runner and
+turns the results into nodes (MASRefineModule.Results)."""
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import qt
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from MASRefineModule import Results
+from MASRefineModule.Environment import (ensureLibraryImportable, pythonSlicerExecutable, readRequirements,
+                                         requirementSatisfied)
+from MASRefineModule.Job import MASRefineJob, activeJobs, installJobGuards
+from MASRefineModule.Parameters import (Device, Fusion, MASRefineParameterNode, PreRegistration, Preset, Refinement,
+                                        pathIsSet)
+
+
+class MASRefineLogic(ScriptedLoadableModuleLogic):
+    """This class should implement all the actual
+    computation done by your module.  The interface
+    should be such that other python code can import
+    this class and make use of the functionality without
+    requiring an instance of the Widget.
+    Uses ScriptedLoadableModuleLogic base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+
+    ``runnerFactory(jobPath)`` may be injected (tests, other front ends); by default it builds
+    ``MASRefineLib.runner.JobRunner(jobPath, python=PythonSlicer)``.
+    """
+
+    # Packages Slicer provides itself or through the PyTorch extension: never pip-installed here.
+    NEVER_PIP_INSTALL = ("numpy", "SimpleITK", "torch")
+    MINIMUM_TORCH_VERSION = "2.1"
+    POLL_INTERVAL_MS = 200
+
+    def __init__(self, runnerFactory: Optional[Callable] = None) -> None:
+        """Called when the logic class is instantiated. Can be used for initializing member variables."""
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.runnerFactory = runnerFactory
+
+    def getParameterNode(self):
+        return MASRefineParameterNode(super().getParameterNode())
+
+    # Parameters
+
+    @staticmethod
+    def jobParameters(preset=None, prereg=None, refine=None, fusion=None, device=None,
+                      alpha=None, gamma=None, iterations=None) -> dict:
+        """The worker's job parameters (``MASRefineLib.jobs.PARAMETERS``) from keyword arguments.
+
+        Choices may be given as enum members or their string values (``refine="IS"``); numbers as numbers.
+        Parameters left at None are not sent, so the library's defaults and the preset decide them.
+        Unknown values raise ValueError.
+        """
+        def choice(enumType, value):
+            if value is None or isinstance(value, enumType):
+                return value
+            for member in enumType:
+                if str(value).lower() in (member.value.lower(), member.name.lower()):
+                    return member
+            raise ValueError(_("{value!r} is not one of {choices}").format(
+                value=value, choices=", ".join(m.value for m in enumType)))
+
+        params = {}
+        for name, enumType, value in (("preset", Preset, preset), ("prereg", PreRegistration, prereg),
+                                      ("refine", Refinement, refine), ("fusion", Fusion, fusion),
+                                      ("device", Device, device)):
+            member = choice(enumType, value)
+            if member is not None:
+                params[name] = member.value
+        for name, value, kind in (("alpha", alpha, float), ("gamma", gamma, float), ("iterations", iterations, int)):
+            if value is not None:
+                if kind(value) < 0 or (kind is int and kind(value) < 1):
+                    raise ValueError(_("{name} must be positive, got {value}").format(name=name, value=value))
+                params[name] = kind(value)
+        return params
+
+    @staticmethod
+    def parametersFromNode(parameterNode) -> dict:
+        """Keyword arguments for start()/segment() from the module's parameter node."""
+        p = parameterNode
+        kwargs = {"preset": p.preset, "prereg": p.prereg, "refine": p.refine, "fusion": p.fusion, "device": p.device}
+        if p.overrideDefaults:
+            kwargs.update(alpha=p.alpha, gamma=p.gamma, iterations=p.iterations)
+        return kwargs
+
+    @staticmethod
+    def inputProblem(targetNode, atlasDir) -> Optional[str]:
+        """A one-line reason why the inputs cannot be used, or None."""
+        if targetNode is None:
+            return _("Select a target volume")
+        if targetNode.GetImageData() is None:
+            return _("The target volume {name} has no image data").format(name=targetNode.GetName())
+        if not pathIsSet(atlasDir):
+            return _("Select an atlas-set folder")
+        if not os.path.isfile(os.path.join(str(atlasDir), "atlas.json")):
+            return _("{path} is not an atlas set (atlas.json is missing)").format(path=atlasDir)
+        return None
+
+    # Dependencies
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> None:
+        """Make sure the worker's packages are installed in Slicer's Python, asking before installing.
+
+        torch comes from the PyTorch extension (PyTorchUtils); the others from Resources/requirements.txt
+        through pip. numpy and SimpleITK are Slicer's own and are never pip-installed.
+        """
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError(_("MASRefine needs the PyTorch extension: install it from the Extensions Manager and restart Slicer."))
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=askConfirmation,
+                                                torchVersionRequirement=f">={self.MINIMUM_TORCH_VERSION}")
+                if torch is None:
+                    raise RuntimeError(_("PyTorch is required: install it with the PyTorch Utils module."))
+
+        missing = [r for r in readRequirements() if not requirementSatisfied(r)]
+        if not missing:
+            return
+        # Pin what Slicer and the PyTorch extension provide so that pip never replaces them.
+        from importlib import metadata
+
+        constraints = os.path.join(slicer.app.temporaryPath, "MASRefine-constraints.txt")
+        with open(constraints, "w", encoding="utf-8") as f:
+            for name in self.NEVER_PIP_INSTALL:
+                try:
+                    f.write(f"{name}=={metadata.version(name)}\n")
+                except metadata.PackageNotFoundError:
+                    pass
+        pydeps = getattr(slicer, "pydeps", None)  # Slicer's newer dependency helpers
+        if pydeps is not None and hasattr(pydeps, "pip_ensure"):
+            import inspect
+
+            from packaging.requirements import Requirement
+
+            options = {"constraints": constraints, "prompt_install": askConfirmation, "requester": "MASRefine"}
+            accepted = inspect.signature(pydeps.pip_ensure).parameters
+            if "skip_packages" in accepted:
+                options["skip_packages"] = list(self.NEVER_PIP_INSTALL)
+            pydeps.pip_ensure([Requirement(r) for r in missing], **{k: v for k, v in options.items() if k in accepted})
+            return
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                _("MASRefine needs these Python packages:\n{packages}\n\nInstall them now?").format(packages="\n".join(missing)),
+                _("MASRefine - Install Python packages")):
+            raise RuntimeError(_("MASRefine needs {packages}; installation was declined.").format(packages=", ".join(missing)))
+        slicer.util.pip_install(["-c", constraints] + missing)
+
+    # Running
+
+    def _makeRunner(self, jobPath: str):
+        """The background runner of ``PythonSlicer -m MASRefineLib.worker job.json`` (not started)."""
+        if self.runnerFactory is not None:
+            return self.runnerFactory(jobPath)
+        from MASRefineLib.runner import JobRunner
+
+        return JobRunner(jobPath, python=pythonSlicerExecutable())
+
+    def start(self, targetNode, atlasDir, outDir=None, onEvent: Optional[Callable] = None,
+              onFinished: Optional[Callable] = None, loadResults: bool = True, **params) -> MASRefineJob:
+        """Start segmenting ``targetNode`` with the atlas set in ``atlasDir`` in the background.
+
+        :param outDir: folder under which this run's folder is made (default: Slicer's temporary folder).
+        :param params: ``preset``, ``prereg``, ``refine``, ``fusion``, ``device``, ``alpha``, ``gamma``,
+            ``iterations`` (see :meth:`jobParameters`).
+        :param onEvent: called as ``onEvent(job, event)`` for every worker event.
+        :param onFinished: called as ``onFinished(job)`` once the job completed, failed or was cancelled.
+        :returns: the :class:`MASRefineJob` (``cancel()``, ``wait()``).
+        """
+        problem = self.inputProblem(targetNode, atlasDir)
+        if problem:
+            raise ValueError(problem)
+        jobParams = self.jobParameters(**params)
+        ensureLibraryImportable()
+        from MASRefineLib import jobs
+
+        safeName = "".join(c if c.isalnum() or c in "-_" else "_" for c in targetNode.GetName())[:40]
+        base = str(outDir) if outDir else os.path.join(slicer.app.temporaryPath, "MASRefine")
+        runDir = os.path.join(base, f"{time.strftime('%Y%m%d-%H%M%S')}-{safeName}")
+        suffix = 1
+        while os.path.exists(runDir):
+            suffix += 1
+            runDir = os.path.join(base, f"{time.strftime('%Y%m%d-%H%M%S')}-{safeName}-{suffix}")
+        os.makedirs(runDir)
+        targetPath = os.path.join(runDir, f"{safeName or 'target'}.nrrd")
+        slicer.util.exportNode(targetNode, targetPath, world=True)
+        if not os.path.isfile(targetPath):
+            raise RuntimeError(_("Could not write the target volume to {path}").format(path=targetPath))
+        outputDir = os.path.join(runDir, "output")
+        job = jobs.make_job(targetPath, str(atlasDir), outputDir, **jobParams)
+        jobPath = os.path.join(runDir, "job.json")
+        jobs.write_job(job, jobPath)
+
+        runner = self._makeRunner(jobPath)
+        handle = MASRefineJob(runner, runDir, outputDir, targetNode=targetNode,
+                              loadResults=self.loadJobResults if loadResults else None,
+                              onEvent=onEvent, onFinished=onFinished)
+        installJobGuards()
+        runner.start()
+        activeJobs.append(handle)
+        handle.timer = qt.QTimer()
+        handle.timer.setInterval(self.POLL_INTERVAL_MS)
+        handle.timer.connect("timeout()", handle.poll)
+        handle.timer.start()
+        logging.info(f"MASRefine: started {' '.join(str(c) for c in getattr(runner, 'command', [jobPath]))}")
+        return handle
+
+    def segment(self, targetNode, atlasDir, outDir=None, timeout: Optional[float] = None,
+                ensureDependencies: bool = True, **params) -> dict:
+        """Segment ``targetNode`` and wait; returns the created nodes ``{role: node}`` (see :meth:`start`)."""
+        if ensureDependencies:
+            self.ensureDependencies(askConfirmation=True)
+        job = self.start(targetNode, atlasDir, outDir=outDir, **params)
+        return job.wait(timeout, processEvents=slicer.app.processEvents)
+
+    # Results (MASRefineModule.Results; methods here for the console API)
+
+    COLORMAPS = Results.COLORMAPS
+    loadJobResults = staticmethod(Results.loadJobResults)
+    loadItem = staticmethod(Results.loadItem)
+    loadAtlas = staticmethod(Results.loadAtlas)
+    showAtlas = staticmethod(Results.showAtlas)
+    showAtlasSideBySide = staticmethod(Results.showAtlasSideBySide)
+
+    def loadSampleData(self, outDir: Optional[str] = None) -> dict:
+        """The built-in phantom atlas set, made or reused, with its target loaded (MASRefineModule.Sample)."""
+        from MASRefineModule import Sample
+
+        return Sample.loadSampleData(outDir)

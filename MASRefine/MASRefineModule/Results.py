@@ -1,0 +1,166 @@
+"""A finished run's outputs as nodes: the load plan (``MASRefineLib.loadplan``) decides files, names,
+colours, folders and references; each function here turns one of its items into a node, or shows one
+atlas over the target for quality assurance."""
+import os
+from typing import Optional
+
+import slicer
+from slicer.i18n import tr as _
+
+from MASRefineModule.Environment import ensureLibraryImportable
+from MASRefineModule.Job import MASRefineJob
+
+
+# Colour tables for the load plan's "display": {"colormap": ...} of volumes.
+COLORMAPS = {"Grey": "vtkMRMLColorTableNodeGrey", "Viridis": "vtkMRMLColorTableNodeFileViridis.txt",
+             "ColdToHotRainbow": "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"}
+
+
+def loadJobResults(job: MASRefineJob) -> None:
+    """Turn the job's manifest into nodes with the load plan (``MASRefineLib.loadplan``): the run-level
+    outputs now (fused segmentation, QA table), per-atlas outputs on demand (:meth:`loadAtlas`)."""
+    ensureLibraryImportable()
+    from MASRefineLib import loadplan
+
+    for item in loadplan.load_plan(job.manifestPath):
+        job.nodes[item["role"]] = loadItem(item, job)
+    rows = loadplan.qa_rows(job.manifestPath)
+    header = []
+    for row in rows:
+        header += [k for k in row if k not in header]
+    job.qaHeader, job.qaRows, job.qaIdColumn = header, rows, "id"
+
+
+def folderItem(job: MASRefineJob, path) -> int:
+    """The subject-hierarchy folder for a load-plan ``folder`` path (made once per job)."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    parent = sh.GetSceneItemID()
+    for depth in range(1, len(path) + 1):
+        key = tuple(path[:depth])
+        if key not in job.folders:
+            job.folders[key] = sh.CreateFolderItem(parent, key[-1])
+        parent = job.folders[key]
+    return parent
+
+
+def loadItem(item: dict, job: MASRefineJob):
+    """Load one load-plan item as a node, set its properties, and put it in its folder."""
+    kind, path, name, target = item["kind"], item["path"], item["name"], job.targetNode
+    show = bool(item.get("show"))
+    if kind == "segmentation":
+        node = loadSegmentation(path, name, item.get("labels"))
+        if target is not None and item.get("reference") == "target":
+            node.SetReferenceImageGeometryParameterFromVolumeNode(target)
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().SetVisibility(show)
+    elif kind == "volume":
+        node = slicer.util.loadVolume(path, {"name": name, "show": show})
+        display = item.get("display") or {}
+        displayNode = node.GetDisplayNode()
+        if displayNode is not None and display.get("colormap") in COLORMAPS:
+            displayNode.SetAndObserveColorNodeID(COLORMAPS[display["colormap"]])
+        if displayNode is not None and display.get("window"):
+            low, high = display["window"]
+            displayNode.AutoWindowLevelOff()
+            displayNode.SetWindowLevelMinMax(low, high)
+    elif kind == "transform":
+        node = slicer.util.loadTransform(path)
+        node.SetName(name)
+        if target is not None and item.get("fixed") == "target":
+            node.SetNodeReferenceID("fixedVolume", target.GetID())
+    elif kind == "table":
+        node = slicer.util.loadTable(path)
+        node.SetName(name)
+    else:
+        raise ValueError(_("{path}: unknown load-plan kind {kind!r}").format(path=path, kind=kind))
+    node.SetAttribute("MASRefine.role", str(item.get("role") or ""))
+    node.SetAttribute("MASRefine.atlasId", str(item.get("atlas_id") or ""))
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    sh.SetItemParent(sh.GetItemByDataNode(node), folderItem(job, item.get("folder") or ["MASRefine"]))
+    return node
+
+
+def loadSegmentation(path: str, name: str, labels: Optional[dict] = None):
+    """A segmentation node from a .seg.nrrd (names and colors inside) or a label map, whose segments
+    get the names and colors of ``labels`` ``{value: {"name", "color": [r, g, b] 0..255}}``."""
+    if path.lower().endswith(".seg.nrrd"):
+        return slicer.util.loadSegmentation(path, {"name": name})
+    labelmap = slicer.util.loadLabelVolume(path, {"name": name + " labelmap", "show": False})
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    slicer.mrmlScene.RemoveNode(labelmap)
+    table = {int(k): (v if isinstance(v, dict) else {"name": str(v)}) for k, v in (labels or {}).items()}
+    segments = segmentation.GetSegmentation()
+    for i in range(segments.GetNumberOfSegments()):
+        segment = segments.GetNthSegment(i)
+        label = table.get(segment.GetLabelValue())
+        if label:
+            segment.SetName(label.get("name", segment.GetName()))
+            if label.get("color"):
+                segment.SetColor(*[c / 255.0 for c in label["color"][:3]])
+    return segmentation
+
+
+def loadAtlas(job: MASRefineJob, atlasId) -> dict:
+    """Load (once) one atlas's outputs ``{role: node}``: warped image (refined and unrefined), labels,
+    displacement field as a transform (fixed: the target; moving: the original atlas image, shown
+    through the transform), Jacobian map."""
+    atlasId = str(atlasId)
+    if atlasId in job.atlasNodes:
+        return job.atlasNodes[atlasId]
+    ensureLibraryImportable()
+    from MASRefineLib import loadplan
+
+    nodes = {}
+    for item in loadplan.load_plan(job.manifestPath, atlases=[atlasId]):
+        if str(item.get("atlas_id")) != atlasId:
+            continue  # the run-level items, loaded already
+        node = nodes[item["role"]] = loadItem(item, job)
+        moving = item.get("moving") if item["kind"] == "transform" else None
+        if moving and os.path.isfile(moving):
+            movingNode = slicer.util.loadVolume(moving, {"name": f"{atlasId} original", "show": False})
+            movingNode.SetAndObserveTransformNodeID(node.GetID())
+            node.SetNodeReferenceID("movingVolume", movingNode.GetID())
+            sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+            sh.SetItemParent(sh.GetItemByDataNode(movingNode), folderItem(job, item["folder"]))
+            nodes["atlas-original"] = movingNode
+    job.atlasNodes[atlasId] = nodes
+    return nodes
+
+
+def showOnlyLabels(job: MASRefineJob, visibleSegmentation) -> None:
+    for node in list(job.nodes.values()) + [n for ns in job.atlasNodes.values() for n in ns.values()]:
+        if node.IsA("vtkMRMLSegmentationNode"):
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetVisibility(node is visibleSegmentation)
+
+
+def showAtlas(job: MASRefineJob, atlasId, opacity: float = 0.5, unrefined: bool = False) -> None:
+    """Show one atlas (refined, or its unrefined version) over the target, with its labels."""
+    nodes = loadAtlas(job, atlasId)
+    volume = nodes.get("atlas-image-unrefined") if unrefined else None
+    volume = volume or nodes.get("atlas-image")
+    slicer.util.setSliceViewerLayers(background=job.targetNode, foreground=volume, foregroundOpacity=opacity, fit=False)
+    showOnlyLabels(job, nodes.get("atlas-labels"))
+
+
+def showAtlasSideBySide(job: MASRefineJob, atlasId, opacity: float = 0.5) -> None:
+    """Refined atlas over the target on the left, unrefined on the right (linked views)."""
+    nodes = loadAtlas(job, atlasId)
+    refined = nodes.get("atlas-image")
+    unrefined = nodes.get("atlas-image-unrefined") or refined
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is None:
+        return
+    layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+    for viewName, volume in (("Red", refined), ("Yellow", unrefined)):
+        sliceWidget = layoutManager.sliceWidget(viewName)
+        if sliceWidget is None:
+            continue
+        sliceWidget.mrmlSliceNode().SetOrientation("Axial")
+        composite = sliceWidget.mrmlSliceCompositeNode()
+        composite.SetBackgroundVolumeID(job.targetNode.GetID() if job.targetNode else None)
+        composite.SetForegroundVolumeID(volume.GetID() if volume else None)
+        composite.SetForegroundOpacity(opacity)
+        composite.SetLinkedControl(True)
+    showOnlyLabels(job, nodes.get("atlas-labels"))

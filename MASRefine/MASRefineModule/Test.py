@@ -1,0 +1,144 @@
+"""MASRefineTest: the module's self-test in Slicer (*Reload and Test*, ``ctest -R MASRefine``).
+
+MASRefine.py imports it, so that Slicer finds ``MASRefineTest`` in the module's namespace
+(ScriptedLoadableModule.runTest looks it up there).
+"""
+import time
+
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
+
+from MASRefineModule.Environment import ensureLibraryImportable
+from MASRefineModule.Logic import MASRefineLogic
+from MASRefineModule.Parameters import Preset, Refinement
+
+
+class MASRefineTest(ScriptedLoadableModuleTest):
+    """
+    This is the test case for your scripted module.
+    Uses ScriptedLoadableModuleTest base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def setUp(self):
+        """Do whatever is needed to reset the state - typically a scene clear will be enough."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run as few or as many tests as needed here."""
+        self.setUp()
+        self.test_MASRefineParameters()
+        self.setUp()
+        self.test_MASRefineSampleFlow()
+        self.setUp()
+        self.test_MASRefineCancel()
+
+    def test_MASRefineParameters(self):
+        """Enum values and the parameter node round trip."""
+        logic = MASRefineLogic()
+        self.assertEqual(logic.jobParameters(preset="fast", prereg="affine", refine=Refinement.NONE, fusion="PV"),
+                         {"preset": "fast", "prereg": "affine", "refine": "none", "fusion": "pv"})
+        self.assertEqual(logic.jobParameters(refine="I", alpha=2)["alpha"], 2.0)
+        with self.assertRaises(ValueError):
+            logic.jobParameters(fusion="majority")
+        p = logic.getParameterNode()
+        p.preset = Preset.FAST
+        self.assertEqual(p.parameterNode.GetParameter("preset"), "FAST")
+        self.assertNotIn("alpha", logic.parametersFromNode(p))
+        p.overrideDefaults = True
+        self.assertEqual(logic.parametersFromNode(p)["iterations"], p.iterations)
+
+    def _sample(self):
+        self.delayDisplay("Creating the sample atlas set")
+        sample = MASRefineLogic().loadSampleData()
+        self.assertIsNotNone(sample["target"].GetImageData())
+        return sample
+
+    def test_MASRefineSampleFlow(self):
+        """The whole flow on the built-in phantom: background run, nodes, QA, on-demand atlas outputs."""
+        sample = self._sample()
+        logic = MASRefineLogic()
+        events = []
+        job = logic.start(sample["target"], sample["atlas_dir"], preset="fast", prereg="affine", refine="I",
+                          fusion="pv", device="cpu", onEvent=lambda j, ev: events.append(ev.get("event")))
+        nodes = job.wait(timeout=600, processEvents=slicer.app.processEvents)
+        self.delayDisplay("Run finished")
+        self.assertEqual(job.state, "completed")
+        self.assertIn("result", events)
+        self.assertGreater(job.fraction, 0.99)
+
+        fused = nodes["fused-labels"]
+        self.assertTrue(fused.IsA("vtkMRMLSegmentationNode"))
+        truth = sample["truth"]
+
+        def segmentNames(node):
+            segmentation = node.GetSegmentation()
+            return {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
+
+        self.assertEqual(segmentNames(fused), segmentNames(truth))
+
+        # Reference geometry is the target's, and the fused labels overlap the phantom's truth.
+        import numpy as np
+
+        target = sample["target"]
+        dices = []
+        for i in range(truth.GetSegmentation().GetNumberOfSegments()):
+            segment = truth.GetSegmentation().GetNthSegment(i)
+            fusedId = fused.GetSegmentation().GetSegmentIdBySegmentName(segment.GetName())
+            if not fusedId:
+                continue
+            a = slicer.util.arrayFromSegmentBinaryLabelmap(fused, fusedId, target) > 0
+            b = slicer.util.arrayFromSegmentBinaryLabelmap(truth, truth.GetSegmentation().GetNthSegmentID(i), target) > 0
+            self.assertEqual(a.shape, slicer.util.arrayFromVolume(target).shape)
+            dices.append(2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
+        self.assertTrue(dices and float(np.mean(dices)) > 0.5, dices)
+
+        # QA table: one row per atlas; selecting an atlas loads its outputs into the run's folder.
+        ensureLibraryImportable()
+        from MASRefineLib import loadplan, manifest
+
+        atlasIds = loadplan.atlas_ids(manifest.read_manifest(job.manifestPath))
+        self.assertEqual({str(r[job.qaIdColumn]) for r in job.qaRows}, set(atlasIds))
+        atlasId = atlasIds[0]
+        logic.showAtlas(job, atlasId, opacity=0.5)
+        atlasNodes = job.atlasNodes[str(atlasId)]
+        self.assertTrue(atlasNodes["atlas-image"].IsA("vtkMRMLScalarVolumeNode"))
+        self.assertTrue(atlasNodes["atlas-labels"].IsA("vtkMRMLSegmentationNode"))
+        self.assertTrue(atlasNodes["atlas-labels"].GetDisplayNode().GetVisibility())
+        self.assertFalse(fused.GetDisplayNode().GetVisibility())
+        transform = atlasNodes["atlas-field"]
+        self.assertTrue(transform.IsA("vtkMRMLTransformNode"))
+        self.assertEqual(transform.GetNodeReferenceID("fixedVolume"), target.GetID())
+        if "atlas-original" in atlasNodes:
+            self.assertEqual(atlasNodes["atlas-original"].GetTransformNodeID(), transform.GetID())
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        runFolder = sh.GetItemParent(sh.GetItemByDataNode(fused))
+        self.assertEqual(sh.GetItemParent(runFolder), sh.GetSceneItemID())
+        atlasFolder = sh.GetItemParent(sh.GetItemByDataNode(transform))
+        self.assertEqual(sh.GetItemParent(sh.GetItemParent(atlasFolder)), runFolder)
+        self.delayDisplay("Test passed")
+
+    def test_MASRefineCancel(self):
+        """Cancel stops the worker promptly and creates no nodes; closing the scene kills a running worker."""
+        sample = self._sample()
+        logic = MASRefineLogic()
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        job = logic.start(sample["target"], sample["atlas_dir"], preset="fast", refine="I", fusion="pv", device="cpu")
+        deadline = time.monotonic() + 120
+        while job.poll() and job.fraction == 0.0 and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        started = time.monotonic()
+        job.cancel(grace_s=5.0)
+        with self.assertRaises(RuntimeError):
+            job.wait(timeout=60, processEvents=slicer.app.processEvents)
+        self.assertEqual(job.state, "cancelled")
+        self.assertLess(time.monotonic() - started, 30)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+
+        job = logic.start(sample["target"], sample["atlas_dir"], preset="fast", refine="I", fusion="pv", device="cpu")
+        slicer.mrmlScene.Clear()  # StartCloseEvent -> stopAllJobs
+        with self.assertRaises(RuntimeError):
+            job.wait(timeout=60)
+        self.assertNotEqual(job.state, "completed")
+        self.delayDisplay("Test passed")
