@@ -90,6 +90,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._flickerTimer = None
         self._flickerShowsUnrefined = False
+        self._savedViews = None  # layout and slice linking before side-by-side, restored after
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -163,6 +164,8 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        # Comparing views belongs to this panel: other modules get the views as they were.
+        self._stopComparing()
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
@@ -170,8 +173,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
         # The worker is stopped by stopAllJobs (observer installed by MASRefineLogic.start); forget its results.
         self._job = None
-        if self._flickerTimer:
-            self._flickerTimer.stop()
+        self._stopComparing()
         self._clearQaTable()
         self._updateRunState()
 
@@ -367,7 +369,24 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onQaSideBySideToggled(self, checked: bool) -> None:
         if checked:
             self.ui.qaFlickerButton.checked = False
+            if self._savedViews is None:
+                self._savedViews = self.logic.saveViews()
+        else:
+            self.logic.restoreViews(self._savedViews)
+            self._savedViews = None
         self._showSelectedAtlas()
+
+    def _stopComparing(self) -> None:
+        """End flicker and side by side: stop the timer, restore the layout and slice linking."""
+        if self._flickerTimer:
+            self._flickerTimer.stop()
+        self._flickerShowsUnrefined = False
+        for button in (self.ui.qaFlickerButton, self.ui.qaSideBySideButton):
+            wasBlocked = button.blockSignals(True)  # their toggled() handlers would show the atlas again
+            button.checked = False
+            button.blockSignals(wasBlocked)
+        self.logic.restoreViews(self._savedViews)
+        self._savedViews = None
 
 
 def _formatQaValue(value) -> str:

@@ -53,6 +53,7 @@ class FakeNode:
         self.transformNodeID = None
         self.referenceGeometryFrom = None
         self.display = FakeDisplayNode()
+        self.removed = False  # set by FakeScene.RemoveNode (the user deleted it)
 
     def GetID(self):
         return self.id
@@ -115,7 +116,21 @@ class FakeSubjectHierarchy:
         return self.byNode[node.GetID()]
 
     def SetItemParent(self, item, parent):
+        assert item in self.parent and (parent == self.SCENE or parent in self.parent), "no such subject-hierarchy item"
         self.parent[item] = parent
+
+    def GetItemChildren(self, parent, ids, recursive=False):
+        for item, p in self.parent.items():
+            if p == parent:
+                ids.InsertNextId(item)
+                if recursive:
+                    self.GetItemChildren(item, ids, True)
+
+    def RemoveItem(self, item):
+        """Removes the item and its children (what deleting a folder in the Data module does)."""
+        for child in [i for i, p in self.parent.items() if p == item]:
+            self.RemoveItem(child)
+        self.parent.pop(item, None)
 
     def GetItemParent(self, item):
         return self.parent.get(item, 0)
@@ -143,6 +158,12 @@ class FakeScene:
         self.observers.append((event, callback))
         return len(self.observers)
 
+    def RemoveNode(self, node):
+        node.removed = True
+
+    def IsNodePresent(self, node):
+        return 0 if node.removed else 1
+
     def close(self):
         """What closing the scene does for observers: StartCloseEvent, then EndCloseEvent."""
         for event in (self.StartCloseEvent, self.EndCloseEvent):
@@ -168,7 +189,85 @@ class FakeApp:
         pass
 
     def layoutManager(self):
-        return None
+        return self.layout
+
+    layout = None  # a FakeLayoutManager, set by make_slicer
+
+
+class FakeSliceNode:
+    def __init__(self):
+        self.orientation = "Axial"
+
+    def GetOrientationString(self):
+        return self.orientation
+
+    def SetOrientation(self, orientation):
+        self.orientation = orientation
+        return True
+
+
+class FakeCompositeNode:
+    def __init__(self):
+        self.linked, self.background, self.foreground, self.opacity = 0, None, None, 0.0
+
+    def GetLinkedControl(self):
+        return self.linked
+
+    def SetLinkedControl(self, v):
+        self.linked = int(v)
+
+    def SetBackgroundVolumeID(self, i):
+        self.background = i
+
+    def SetForegroundVolumeID(self, i):
+        self.foreground = i
+
+    def SetForegroundOpacity(self, v):
+        self.opacity = v
+
+
+class FakeSliceWidget:
+    def __init__(self):
+        self.sliceNode, self.compositeNode = FakeSliceNode(), FakeCompositeNode()
+
+    def mrmlSliceNode(self):
+        return self.sliceNode
+
+    def mrmlSliceCompositeNode(self):
+        return self.compositeNode
+
+
+class FakeLayoutManager:
+    """Slicer's layout manager as far as the module uses it: the ``layout`` property, ``setLayout``,
+    ``sliceWidget(name)``."""
+    CONVENTIONAL = 2  # vtkMRMLLayoutNode::SlicerLayoutConventionalView
+
+    def __init__(self):
+        self.layout = self.CONVENTIONAL
+        self.views = {name: FakeSliceWidget() for name in ("Red", "Yellow", "Green")}
+        self.views["Yellow"].sliceNode.orientation = "Sagittal"
+
+    def setLayout(self, layout):
+        self.layout = layout
+
+    def sliceWidget(self, name):
+        return self.views.get(name)
+
+
+class FakeWidget:
+    """A panel widget as the module touches it: properties (``checked``, ``enabled``, ``text``, ...) as
+    attributes, ``blockSignals``, ``connect``; the signals it blocked or not are recorded, not emitted."""
+
+    def __init__(self, **properties):
+        self.blocked, self.connections = False, []
+        self.__dict__.update(properties)
+
+    def blockSignals(self, block):
+        was, self.blocked = self.blocked, bool(block)
+        return was
+
+    def connect(self, signal, slot):
+        self.connections.append((signal, slot))
 
 
 class FakeTimer:
@@ -202,11 +301,18 @@ def _loader(kind: str, record: list) -> Callable:
     return load
 
 
+# the shared default argument of the stub's exportNode (reset by make_slicer)
+EXPORT_DEFAULT_PROPERTIES: dict = {}
+
+
 def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
     """Fresh stub modules; ``slicer.loaded`` lists the nodes the glue loaded, ``slicer.exported`` the
     ``exportNode`` calls."""
     slicer = types.ModuleType("slicer")
+    EXPORT_DEFAULT_PROPERTIES.clear()
     slicer.app = FakeApp(str(tmp / "slicer-temp"), str(tmp / "slicer-cache"))
+    slicer.app.layout = FakeLayoutManager()
+    slicer.vtkMRMLLayoutNode = type("vtkMRMLLayoutNode", (), {"SlicerLayoutSideBySideView": 29})
     slicer.mrmlScene = FakeScene()
     slicer.loaded, slicer.exported, slicer.layers, slicer.reloaded = [], [], [], []
     sh = FakeSubjectHierarchy()
@@ -221,12 +327,29 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
         def __init__(self):
             self.observations = []
 
-    def exportNode(node, filename, properties=None, world=False):
+    def exportNode(node, filename, properties=EXPORT_DEFAULT_PROPERTIES, world=False):
+        """As Slicer's (Base/Python/slicer/util.py:1183-1209): the default ``properties`` is one shared dict,
+        and the call writes the file format it chose into whatever dict it got."""
         import SimpleITK as sitk
-        slicer.exported.append({"node": node, "filename": str(filename), "world": world})
+        properties.setdefault("fileFormat", "NRRD (.nrrd)" if str(filename).endswith(".nrrd") else "other")
+        slicer.exported.append({"node": node, "filename": str(filename), "world": world, "properties": properties})
         sitk.WriteImage(node.image, str(filename))
         return True
 
+    import contextlib
+
+    slicer.errors = []  # what errorDisplay / tryWithErrorDisplay would have shown the user
+
+    @contextlib.contextmanager
+    def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
+        """As Slicer's (util.py:3368-3408): an exception becomes an error dialog, and is not raised."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001
+            slicer.errors.append(f"{message} {e}")
+
+    util.tryWithErrorDisplay = tryWithErrorDisplay
+    util.errorDisplay = lambda text, *a, **kw: slicer.errors.append(str(text))
     util.VTKObservationMixin = VTKObservationMixin
     util.exportNode = exportNode
     util.loadVolume = _loader("vtkMRMLScalarVolumeNode", slicer.loaded)
@@ -281,9 +404,22 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
 
     qt = types.ModuleType("qt")
     qt.QTimer = FakeTimer
+    qt.Qt = types.SimpleNamespace(UserRole=256, WaitCursor=3)
     ctk = types.ModuleType("ctk")
     vtk = types.ModuleType("vtk")
     vtk.vtkCommand = type("vtkCommand", (), {"ModifiedEvent": 33})
+
+    class vtkIdList:
+        def __init__(self):
+            self.ids = []
+
+        def InsertNextId(self, i):
+            self.ids.append(i)
+
+        def IsId(self, i):
+            return self.ids.index(i) if i in self.ids else -1
+
+    vtk.vtkIdList = vtkIdList
     return {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
             "slicer.ScriptedLoadableModule": slm, "qt": qt, "ctk": ctk, "vtk": vtk}
 

@@ -192,7 +192,9 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
             runDir = os.path.join(base, f"{time.strftime('%Y%m%d-%H%M%S')}-{safeName}-{suffix}")
         os.makedirs(runDir)
         targetPath = os.path.join(runDir, f"{safeName or 'target'}.nrrd")
-        slicer.util.exportNode(targetNode, targetPath, world=True)
+        # A fresh properties dict: exportNode's default is one dict shared by every call, into which it writes
+        # the "fileFormat" it picked; left to the default, every later exportNode in Slicer would get NRRD.
+        slicer.util.exportNode(targetNode, targetPath, properties={}, world=True)
         if not os.path.isfile(targetPath):
             raise RuntimeError(_("Could not write the target volume to {path}").format(path=targetPath))
         outputDir = os.path.join(runDir, "output")
@@ -230,6 +232,8 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
     loadAtlas = staticmethod(Results.loadAtlas)
     showAtlas = staticmethod(Results.showAtlas)
     showAtlasSideBySide = staticmethod(Results.showAtlasSideBySide)
+    saveViews = staticmethod(Results.saveViews)
+    restoreViews = staticmethod(Results.restoreViews)
 
     def loadSampleData(self, outDir: Optional[str] = None) -> dict:
         """The built-in phantom atlas set, made or reused, with its target loaded (MASRefineModule.Sample)."""

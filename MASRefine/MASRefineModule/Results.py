@@ -4,6 +4,8 @@ atlas over the target for quality assurance."""
 import os
 from typing import Optional
 
+import vtk
+
 import slicer
 from slicer.i18n import tr as _
 
@@ -31,13 +33,30 @@ def loadJobResults(job: MASRefineJob) -> None:
     job.qaHeader, job.qaRows, job.qaIdColumn = header, rows, "id"
 
 
+def nodeAlive(node) -> bool:
+    """Whether a node the job loaded is still in the scene (the user may have deleted it)."""
+    return node is not None and bool(slicer.mrmlScene.IsNodePresent(node))
+
+
+def liveNodes(nodes: dict) -> dict:
+    """``nodes`` without the ones the user deleted from the scene."""
+    return {role: node for role, node in nodes.items() if nodeAlive(node)}
+
+
+def _folderExists(sh, item: int) -> bool:
+    # Asked through the scene's children: GetItemParent/GetItemName log an error for a deleted item.
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
+    return ids.IsId(item) >= 0
+
+
 def folderItem(job: MASRefineJob, path) -> int:
-    """The subject-hierarchy folder for a load-plan ``folder`` path (made once per job)."""
+    """The subject-hierarchy folder for a load-plan ``folder`` path (made once per job, again if deleted)."""
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     parent = sh.GetSceneItemID()
     for depth in range(1, len(path) + 1):
         key = tuple(path[:depth])
-        if key not in job.folders:
+        if key not in job.folders or not _folderExists(sh, job.folders[key]):
             job.folders[key] = sh.CreateFolderItem(parent, key[-1])
         parent = job.folders[key]
     return parent
@@ -104,21 +123,27 @@ def loadSegmentation(path: str, name: str, labels: Optional[dict] = None):
 def loadAtlas(job: MASRefineJob, atlasId) -> dict:
     """Load (once) one atlas's outputs ``{role: node}``: warped image (refined and unrefined), labels,
     displacement field as a transform (fixed: the target; moving: the original atlas image, shown
-    through the transform), Jacobian map."""
+    through the transform), Jacobian map. Nodes the user deleted since are loaded again."""
     atlasId = str(atlasId)
-    if atlasId in job.atlasNodes:
-        return job.atlasNodes[atlasId]
+    cached = job.atlasNodes.get(atlasId)
+    if cached is not None and len(liveNodes(cached)) == len(cached):
+        return cached
     ensureLibraryImportable()
     from MASRefineLib import loadplan
 
-    nodes = {}
+    nodes = liveNodes(cached or {})
+    nodes.pop("atlas-original", None)  # re-linked below to whichever transform node is current
     for item in loadplan.load_plan(job.manifestPath, atlases=[atlasId]):
         if str(item.get("atlas_id")) != atlasId:
             continue  # the run-level items, loaded already
+        if item["role"] in nodes:
+            continue  # still in the scene
         node = nodes[item["role"]] = loadItem(item, job)
         moving = item.get("moving") if item["kind"] == "transform" else None
         if moving and os.path.isfile(moving):
-            movingNode = slicer.util.loadVolume(moving, {"name": f"{atlasId} original", "show": False})
+            previous = (cached or {}).get("atlas-original")
+            movingNode = previous if nodeAlive(previous) else slicer.util.loadVolume(
+                moving, {"name": f"{atlasId} original", "show": False})
             movingNode.SetAndObserveTransformNodeID(node.GetID())
             node.SetNodeReferenceID("movingVolume", movingNode.GetID())
             sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
@@ -129,7 +154,8 @@ def loadAtlas(job: MASRefineJob, atlasId) -> dict:
 
 
 def showOnlyLabels(job: MASRefineJob, visibleSegmentation) -> None:
-    for node in list(job.nodes.values()) + [n for ns in job.atlasNodes.values() for n in ns.values()]:
+    loaded = list(job.nodes.values()) + [n for ns in job.atlasNodes.values() for n in ns.values()]
+    for node in filter(nodeAlive, loaded):
         if node.IsA("vtkMRMLSegmentationNode"):
             node.CreateDefaultDisplayNodes()
             node.GetDisplayNode().SetVisibility(node is visibleSegmentation)
@@ -140,12 +166,45 @@ def showAtlas(job: MASRefineJob, atlasId, opacity: float = 0.5, unrefined: bool 
     nodes = loadAtlas(job, atlasId)
     volume = nodes.get("atlas-image-unrefined") if unrefined else None
     volume = volume or nodes.get("atlas-image")
-    slicer.util.setSliceViewerLayers(background=job.targetNode, foreground=volume, foregroundOpacity=opacity, fit=False)
+    target = job.targetNode if nodeAlive(job.targetNode) else None  # deleted by the user: the atlas alone
+    slicer.util.setSliceViewerLayers(background=target, foreground=volume, foregroundOpacity=opacity, fit=False)
     showOnlyLabels(job, nodes.get("atlas-labels"))
 
 
+SIDE_BY_SIDE_VIEWS = ("Red", "Yellow")
+
+
+def saveViews() -> Optional[dict]:
+    """What :func:`showAtlasSideBySide` changes: the layout, and each of its views' orientation and slice
+    linking, for :func:`restoreViews`. None without a layout manager (no GUI)."""
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is None:
+        return None
+    views = {}
+    for viewName in SIDE_BY_SIDE_VIEWS:
+        sliceWidget = layoutManager.sliceWidget(viewName)
+        if sliceWidget is not None:
+            views[viewName] = (sliceWidget.mrmlSliceNode().GetOrientationString(),
+                               sliceWidget.mrmlSliceCompositeNode().GetLinkedControl())
+    return {"layout": layoutManager.layout, "views": views}
+
+
+def restoreViews(saved: Optional[dict]) -> None:
+    """Put back the layout and views :func:`saveViews` recorded."""
+    layoutManager = slicer.app.layoutManager()
+    if not saved or layoutManager is None:
+        return
+    for viewName, (orientation, linked) in saved["views"].items():
+        sliceWidget = layoutManager.sliceWidget(viewName)
+        if sliceWidget is not None:
+            sliceWidget.mrmlSliceNode().SetOrientation(orientation)
+            sliceWidget.mrmlSliceCompositeNode().SetLinkedControl(linked)
+    layoutManager.setLayout(saved["layout"])
+
+
 def showAtlasSideBySide(job: MASRefineJob, atlasId, opacity: float = 0.5) -> None:
-    """Refined atlas over the target on the left, unrefined on the right (linked views)."""
+    """Refined atlas over the target on the left, unrefined on the right (linked views). Changes the
+    layout and slice linking: :func:`saveViews` first and :func:`restoreViews` after to undo it."""
     nodes = loadAtlas(job, atlasId)
     refined = nodes.get("atlas-image")
     unrefined = nodes.get("atlas-image-unrefined") or refined
@@ -153,13 +212,13 @@ def showAtlasSideBySide(job: MASRefineJob, atlasId, opacity: float = 0.5) -> Non
     if layoutManager is None:
         return
     layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-    for viewName, volume in (("Red", refined), ("Yellow", unrefined)):
+    for viewName, volume in zip(SIDE_BY_SIDE_VIEWS, (refined, unrefined)):
         sliceWidget = layoutManager.sliceWidget(viewName)
         if sliceWidget is None:
             continue
         sliceWidget.mrmlSliceNode().SetOrientation("Axial")
         composite = sliceWidget.mrmlSliceCompositeNode()
-        composite.SetBackgroundVolumeID(job.targetNode.GetID() if job.targetNode else None)
+        composite.SetBackgroundVolumeID(job.targetNode.GetID() if nodeAlive(job.targetNode) else None)
         composite.SetForegroundVolumeID(volume.GetID() if volume else None)
         composite.SetForegroundOpacity(opacity)
         composite.SetLinkedControl(True)
