@@ -159,11 +159,12 @@ def _sha256(path: Path) -> str:
 
 # -- splits and atlas sets --------------------------------------------------------------------------
 def split(ids: Sequence[str], n_atlases: int, n_targets: int, seed: int = 0,
-          shuffle: bool = True) -> tuple[list[str], list[str]]:
+          shuffle: bool = True, allow_report: bool = False) -> tuple[list[str], list[str]]:
     """Disjoint (atlas ids, target ids): no subject is ever both an atlas and a target.
 
     With ``shuffle`` the subjects are drawn at random (reproducible for a ``seed``); otherwise the
-    first ``n_atlases`` are atlases and the next ``n_targets`` targets.
+    first ``n_atlases`` are atlases and the next ``n_targets`` targets. A split that would use a report
+    subject (:data:`REPORT_SUBJECTS`) is refused unless ``allow_report``: tuning benchmarks never see them.
     """
     ids = list(ids)
     if len(set(ids)) != len(ids):
@@ -175,6 +176,11 @@ def split(ids: Sequence[str], n_atlases: int, n_targets: int, seed: int = 0,
     order = random.Random(seed).sample(ids, len(ids)) if shuffle else ids
     atlases, targets = order[:n_atlases], order[n_atlases:n_atlases + n_targets]
     assert not set(atlases) & set(targets)
+    if not allow_report:
+        report = set().union(*REPORT_SUBJECTS.values()) & set(atlases + targets)
+        if report:
+            raise ValueError(f"this split uses report subjects {sorted(report)}: only bench/pipeline.py's "
+                             "report run may (bench/datasets.py, REPORT_SUBJECTS)")
     return atlases, targets
 
 
@@ -280,3 +286,57 @@ def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: st
                         "stage": stage, "preset": preset, "device": str(device), "code": code_version()}
     ws.save(folder)
     return folder
+
+
+# -- tuning and report subjects (issue 19) -----------------------------------------------------------
+# Every default, preset and choice so far was measured on the seed-0 split of each data set: atlases
+# order[:10] (order[:8] for some knee tables), targets order[8:15], the surrogate U-Net's validation subjects
+# and the subjects named in docs/. Those are *tuning* subjects: anything may be tuned or chosen on them.
+# *Report* subjects are never looked at while tuning: no tuning benchmark may use them (``split`` and
+# ``training_pool`` refuse or leave them out), and README / headline numbers come from them alone.
+# They are fixed lists, not derived, so no change of split code can move them: five subjects from the end
+# of the seed-0 order that no earlier benchmark used as a target or for validation and no doc named
+# (Testing/test_bench_splits.py checks both). The knee ones were among the 20 subjects earlier sessions
+# trained a surrogate U-Net on (their labels, never their results, were seen); the IXI ones were never used.
+REPORT_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "knee": ("AKOA_9135902_00m", "ZIB-UQ_9002817", "ZIB-UQ_9004175", "ZIB-UQ_9031426", "AKOA_9171097_00m"),
+    "ixi": ("IXI575-HH-2658", "IXI572-HH-2605", "IXI537-HH-2378", "IXI609-HH-2600", "IXI212-HH-1643"),
+}
+N_ATLASES = 10          # the atlas set of every pipeline table: the seed-0 order's first 10 (tuning) subjects
+N_TUNING_TARGETS = 5    # the tuning targets: the next 5
+
+
+def subjects(dataset: str) -> list[str]:
+    """All subject ids of ``dataset`` ("knee" or "ixi")."""
+    if dataset == "knee":
+        return knee_subjects()
+    if dataset == "ixi":
+        return ixi_subjects()
+    raise ValueError(f"dataset must be 'ixi' or 'knee', got {dataset!r}")
+
+
+def benchmark_split(dataset: str, which: str) -> tuple[list[str], list[str]]:
+    """(atlas ids, target ids) of the pipeline tables: the same 10 tuning atlases, and either the 5 tuning
+    targets (``which="tuning"``) or the 5 report targets (``which="report"``)."""
+    order = _seed0_order(dataset)
+    report = set(REPORT_SUBJECTS[dataset])
+    tuning_order = [s for s in order if s not in report]
+    atlases = tuning_order[:N_ATLASES]
+    if which == "tuning":
+        return atlases, tuning_order[N_ATLASES:N_ATLASES + N_TUNING_TARGETS]
+    if which == "report":
+        return atlases, list(REPORT_SUBJECTS[dataset])
+    raise ValueError(f"split must be 'tuning' or 'report', got {which!r}")
+
+
+def training_pool(dataset: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Subjects of ``dataset`` (in subjects.txt order) that are neither report subjects nor in ``exclude``:
+    the pool tuning benchmarks draw extra (e.g. surrogate training) subjects from."""
+    skip = set(REPORT_SUBJECTS[dataset]) | set(exclude)
+    return [s for s in subjects(dataset) if s not in skip]
+
+
+def _seed0_order(dataset: str) -> list[str]:
+    ids = subjects(dataset)
+    atlases, targets = split(ids, 1, len(ids) - 1, seed=0, allow_report=True)
+    return atlases + targets

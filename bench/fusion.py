@@ -6,13 +6,9 @@ registered once with the registration engine (``--prereg``, ``--preset``; cached
 ``.cache/fusion-bench/``) and every method fuses *the same* warped atlases:
 
 - ``pv``, ``wv``, ``jlf``, ``staple``, ``votenet``: :func:`MASRefineLib.fusion.fuse` with defaults;
-- ``ants``: ANTs' ``antsJointFusion`` through antspyx (ANTs defaults as in our JLF: alpha 0.1, beta 2,
-  patch radius 2, search radius 3, Pearson-correlation search), given the same warped images and the
-  target scaled by 255 (ANTs floors patch standard deviations at 1 intensity unit; our JLF's default
-  floor is 1/255 on images in [0, 1]: the same normalised patches), inside the union of the warped
-  atlas labels dilated by 5 voxels (outside it every atlas says background). The C++ result is read
-  directly (antspyx's Python wrapper re-derives the map from the posterior files and mislabels the
-  background).
+- ``ants``: ANTs' ``antsJointFusion`` itself with ANTs' defaults, as bench/peers.py runs it for every
+  benchmark (:func:`bench.peers.ants_joint_fusion`: intensities on ANTs' scale, our JLF's mask rule, its own
+  label output).
 
 VoteNet+ is trained on the atlas set alone (leave-one-out registrations with the same engine and
 settings), once, and stored in the atlas set's ``models/``; its calibration (ECE before/after Platt
@@ -73,36 +69,12 @@ def worker(job: dict) -> dict:
     tgt = target_array(read_image(job["target"]), ws.target_grid)
     labels = np.stack([a.label for a in ws.atlases])
     if job["method"] == "ants":
-        import ants
-        from ants.internal import get_lib_fn, get_pointer_string, process_arguments
-        from scipy import ndimage
-        g = ws.target_grid
-
-        def to_ants(a: np.ndarray):
-            return ants.from_numpy(np.ascontiguousarray(a.transpose(2, 1, 0)).astype(np.float32), origin=list(g.origin),
-                                   spacing=list(g.spacing), direction=np.asarray(g.direction).reshape(3, 3))
-        mask = ndimage.binary_dilation((labels > 0).any(0), iterations=5)
-        t_img = to_ants(tgt * 255.0)
-        a_imgs = [to_ants(a.image * 255.0) for a in ws.atlases]
-        a_labs = [to_ants(a.label.astype(np.float32)).clone("unsigned int") for a in ws.atlases]
-        out = a_labs[0].clone("unsigned int")
-        out_i = t_img * 0
-        args = {"d": 3, "t": t_img, "a": 0.1, "b": 2.0, "c": 0, "p": "2x2x2", "m": "PC", "s": 3,
-                "x": to_ants(mask.astype(np.float32)).clone("unsigned int"),
-                "o": f"[{get_pointer_string(out)},{get_pointer_string(out_i)}]", "v": 0}
-        k = len(args)
-        for im, lab in zip(a_imgs, a_labs):
-            k += 1
-            args[f"g-MULTINAME-{k}"] = im
-            k += 1
-            args[f"l-MULTINAME-{k}"] = lab
+        from bench import peers
+        imgs = np.stack([a.image for a in ws.atlases])
         rss0 = _rss_mb("VmRSS")
         t0, c0 = time.perf_counter(), time.process_time()
-        rc = get_lib_fn("antsJointFusion")(process_arguments(args))
+        fused = peers.ants_joint_fusion(tgt, imgs, labels, ws.target_grid, threads)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if rc != 0:
-            raise RuntimeError(f"antsJointFusion returned {rc}")
-        fused = out.numpy().transpose(2, 1, 0).astype(np.uint16)
         info = {}
     else:
         kw = {}
@@ -123,8 +95,10 @@ def worker(job: dict) -> dict:
 def _inputs(job: dict) -> tuple:
     """What decides a cached result: the method, its model and parameters, and the registration folder
     (keyed by its parameter digest, so a changed registration default never reuses an old fusion)."""
+    from bench import peers
+    peer = json.dumps([peers.params("ants"), peers.versions().get("antspyx")]) if job["method"] == "ants" else None
     return job["method"], Path(job["registered"]).parent.name, Path(job["registered"]).name, \
-        Path(job["model"]).name if job.get("model") else None, json.dumps(job.get("params") or {}, sort_keys=True)
+        Path(job["model"]).name if job.get("model") else None, json.dumps(job.get("params") or {}, sort_keys=True), peer
 
 
 def run_job(job: dict, result_path: Path) -> dict:

@@ -1,37 +1,47 @@
 #!/usr/bin/env python3
-"""Benchmark: the whole pipeline (``masrefine segment``) against ANTs SyN + ANTs joint label fusion.
+"""Benchmark (the yardstick): ``masrefine segment`` against its peers on tuning or report targets.
 
-On the same atlases and targets (different subjects; splits from bench/datasets.py):
+Methods (``--methods``, all by default but the paper configuration, whose two models take CPU hours to train):
 
-- **MASRefine**: deformable pre-registration + refinement (IS) + VoteNet+ fusion (``--preset``), with the
-  models (surrogate segmenter, VoteNet+) trained on the atlas set beforehand (training time reported
-  separately, once; the per-target time is "with trained models").
-- **ANTs**: ``ants.registration(type_of_transform="SyN")`` of every atlas to the target (antspyx
-  defaults), labels warped with ``genericLabel``, then ``ants.joint_label_fusion`` (ANTs defaults: beta 4,
-  patch radius 2, search radius 3) inside the union of the warped labels dilated by 3 voxels.
+- ``masrefine``: ``segment`` with its defaults (deformable pre-registration, refinement I, JLF), as a user
+  runs it (it writes every output);
+- ``masrefine-paper``: ``segment --refine IS --fusion votenet`` with models trained on the atlas set first
+  (training time reported once, apart);
+- ``ants-pv`` and ``ants-jlf``: ANTs SyN per atlas, then plurality vote / ``antsJointFusion``
+  (bench/peers.py says exactly how; one registration serves both, and each is timed as registration +
+  its fusion);
+- ``greedy-jlf``: greedy affine + deformable per atlas, then our JLF.
 
-Prints one table: per method, Dice / surface Dice (0.7 mm) per label group (knee: bone, cartilage; IXI:
-mean over all labels), ASD, wall and CPU seconds per target (CPU: this process, so a side slowed by a
-neighbour on a shared machine is still compared fairly); then MASRefine's seconds per stage and the
-speed-up. Per-target results of both sides are cached in ``.cache/bench-pipeline/`` (they take long);
-MASRefine's under a digest of its settings and trained models, so a changed model is rerun. Rerun to add
-targets. ``--only ants`` and ``--only masrefine`` in two processes use both cores; a last run without
-``--only`` prints the table from the cache.
+Splits (bench/datasets.py): the 10 atlases are the seed-0 tuning atlases; ``--split tuning`` runs the 5 tuning
+targets, ``--split report`` the 5 report targets, which nothing else ever looks at. Every method of a
+target runs in one invocation, one after the other, each in its own process with ``--threads`` threads
+(wall, CPU seconds of that process and its peak memory), so both sides of a comparison share the day and
+the machine's load (the load average at the start of each is recorded).
 
-    .venv/bin/python bench/pipeline.py --dataset knee --atlases 10 --targets 3
-    .venv/bin/python bench/pipeline.py --dataset ixi --atlases 10 --targets 5
-    .venv/bin/python bench/pipeline.py --dataset knee --only masrefine     # MASRefine only
-    .venv/bin/python bench/pipeline.py --dataset knee --atlases 8 --targets 2 --threads 1 --only ants &
-    .venv/bin/python bench/pipeline.py --dataset knee --atlases 8 --targets 2 --threads 1 --only masrefine
+Results are data: one JSON per target, ``docs/results/pipeline/<dataset>-<split>/<target>.json``, holding per
+method the metrics per label group (Dice, surface Dice at the tolerance, ASD and HD95 with the number of labels
+where they are undefined), seconds, CPU seconds, peak MB, threads, the commit, the package versions and the
+key that decides whether it is rerun (a peer's parameters and package version; MASRefine's options). A target
+whose method is recorded with the same key is not rerun (``--rerun`` forces it), so a run can be continued
+later, target by target. Labels: the reference's (every non-zero value of the target's label map).
+``bench/report.py`` renders the tables from these files; this script prints them at the end too.
 
-Needs the bench extra for ANTs: ``.venv/bin/pip install -e '.[bench]'`` (antspyx).
+    .venv/bin/python bench/pipeline.py --dataset knee --split report
+    .venv/bin/python bench/pipeline.py --dataset ixi --split report
+    .venv/bin/python bench/pipeline.py --dataset ixi --split tuning --methods masrefine,greedy-jlf
+
+Needs the bench extra (``.venv/bin/pip install -e '.[bench]'``: antspyx, picsl-greedy).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
+import resource
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,195 +52,213 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench import datasets  # noqa: E402
-from MASRefineLib.imageio import atomic_write_text, read_label  # noqa: E402
-from MASRefineLib.metrics import evaluate  # noqa: E402
+from bench import datasets, peers  # noqa: E402
 
-CACHE = ROOT / ".cache" / "bench-pipeline"
-
-
-def ants_segment(target: Path, atlases: list[tuple[str, Path, Path]], out: Path, threads: int) -> dict:
-    """ANTs SyN of every atlas to the target + ANTs JLF; cached in ``out`` (seg.nii.gz + timing.json)."""
-    seg_path, info_path = out / "ants_jlf.nii.gz", out / "ants.json"
-    if seg_path.exists() and info_path.exists():
-        return json.loads(info_path.read_text())
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    import ants
-    out.mkdir(parents=True, exist_ok=True)
-    fixed = ants.image_read(str(target))
-    imgs, labs = [], []
-    c0, t0 = time.process_time(), time.perf_counter()
-    for aid, img_p, lab_p in atlases:
-        print(f"  ANTs SyN {aid} -> {target.name}", file=sys.stderr, flush=True)
-        moving = ants.image_read(str(img_p))
-        reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyN")
-        imgs.append(reg["warpedmovout"])
-        labs.append(ants.apply_transforms(fixed, ants.image_read(str(lab_p)), reg["fwdtransforms"],
-                                          interpolator="genericLabel"))
-    t_reg = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    union = labs[0].numpy() > 0
-    for lab in labs[1:]:
-        union |= lab.numpy() > 0
-    from scipy import ndimage
-    mask = fixed.new_image_like(ndimage.binary_dilation(union, iterations=3).astype(np.float32))
-    print(f"  ANTs joint label fusion ({len(imgs)} atlases)", file=sys.stderr, flush=True)
-    jlf = ants.joint_label_fusion(fixed, mask, atlas_list=imgs, label_list=labs)
-    t_jlf = time.perf_counter() - t1
-    ants.image_write(jlf["segmentation"], str(seg_path))
-    info = {"seconds_register": t_reg, "seconds_jlf": t_jlf, "seconds": t_reg + t_jlf,
-            "cpu_seconds": time.process_time() - c0, "threads": threads}
-    atomic_write_text(json.dumps(info, indent=1), info_path)
-    return info
+RESULTS = ROOT / "docs" / "results" / "pipeline"
+WORK = ROOT / ".cache" / "bench-pipeline"
+METHODS = {  # name -> (label in tables, the process that computes it)
+    "masrefine": ("MASRefine (default: deformable + I + JLF)", "masrefine"),
+    "masrefine-paper": ("MASRefine paper (deformable + IS + VoteNet+)", "masrefine-paper"),
+    "ants-pv": ("ANTs SyN + plurality vote", "ants"),
+    "ants-jlf": ("ANTs SyN + antsJointFusion", "ants"),
+    "greedy-jlf": ("greedy + our JLF", "greedy"),
+}
+DEFAULT_METHODS = ("masrefine", "ants-pv", "ants-jlf", "greedy-jlf")
+GROUPS = {"knee": {"bones": [1, 3], "cartilages": [2, 4]}, "ixi": {}}
+# surface Dice tolerance: the knee grid's spacing (the paper's 0.7 mm); one voxel of the 2 mm brains
+TOLERANCE_MM = {"knee": 0.7, "ixi": 2.0}
+FORMAT = 1  # of the result files
 
 
-def score(pred: Path, truth: Path, groups) -> dict:
-    import SimpleITK as sitk
-    from MASRefineLib.imageio import resample_label
-    from MASRefineLib.geometry import Grid
-    p, r = read_label(pred, allow_empty=True), read_label(truth)
-    if not Grid.from_image(p).isclose(Grid.from_image(r)):
-        p = resample_label(sitk.Cast(p, sitk.sitkUInt16), Grid.from_image(r))
-    ev = evaluate(p, r, groups=groups)
-    return {g: {"dice": s.dice, "surface_dice": s.surface_dice, "asd_mm": s.asd_mm, "hd95_mm": s.hd95_mm}
-            for g, s in list(ev.groups.items()) + [("mean", ev.mean)]}
+def segment_options(method: str, threads: int):
+    from MASRefineLib.pipeline import SegmentOptions
+    if method == "masrefine":
+        return SegmentOptions(device="cpu", threads=threads, train_missing=False)
+    return SegmentOptions(refine="IS", fusion="votenet", device="cpu", threads=threads, train_missing=False)
 
 
-def run_digest(opts_json: dict, models_dir: Path) -> str:
-    """Digest of the run settings, the trained model files and the library's source: the key of a cached
-    MASRefine row (a row measured with older code, e.g. before a speed-up, is not reused)."""
-    h = hashlib.sha1(json.dumps(opts_json, sort_keys=True).encode())
-    for f in sorted((ROOT / "MASRefineLib").rglob("*.py")):
-        h.update(f.relative_to(ROOT).as_posix().encode() + f.read_bytes())
+def method_key(method: str, threads: int) -> dict:
+    """What a result must have been measured with to be reused."""
+    proc = METHODS[method][1]
+    if proc.startswith("masrefine"):
+        o = segment_options(method, threads).to_json()
+        return {"options": {k: v for k, v in o.items() if k not in ("device", "threads")}, "threads": threads}
+    return {"peer": proc, "params": peers.params(proc), "versions": peers.versions(), "threads": threads}
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def models_digest(models_dir: Path) -> str:
+    h = hashlib.sha1()
     for f in sorted(Path(models_dir).glob("*.safetensors")):
         if "checkpoint" not in f.name:
             h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:10]
 
 
+# ------------------------------------------------------------------------------------------ worker
+def worker(job_path: Path) -> int:
+    """One process of one target: computes label maps (``job["outputs"]``) and writes timing to ``job["result"]``."""
+    job = json.loads(job_path.read_text())
+    threads = int(job["threads"])
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+    from MASRefineLib.imageio import array_to_image, atomic_write_text, read_image, write_image
+    from MASRefineLib.geometry import Grid
+    from MASRefineLib.atlas import AtlasSet
+
+    proc, target, out = job["process"], Path(job["target"]), Path(job["out"])
+    aset = AtlasSet.load(job["atlas_set"])
+    atlases = [(i, aset.image_path(i), aset.label_path(i)) for i in aset.ids]
+    log = lambda m: print(f"  [{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    res: dict = {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    if proc.startswith("masrefine"):
+        from MASRefineLib.manifest import read_manifest
+        from MASRefineLib.pipeline import segment
+        run_dir = out / f"{proc}-run"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        r = segment(target, aset.root, run_dir, segment_options(proc, threads), progress=datasets.progress_printer(30.0))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        summary = read_manifest(r["manifest"])["summary"]
+        shutil.copyfile(r["fused"], out / f"{proc}.nii.gz")
+        shutil.rmtree(run_dir)  # warped atlases and fields: ~150 MB per knee atlas
+        res[proc] = {"seconds": wall, "cpu_seconds": cpu, "stages": summary["seconds"],
+                     "cpu_stages": summary.get("cpu_seconds", {}), "fallbacks": summary.get("fallbacks", [])}
+    else:
+        from MASRefineLib.fusion import fuse, target_array
+        timg = read_image(target)
+        grid = Grid.from_image(timg)
+        register = peers.ants_register if proc == "ants" else peers.greedy_register
+        imgs, labs, secs = register(target, atlases, threads, log=log)
+        reg_wall, reg_cpu = time.perf_counter() - t0, time.process_time() - c0
+        ws = peers.warped_set(grid, aset.label_table, aset.ids, imgs, labs)
+        tgt = target_array(timg, grid)
+        fusions = {"ants-pv": "pv", "ants-jlf": "ants", "greedy-jlf": "jlf"}
+        for method, how in fusions.items():
+            if METHODS[method][1] != proc:
+                continue
+            log(f"{method}: fusing {len(ws.atlases)} atlases")
+            t1, c1 = time.perf_counter(), time.process_time()
+            if how == "ants":
+                fused = peers.ants_joint_fusion(tgt, np.stack([a.image for a in ws.atlases]), labs, grid, threads)
+            else:
+                fused = fuse(ws, tgt, how, device="cpu").labels
+            fw, fc = time.perf_counter() - t1, time.process_time() - c1
+            write_image(array_to_image(fused.astype(np.uint16), grid), out / f"{method}.nii.gz")
+            res[method] = {"seconds": reg_wall + fw, "cpu_seconds": reg_cpu + fc,
+                           "stages": {"register": reg_wall, "fuse": fw}, "cpu_stages": {"register": reg_cpu, "fuse": fc},
+                           "seconds_per_atlas": secs}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    for r in res.values():
+        r["peak_mb"] = peak  # of the whole process (registration and every fusion in it)
+    atomic_write_text(json.dumps(res, indent=1), Path(job["result"]))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def score(pred: Path, truth: Path, dataset: str) -> dict:
+    """Metrics per label group (and "mean" over all the reference's labels) of ``pred`` against ``truth``."""
+    import SimpleITK as sitk
+    from MASRefineLib.geometry import Grid
+    from MASRefineLib.imageio import read_label, resample_label
+    from MASRefineLib.labels import label_values
+    from MASRefineLib.metrics import evaluate
+
+    p, r = read_label(pred, allow_empty=True), read_label(truth)
+    if not Grid.from_image(p).isclose(Grid.from_image(r)):
+        p = resample_label(sitk.Cast(p, sitk.sitkUInt16), Grid.from_image(r))
+    labels = [v for v in label_values(sitk.GetArrayViewFromImage(r)) if v]
+    ev = evaluate(p, r, groups=GROUPS[dataset], tolerance_mm=TOLERANCE_MM[dataset], labels=labels)
+    def num(v: float):  # undefined (NaN) is null in the result files
+        return None if v is None or not np.isfinite(v) else float(v)
+
+    return {g: {"dice": num(s.dice), "surface_dice": num(s.surface_dice), "asd_mm": num(s.asd_mm),
+                "hd95_mm": num(s.hd95_mm), "n_labels": len(s.labels), "n_undefined": s.n_undefined}
+            for g, s in list(ev.groups.items()) + [("mean", ev.mean)]}
+
+
+# ------------------------------------------------------------------------------------------ main
+def result_path(dataset: str, which: str, target: str) -> Path:
+    return RESULTS / f"{dataset}-{which}" / f"{target}.json"
+
+
+def load_results(dataset: str, which: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / f"{dataset}-{which}").glob("*.json"))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dataset", choices=("knee", "ixi"), default="knee")
-    ap.add_argument("--atlases", type=int, default=10)
-    ap.add_argument("--targets", type=int, default=3)
-    ap.add_argument("--preset", choices=("fast", "default", "accurate"), default="default")
-    ap.add_argument("--refine", choices=("none", "I", "IS"), default="IS",
-                    help="MASRefine's refinement (default IS, the issue's configuration)")
-    ap.add_argument("--fusion", choices=("pv", "wv", "jlf", "staple", "votenet"), default="votenet",
-                    help="MASRefine's label fusion (default votenet, the issue's configuration)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and ITK (default 2)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=("masrefine", "ants"), default=None,
-                    help="run one side only (two processes can then share the cores); the table uses both "
-                         "sides' cached per-target results")
-    ap.add_argument("--target-index", type=int, default=None, metavar="K",
-                    help="run only the K-th target (1-based) of the split, so that two processes can run two targets "
-                         "side by side at equal load; rerun without it to print the table of all cached targets")
+    ap.add_argument("--split", choices=("tuning", "report"), default="report")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated, of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    ap.add_argument("--threads", type=int, default=2, help="threads of every method (default 2)")
+    ap.add_argument("--targets", default=None, help="comma-separated 1-based indices of the split's targets (default all)")
+    ap.add_argument("--rerun", action="store_true", help="rerun methods that already have a result with the same key")
     a = ap.parse_args(argv)
+    if a.worker:
+        return worker(Path(a.worker))
+    methods = [m for m in a.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
 
-    import torch
-    torch.set_num_threads(a.threads)
-    from MASRefineLib.device import resolve_device
-    from MASRefineLib.manifest import read_manifest
-    from MASRefineLib.pipeline import SegmentOptions, ensure_models, segment
-
-    if a.dataset == "knee":
-        ids = datasets.knee_subjects()
-        groups = {"bone": [1, 3], "cartilage": [2, 4]}
-        case = datasets.knee_case
-    else:
-        ids = datasets.ixi_subjects()
-        groups = None
-        case = datasets.ixi_case
-    atlas_ids, target_ids = datasets.split(ids, a.atlases, a.targets, seed=a.seed)
+    atlas_ids, target_ids = datasets.benchmark_split(a.dataset, a.split)
+    if a.targets:
+        target_ids = [target_ids[int(k) - 1] for k in a.targets.split(",")]
+    case, _ = datasets.dataset_case(a.dataset)
     aset = datasets.make_atlas_set(a.dataset, atlas_ids)
-    work = CACHE / f"{a.dataset}-{aset.root.name}"
-    dev = resolve_device(a.device)
+    if "masrefine-paper" in methods:
+        from MASRefineLib.device import resolve_device
+        from MASRefineLib.pipeline import ensure_models, SegmentOptions
+        t0 = time.perf_counter()
+        ensure_models(aset, SegmentOptions(refine="IS", fusion="votenet", device="cpu", threads=a.threads),
+                      resolve_device("cpu"), datasets.progress_printer(60.0), [])
+        print(f"models of {aset.root.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    # models, trained once on the atlas set
-    opts = SegmentOptions(prereg="deformable", refine=a.refine, fusion=a.fusion, device=a.device, preset=a.preset,
-                          seed=a.seed, threads=a.threads)
-    print_progress = datasets.progress_printer(20.0)
-    t0 = time.perf_counter()
-    fallbacks: list[str] = []
-    if a.only != "ants":
-        ensure_models(aset, opts, dev, print_progress, fallbacks)
-    t_models = time.perf_counter() - t0
-    for f in fallbacks:
-        print(f"note: {f}", file=sys.stderr)
-
-    digest = run_digest(opts.to_json(), aset.models_dir)
-    rows = []
-    if a.target_index is not None:
-        if not 1 <= a.target_index <= len(target_ids):
-            ap.error(f"--target-index must be between 1 and --targets ({len(target_ids)})")
-        target_ids = [target_ids[a.target_index - 1]]
     for tid in target_ids:
         img_p, lab_p = case(tid)
-        print(f"target {tid}", file=sys.stderr, flush=True)
-        config = "" if (a.refine, a.fusion) == ("IS", "votenet") else f"-{a.refine}-{a.fusion}"
-        out = work / tid / f"masrefine-{a.preset}{config}"
-        # finished targets are not rerun, unless the settings or the trained models changed
-        row_path = work / tid / f"masrefine-{a.preset}-{digest}-row.json"
-        if row_path.exists():
-            rows.append(json.loads(row_path.read_text()))
-        elif a.only != "ants":
-            c0 = time.process_time()
-            r = segment(img_p, aset.root, out, SegmentOptions(**{**opts.to_json(), "train_missing": False}),
-                        truth=None, progress=print_progress)
-            summary = read_manifest(r["manifest"])["summary"]
-            secs = summary["seconds"]
-            for f in summary.get("fallbacks", []):
-                print(f"note: {f}", file=sys.stderr)
-            rows.append({"method": "MASRefine", "target": tid, "seconds": sum(secs.values()), "stages": secs,
-                         "cpu_seconds": time.process_time() - c0, "cpu_stages": summary.get("cpu_seconds", {}),
-                         "fusion": summary.get("fusion"), "stage": summary.get("stage"),
-                         "metrics": score(Path(r["fused"]), lab_p, groups)})
-            atomic_write_text(json.dumps(rows[-1], indent=1, default=float), row_path)
-        have_ants = (work / tid / "ants.json").exists()
-        if a.only != "masrefine" or have_ants:
-            atl = [(i, aset.image_path(i), aset.label_path(i)) for i in aset.ids]
-            info = ants_segment(Path(img_p), atl, work / tid, a.threads)
-            rows.append({"method": "ANTs SyN + JLF", "target": tid, "seconds": info["seconds"],
-                         "cpu_seconds": info.get("cpu_seconds", float("nan")), "stages": info,
-                         "metrics": score(work / tid / "ants_jlf.nii.gz", lab_p, groups)})
-
-    gnames = list(groups) if groups else ["mean"]
-    print()
-    print(f"{a.dataset}: {len(atlas_ids)} atlases -> {len(target_ids)} targets (different subjects), preset "
-          f"{a.preset}, {a.threads} threads, device {dev}")
-    head = f"{'method':<18}" + "".join(f"{'Dice ' + g:>16}{'SD ' + g:>16}{'ASD ' + g:>14}" for g in gnames) + \
-        f"{'s/target':>10}{'cpu s':>8}"
-    print(head)
-    print("-" * len(head))
-    for method in ("MASRefine", "ANTs SyN + JLF"):
-        rs = [r for r in rows if r["method"] == method]
-        if not rs:
-            continue
-        line = f"{method:<18}"
-        for g in gnames:
-            for key, w, sc in (("dice", 16, 100), ("surface_dice", 16, 100), ("asd_mm", 14, 1)):
-                v = [r["metrics"][g][key] for r in rs]
-                line += f"{np.mean(v) * sc:>{w - 7}.2f} ({np.std(v) * sc:4.2f})"
-        line += f"{np.mean([r['seconds'] for r in rs]):>10.0f}{np.mean([r.get('cpu_seconds', np.nan) for r in rs]):>8.0f}"
-        print(line)
-    ours = [r for r in rows if r["method"] == "MASRefine"]
-    if not ours:
-        return 0
-    print(f"MASRefine ran: {sorted({r['stage'] for r in ours})}, fusion {sorted({r['fusion'] for r in ours})}")
-    stages = {k: np.mean([r["stages"].get(k, 0.0) for r in ours]) for k in ours[0]["stages"]}
-    print("MASRefine seconds per stage (mean per target): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
-    if all(r.get("cpu_stages") for r in ours):
-        cpu = {k: np.mean([r["cpu_stages"].get(k, 0.0) for r in ours]) for k in ours[0]["cpu_stages"]}
-        print("MASRefine CPU seconds per stage (mean per target): " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
-    print(f"model training (once per atlas set): {t_models:.0f} s")
-    theirs = [r for r in rows if r["method"] != "MASRefine"]
-    if theirs:
-        def ratio(key):
-            return np.mean([r.get(key, np.nan) for r in theirs]) / np.mean([r.get(key, np.nan) for r in ours])
-        print(f"speed-up vs ANTs: {ratio('seconds'):.1f}x wall clock, {ratio('cpu_seconds'):.1f}x CPU time")
-    atomic_write_text(json.dumps(rows, indent=1, default=float), work / f"results-{a.preset}.json")
+        rp = result_path(a.dataset, a.split, tid)
+        rec = json.loads(rp.read_text()) if rp.exists() else {
+            "format": FORMAT, "dataset": a.dataset, "split": a.split, "target": tid, "atlases": atlas_ids, "methods": {}}
+        if rec["atlases"] != atlas_ids:
+            raise SystemExit(f"{rp}: recorded with other atlases; move it away to rerun")
+        keys = {m: method_key(m, a.threads) for m in methods}
+        if "masrefine-paper" in keys:
+            keys["masrefine-paper"]["models"] = models_digest(aset.models_dir)
+        todo = [m for m in methods if a.rerun or rec["methods"].get(m, {}).get("key") != keys[m]]
+        procs = list(dict.fromkeys(METHODS[m][1] for m in todo))
+        run_id = datetime.datetime.now().isoformat(timespec="seconds")
+        for proc in procs:
+            print(f"{a.dataset} {a.split} {tid}: {proc}", file=sys.stderr, flush=True)
+            out = WORK / f"{a.dataset}-{a.split}" / tid
+            out.mkdir(parents=True, exist_ok=True)
+            job = {"process": proc, "target": str(img_p), "atlas_set": str(aset.root), "out": str(out),
+                   "threads": a.threads, "result": str(out / f"{proc}.result.json")}
+            jp = out / f"{proc}.job.json"
+            jp.write_text(json.dumps(job))
+            load = os.getloadavg()[0]
+            subprocess.run([sys.executable, __file__, "--worker", str(jp)], check=True)
+            timing = json.loads((out / f"{proc}.result.json").read_text())
+            for m, t in timing.items():
+                if m not in todo:
+                    continue
+                rec["methods"][m] = {"label": METHODS[m][0], "key": keys[m], **t,
+                                     "metrics": score(out / f"{m}.nii.gz", lab_p, a.dataset),
+                                     "threads": a.threads, "load_at_start": load, "run": run_id, "commit": commit(),
+                                     "versions": peers.versions(), "date": time.strftime("%Y-%m-%d")}
+                rp.parent.mkdir(parents=True, exist_ok=True)
+                from MASRefineLib.imageio import atomic_write_text
+                atomic_write_text(json.dumps(rec, indent=1, default=float, allow_nan=False) + "\n", rp)
+    from bench import report
+    print(report.render(a.dataset, a.split))
     return 0
 
 

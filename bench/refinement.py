@@ -129,7 +129,7 @@ def run_dataset(dataset: str, n_atlases: int, n_targets: int, n_train: int, args
         groups = None
     atlas_ids, target_ids_all = D.split(ids, n_atlases, 4 if dataset == "knee" else 5, seed=0)
     target_ids = target_ids_all[:n_targets]
-    others = [i for i in ids if i not in atlas_ids and i not in target_ids_all][: n_train]
+    others = D.training_pool(dataset, atlas_ids + target_ids_all)[: n_train]  # never a report subject
     if dataset == "knee":
         kd = D.knee_dataset(atlas_ids + target_ids + others)
         case = lambda i: (kd / "images" / f"{i}.nii.gz", kd / "labels" / f"{i}.nii.gz")  # noqa: E731

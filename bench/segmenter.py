@@ -31,11 +31,12 @@ RECIPES = ("ce/foreground", "ce/class", "dice_ce/class")
 
 
 def training_subjects(dataset: str, n: int) -> list[str]:
-    """The subjects that are neither atlases nor targets of ``bench/refinement.py``'s default split."""
+    """The subjects that are neither atlases nor targets of ``bench/refinement.py``'s default split, nor
+    report subjects (bench/datasets.py)."""
     from bench import datasets as D
-    ids = D.knee_subjects() if dataset == "knee" else D.ixi_subjects()
+    ids = D.subjects(dataset)
     atlases, targets = D.split(ids, 8, 4, seed=0) if dataset == "knee" else D.split(ids, 10, 5, seed=0)
-    return [i for i in ids if i not in atlases and i not in targets][:n]
+    return D.training_pool(dataset, atlases + targets)[:n]
 
 
 def run_recipe(dataset: str, ids: list[str], recipe: str, epochs: int, device: str) -> dict:
