@@ -42,6 +42,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from bench.scoring import dice_per_label  # noqa: E402
+
 CACHE = ROOT / ".cache" / "fusion-bench"
 METHODS = ("pv", "wv", "staple", "jlf", "votenet", "ants")
 GROUPS = {"knee": {"bones": [1, 3], "cartilages": [2, 4]}, "ixi": None}
@@ -112,15 +114,6 @@ def run_job(job: dict, result_path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def dice_per_label(pred: np.ndarray, truth: np.ndarray) -> dict[int, float]:
-    """Volume Dice of every non-zero label of ``truth`` (0 where the prediction lacks it)."""
-    n = int(max(pred.max(), truth.max())) + 1
-    inter = np.bincount(truth[pred == truth].ravel(), minlength=n).astype(np.float64)
-    cp = np.bincount(pred.ravel(), minlength=n).astype(np.float64)
-    ct = np.bincount(truth.ravel(), minlength=n).astype(np.float64)
-    return {v: 2 * inter[v] / (cp[v] + ct[v]) for v in range(1, n) if ct[v] > 0}
-
-
 def summary(pred: np.ndarray, truth: np.ndarray, groups) -> dict[str, float]:
     d = dice_per_label(pred.astype(np.int64), truth.astype(np.int64))
     if groups is None:

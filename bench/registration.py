@@ -37,26 +37,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 KNEE_GROUPS = {"bones": [1, 3], "cartilages": [2, 4]}
+from bench.scoring import dice_per_label  # noqa: E402
+from bench import scoring  # noqa: E402
+
 CACHE = ROOT / ".cache" / "bench-registration"
 
 
-def dice_per_label(pred, ref, labels):
-    """Volume Dice per label value (dict), for labels in ``labels`` (absent in both: skipped)."""
-    import numpy as np
-    n = int(max(pred.max(), ref.max(), max(labels))) + 1
-    inter = np.bincount(ref[pred == ref].ravel(), minlength=n)
-    sp = np.bincount(pred.ravel(), minlength=n)
-    sr = np.bincount(ref.ravel(), minlength=n)
-    return {int(v): float(2 * inter[v] / (sp[v] + sr[v])) for v in labels if sp[v] + sr[v] > 0}
-
-
 def summarize(per_label: dict, groups: dict | None) -> dict:
-    import numpy as np
-    out = {"dice": float(np.mean(list(per_label.values())))}
-    for g, vals in (groups or {}).items():
-        vs = [per_label[v] for v in vals if v in per_label]
-        out[g] = float(np.mean(vs)) if vs else float("nan")
-    return out
+    return scoring.summarize(per_label, groups, "dice")
 
 
 def majority_vote(labels):
