@@ -91,6 +91,8 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._flickerTimer = None
         self._flickerShowsUnrefined = False
         self._savedViews = None  # layout and slice linking before side-by-side, restored after
+        self._installJob = None  # a background installation of the worker's packages
+        self._sampleJob = None  # the phantom being made in the background
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -125,6 +127,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Buttons
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.sampleDataButton.connect("clicked(bool)", self.onSampleDataButton)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependenciesButton)
         self.ui.openOutputFolderButton.connect("clicked(bool)", self.onOpenOutputFolderButton)
         self.ui.qaTableWidget.connect("itemSelectionChanged()", self.onQaSelectionChanged)
         self.ui.qaOpacitySlider.connect("valueChanged(double)", self.onQaOpacityChanged)
@@ -134,6 +137,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
         self._updateRunState()
+        self._updateDependencies()
 
     def onReload(self) -> None:
         """Reload the MASRefineModule package too: Slicer's reload re-executes MASRefine.py only
@@ -213,6 +217,17 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         self._checkCanApply()
+        # An unset pathlib.Path parameter is written to its line edit as "." (the GUI connector writes
+        # str(value)); show it empty. Deferred: the wrapper's own update of the widgets may come after this.
+        qt.QTimer.singleShot(0, self._clearUnsetPaths)
+
+    def _clearUnsetPaths(self) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        for lineEdit, value in ((self.ui.atlasDirPathLineEdit, p.atlasDir), (self.ui.outputDirPathLineEdit, p.outputDir)):
+            if not pathIsSet(value) and lineEdit.currentPath:
+                lineEdit.currentPath = ""
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -234,9 +249,20 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling...")
             self.ui.applyButton.enabled = False
             return
+        missing = self.logic.missingDependencies()
+        if missing:
+            if slicer.util.confirmOkCancelDisplay(
+                    _("MASRefine needs these Python packages:\n{packages}\n\nInstall them now in the background? "
+                      "Press Apply again when the installation has finished.").format(packages="\n".join(missing)),
+                    _("MASRefine - Install Python packages")):
+                self.onInstallDependenciesButton()
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start MASRefine."), waitCursor=True):
             p = self._parameterNode
-            self.logic.ensureDependencies(askConfirmation=True)
+            # ctkPathLineEdit keeps its settingKey history only when told to
+            self.ui.atlasDirPathLineEdit.addCurrentPathToHistory()
+            if pathIsSet(p.outputDir):
+                self.ui.outputDirPathLineEdit.addCurrentPathToHistory()
             self._clearQaTable()
             self.ui.logTextEdit.clear()
             self._job = self.logic.start(
@@ -298,10 +324,63 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(self._job.outputDir))
 
     def onSampleDataButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to create the sample atlas set."), waitCursor=True):
-            sample = self.logic.loadSampleData()
-            self._parameterNode.targetVolume = sample["target"]
-            self._parameterNode.atlasDir = pathlib.Path(sample["atlas_dir"])
+        """Make (or reuse) the phantom in the background; its target and atlas set become the inputs."""
+        if self._sampleJob is not None and self._sampleJob.running:
+            return
+        self.ui.sampleDataButton.enabled = False
+        self.ui.statusLabel.text = _("Creating the sample atlas set...")
+        with slicer.util.tryWithErrorDisplay(_("Failed to create the sample atlas set.")):
+            self._sampleJob = self.logic.startSample(onFinished=self._onSampleFinished)
+        if self._sampleJob is None:
+            self.ui.sampleDataButton.enabled = True
+
+    def _onSampleFinished(self, job) -> None:
+        self.ui.sampleDataButton.enabled = True
+        if job.state == "completed" and self._parameterNode is not None:
+            self._parameterNode.targetVolume = job.sample["target"]
+            self._parameterNode.atlasDir = pathlib.Path(job.sample["atlas_dir"])
+            self.ui.statusLabel.text = _("Sample loaded.")
+        elif job.state == "failed":
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("Creating the sample atlas set failed: {error}").format(error=job.error))
+
+    # Dependencies
+
+    def _updateDependencies(self) -> None:
+        """Show the installed versions; open the section when something is missing."""
+        self.ui.dependenciesLabel.text = self.logic.dependenciesText()
+        if self.logic.missingDependencies():
+            self.ui.dependenciesCollapsibleButton.collapsed = False
+
+    def onInstallDependenciesButton(self) -> None:
+        """Install what is missing, or upgrade everything when nothing is, in the background."""
+        if self._installJob is not None and self._installJob.running:
+            return
+        upgrade = not self.logic.missingDependencies()
+        self.ui.installDependenciesButton.enabled = False
+        self.ui.installProgressBar.visible = True
+        self.ui.installProgressBar.value = 0
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the installation.")):
+            self._installJob = self.logic.startInstall(upgrade=upgrade, onEvent=self._onInstallEvent,
+                                                       onFinished=self._onInstallFinished)
+        if self._installJob is None:
+            self.ui.installDependenciesButton.enabled = True
+
+    def _onInstallEvent(self, job, ev: dict) -> None:
+        self.ui.installProgressBar.value = int(round(job.fraction * 100))
+        if ev.get("event") in ("log", "stage", "error", "output"):
+            self._appendLog(str(ev.get("message") or ev.get("line") or ""))
+
+    def _onInstallFinished(self, job) -> None:
+        self.ui.installDependenciesButton.enabled = True
+        self.ui.installProgressBar.value = 100 if job.state == "completed" else 0
+        self._updateDependencies()
+        if job.state == "failed":
+            slicer.util.errorDisplay(_("Installing MASRefine's packages failed: {error}").format(error=job.error))
+        elif job.state == "completed" and self.logic.restartNeeded(job.result):
+            if slicer.util.confirmYesNoDisplay(_("Packages Slicer has already loaded were upgraded. Restart Slicer now "
+                                                 "to use them?"), _("MASRefine - Restart")):
+                slicer.util.restart()
 
     # Quality assurance
 

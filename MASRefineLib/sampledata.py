@@ -332,10 +332,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, nargs=3, default=list(DEFAULT_SIZE), metavar=("X", "Y", "Z"))
     ap.add_argument("--spacing", type=float, default=DEFAULT_SPACING)
+    ap.add_argument("--events", action="store_true",
+                    help="report progress and the result as the worker's JSON-lines events (MASRefineLib.worker), "
+                         "reusing a finished sample in --out; what the Slicer module runs in the background")
     a = ap.parse_args(argv)
-    r = make_sample(a.out, a.atlases, a.seed, a.targets, tuple(a.size), a.spacing, force=True)
-    print(json.dumps({k: r[k] for k in ("atlas_dir", "targets", "truths")}, indent=1))
-    return 0
+    if not a.events:
+        r = make_sample(a.out, a.atlases, a.seed, a.targets, tuple(a.size), a.spacing, force=True)
+        print(json.dumps({k: r[k] for k in ("atlas_dir", "targets", "truths")}, indent=1))
+        return 0
+    import sys
+
+    from .worker import EXIT_DONE, EXIT_ERROR, EventWriter
+
+    events = EventWriter(sys.stdout)
+
+    def progress(ev) -> None:
+        events.emit("progress", stage=ev.stage, fraction=round(ev.fraction, 4), overall=round(ev.fraction, 4),
+                    message=ev.message)
+
+    events.emit("started", pid=os.getpid(), pipeline="sample", output_dir=str(Path(a.out).resolve()))
+    try:
+        r = make_sample(a.out, a.atlases, a.seed, a.targets, tuple(a.size), a.spacing, progress=progress)
+    except Exception as e:  # noqa: BLE001 -- one line for the caller, whatever failed (disk full, permissions)
+        events.emit("error", kind="input", message=f"{type(e).__name__}: {e}".splitlines()[0])
+        return EXIT_ERROR
+    events.emit("result", output_dir=str(Path(a.out).resolve()),
+                **{k: r[k] for k in ("atlas_dir", "target", "truth", "labels")})
+    return EXIT_DONE
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ import os
 import time
 from typing import Callable, Optional
 
+import qt
+
 import slicer
 from slicer.i18n import tr as _
+
+POLL_INTERVAL_MS = 200
 
 activeJobs = []
 jobGuardsInstalled = False
@@ -54,6 +58,7 @@ class MASRefineJob:
         self.messages = []
         self.error = None
         self.manifestPath = None
+        self.result = None  # the worker's result event (a sample's or an installation's paths and versions)
         self.nodes = {}
         self.atlasNodes = {}
         self.folders = {}  # load-plan folder path (tuple) -> subject-hierarchy item
@@ -120,6 +125,7 @@ class MASRefineJob:
         outcome = self._outcome or {}
         if outcome.get("event") == "result" and not self._stopRequested:
             state = "completed"
+            self.result = outcome
             self.manifestPath = outcome.get("manifest") or os.path.join(self.outputDir, "manifest.json")
             self.overall = 1.0
         elif outcome.get("event") == "error":
@@ -174,3 +180,16 @@ class MASRefineJob:
             raise RuntimeError(_("MASRefine was cancelled"))
         return self.nodes
 
+
+
+def launch(job: MASRefineJob) -> MASRefineJob:
+    """Start the job's runner, stop it with the scene or the application, and pump its events from a
+    ``qt.QTimer`` (so finishing never blocks the GUI)."""
+    installJobGuards()
+    job.runner.start()
+    activeJobs.append(job)
+    job.timer = qt.QTimer()
+    job.timer.setInterval(POLL_INTERVAL_MS)
+    job.timer.connect("timeout()", job.poll)
+    job.timer.start()
+    return job

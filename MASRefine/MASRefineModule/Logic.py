@@ -6,16 +6,13 @@ import os
 import time
 from typing import Callable, Optional
 
-import qt
-
 import slicer
 from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
-from MASRefineModule import Results
-from MASRefineModule.Environment import (ensureLibraryImportable, pythonSlicerExecutable, readRequirements,
-                                         requirementSatisfied)
-from MASRefineModule.Job import MASRefineJob, activeJobs, installJobGuards
+from MASRefineModule import Dependencies, Results, Sample
+from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable
+from MASRefineModule.Job import POLL_INTERVAL_MS, MASRefineJob, launch
 from MASRefineModule.Parameters import (Device, Fusion, MASRefineParameterNode, PreRegistration, Preset, Refinement,
                                         pathIsSet)
 
@@ -33,10 +30,7 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
     ``MASRefineLib.runner.JobRunner(jobPath, python=PythonSlicer)``.
     """
 
-    # Packages Slicer provides itself or through the PyTorch extension: never pip-installed here.
-    NEVER_PIP_INSTALL = ("numpy", "SimpleITK", "torch")
-    MINIMUM_TORCH_VERSION = "2.1"
-    POLL_INTERVAL_MS = 200
+    POLL_INTERVAL_MS = POLL_INTERVAL_MS
 
     def __init__(self, runnerFactory: Optional[Callable] = None) -> None:
         """Called when the logic class is instantiated. Can be used for initializing member variables."""
@@ -104,56 +98,33 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
 
     # Dependencies
 
-    def ensureDependencies(self, askConfirmation: bool = True) -> None:
-        """Make sure the worker's packages are installed in Slicer's Python, asking before installing.
-
-        torch comes from the PyTorch extension (PyTorchUtils); the others from Resources/requirements.txt
-        through pip. numpy and SimpleITK are Slicer's own and are never pip-installed.
-        """
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(_("MASRefine needs the PyTorch extension: install it from the Extensions Manager and restart Slicer."))
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=askConfirmation,
-                                                torchVersionRequirement=f">={self.MINIMUM_TORCH_VERSION}")
-                if torch is None:
-                    raise RuntimeError(_("PyTorch is required: install it with the PyTorch Utils module."))
-
-        missing = [r for r in readRequirements() if not requirementSatisfied(r)]
-        if not missing:
-            return
-        # Pin what Slicer and the PyTorch extension provide so that pip never replaces them.
-        from importlib import metadata
-
-        constraints = os.path.join(slicer.app.temporaryPath, "MASRefine-constraints.txt")
-        with open(constraints, "w", encoding="utf-8") as f:
-            for name in self.NEVER_PIP_INSTALL:
-                try:
-                    f.write(f"{name}=={metadata.version(name)}\n")
-                except metadata.PackageNotFoundError:
-                    pass
-        pydeps = getattr(slicer, "pydeps", None)  # Slicer's newer dependency helpers
-        if pydeps is not None and hasattr(pydeps, "pip_ensure"):
-            import inspect
-
-            from packaging.requirements import Requirement
-
-            options = {"constraints": constraints, "prompt_install": askConfirmation, "requester": "MASRefine"}
-            accepted = inspect.signature(pydeps.pip_ensure).parameters
-            if "skip_packages" in accepted:
-                options["skip_packages"] = list(self.NEVER_PIP_INSTALL)
-            pydeps.pip_ensure([Requirement(r) for r in missing], **{k: v for k, v in options.items() if k in accepted})
+    def ensureDependencies(self, askConfirmation: bool = True, timeout: Optional[float] = None) -> None:
+        """Install what the worker is missing, after asking, and wait (the console's blocking path; the
+        panel's Install button uses :meth:`startInstall`). Raises RuntimeError when declined or failed."""
+        wanted = Dependencies.missing()
+        if not wanted:
             return
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                _("MASRefine needs these Python packages:\n{packages}\n\nInstall them now?").format(packages="\n".join(missing)),
+                _("MASRefine needs these Python packages:\n{packages}\n\nInstall them now? (This takes a few "
+                  "minutes; torch is installed with light-the-torch, as the PyTorch extension does.)").format(
+                    packages="\n".join(wanted)),
                 _("MASRefine - Install Python packages")):
-            raise RuntimeError(_("MASRefine needs {packages}; installation was declined.").format(packages=", ".join(missing)))
-        slicer.util.pip_install(["-c", constraints] + missing)
+            raise RuntimeError(_("MASRefine needs {packages}; installation was declined.").format(packages=", ".join(wanted)))
+        job = self.startInstall()
+        job.wait(timeout, processEvents=slicer.app.processEvents)
+        still = Dependencies.missing()
+        if still:
+            raise RuntimeError(_("Installing {packages} did not succeed; see the log.").format(packages=", ".join(still)))
+
+    missingDependencies = staticmethod(Dependencies.missing)
+    dependenciesText = staticmethod(Dependencies.statusText)
+    restartNeeded = staticmethod(Dependencies.restartNeeded)
+
+    def startInstall(self, upgrade: bool = False, onEvent: Optional[Callable] = None,
+                     onFinished: Optional[Callable] = None) -> MASRefineJob:
+        """Install (``upgrade``: upgrade) the worker's packages in a background PythonSlicer process."""
+        ensureLibraryImportable()
+        return Dependencies.startInstall(upgrade, onEvent=onEvent, onFinished=onFinished)
 
     # Running
 
@@ -203,16 +174,9 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
         jobs.write_job(job, jobPath)
 
         runner = self._makeRunner(jobPath)
-        handle = MASRefineJob(runner, runDir, outputDir, targetNode=targetNode,
-                              loadResults=self.loadJobResults if loadResults else None,
-                              onEvent=onEvent, onFinished=onFinished)
-        installJobGuards()
-        runner.start()
-        activeJobs.append(handle)
-        handle.timer = qt.QTimer()
-        handle.timer.setInterval(self.POLL_INTERVAL_MS)
-        handle.timer.connect("timeout()", handle.poll)
-        handle.timer.start()
+        handle = launch(MASRefineJob(runner, runDir, outputDir, targetNode=targetNode,
+                                     loadResults=self.loadJobResults if loadResults else None,
+                                     onEvent=onEvent, onFinished=onFinished))
         logging.info(f"MASRefine: started {' '.join(str(c) for c in getattr(runner, 'command', [jobPath]))}")
         return handle
 
@@ -236,7 +200,10 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
     restoreViews = staticmethod(Results.restoreViews)
 
     def loadSampleData(self, outDir: Optional[str] = None) -> dict:
-        """The built-in phantom atlas set, made or reused, with its target loaded (MASRefineModule.Sample)."""
-        from MASRefineModule import Sample
-
+        """The built-in phantom atlas set, made or reused, with its target loaded (waits; MASRefineModule.Sample)."""
         return Sample.loadSampleData(outDir)
+
+    def startSample(self, outDir: Optional[str] = None, onEvent: Optional[Callable] = None,
+                    onFinished: Optional[Callable] = None) -> MASRefineJob:
+        """Make (or reuse) the phantom in the background; ``job.sample`` once completed."""
+        return Sample.startSample(outDir, onEvent=onEvent, onFinished=onFinished)

@@ -3,6 +3,7 @@
 - ``Parameters``: the choices and the parameter node;
 - ``Environment``: where MASRefineLib is, the worker's interpreter and environment, requirements;
 - ``Job``: the handle of one background run, and the guards that stop workers with the scene;
+- ``Dependencies``: installed versions of the worker's packages, installing them in the background;
 - ``Logic``: MASRefineLogic (the console API);
 - ``Results``: a finished run's outputs as nodes, atlas display for QA;
 - ``Sample``: the built-in phantom in the Sample Data module;
@@ -12,4 +13,4 @@ Slicer's *Reload* re-executes MASRefine.py only; MASRefineWidget.onReload reload
 the order of SUBMODULES (each after the ones it imports).
 """
 
-SUBMODULES = ("Parameters", "Environment", "Job", "Results", "Sample", "Logic", "Test")
+SUBMODULES = ("Parameters", "Environment", "Job", "Results", "Dependencies", "Sample", "Logic", "Test")

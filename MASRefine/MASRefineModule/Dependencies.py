@@ -1,0 +1,107 @@
+"""The worker's Python packages in Slicer's Python: what is installed (read from package metadata, never
+imported: torch and MONAI stay out of Slicer's process), and installing or upgrading them in the
+background with ``PythonSlicer -m MASRefineLib.install`` (torch through light-the-torch, as the PyTorch
+extension does; the rest through pip, with Slicer's own numpy and SimpleITK pinned)."""
+import os
+import sys
+from importlib import metadata
+from typing import Callable, Optional
+
+import slicer
+from slicer.i18n import tr as _
+
+from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable, readRequirements, requirementSatisfied, workerEnvironment
+from MASRefineModule.Job import MASRefineJob, launch
+
+# torch comes from the PyTorch extension's installer (light-the-torch); numpy and SimpleITK are Slicer's.
+TORCH_REQUIREMENT = "torch>=2.1"
+NEVER_PIP_INSTALL = ("numpy", "SimpleITK", "torch")
+
+
+def requirements() -> list:
+    """torch's requirement, then Resources/requirements.txt."""
+    return [TORCH_REQUIREMENT] + readRequirements()
+
+
+def _name(requirement: str) -> str:
+    return "".join(c if (c.isalnum() or c in "-_.") else " " for c in requirement).split()[0]
+
+
+def status() -> list:
+    """One dict per requirement: ``name``, ``requirement``, installed ``version`` (None: missing), ``ok``."""
+    rows = []
+    for requirement in requirements():
+        name = _name(requirement)
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = None
+        rows.append({"name": name, "requirement": requirement, "version": version,
+                     "ok": version is not None and requirementSatisfied(requirement)})
+    return rows
+
+
+def missing() -> list:
+    """The requirements not satisfied (empty: the worker can run)."""
+    return [row["requirement"] for row in status() if not row["ok"]]
+
+
+def statusText() -> str:
+    """The panel's table of versions (rich text)."""
+    lines = []
+    for row in status():
+        state = row["version"] or _("not installed")
+        mark = "&#10003;" if row["ok"] else "<b>&#10007;</b>"
+        lines.append(f"<tr><td>{mark}</td><td>{row['name']}</td><td>{state}</td><td>({row['requirement']})</td></tr>")
+    return "<table>" + "".join(lines) + "</table>"
+
+
+def writeConstraints(path: str) -> str:
+    """A pip constraints file pinning the installed numpy, SimpleITK and torch, so pip never replaces them."""
+    with open(path, "w", encoding="utf-8") as f:
+        for name in NEVER_PIP_INSTALL:
+            try:
+                f.write(f"{name}=={metadata.version(name)}\n")
+            except metadata.PackageNotFoundError:
+                pass
+    return path
+
+
+def installCommand(upgrade: bool = False) -> list:
+    """The background installer's command line for what is missing (``upgrade``: every requirement)."""
+    wanted = requirements() if upgrade else missing()
+    torch = next((r for r in wanted if _name(r) == "torch"), None)
+    others = [r for r in wanted if _name(r) != "torch"]
+    constraints = writeConstraints(os.path.join(slicer.app.temporaryPath, "MASRefine-constraints.txt"))
+    command = [pythonSlicerExecutable(), "-m", "MASRefineLib.install", "--constraints", constraints]
+    if torch:
+        command += ["--torch", torch]
+    if upgrade:
+        command += ["--pip-option=--upgrade"]
+    return command + others
+
+
+def restartNeeded(result: Optional[dict]) -> bool:
+    """Whether a package the installer changed was already imported in Slicer's process (by another
+    module): Python keeps the old one until Slicer restarts."""
+    if not result or not result.get("ran"):
+        return False
+    importNames = set()
+    distributions = metadata.packages_distributions()  # import name -> distributions
+    changed = {name.lower() for name in (result.get("installed") or {})}
+    for importName, dists in distributions.items():
+        if any(d.lower() in changed for d in dists):
+            importNames.add(importName)
+    return any(name in sys.modules for name in importNames)
+
+
+def startInstall(upgrade: bool = False, onEvent: Optional[Callable] = None,
+                 onFinished: Optional[Callable] = None) -> MASRefineJob:
+    """Install (or upgrade) in the background; returns the job (``wait()``, ``cancel()``, ``result``)."""
+    ensureLibraryImportable()
+    from MASRefineLib.runner import JobRunner
+
+    command = installCommand(upgrade)
+    runner = JobRunner(command=command, env=workerEnvironment())
+    return launch(MASRefineJob(runner, slicer.app.temporaryPath, slicer.app.temporaryPath,
+                               onEvent=onEvent, onFinished=onFinished))

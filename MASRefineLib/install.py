@@ -1,0 +1,110 @@
+"""Install or upgrade the worker's Python packages in this interpreter, reporting the worker's events.
+
+``python -m MASRefineLib.install [--torch REQ] [--constraints FILE] [--pip-option OPT ...] REQ ...``
+
+What the Slicer module runs in the background (``PythonSlicer -m MASRefineLib.install ...``), so that
+nothing is installed or imported in Slicer's own process: torch through light-the-torch (the tool the
+PyTorch extension's ``PyTorchUtils.installTorch`` uses, which picks the build for the installed NVIDIA
+driver), everything else through pip with the constraints file (which pins what Slicer ships).
+Requirements already satisfied are skipped. Events (``MASREFINE-EVENT {json}`` lines, see
+:mod:`MASRefineLib.worker`): ``stage`` per step, ``progress``, ``log`` for each line the installers
+print, ``result`` with ``installed`` ``{distribution: version}``, or ``error`` with the installer's last
+line. Exit codes: 0 done, 1 an installer failed. Only the standard library is imported here (the
+packages being installed may be missing or broken).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from importlib import metadata
+from typing import Optional
+
+from .worker import EXIT_DONE, EXIT_ERROR, EventWriter
+
+LIGHT_THE_TORCH = "light-the-torch>=0.5"
+
+
+def requirement_name(requirement: str) -> str:
+    """The distribution name of a requirement string (``"monai>=1.3"`` -> ``"monai"``)."""
+    for i, c in enumerate(requirement):
+        if not (c.isalnum() or c in "-_."):
+            return requirement[:i]
+    return requirement
+
+
+def satisfied(requirement: str) -> bool:
+    """Whether an installed distribution satisfies the requirement (read from metadata, never imported).
+    Without ``packaging`` to compare versions, only presence is checked and pip decides the rest."""
+    try:
+        version = metadata.version(requirement_name(requirement))
+    except metadata.PackageNotFoundError:
+        return False
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        return True
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
+
+
+def steps(torch: Optional[str], requirements: list[str], constraints: Optional[str],
+          pip_options: list[str]) -> list[tuple[str, list[str]]]:
+    """(stage, command) for each installer run needed, in order; empty when everything is satisfied."""
+    py = sys.executable
+    out = []
+    if torch and not satisfied(torch):
+        if not satisfied(LIGHT_THE_TORCH):
+            out.append(("light-the-torch", [py, "-m", "pip", "install", *pip_options, LIGHT_THE_TORCH]))
+        out.append(("torch", [py, "-m", "light_the_torch", "install", *pip_options, torch]))
+    missing = [r for r in requirements if not satisfied(r)]
+    if missing:
+        pinned = ["-c", constraints] if constraints else []
+        out.append(("packages", [py, "-m", "pip", "install", *pinned, *pip_options, *missing]))
+    return out
+
+
+def run(events: EventWriter, torch: Optional[str], requirements: list[str], constraints: Optional[str],
+        pip_options: list[str]) -> int:
+    plan = steps(torch, requirements, constraints, pip_options)
+    for i, (stage, command) in enumerate(plan):
+        events.emit("stage", stage=stage, message=" ".join(command[1:]))
+        events.emit("progress", stage=stage, fraction=0.0, overall=round(i / len(plan), 4), message=stage)
+        kwargs = {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0)} if os.name == "nt" else {}
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                encoding="utf-8", errors="replace", **kwargs)
+        last = ""
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                last = line
+                events.emit("log", level="info", message=line)
+        if proc.wait() != 0:
+            events.emit("error", kind="install", message=f"{stage}: {last or 'the installer failed'} (exit code {proc.returncode})")
+            return EXIT_ERROR
+    names = ([requirement_name(torch)] if torch else []) + [requirement_name(r) for r in requirements]
+    installed = {}
+    for name in names:
+        try:
+            installed[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed[name] = None
+    events.emit("result", installed=installed, ran=[stage for stage, _ in plan])
+    return EXIT_DONE
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m MASRefineLib.install", description=__doc__.split("\n\n")[0])
+    ap.add_argument("requirements", nargs="*", help="pip requirement strings")
+    ap.add_argument("--torch", help="torch requirement, installed with light-the-torch (e.g. 'torch>=2.1')")
+    ap.add_argument("--constraints", help="pip constraints file (versions pip must keep)")
+    ap.add_argument("--pip-option", action="append", default=[],
+                    help="option passed to pip and light-the-torch (e.g. --pip-option=--no-index)")
+    a = ap.parse_args(argv)
+    events = EventWriter(sys.stdout)
+    events.emit("started", pid=os.getpid(), pipeline="install")
+    return run(events, a.torch, a.requirements, a.constraints, a.pip_option)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
