@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import MASRefineError
+from . import validate
 from .geometry import Grid
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -65,68 +66,66 @@ def require_file(path: str | os.PathLike) -> Path:
 MIN_AXIS_VOXELS = 8
 
 
-def _check_gzip(path: Path) -> None:
-    """Refuse a truncated or corrupt gzip file (every member): ITK's NIfTI reader fills what is missing with
-    zeros and says nothing. Decompresses the stream once, 16 MB of output at a time, keeping none of it (~0.1 s
-    for a 0.7 mm knee). A file named ``.gz`` that is not gzip-compressed (ITK reads it) is left alone."""
-    import zlib
-    with open(path, "rb") as fh:
-        if fh.read(2) != b"\x1f\x8b":
-            return
-        fh.seek(0)
-        d, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False  # gzip framing; fed: d has had input
-        try:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                data = block
-                while data:
-                    fed = True
-                    d.decompress(data, 1 << 24)
-                    data = d.unconsumed_tail
-                    if d.eof:  # a member ends; another may follow (multi-member gzip)
-                        data = d.unused_data + data
-                        d, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
-        except zlib.error as e:
-            raise MASRefineError(f"{path}: corrupt gzip data ({e})") from None
-    if fed and not d.eof:
-        raise MASRefineError(f"{path}: truncated file (the gzip stream ends early)")
+def _itk_error(path: Path, e: RuntimeError) -> MASRefineError:
+    first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else "unreadable"
+    return MASRefineError(f"{path}: cannot be read as an image ({first})")
 
 
-def read_any(path: str | os.PathLike) -> sitk.Image:
-    """Read any SimpleITK-readable file as is (no dimension or pixel checks); errors name the file."""
-    path = require_file(path)
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise MASRefineError(f"{path}: cannot be read as an image ({first})") from None
-
-
-def _read(path: str | os.PathLike, pixel_id: int) -> sitk.Image:
-    img = read_any(path)
-    if img.GetDimension() != 3:
-        raise MASRefineError(f"{path}: expected a 3D image, got {img.GetDimension()}D")
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise MASRefineError(f"{path}: expected a scalar image, got {img.GetNumberOfComponentsPerPixel()} components per voxel")
-    if min(img.GetSize()) < 2:
-        raise MASRefineError(f"{path}: expected a 3D volume, got size {img.GetSize()}")
-    return sitk.Cast(img, pixel_id) if img.GetPixelID() != pixel_id else img
-
-
-def read_grid(path: str | os.PathLike) -> Grid:
-    """The grid of a 3D image file from its header only (no voxels read); errors name the file."""
-    path = require_file(path)
+def _header(path: Path) -> sitk.ImageFileReader:
+    """ITK's reader of ``path`` with its header read (no voxels): dimension, size, geometry, pixel type."""
     r = sitk.ImageFileReader()
     r.SetFileName(str(path))
     try:
         r.ReadImageInformation()
-    except RuntimeError:
-        raise MASRefineError(f"{path}: cannot be read as an image") from None
+    except RuntimeError as e:
+        raise _itk_error(path, e) from None
+    return r
+
+
+def _header_grid(path: Path, r: sitk.ImageFileReader) -> Grid:
+    """The validated grid of a 3D header (:func:`validate.check_grid`): refused before any voxel is read."""
     if r.GetDimension() != 3:
         raise MASRefineError(f"{path}: expected a 3D image, got {r.GetDimension()}D")
-    return Grid(tuple(int(s) for s in r.GetSize()), tuple(float(s) for s in r.GetSpacing()),
+    grid = Grid(tuple(int(s) for s in r.GetSize()), tuple(float(s) for s in r.GetSpacing()),
                 tuple(float(o) for o in r.GetOrigin()), tuple(float(d) for d in r.GetDirection()))
+    validate.check_grid(path, grid)
+    return grid
+
+
+def read_any(path: str | os.PathLike) -> sitk.Image:
+    """Read any SimpleITK-readable file as is (no dimension, pixel or geometry checks) after the file checks of
+    :func:`validate.check_image_file` (no truncated or corrupt data); errors name the file."""
+    path = require_file(path)
+    validate.check_image_file(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise _itk_error(path, e) from None
+
+
+def _read(path: str | os.PathLike, pixel_id: int) -> sitk.Image:
+    """The one reader of images and label maps: file checks, then the header's dimension, voxel type and
+    geometry (:mod:`MASRefineLib.validate`), then the voxels as ``pixel_id``."""
+    path = require_file(path)
+    validate.check_image_file(path)
+    r = _header(path)
+    _header_grid(path, r)
+    if r.GetNumberOfComponents() != 1:
+        raise MASRefineError(f"{path}: expected a scalar image, got {r.GetNumberOfComponents()} components per voxel")
+    if min(r.GetSize()) < 2:
+        raise MASRefineError(f"{path}: expected a 3D volume, got size {r.GetSize()}")
+    try:
+        img = r.Execute()
+    except RuntimeError as e:
+        raise _itk_error(path, e) from None
+    return sitk.Cast(img, pixel_id) if img.GetPixelID() != pixel_id else img
+
+
+def read_grid(path: str | os.PathLike) -> Grid:
+    """The grid of a 3D image file from its header only (no voxels read), validated like every read image
+    (:func:`validate.check_grid`); errors name the file."""
+    path = require_file(path)
+    return _header_grid(path, _header(path))
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
@@ -154,8 +153,9 @@ def read_label(path: str | os.PathLike, allow_empty: bool = False) -> sitk.Image
         raise MASRefineError(f"{path}: label map contains NaN or infinite values")
     if (arr < 0).any() or (arr != np.round(arr)).any():
         raise MASRefineError(f"{path}: label map must hold non-negative integer values")
-    if arr.max() > 65535:
-        raise MASRefineError(f"{path}: label value {int(arr.max())} exceeds 65535")
+    if arr.max() > validate.LIMITS.max_label_value:
+        raise MASRefineError(f"{path}: label value {int(arr.max())} exceeds {validate.LIMITS.max_label_value}")
+    validate.check_label_values(path, np.flatnonzero(np.bincount(arr.astype(np.uint16).ravel())))
     if not allow_empty and not (arr > 0).any():
         raise MASRefineError(f"{path}: label map is empty (no voxel is labelled)")
     return sitk.Cast(raw, sitk.sitkUInt16)
