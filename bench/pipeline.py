@@ -107,7 +107,7 @@ def worker(job_path: Path) -> int:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import torch
     torch.set_num_threads(threads)
-    from MASRefineLib.imageio import array_to_image, atomic_write_text, read_image, write_image
+    from MASRefineLib.imageio import array_to_image, atomic_write_text, read_image, read_label, write_image
     from MASRefineLib.geometry import Grid
     from MASRefineLib.atlas import AtlasSet
 
@@ -127,9 +127,16 @@ def worker(job_path: Path) -> int:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         summary = read_manifest(r["manifest"])["summary"]
         shutil.copyfile(r["fused"], out / f"{proc}.nii.gz")
+        per_atlas = {}
+        for stage, suffix in (("refined", "_label.nii.gz"), ("unrefined", "_label_unrefined.nii.gz")):
+            maps = {i: run_dir / "atlases" / f"{i}{suffix}" for i in aset.ids}
+            if job.get("truth") and all(p.exists() for p in maps.values()):
+                per_atlas[stage] = atlas_dice({i: read_label(p, allow_empty=True) for i, p in maps.items()},
+                                              job["truth"], job["groups"])
         shutil.rmtree(run_dir)  # warped atlases and fields: ~150 MB per knee atlas
         res[proc] = {"seconds": wall, "cpu_seconds": cpu, "stages": summary["seconds"],
-                     "cpu_stages": summary.get("cpu_seconds", {}), "fallbacks": summary.get("fallbacks", [])}
+                     "cpu_stages": summary.get("cpu_seconds", {}), "fallbacks": summary.get("fallbacks", []),
+                     "per_atlas_dice": per_atlas}
     else:
         from MASRefineLib.fusion import fuse, target_array
         timg = read_image(target)
@@ -138,6 +145,8 @@ def worker(job_path: Path) -> int:
         imgs, labs, secs = register(target, atlases, threads, log=log)
         reg_wall, reg_cpu = time.perf_counter() - t0, time.process_time() - c0
         ws = peers.warped_set(grid, aset.label_table, aset.ids, imgs, labs)
+        per_atlas = ({"registered": atlas_dice(dict(zip(aset.ids, labs)), job["truth"], job["groups"])}
+                     if job.get("truth") else {})
         tgt = target_array(timg, grid)
         fusions = {"ants-pv": "pv", "ants-jlf": "ants", "greedy-jlf": "jlf"}
         for method, how in fusions.items():
@@ -153,7 +162,7 @@ def worker(job_path: Path) -> int:
             write_image(array_to_image(fused.astype(np.uint16), grid), out / f"{method}.nii.gz")
             res[method] = {"seconds": reg_wall + fw, "cpu_seconds": reg_cpu + fc,
                            "stages": {"register": reg_wall, "fuse": fw}, "cpu_stages": {"register": reg_cpu, "fuse": fc},
-                           "seconds_per_atlas": secs}
+                           "seconds_per_atlas": secs, "per_atlas_dice": per_atlas}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     for r in res.values():
         r["peak_mb"] = peak  # of the whole process (registration and every fusion in it)
@@ -162,6 +171,23 @@ def worker(job_path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------ scoring
+def atlas_dice(labels: dict, truth: str, groups: dict) -> dict[str, dict[str, float]]:
+    """Volume Dice of each warped atlas label map (sitk images or (Z, Y, X) arrays on the target grid) against
+    the target's truth, per label group and over all labels ("mean"): how good the warps are before fusion."""
+    import SimpleITK as sitk
+    from MASRefineLib.imageio import read_label
+    from bench.scoring import dice_per_label, summarize
+
+    ref = sitk.GetArrayFromImage(read_label(truth))
+    out = {}
+    for aid, lab in labels.items():
+        arr = sitk.GetArrayFromImage(lab) if isinstance(lab, sitk.Image) else np.asarray(lab)
+        if arr.shape != ref.shape:
+            continue  # truth on another grid: not scored per atlas
+        out[aid] = summarize(dice_per_label(arr, ref), groups, "mean")
+    return out
+
+
 def score(pred: Path, truth: Path, dataset: str) -> dict:
     """Metrics per label group (and "mean" over all the reference's labels) of ``pred`` against ``truth``."""
     import SimpleITK as sitk
@@ -241,7 +267,8 @@ def main(argv=None) -> int:
             out = WORK / f"{a.dataset}-{a.split}" / tid
             out.mkdir(parents=True, exist_ok=True)
             job = {"process": proc, "target": str(img_p), "atlas_set": str(aset.root), "out": str(out),
-                   "threads": a.threads, "result": str(out / f"{proc}.result.json")}
+                   "threads": a.threads, "result": str(out / f"{proc}.result.json"), "truth": str(lab_p),
+                   "groups": GROUPS[a.dataset]}
             jp = out / f"{proc}.job.json"
             jp.write_text(json.dumps(job))
             load = os.getloadavg()[0]
