@@ -133,8 +133,10 @@ def test_report_renders_tables_from_result_files(tmp_path, monkeypatch):
                                                          "n_labels": 3, "n_undefined": 1}},
                     "seconds": s, "cpu_seconds": s, "peak_mb": 100.0, "threads": 2, "commit": "abc", "date": "2026-12-03",
                     "load_at_start": 0.5}
+        theirs_rec = m("ants", theirs, secs[1])
+        theirs_rec["per_atlas_dice"] = {"registered": {"a1": {"mean": 0.5}, "a2": {"mean": 0.7}}}
         return {"target": target, "atlases": ["a"] * 10,
-                "methods": {"masrefine": m("ours", ours, secs[0]), "ants-jlf": m("ants", theirs, secs[1])}}
+                "methods": {"masrefine": m("ours", ours, secs[0]), "ants-jlf": theirs_rec}}
     d = tmp_path / "pipeline" / "ixi-report"
     d.mkdir(parents=True)
     import json
@@ -146,6 +148,7 @@ def test_report_renders_tables_from_result_files(tmp_path, monkeypatch):
     assert "| ants | 0.00 ± 14.14 | 1 of 2 |" in text   # paired differences in points, ahead on one target
     assert "3.00 ± 1.41×" in text                       # wall-time ratios 4 and 2
     assert "2 of 6" in text                             # undefined distances counted
+    assert "| ANTs SyN, registered | 60.0 ± 11.5 | 2 |" in text  # per-atlas Dice over 2 atlases x 2 targets
     assert report.render("knee", "report") == ""
 
 

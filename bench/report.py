@@ -96,6 +96,27 @@ def render(dataset: str, split: str) -> str:
                 cells += [f"{sum(x > 0 for x in d[g])} of {len(pair)}" for g in gs]
                 cells += [_ms(sd, 100, 2), _ms(ratio, 1, 2) + "×"]
                 lines.append("| " + " | ".join(cells) + " |")
+    # the warps before fusion: mean over atlases and targets of each atlas's Dice (one registration per peer)
+    warp_rows = []
+    seen = set()
+    for m in methods:
+        proc = {"ants-pv": "ants", "ants-jlf": "ants"}.get(m, m)
+        stages = {st for r in full for st in r["methods"].get(m, {}).get("per_atlas_dice", {})}
+        for st in sorted(stages, reverse=True):
+            if (proc, st) in seen:
+                continue
+            seen.add((proc, st))
+            vals = {g: [d[g] for r in full for d in r["methods"][m].get("per_atlas_dice", {}).get(st, {}).values()]
+                    for g in gs}
+            n_t = sum(1 for r in full if r["methods"][m].get("per_atlas_dice", {}).get(st))
+            label = {"ants": "ANTs SyN"}.get(proc, full[0]["methods"][m]["label"].split(" + ")[0].split(" (")[0])
+            warp_rows.append([f"{label}, {st}"] + [_ms(vals[g], 100, 1) for g in gs] + [str(n_t)])
+    if warp_rows:
+        lines += ["", "Warped atlases before fusion: Dice of each atlas against the target's truth (mean ± sd over "
+                  "atlases and targets, %):", ""]
+        head = ["warps"] + [f"Dice {gname.get(g, g)}" for g in gs] + ["targets"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in warp_rows]
     commits = sorted({m["commit"] for r in full for m in r["methods"].values()})
     dates = sorted({m["date"] for r in full for m in r["methods"].values()})
     loads = [m["load_at_start"] for r in full for m in r["methods"].values()]
