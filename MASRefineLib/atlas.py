@@ -36,8 +36,10 @@ import SimpleITK as sitk
 from .errors import MASRefineError
 from .geometry import Grid
 from .imageio import atomic_write_text, image_stem, is_image_file, read_grid, read_image, read_label
+from .jsonio import read_json
 from .labels import Label, LabelTable, default_color
 from .progress import ProgressCallback, report
+from .validate import atlas_id_problem
 
 SCHEMA_VERSION = 1
 ATLAS_JSON = "atlas.json"
@@ -350,6 +352,10 @@ def init_atlas_set(out: str | os.PathLike, images_dir: str | os.PathLike, labels
                          f"({_short(only_lab)})")
     if not common:
         raise MASRefineError(f"{labels_dir}: no label map matches an image of {images_dir} by file name")
+    for sid in common:  # the id is the file stem and becomes output file names: checked before anything is written
+        problem = atlas_id_problem(sid)
+        if problem:
+            raise MASRefineError(f"{images[sid]}: {problem}; rename the image and its label map")
 
     # read the label maps: validates them and collects the values present
     present: set[int] = set()
@@ -406,11 +412,9 @@ def _parse_atlas_json(json_path: Path) -> tuple[dict | None, list[Problem]]:
     """Parse and validate atlas.json. Returns ({"table", "atlases"} or None if unusable, problems)."""
     problems: list[Problem] = []
     try:
-        d = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        return None, [Problem(json_path, f"invalid JSON ({e.msg} at line {e.lineno})")]
-    except (OSError, UnicodeDecodeError) as e:
-        return None, [Problem(json_path, f"cannot be read ({e})")]
+        d = read_json(json_path, ATLAS_JSON)
+    except MASRefineError as e:
+        return None, [Problem.from_error(e)]
     if not isinstance(d, dict):
         return None, [Problem(json_path, "must hold a JSON object with schema_version, labels and atlases")]
     version = d.get("schema_version")
@@ -443,6 +447,10 @@ def _parse_atlas_json(json_path: Path) -> tuple[dict | None, list[Problem]]:
     for n, e in enumerate(entries):
         if not isinstance(e, dict) or not all(isinstance(e.get(k), str) and e.get(k) for k in ("id", "image", "label")):
             problems.append(Problem(json_path, f"atlas entry {n + 1} must have non-empty string fields id, image, label"))
+            continue
+        id_problem = atlas_id_problem(e["id"])
+        if id_problem:  # ids become output file names: refused here, before anything is written
+            problems.append(Problem(json_path, f"atlas entry {n + 1}: {id_problem}"))
             continue
         seen[e["id"]] += 1
         if seen[e["id"]] == 2:

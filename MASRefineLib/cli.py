@@ -24,24 +24,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    """Run one sub-command; returns the exit status (0 done, 2 error, 3 cancelled). Everything, the parser's
+    construction (which imports every command module) included, runs inside the handlers, so an interrupt
+    at any moment is a clean cancel and a bad input one line."""
+    command = "masrefine"
+
     def one_line(message, category, filename, lineno, file=None, line=None) -> None:
         # a library warning (an atlas skipped, a field of view) reads like the errors: one line, no source line
-        print(f"masrefine {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        print(f"{command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        command = f"masrefine {args.command}"
         with warnings.catch_warnings():
             warnings.showwarning = one_line
             return int(args.func(args) or 0)
     except MASRefineError as e:
-        print(f"masrefine {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
-        print(f"masrefine {args.command}: cancelled", file=sys.stderr)
+        print(f"{command}: cancelled", file=sys.stderr)
         return 3
 
 

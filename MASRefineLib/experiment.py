@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import MASRefineError
-from .imageio import atomic_write_text, image_stem, is_image_file
+from .imageio import atomic_path, atomic_write_text, image_stem, is_image_file
 from .progress import ProgressCallback, report
 
 log = logging.getLogger("MASRefineLib.experiment")
@@ -354,7 +354,7 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
                ", ".join(f"{k} {v:.0f} s" for k, v in training.items())]
     atomic_write_text("\n".join(md) + "\n", out / "table1.md")
     # CSV (summary) and long results
-    with open(out / ".table1.csv.tmp", "w", newline="") as fh:
+    with atomic_path(out / "table1.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["row", "prereg", "method", "n"] + [f"{m}_{g}_{k}" for m, *_ in METRICS for g in gnames
                                                       for k in ("mean", "sd")] +
@@ -365,12 +365,10 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
                 continue
             w.writerow([key, prereg or "", name, s["n"]] + [v for m, *_ in METRICS for g in gnames for v in s[(g, m)]] +
                        [s.get(("seconds", k), "") for k in ("register", "refine", "fuse", "segment")])
-    os.replace(out / ".table1.csv.tmp", out / "table1.csv")
-    with open(out / ".results.csv.tmp", "w", newline="") as fh:
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["row", "prereg", "refine", "method", "target", "group", "metric", "value"])
         w.writeheader()
         w.writerows(long_rows)
-    os.replace(out / ".results.csv.tmp", out / "results.csv")
     plot = _plot(out / "table1.png", rows, summary, gnames)
     return {"table": str(out / "table1.md"), "csv": str(out / "table1.csv"), "results": str(out / "results.csv"),
             "plot": plot, "cells": sum(s["n"] for s in summary.values()), "markdown": "\n".join(md)}
@@ -402,8 +400,9 @@ def _plot(path: Path, rows, summary, gnames) -> Optional[str]:
     axes[0].invert_yaxis()
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(".table1.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
     return str(path)

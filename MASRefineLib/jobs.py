@@ -28,22 +28,27 @@ from .imageio import atomic_write_text, is_image_file
 SCHEMA_VERSION = 1
 CANCEL_FILE_NAME = ".cancel"
 
-#: pipeline names the worker knows -> ``"module:function"``; a job may also name one of these functions
-#: directly, or a small pipeline of the project's own tests (:func:`pipeline_target`).
+#: pipeline names the worker knows -> ``"module:function"``; a job may also name one of these functions directly
 PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job"}
 
-#: where the protocol tests' small pipelines live (``worker_pipelines:slow``): the Testing/ folder beside this
-#: package in a source checkout; an installed package has none, so there only :data:`PIPELINES` runs
-TEST_PIPELINE_DIR = Path(__file__).resolve().parent.parent / "Testing"
+#: the environment variable that lets a worker run other pipelines: top-level module names, separated by commas,
+#: whose functions a job may then name as ``"module:function"`` (e.g. ``MASREFINE_WORKER_PIPELINES=my_pipelines``
+#: with ``my_pipelines.py`` on ``PYTHONPATH``). Unset (the default, and always in Slicer): only :data:`PIPELINES`.
+#: It is the caller's choice, made where the worker is started, never the job file's (docs/pipeline.md).
+PIPELINE_MODULES_ENV = "MASREFINE_WORKER_PIPELINES"
+
+
+def extra_pipeline_modules() -> set[str]:
+    """The module names :data:`PIPELINE_MODULES_ENV` allows (empty when unset)."""
+    return {m.strip() for m in os.environ.get(PIPELINE_MODULES_ENV, "").split(",") if m.strip()}
 
 
 def pipeline_target(name: Any) -> str:
     """The ``"module:function"`` a job's ``pipeline`` field runs, or :class:`MASRefineError` saying why not.
 
     A job file must not make the worker import and call arbitrary code: it runs one of the project's
-    pipelines, named (``"segment"``) or as ``"module:function"`` of :data:`PIPELINES`, or a function of a
-    top-level module in the project's ``Testing/`` folder (the protocol tests' pipelines). That module is
-    located without being imported."""
+    pipelines, named (``"segment"``) or as ``"module:function"`` of :data:`PIPELINES`, or a function of a module
+    the worker's caller allowed through :data:`PIPELINE_MODULES_ENV`. Nothing is imported here."""
     if not isinstance(name, str):
         name = repr(name)  # refused below, named as written in the job
     if name in PIPELINES:
@@ -51,15 +56,8 @@ def pipeline_target(name: Any) -> str:
     if name in PIPELINES.values():
         return name
     mod, _, func = name.partition(":")
-    if mod and func and "." not in mod and mod.isidentifier() and func.isidentifier():
-        import importlib.util
-        try:
-            spec = importlib.util.find_spec(mod)  # a top-level module: found, not run
-        except (ImportError, ValueError):
-            spec = None
-        origin = getattr(spec, "origin", None)
-        if origin and Path(origin).resolve().parent == TEST_PIPELINE_DIR:
-            return name
+    if mod and func and mod.isidentifier() and func.isidentifier() and mod in extra_pipeline_modules():
+        return name
     raise MASRefineError(f"unknown pipeline {name!r} (known: {', '.join(PIPELINES)}; other functions are not run "
                          "from a job file)")
 
@@ -116,18 +114,10 @@ def write_job(job: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def read_job(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a job file (:class:`MASRefineError` naming the file when it is missing or not JSON)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MASRefineError(f"{path}: job file not found") from None
-    except OSError as e:
-        raise MASRefineError(f"{path}: cannot be read ({e.strerror or e})") from None
-    try:
-        job = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MASRefineError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    """Read a job file (:class:`MASRefineError` naming the file when it is missing, unreadable, not UTF-8, not
+    JSON or not a JSON object: :func:`MASRefineLib.jsonio.read_json`)."""
+    from .jsonio import read_json
+    job = read_json(path, "job file")
     if not isinstance(job, dict):
         raise MASRefineError(f"{path}: a job must be a JSON object")
     return job

@@ -89,10 +89,8 @@ class LabelTable(dict):
         except OSError as e:
             raise MASRefineError(f"{path}: cannot be read ({e.strerror or e})") from None
         if path.suffix.lower() == ".json":
-            try:
-                d = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise MASRefineError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+            from .jsonio import parse_json
+            d = parse_json(text, path)
             if isinstance(d, dict) and isinstance(d.get("labels"), dict):  # an atlas.json
                 d = d["labels"]
             return cls.from_json_dict(d, str(path))

@@ -86,6 +86,34 @@ def prepare_output_dir(out: PathLike | None, *, inputs: Iterable[Input] = (), co
     return p
 
 
+def require_writable_folder(folder: PathLike, what: str) -> Path:
+    """``folder`` (created when missing) if a file can be written in it, else one line naming it: checked before
+    long work whose result goes there (a model trained into a read-only atlas set would fail at its end).
+    Probes with a temporary file that is removed at once; nothing else is touched."""
+    import tempfile
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p, prefix=".masrefine-write-test"):
+            pass
+    except OSError as e:
+        raise MASRefineError(f"{p}: cannot store {what} here ({e.strerror or type(e).__name__}); make the folder "
+                             "writable or copy the atlas set somewhere writable") from None
+    return p
+
+
+def inside(folder: PathLike, name: str) -> Path:
+    """``folder/name`` after checking that it stays in ``folder``: ``name`` is a plain file name (no separator,
+    not ``.``/``..``, not absolute, no NUL), so an output named after an atlas id or a label can never be written
+    elsewhere. Every output path built from a name read from an input goes through here before it is written."""
+    bad = (not isinstance(name, str) or not name or name in (".", "..") or "\0" in name
+           or any(sep in name for sep in ("/", "\\", os.sep)) or os.path.isabs(name))
+    if bad:
+        raise MASRefineError(f"{Path(folder) / str(name)}: output name {name!r} is not a plain file name inside "
+                             f"{folder}; nothing written")
+    return Path(folder) / name
+
+
 def check_output_file(path: PathLike | None, *, inputs: Iterable[Input] = (), option: str = "--json") -> Path:
     """``path`` as an absolute Path if it may be written: not empty, not a folder, and none of ``inputs``
     (compared after resolving links, and as the same file on disk). Nothing is written."""

@@ -44,11 +44,11 @@ import torch
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import (array_to_image, image_stem, normalize_intensity, read_grid, read_image, read_label,
+from .imageio import (array_to_image, atomic_path, image_stem, normalize_intensity, read_grid, read_image, read_label,
                       run_writers, write_image)
 from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
-from .outputs import atlas_set_inputs, prepare_output_dir
+from .outputs import atlas_set_inputs, inside, prepare_output_dir
 from .progress import ProgressCallback, ProgressEvent, report
 from .warped import WarpedAtlas, WarpedSet
 
@@ -280,13 +280,12 @@ def write_qa_csv(rows: list[dict[str, Any]], path: Path) -> list[str]:
     cols = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a full disk is one line and leaves no temporary file
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
     return cols
 
 
@@ -346,10 +345,11 @@ def qa_picture(path: Path, target_arr: np.ndarray, fused: np.ndarray, ws: Warped
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -369,19 +369,19 @@ def _write_atlases(out: Path, ws: WarpedSet, pre: Optional[WarpedSet], fused: Fu
 
     def extras(i: int, a) -> Callable[[], list[tuple[Path, str, str]]]:
         def write() -> list[tuple[Path, str, str]]:
-            done = [(write_image(jacobian_image(a.field, grid), adir / f"{a.id}_jacobian.nrrd", compress=False),
+            done = [(write_image(jacobian_image(a.field, grid), inside(adir, f"{a.id}_jacobian.nrrd"), compress=False),
                      "volume", "atlas-jacobian")]
             b = unrefined.get(a.id)
             if b is not None:
                 done.append((write_image(array_to_image(b.image.astype(np.float32), grid),
-                                         adir / f"{a.id}_image_unrefined.nrrd", compress=False),
+                                         inside(adir, f"{a.id}_image_unrefined.nrrd"), compress=False),
                              "volume", "atlas-image-unrefined"))
                 done.append((write_image(array_to_image(b.label.astype(np.uint16), grid),
-                                         adir / f"{a.id}_label_unrefined.nii.gz"),
+                                         inside(adir, f"{a.id}_label_unrefined.nii.gz")),
                              "segmentation", "atlas-labels-unrefined"))
             if fused.weights is not None:
                 done.append((write_image(array_to_image(fused.weights[i].astype(np.float32), grid),
-                                         adir / f"{a.id}_weights.nii.gz"), "volume", "atlas-weights"))
+                                         inside(adir, f"{a.id}_weights.nii.gz")), "volume", "atlas-weights"))
             return done
         return write
 
@@ -389,10 +389,10 @@ def _write_atlases(out: Path, ws: WarpedSet, pre: Optional[WarpedSet], fused: Fu
     written = run_writers([extras(i, a) for i, a in enumerate(ws.atlases)], workers)
     for a, files in zip(ws.atlases, written):
         f = ws.files(a.id)
-        m.add(adir / f["image"], "volume", "atlas-image", atlas_id=a.id)
-        m.add(adir / f["segmentation"], "segmentation", "atlas-labels", atlas_id=a.id)
-        m.add(adir / f["label"], "segmentation", "atlas-labels", atlas_id=a.id)
-        m.add(adir / f["field"], "transform", "atlas-field", atlas_id=a.id, moving=a.source_image)
+        m.add(inside(adir, f["image"]), "volume", "atlas-image", atlas_id=a.id)
+        m.add(inside(adir, f["segmentation"]), "segmentation", "atlas-labels", atlas_id=a.id)
+        m.add(inside(adir, f["label"]), "segmentation", "atlas-labels", atlas_id=a.id)
+        m.add(inside(adir, f["field"]), "transform", "atlas-field", atlas_id=a.id, moving=a.source_image)
         for path, kind, role in files:
             m.add(path, kind, role, atlas_id=a.id)
 
@@ -486,7 +486,7 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
 
         def posterior(v: int, nm: str) -> Callable[[], Path]:
             return lambda: write_image(array_to_image(fused.posterior_map(v).astype(np.float32), grid),
-                                       out / "posteriors" / f"{v}_{_safe(nm)}.nii.gz")
+                                       inside(out / "posteriors", f"{v}_{_safe(nm)}.nii.gz"))
 
         names = {v: aset.label_table[v].name if v in aset.label_table else f"label {v}"
                  for v in sorted(fused.posterior_values) if v != 0}
@@ -631,6 +631,10 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
             # the refined variants (I), (IS) use the same model
             trainer(aset, prereg=opts.prereg, refine=None, preset=opts.preset, device=device,
                     progress=_part(progress, split, 1.0), seed=opts.seed)
+    elif opts.fusion == "votenet" and _have(f"{__package__}.fusion.votenet"):
+        # a stored model is loaded now, so a corrupt or malformed one is refused before any registration
+        from .fusion.votenet import VoteNetModel
+        VoteNetModel.load(votenet_model_path(aset, opts.prereg, opts.refine))
     return segmenter
 
 

@@ -38,7 +38,7 @@ from .device import resolve_device
 from .errors import MASRefineError
 from .geometry import Grid
 from .imageio import atomic_write_bytes, atomic_write_text, normalize_intensity
-from .jsonio import json_default, read_json
+from .jsonio import field_error, json_default, read_json
 from .labels import LabelTable
 from .losses import soft_dice_loss_labels
 from .progress import ProgressCallback, report
@@ -273,27 +273,37 @@ class UNetSegmenter:
             p = found[0]
         if not p.is_file():
             raise MASRefineError(f"{p}: segmenter description not found")
-        meta = read_json(p, "segmenter description")
+        meta = read_json(p, "segmenter description", allow_nan=True)  # written by save(): NaN Dice allowed
+        if not isinstance(meta, dict):
+            raise MASRefineError(f"{p}: not a MASRefine segmenter description (not a JSON object)")
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise MASRefineError(f"{p}: not a MASRefine segmenter description (format {meta.get('format')!r} "
                                  f"version {meta.get('format_version')!r})")
-        arch = meta["architecture"]
-        settings = SegmenterSettings.from_json(meta.get("settings", {}))
-        net = build_unet(arch["out_channels"], arch["channels"], arch["strides"], arch["num_res_units"],
-                         head=(arch.get("head") or {}).get("width"))
-        wpath = p.parent / meta.get("weights", f"{name}.safetensors")
+        try:  # a description edited by hand or cut short: one line naming the field
+            arch = meta["architecture"]
+            settings = SegmenterSettings.from_json(meta.get("settings", {}))
+            wpath = p.parent / str(meta.get("weights", f"{name}.safetensors"))
+            label_values = [int(v) for v in meta["label_values"]]
+            table = LabelTable.from_json_dict(meta["labels"], str(p))
+            spacing = float(meta["spacing_mm"])
+            net = build_unet(int(arch["out_channels"]), arch["channels"], arch["strides"], int(arch["num_res_units"]),
+                             head=(arch.get("head") or {}).get("width"))
+        except (KeyError, TypeError, ValueError, AttributeError, AssertionError, RuntimeError) as e:
+            raise MASRefineError(f"{p}: malformed segmenter description ({field_error(e)})") from None
+        if not (math.isfinite(spacing) and spacing > 0) or len(label_values) != int(arch["out_channels"]):
+            raise MASRefineError(f"{p}: malformed segmenter description (spacing_mm {spacing!r}, "
+                                 f"{len(label_values)} classes for {arch['out_channels']} output channels)")
         if not wpath.is_file():
             raise MASRefineError(f"{wpath}: weights listed in {p.name} are missing")
         try:
             state = load_file(str(wpath), device="cpu")
             net.load_state_dict(state, strict=True)
-        except Exception as e:  # noqa: BLE001 - any corrupt/mismatched weight file is a user error
+        except Exception as e:  # noqa: BLE001 - any corrupt/mismatched weight file (SafetensorError...) is a user error
             raise MASRefineError(f"{wpath}: cannot load the segmenter weights ({str(e).splitlines()[0]})") from None
         extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "architecture", "label_values",
                                                              "labels", "spacing_mm", "normalisation", "settings",
                                                              "weights")}
-        seg = cls(net, meta["label_values"], LabelTable.from_json_dict(meta["labels"], str(p)), meta["spacing_mm"],
-                  settings, extra)
+        seg = cls(net, label_values, table, spacing, settings, extra)
         seg.path = p
         return seg.to(device)
 
@@ -462,8 +472,9 @@ def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], 
     if len(images) != len(labels) or not images:
         raise MASRefineError("training needs the same, non-zero number of images and label maps")
     ids = list(ids) if ids is not None else [f"atlas{i}" for i in range(len(images))]
+    from .outputs import require_writable_folder
+    models_dir = require_writable_folder(models_dir, "the surrogate segmenter")  # before hours of training
     dev = resolve_device(device)
-    models_dir = Path(models_dir)
     grids = [Grid.from_image(im) for im in images]
     if s.spacing_mm is None:
         s = SegmenterSettings(**{**asdict(s), "spacing_mm": auto_spacing(grids, s.max_voxels)})

@@ -24,12 +24,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import imageio, validate
 from .errors import MASRefineError
 from .fields import read_field, write_field
 from .geometry import Grid
 from .imageio import array_to_image, run_writers, write_image
 from .jsonio import read_json, write_json
 from .labels import LabelTable, write_label_outputs
+from .outputs import inside
 
 SCHEMA_VERSION = 1
 
@@ -88,11 +90,11 @@ class WarpedSet:
         def writer(a: WarpedAtlas) -> Callable[[], None]:
             def write() -> None:
                 f = self.files(a.id)
-                write_image(array_to_image(a.image.astype(np.float32), self.target_grid), out / f["image"],
+                write_image(array_to_image(a.image.astype(np.float32), self.target_grid), inside(out, f["image"]),
                             compress=False)  # float32: gzip saves ~16 % for 0.7 CPU s (imageio.write_image)
                 write_label_outputs(array_to_image(a.label.astype(np.uint16), self.target_grid), self.label_table,
-                                    out / f"{a.id}_label")
-                write_field(a.field, self.target_grid, out / f["field"])
+                                    inside(out, f"{a.id}_label"))
+                write_field(a.field, self.target_grid, inside(out, f["field"]))
             return write
 
         run_writers([writer(a) for a in self.atlases], workers)
@@ -107,30 +109,48 @@ class WarpedSet:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "WarpedSet":
+        """Read a folder written by :meth:`save` (``masrefine register`` / ``refine``). Its ``report.json`` is an
+        input like any other: a malformed one, an atlas id that is not a plain name (ids become output file
+        names) or a listed file outside the folder is a one-line error naming it; every volume goes through
+        the one reader (:mod:`MASRefineLib.imageio`, :mod:`MASRefineLib.validate`)."""
         out = Path(out_dir)
         rp = out / "report.json"
         if not rp.exists():
             raise MASRefineError(f"{rp}: not found (is {out} a folder written by 'masrefine register'?)")
-        report = read_json(rp, "report")
+        report = read_json(rp, "report", allow_nan=True)  # written by save(): NaN QA numbers allowed
+        if not isinstance(report, dict):
+            raise MASRefineError(f"{rp}: must hold a JSON object (a report written by 'masrefine register')")
         if report.get("schema_version") != SCHEMA_VERSION:
             raise MASRefineError(f"{rp}: unsupported schema_version {report.get('schema_version')!r}")
-        grid = Grid.from_json(report["grid"])
+        try:
+            grid = Grid.from_json(report["grid"])
+            entries, stage = list(report["atlases"]), str(report["stage"])
+            labels = report["labels"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise MASRefineError(f"{rp}: malformed report ({type(e).__name__}: {e})") from None
+        validate.check_grid(rp, grid)
         atlases = []
-        for e in report["atlases"]:
-            f = e["files"]
-            for key in ("image", "label", "field"):
-                if not (out / f[key]).exists():
-                    raise MASRefineError(f"{out / f[key]}: listed in report.json but missing")
-            img = sitk.ReadImage(str(out / f["image"]), sitk.sitkFloat32)
-            lab = sitk.ReadImage(str(out / f["label"]), sitk.sitkUInt16)
-            fld, fgrid = read_field(out / f["field"])
-            for path, g in ((f["image"], Grid.from_image(img)), (f["label"], Grid.from_image(lab)), (f["field"], fgrid)):
+        for n, e in enumerate(entries):
+            f = e.get("files") if isinstance(e, dict) else None
+            if not isinstance(f, dict):
+                raise MASRefineError(f"{rp}: atlas entry {n + 1} must be an object with id and files")
+            aid = validate.check_atlas_id(e.get("id"), rp)
+            paths = {key: inside(out, f.get(key)) for key in ("image", "label", "field")}  # names, never paths
+            for p in paths.values():
+                if not p.exists():
+                    raise MASRefineError(f"{p}: listed in report.json but missing")
+            img = imageio._read(paths["image"], sitk.sitkFloat32)
+            lab = imageio._read(paths["label"], sitk.sitkUInt16)
+            fld, fgrid = read_field(paths["field"])
+            for p, g in ((paths["image"], Grid.from_image(img)), (paths["label"], Grid.from_image(lab)),
+                         (paths["field"], fgrid)):
                 if not g.isclose(grid):
-                    raise MASRefineError(f"{out / path}: grid does not match the target grid in report.json")
+                    raise MASRefineError(f"{p}: grid does not match the target grid in report.json "
+                                         f"({g.difference(grid)})")
             info = {k: v for k, v in e.items() if k not in ("id", "files", "source_image", "source_label")}
-            atlases.append(WarpedAtlas(e["id"], sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab), fld,
+            atlases.append(WarpedAtlas(aid, sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab), fld,
                                        e.get("source_image"), e.get("source_label"), info))
-        return cls(grid, LabelTable.from_json_dict(report["labels"], str(rp)), atlases, report["stage"],
+        if not isinstance(labels, dict):
+            raise MASRefineError(f"{rp}: 'labels' must be an object {{value: {{name, color}}}}")
+        return cls(grid, LabelTable.from_json_dict(labels, str(rp)), atlases, stage,
                    report.get("target"), report.get("info", {}), report.get("failed", []))
-
-

@@ -30,9 +30,12 @@ Protocol (what :mod:`MASRefineLib.runner` and the Slicer module rely on):
   not reach a progress report by then.
 
 The pipeline is a function ``fn(job: dict, progress: ProgressCallback) -> dict`` named by the job's
-``pipeline`` field: ``"segment"`` -> :func:`MASRefineLib.pipeline.run_job`, or (so the protocol can be
-exercised with small pipelines in tests) ``"module:function"`` of a module in the project's Testing/
-folder; nothing else is imported (:func:`MASRefineLib.jobs.pipeline_target`).
+``pipeline`` field: ``"segment"`` -> :func:`MASRefineLib.pipeline.run_job`; other ``"module:function"``
+pipelines only of modules the caller allowed in the environment variable ``MASREFINE_WORKER_PIPELINES``
+(unset by default); nothing else is imported (:func:`MASRefineLib.jobs.pipeline_target`).
+- **Unreadable jobs**: a job file that is missing, not UTF-8, not JSON (or pathological: nested too deeply,
+  numbers beyond the parser) or not a valid job is answered with one ``error`` event of kind ``invalid-job``
+  and exit code 2, before anything is written.
 
 - **Output folder**: the ``segment`` pipeline checks ``output_dir`` like the command line's ``--out``
   (:func:`MASRefineLib.outputs.prepare_output_dir`, called by :func:`MASRefineLib.pipeline.segment`): new, or an
@@ -255,7 +258,10 @@ class Worker:
         except MASRefineError as e:
             self.events.emit("error", kind="invalid-job", message=str(e))
             return EXIT_INVALID
-        problems = validate_job(job)
+        try:
+            problems = validate_job(job)
+        except (RecursionError, ValueError, TypeError) as e:  # values no check foresaw: still an invalid job
+            problems = [f"cannot be checked ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
         if problems:
             self.events.emit("error", kind="invalid-job", message=f"{self.job_path}: {problems[0]}", problems=problems)
             return EXIT_INVALID
@@ -341,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return worker.run()
+    except KeyboardInterrupt:  # Ctrl-C while the job is read or checked, before the pipeline's own handler
+        events.emit("cancelled", reason="signal", message="cancelled before the job started")
+        return EXIT_CANCELLED
     finally:
         root.removeHandler(handler)
 

@@ -277,8 +277,10 @@ def test_help_texts(capsys):
 
 
 # ------------------------------------------------------------------------------ the worker
-def test_job_files_run_only_the_projects_pipelines(sample, tmp_path):
+def test_job_files_run_only_the_projects_pipelines(sample, tmp_path, monkeypatch):
     from MASRefineLib.worker import load_pipeline
+
+    monkeypatch.delenv(jobs.PIPELINE_MODULES_ENV, raising=False)
 
     job = jobs.make_job(sample["target"], sample["atlas_dir"], tmp_path / "out")
     assert jobs.validate_job(job) == []
@@ -289,7 +291,12 @@ def test_job_files_run_only_the_projects_pipelines(sample, tmp_path):
         with pytest.raises(ValueError, match="unknown pipeline"):
             load_pipeline(name)
     assert jobs.pipeline_target("segment") == "MASRefineLib.pipeline:run_job"
-    assert jobs.pipeline_target("worker_pipelines:slow") == "worker_pipelines:slow"  # the protocol tests' own
+    # the protocol tests' own pipelines run only when the worker's caller allows their module
+    job["pipeline"] = "worker_pipelines:slow"
+    assert any(p.startswith("unknown pipeline 'worker_pipelines:slow'") for p in jobs.validate_job(job))
+    monkeypatch.setenv(jobs.PIPELINE_MODULES_ENV, "worker_pipelines")
+    assert jobs.pipeline_target("worker_pipelines:slow") == "worker_pipelines:slow"
+    assert any("unknown pipeline" in p for p in jobs.validate_job({**job, "pipeline": "os:system"}))
     job["pipeline"] = 3
     assert any(p.startswith("unknown pipeline '3'") for p in jobs.validate_job(job))
 

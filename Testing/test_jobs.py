@@ -21,7 +21,8 @@ from MASRefineLib.worker import EVENT_PREFIX
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ENV = {"PYTHONPATH": str(HERE)}  # for worker_pipelines
+# the protocol tests' small pipelines: on the path, and allowed by the caller (off by default: jobs.PIPELINE_MODULES_ENV)
+ENV = {"PYTHONPATH": str(HERE), jobs.PIPELINE_MODULES_ENV: "worker_pipelines"}
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from MASRefineLib.runner import JobRunner
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-WORKER_ENV = {"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+WORKER_ENV = {"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]), "MASREFINE_WORKER_PIPELINES": "worker_pipelines"}
 
 
 @pytest.fixture

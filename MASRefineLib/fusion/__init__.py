@@ -33,6 +33,7 @@ import torch
 from ..device import resolve_device
 from ..errors import MASRefineError
 from ..geometry import Grid
+from ..outputs import inside
 from ..imageio import array_to_image, atomic_write_text, normalize_intensity, resample_image, write_image
 from ..jsonio import json_default
 from ..labels import Label, LabelTable, default_color, write_label_outputs
@@ -80,7 +81,8 @@ class FusionResult:
             files["weights"] = {}
             for i, aid in enumerate(self.atlas_ids):
                 rel = f"weights/{aid}.nii.gz"
-                write_image(array_to_image(self.weights[i].astype(np.float32), self.grid), out / rel)
+                write_image(array_to_image(self.weights[i].astype(np.float32), self.grid),
+                            inside(out / "weights", f"{aid}.nii.gz"))  # ids are names (validate.py), checked again
                 files["weights"][aid] = rel
         doc = {"method": self.method, "params": self.params, "atlases": self.atlas_ids,
                "seconds": round(self.seconds, 3), "grid": self.grid.to_json(), "files": files,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import MASRefineError
 from ..imageio import atomic_write_bytes, atomic_write_text
-from ..jsonio import read_json
+from ..jsonio import field_error, read_json
 from ..progress import ProgressCallback, report
 
 FORMAT = "masrefine-votenet+"
@@ -215,20 +215,27 @@ class VoteNetModel:
                                      f"(train one with 'masrefine train votenet')")
         if not p.exists():
             raise MASRefineError(f"{p}: VoteNet+ model not found")
-        doc = read_json(p, "VoteNet+ model")
-        if doc.get("format") != FORMAT:
-            raise MASRefineError(f"{p}: not a VoteNet+ model (format {doc.get('format')!r})")
-        wpath = p.parent / doc.get("weights", f"{name}.safetensors")
+        doc = read_json(p, "VoteNet+ model", allow_nan=True)  # written by save()
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise MASRefineError(f"{p}: not a VoteNet+ model (format "
+                                 f"{doc.get('format') if isinstance(doc, dict) else None!r})")
+        try:  # a description edited by hand or cut short: one line naming the field
+            wpath = p.parent / str(doc.get("weights", f"{name}.safetensors"))
+            arch = {k: doc["architecture"][k] for k in DEFAULT_ARCH if k in doc["architecture"]}
+            a, b = float(doc["platt"]["a"]), float(doc["platt"]["b"])
+            if not (math.isfinite(a) and math.isfinite(b)):
+                raise ValueError(f"platt a={a}, b={b} must be finite")
+            net = build_network(arch)
+        except (KeyError, TypeError, ValueError, AttributeError, AssertionError, RuntimeError) as e:
+            raise MASRefineError(f"{p}: malformed VoteNet+ model description ({field_error(e)})") from None
         if not wpath.exists():
             raise MASRefineError(f"{wpath}: weights listed in {p.name} are missing")
-        arch = {k: doc["architecture"][k] for k in DEFAULT_ARCH if k in doc["architecture"]}
-        net = build_network(arch)
         try:
             net.load_state_dict(load_file(str(wpath)))
-        except (RuntimeError, KeyError) as e:
-            raise MASRefineError(f"{wpath}: weights do not fit the architecture in {p.name} ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # noqa: BLE001 - a corrupt (SafetensorError) or mismatched weight file is a user error
+            raise MASRefineError(f"{wpath}: cannot load the VoteNet+ weights ({str(e).splitlines()[0]})") from None
         meta = {k: v for k, v in doc.items() if k not in ("architecture", "platt")}
-        return cls(net, arch, float(doc["platt"]["a"]), float(doc["platt"]["b"]), meta)
+        return cls(net, arch, a, b, meta)
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -466,6 +473,8 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
         aset = AtlasSet.load(aset)
     if len(aset.ids) < 3:
         raise MASRefineError(f"{aset.root}: VoteNet+ needs at least 3 atlases (2 targets, one held out to calibrate)")
+    from ..outputs import require_writable_folder
+    require_writable_folder(aset.models_dir, "the VoteNet+ model")  # before the leave-one-out registrations
     dev = resolve_device(device)
     settings = dict(TRAIN_PRESETS.get(preset, TRAIN_PRESETS["default"]))
     if iterations is not None:
