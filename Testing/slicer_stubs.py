@@ -91,6 +91,10 @@ class FakeNode:
     def SetAndObserveTransformNodeID(self, nodeID):
         self.transformNodeID = nodeID
 
+    def GetSegmentation(self):
+        """No segments: what a label map imports to is Slicer's to verify (docs/slicer.md)."""
+        return types.SimpleNamespace(GetNumberOfSegments=lambda: 0)
+
 
 class FakeSubjectHierarchy:
     SCENE = 1
@@ -158,6 +162,12 @@ class FakeScene:
         self.observers.append((event, callback))
         return len(self.observers)
 
+    def Clear(self, *args):
+        pass
+
+    def AddNewNodeByClass(self, cls, name=""):
+        return FakeNode(cls, name)
+
     def RemoveNode(self, node):
         node.removed = True
 
@@ -187,6 +197,11 @@ class FakeApp:
 
     def processEvents(self, *args):
         pass
+
+    testing = True  # Slicer started with --testing (ctest, the extension factory)
+
+    def testingEnabled(self):
+        return self.testing
 
     def layoutManager(self):
         return self.layout
@@ -314,12 +329,16 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
     slicer.app.layout = FakeLayoutManager()
     slicer.vtkMRMLLayoutNode = type("vtkMRMLLayoutNode", (), {"SlicerLayoutSideBySideView": 29})
     slicer.mrmlScene = FakeScene()
-    slicer.loaded, slicer.exported, slicer.layers, slicer.reloaded = [], [], [], []
+    slicer.loaded, slicer.exported, slicer.layers, slicer.reloaded, slicer.displayed = [], [], [], [], []
     sh = FakeSubjectHierarchy()
     slicer.subjectHierarchy = sh
     slicer.vtkMRMLSubjectHierarchyNode = type("vtkMRMLSubjectHierarchyNode", (), {
         "GetSubjectHierarchyNode": staticmethod(lambda scene: sh)})
     slicer.vtkMRMLScalarVolumeNode = type("vtkMRMLScalarVolumeNode", (), {})
+    slicer.imported = []  # (label map node, segmentation node) of ImportLabelmapToSegmentationNode
+    segmentationsLogic = types.SimpleNamespace(
+        ImportLabelmapToSegmentationNode=lambda labelmap, segmentation: slicer.imported.append((labelmap, segmentation)))
+    slicer.modules = types.SimpleNamespace(segmentations=types.SimpleNamespace(logic=lambda: segmentationsLogic))
 
     util = types.ModuleType("slicer.util")
 
@@ -350,6 +369,8 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
 
     util.tryWithErrorDisplay = tryWithErrorDisplay
     util.errorDisplay = lambda text, *a, **kw: slicer.errors.append(str(text))
+    slicer.confirmAnswer = True  # what the user answers to confirmation dialogs
+    util.confirmOkCancelDisplay = lambda text, *a, **kw: slicer.confirmAnswer
     util.VTKObservationMixin = VTKObservationMixin
     util.exportNode = exportNode
     util.loadVolume = _loader("vtkMRMLScalarVolumeNode", slicer.loaded)
@@ -395,8 +416,11 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
         def getParameterNode(self):
             return None
 
-    class ScriptedLoadableModuleTest:
-        pass
+    import unittest
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            slicer.displayed.append(message)
 
     for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
         setattr(slm, cls.__name__, cls)

@@ -121,3 +121,31 @@ def test_deleted_result_nodes_are_loaded_again_not_an_error(mod, finished_job):
     slicer.mrmlScene.RemoveNode(finished_job.targetNode)
     panel.onQaSelectionChanged()
     assert slicer.errors == [] and slicer.layers[-1]["background"] is None
+
+
+def test_unset_paths_show_empty_not_a_dot(mod):
+    """The GUI connector writes str(pathlib.Path()) == "." for an unset path (guiConnectors.py:704-705)."""
+    module, slicer = mod
+    panel = make_panel(module)
+    panel.ui.atlasDirPathLineEdit = slicer_stubs.FakeWidget(currentPath=".")
+    panel.ui.outputDirPathLineEdit = slicer_stubs.FakeWidget(currentPath="/data/runs")
+    panel._parameterNode = slicer_stubs.fake_parameter_node(atlasDir=Path("."), outputDir=Path("/data/runs"))
+    panel._clearUnsetPaths()
+    assert panel.ui.atlasDirPathLineEdit.currentPath == "" and panel.ui.outputDirPathLineEdit.currentPath == "/data/runs"
+
+
+def test_ui_texts_say_what_the_widgets_do():
+    import xml.etree.ElementTree as ET
+
+    ui = ET.parse(slicer_stubs.MODULE_DIR / "Resources" / "UI" / "MASRefine.ui").getroot()
+    widgets = {w.get("name"): w for w in ui.iter("widget")}
+
+    def prop(name, key):
+        return widgets[name].findtext(f"property[@name='{key}']/string") or ""
+
+    assert "does not change" in prop("presetComboBox", "toolTip")  # it sets no method choice
+    assert "per atlas" not in prop("iterationsSpinBox", "toolTip") and "finest" in prop("iterationsSpinBox", "toolTip")
+    source = (slicer_stubs.MODULE_PY).read_text(encoding="utf-8")
+    for name, w in widgets.items():  # a settingKey keeps a history only through addCurrentPathToHistory()
+        if prop(name, "settingKey"):
+            assert f"self.ui.{name}.addCurrentPathToHistory()" in source, name

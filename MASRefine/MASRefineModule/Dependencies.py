@@ -58,6 +58,7 @@ def statusText() -> str:
 
 def writeConstraints(path: str) -> str:
     """A pip constraints file pinning the installed numpy, SimpleITK and torch, so pip never replaces them."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for name in NEVER_PIP_INSTALL:
             try:
