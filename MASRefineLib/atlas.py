@@ -262,7 +262,7 @@ def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None
         if lab is not None:
             values = label_values(lab)
             unknown = sorted(set(values) - known)
-            if unknown:
+            if unknown and table:  # a missing or bad table is reported once (above), not once per atlas
                 rep.problems.append(Problem(lab_p, f"label values {_short(unknown)} are not in the label table "
                                                    f"of {json_path}{where}"))
             sets[a.id] = (str(lab_p), frozenset(values))

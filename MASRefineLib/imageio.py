@@ -78,6 +78,7 @@ def _header(path: Path) -> sitk.ImageFileReader:
     try:
         r.ReadImageInformation()
     except RuntimeError as e:
+        validate.check_image_file(path)  # a missing data file or cut header, said plainly, before ITK's words
         raise _itk_error(path, e) from None
     return r
 
@@ -104,12 +105,12 @@ def read_any(path: str | os.PathLike) -> sitk.Image:
 
 
 def _read(path: str | os.PathLike, pixel_id: int) -> sitk.Image:
-    """The one reader of images and label maps: file checks, then the header's dimension, voxel type and
-    geometry (:mod:`MASRefineLib.validate`), then the voxels as ``pixel_id``."""
+    """The one reader of images and label maps: the header's dimension and geometry, then the file's voxel
+    bytes (:mod:`MASRefineLib.validate`), then the voxels as ``pixel_id``."""
     path = require_file(path)
-    validate.check_image_file(path)
     r = _header(path)
-    _header_grid(path, r)
+    _header_grid(path, r)  # an absurd size is refused before its bytes are counted or allocated
+    validate.check_image_file(path)
     if r.GetNumberOfComponents() != 1:
         raise MASRefineError(f"{path}: expected a scalar image, got {r.GetNumberOfComponents()} components per voxel")
     if min(r.GetSize()) < 2:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
@@ -77,6 +78,7 @@ def prepare_output_dir(out: PathLike | None, *, inputs: Iterable[Input] = (), co
             raise MASRefineError(f"{p}: not empty and not a MASRefine output folder; choose another {option}")
         if owner != command:
             raise MASRefineError(f"{p}: output folder of 'masrefine {owner}', not of '{command}'; choose another {option}")
+        remove_stale_temporaries(p)
     try:
         p.mkdir(parents=True, exist_ok=True)
         if _marked_command(p) != command:
@@ -84,6 +86,28 @@ def prepare_output_dir(out: PathLike | None, *, inputs: Iterable[Input] = (), co
     except OSError as e:
         raise MASRefineError(f"{p}: cannot create the output folder ({e.strerror or e})") from None
     return p
+
+
+#: the temporary files of :func:`MASRefineLib.imageio.atomic_path` (``.<name>.<8 random>.tmp<suffix>``) and of
+#: writers before it (``.qa.csv.tmp``, ``.qa.tmp.png``): what a killed run leaves behind
+_TEMPORARY = re.compile(r"\.[^/\\]+\.tmp(\.[A-Za-z0-9]+){0,2}")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed earlier run left in its own output ``folder`` (and its sub-folders;
+    links are not followed): called on a rerun into a folder this command wrote, so they do not pile up.
+    Returns what was removed."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            f = Path(root) / name
+            if _TEMPORARY.fullmatch(name) and f.is_file() and not f.is_symlink():
+                try:
+                    f.unlink()
+                    removed.append(f)
+                except OSError:
+                    pass  # not ours to insist on; a later rerun tries again
+    return removed
 
 
 def require_writable_folder(folder: PathLike, what: str) -> Path:

@@ -45,7 +45,7 @@ import torch
 from .errors import MASRefineError
 from .geometry import Grid
 from .imageio import (array_to_image, atomic_path, image_stem, normalize_intensity, read_grid, read_image, read_label,
-                      run_writers, write_image)
+                      require_file, run_writers, write_image)
 from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, inside, prepare_output_dir
@@ -80,7 +80,7 @@ class SegmentOptions:
     def __post_init__(self) -> None:
         for name, allowed in (("prereg", PREREGS), ("refine", REFINES), ("fusion", FUSIONS), ("preset", PRESETS)):
             if getattr(self, name) not in allowed:
-                raise MASRefineError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise MASRefineError(f"option {name!r} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_parameters(cls, params: dict[str, Any]) -> "SegmentOptions":
@@ -190,9 +190,7 @@ def register_stage(target_path: str, target: sitk.Image, aset, opts: SegmentOpti
                              source_label=str(aset.label_path(aid))) for aid in aset.ids]
         ws = register(target, inputs, aset.label_table, params=params, device=device, progress=progress,
                       target_path=target_path)
-        for f in ws.failed:
-            log.warning(f"atlas {f['id']} skipped: {f['error']}")
-        return ws
+        return ws  # skipped atlases were warned about by register() (once)
     fallbacks.append("register: registration engine not installed; atlases only resampled onto the target grid")
     log.warning("the registration engine is not available in this installation: atlases are resampled onto the "
                 "target grid without registration")
@@ -414,11 +412,12 @@ def _training_weight(atlas_dir, opts: SegmentOptions) -> float:
 
 def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
             options: SegmentOptions | None = None, progress: Optional[ProgressCallback] = None,
-            truth: str | os.PathLike | None = None, groups=None, out_option: str = "out_dir") -> dict[str, Any]:
+            truth: str | os.PathLike | None = None, groups=None, out_option: str = "out_dir", atlas_option: str = "atlas_dir") -> dict[str, Any]:
     """Segment ``target_path`` with the atlas set at ``atlas_dir`` into ``out_dir`` (layout: module doc).
 
     ``out_dir`` must be new or empty, or an earlier ``segment`` output, and apart from every input
-    (:func:`MASRefineLib.outputs.prepare_output_dir`; its errors name ``out_option``, e.g. the CLI's ``--out``).
+    (:func:`MASRefineLib.outputs.prepare_output_dir`; its errors name ``out_option``, e.g. the CLI's ``--out``,
+    and ``atlas_option``, e.g. ``--atlases``: the caller's names for them).
 
     ``truth``: an optional reference label map of the target; then ``metrics.csv``/``.json`` are
     written (volume Dice, surface Dice, ASD, HD95 per label and per group of ``groups``, a mapping
@@ -432,10 +431,14 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
         torch.set_num_threads(int(opts.threads))
     torch.manual_seed(opts.seed)
     device = resolve_device(opts.device)
-    target_path = str(Path(target_path).resolve())
+    # input files are files (a folder named as the target would make every output folder "lie inside" it)
+    target_path = str(require_file(target_path).resolve())
+    if truth:
+        require_file(truth)
     # before anything is written (the atlas set's own problems are reported when it is loaded below)
     out = prepare_output_dir(out_dir, command="segment", option=out_option,
-                             inputs=[*atlas_set_inputs(atlas_dir, unreadable_ok=True), ("target image", target_path),
+                             inputs=[*atlas_set_inputs(atlas_dir, atlas_option, unreadable_ok=True),
+                                     ("target image", target_path),
                                      ("reference label map", truth)])
     # a reference on another grid is refused before an earlier run's manifest is removed
     ref = read_label(truth) if truth else None
@@ -594,7 +597,7 @@ def _ensure_segmenter(aset, opts: SegmentOptions, device: torch.device, progress
         return segmod.load_segmenter(path, device)
     if not opts.train_missing:
         raise MASRefineError(f"{aset.models_dir}: no surrogate segmenter for refinement IS; train one with "
-                             f"'masrefine train segmenter {aset.root}' (or use --refine I)")
+                             f"'masrefine train segmenter {aset.root}' (or refinement I)")
     log.info(f"training the surrogate segmenter on the atlas set first (once; stored in {aset.models_dir})")
     settings = segmod.SegmenterSettings(seed=opts.seed, **SEGMENTER_PRESETS.get(opts.preset, {}))
     return segmod.train_on_atlas_set(aset.root, settings, device=device, progress=progress)
@@ -619,7 +622,7 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
         cmd = f"masrefine train votenet {aset.root} --prereg {opts.prereg}"
         if not opts.train_missing:
             raise MASRefineError(f"{aset.models_dir}: no VoteNet+ model for {opts.prereg} pre-registration; "
-                                 f"train one with '{cmd}' (or choose another --fusion)")
+                                 f"train one with '{cmd}' (or another fusion method)")
         trainer = _votenet_trainer()
         if trainer is None:
             fallbacks.append("models: VoteNet+ cannot be trained in this installation; joint label fusion used")

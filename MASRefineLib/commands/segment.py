@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         console_logging()
     with terminal_progress(args.quiet) as bar:
         result = segment(args.target, args.atlases, args.out, opts, bar, truth=args.truth, groups=groups,
-                         out_option="--out")
+                         out_option="--out", atlas_option="--atlases")
     m = read_manifest(result["manifest"])
     print(format_rows([{"id": a["id"], **a.get("qa", {})} for a in m.get("atlases", [])]))
     secs = result["summary"]["seconds"]
