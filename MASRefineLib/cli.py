@@ -9,7 +9,7 @@ import warnings
 from .errors import Cancelled, MASRefineError
 
 # Order = order in --help. Each name is a module MASRefineLib.commands.<name> with add_parser().
-COMMANDS: list[str] = ["atlas", "register", "segment", "refine", "fuse", "train", "experiment", "evaluate"]
+COMMANDS: list[str] = ["atlas", "register", "segment", "batch", "refine", "fuse", "train", "experiment", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,6 +91,17 @@ class SegmentOptions:
         return asdict(self)
 
 
+@dataclass
+class Preloaded:
+    """What a long-lived process (a ``masrefine batch`` worker) loads once and hands to every :func:`segment`
+    call, so that a cohort does not re-read the atlas set and the models per target: the atlas set (of the
+    same folder as ``segment``'s ``atlas_dir``; e.g. one that keeps its images in memory) and the models the
+    options need (None: loaded from the atlas set's ``models/`` as usual)."""
+    atlas_set: Any                      # an atlas.AtlasSet
+    segmenter: Any = None               # the surrogate segmenter (refinement IS)
+    votenet: Any = None                 # the VoteNet+ model (fusion votenet): fusion.votenet.VoteNetModel
+
+
 # ------------------------------------------------------------------------------------------ progress
 class _Plan:
     """Maps each stage's 0..1 onto the whole run (``data["overall"]`` of progress events)."""
@@ -142,11 +153,12 @@ def _have(module: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ stages
-def load_inputs(target_path: str | os.PathLike, atlas_dir: str | os.PathLike):
-    """(target image, normalised target array, AtlasSet) with the checks a user needs."""
+def load_inputs(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, atlas_set=None):
+    """(target image, normalised target array, AtlasSet) with the checks a user needs; ``atlas_set``: the set
+    of ``atlas_dir`` already loaded (:class:`Preloaded`)."""
     from .atlas import AtlasSet
     target = read_image(target_path)
-    aset = AtlasSet.load(atlas_dir)
+    aset = atlas_set if atlas_set is not None else AtlasSet.load(atlas_dir)
     if len(aset) == 0:
         raise MASRefineError(f"{aset.json_path}: the atlas set has no atlases")
     return target, normalize_intensity(sitk.GetArrayFromImage(target)), aset
@@ -217,8 +229,9 @@ class Fused:
 
 
 def fuse_stage(ws: WarpedSet, target_arr: np.ndarray, aset, opts: SegmentOptions, device: torch.device,
-               progress: Optional[ProgressCallback], fallbacks: list[str]) -> Fused:
-    """Label fusion (``opts.fusion``) by the fusion module; plurality vote when it is not installed."""
+               progress: Optional[ProgressCallback], fallbacks: list[str], votenet=None) -> Fused:
+    """Label fusion (``opts.fusion``) by the fusion module; plurality vote when it is not installed.
+    ``votenet``: a loaded VoteNet+ model (else the atlas set's is read)."""
     report(progress, "fuse", 0.0, opts.fusion)
     fusion = None
     if _have(f"{__package__}.fusion"):
@@ -227,7 +240,7 @@ def fuse_stage(ws: WarpedSet, target_arr: np.ndarray, aset, opts: SegmentOptions
     if fusion is not None:
         kw = {}
         if opts.fusion == "votenet":
-            kw["model"] = votenet_model_path(aset, opts.prereg, opts.refine)
+            kw["model"] = votenet if votenet is not None else votenet_model_path(aset, opts.prereg, opts.refine)
         r = fusion(ws, target_arr, method=opts.fusion, device=device, progress=progress, **kw)
         out = Fused(np.asarray(r.labels, np.uint16), [int(v) for v in r.posteriors.values],
                     lambda v, P=r.posteriors: P.map(int(v)), r.weights,
@@ -412,8 +425,12 @@ def _training_weight(atlas_dir, opts: SegmentOptions) -> float:
 
 def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
             options: SegmentOptions | None = None, progress: Optional[ProgressCallback] = None,
-            truth: str | os.PathLike | None = None, groups=None, out_option: str = "out_dir", atlas_option: str = "atlas_dir") -> dict[str, Any]:
+            truth: str | os.PathLike | None = None, groups=None, out_option: str = "out_dir", atlas_option: str = "atlas_dir",
+            preloaded: Optional[Preloaded] = None) -> dict[str, Any]:
     """Segment ``target_path`` with the atlas set at ``atlas_dir`` into ``out_dir`` (layout: module doc).
+
+    ``preloaded``: the atlas set of ``atlas_dir`` and its models, already loaded by the caller (a batch worker
+    segmenting many targets: :mod:`MASRefineLib.batch`); the results are the same as without it.
 
     ``out_dir`` must be new or empty, or an earlier ``segment`` output, and apart from every input
     (:func:`MASRefineLib.outputs.prepare_output_dir`; its errors name ``out_option``, e.g. the CLI's ``--out``,
@@ -427,6 +444,8 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
     """
     from .device import resolve_device
     opts = options or SegmentOptions()
+    if preloaded is not None and Path(preloaded.atlas_set.root).resolve() != Path(atlas_dir).resolve():
+        raise ValueError(f"preloaded atlas set {preloaded.atlas_set.root} is not the atlas set {atlas_dir}")
     if opts.threads:
         torch.set_num_threads(int(opts.threads))
     torch.manual_seed(opts.seed)
@@ -455,7 +474,8 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
 
     with m.stage("load"):
         plan.report("load", 0.0, "reading inputs")
-        target, target_arr, aset = load_inputs(target_path, atlas_dir)
+        target, target_arr, aset = load_inputs(target_path, atlas_dir,
+                                               preloaded.atlas_set if preloaded is not None else None)
         grid = Grid.from_image(target)
         m.set("labels", aset.label_table.to_json_dict())
         m.set("target_grid", grid.to_json())
@@ -464,7 +484,11 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
     segmenter = None
     if opts.refine == "IS" or opts.fusion == "votenet":
         with m.stage("models"):
-            segmenter = ensure_models(aset, opts, device, plan.cb("models"), fallbacks)
+            if preloaded is not None and (opts.refine != "IS" or preloaded.segmenter is not None) and \
+                    (opts.fusion != "votenet" or preloaded.votenet is not None):
+                segmenter = preloaded.segmenter  # loaded once by the caller
+            else:
+                segmenter = ensure_models(aset, opts, device, plan.cb("models"), fallbacks)
 
     with m.stage("register"):
         ws = register_stage(target_path, target, aset, opts, device, plan.cb("register"), fallbacks)
@@ -477,7 +501,8 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
             pre = ws
             ws = refine_stage(ws, target_arr, opts, segmenter, device, plan.cb("refine"), fallbacks)
     with m.stage("fuse"):
-        fused = fuse_stage(ws, target_arr, aset, opts, device, plan.cb("fuse"), fallbacks)
+        fused = fuse_stage(ws, target_arr, aset, opts, device, plan.cb("fuse"), fallbacks,
+                           preloaded.votenet if preloaded is not None else None)
 
     with m.stage("write"):
         wcb = plan.cb("write")

@@ -8,7 +8,6 @@ from ._common import finite_nonneg_float, nonnegative_int, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..jobs import PARAMETERS
     p = sub.add_parser(
         "segment", help="segment a target image with an atlas set (register, refine, fuse)",
         description="Pre-register every atlas of the atlas set to the target, refine the registrations "
@@ -18,6 +17,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--atlases", required=True, metavar="DIR", help="atlas set folder (with atlas.json)")
     p.add_argument("--target", required=True, metavar="IMG", help="target image (NIfTI, NRRD, MHA)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_segment_options(p)
+    p.add_argument("--truth", metavar="IMG", help="reference segmentation of the target: also write metrics")
+    p.add_argument("--groups", metavar="JSON", help='label groups for the metrics, e.g. {"bone": [1, 3]}')
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def add_segment_options(p: argparse.ArgumentParser) -> None:
+    """The options of the pipeline itself (``segment`` and ``batch`` share them; :func:`segment_options` reads them)."""
+    from ..jobs import PARAMETERS
     for name in ("prereg", "refine", "fusion", "preset", "device"):
         typ, choices, default, hlp = PARAMETERS[name]
         p.add_argument(f"--{name}", choices=choices, default=default, help=f"{hlp} (default: {default})")
@@ -29,15 +39,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-atlas-outputs", dest="save_atlases", action="store_false",
                    help="do not write per-atlas warped images, labels and fields")
     p.add_argument("--no-qa-picture", dest="qa_picture", action="store_false", help="do not write qa.png")
-    p.add_argument("--truth", metavar="IMG", help="reference segmentation of the target: also write metrics")
-    p.add_argument("--groups", metavar="JSON", help='label groups for the metrics, e.g. {"bone": [1, 3]}')
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="random seed of registration, refinement and model training (default: 0)")
     p.add_argument("--threads", type=positive_int, default=0, metavar="N",
                    help="torch CPU threads, at least 1 (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-    return p
+
+
+def segment_options(args: argparse.Namespace):
+    """The :class:`~MASRefineLib.pipeline.SegmentOptions` of parsed :func:`add_segment_options` options."""
+    from ..pipeline import SegmentOptions
+    return SegmentOptions(prereg=args.prereg, refine=args.refine, fusion=args.fusion, device=args.device,
+                          preset=args.preset, alpha=args.alpha, gamma=args.gamma, iterations=args.iterations,
+                          train_missing=args.train_missing, save_atlases=args.save_atlases,
+                          qa_picture=args.qa_picture, seed=args.seed, threads=args.threads)
 
 
 class _StageLines:
@@ -105,14 +119,11 @@ def format_rows(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..manifest import read_manifest
-    from ..pipeline import SegmentOptions, segment
+    from ..pipeline import segment
     from ._common import groups_option
 
     groups = groups_option(args.groups)
-    opts = SegmentOptions(prereg=args.prereg, refine=args.refine, fusion=args.fusion, device=args.device,
-                          preset=args.preset, alpha=args.alpha, gamma=args.gamma, iterations=args.iterations,
-                          train_missing=args.train_missing, save_atlases=args.save_atlases,
-                          qa_picture=args.qa_picture, seed=args.seed, threads=args.threads)
+    opts = segment_options(args)
     if not args.quiet:
         console_logging()
     with terminal_progress(args.quiet) as bar:
