@@ -12,6 +12,10 @@ Schema (version 1)::
       "cancel_file": "/abs/out/.cancel"          # the worker stops when this file appears
     }
 
+A ``"pipeline": "batch"`` job (``masrefine batch``, :mod:`MASRefineLib.batch`) has ``inputs`` {``targets`` (a folder
+of images, a .txt list or a .csv), ``atlas_dir``, optional ``truth`` (a folder)} and, besides :data:`PARAMETERS`,
+the parameters :data:`BATCH_PARAMETERS` (``scheduler``, ``workers``, ``threads_per_worker``); :func:`make_batch_job`.
+
 Paths are absolute (:func:`make_job` resolves them). The worker (``python -m MASRefineLib.worker
 job.json``) validates the job with :func:`validate_job` and refuses an invalid one with exit code 2.
 """
@@ -29,7 +33,7 @@ SCHEMA_VERSION = 1
 CANCEL_FILE_NAME = ".cancel"
 
 #: pipeline names the worker knows -> ``"module:function"``; a job may also name one of these functions directly
-PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job"}
+PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job", "batch": "MASRefineLib.batch:run_job"}
 
 #: the environment variable that lets a worker run other pipelines: top-level module names, separated by commas,
 #: whose functions a job may then name as ``"module:function"`` (e.g. ``MASREFINE_WORKER_PIPELINES=my_pipelines``
@@ -84,8 +88,21 @@ PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
 }
 
 
-def default_parameters() -> dict[str, Any]:
-    return {k: v[2] for k, v in PARAMETERS.items()}
+#: the batch job's parameters besides :data:`PARAMETERS` (``masrefine batch --scheduler --workers --threads-per-worker``)
+BATCH_PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
+    "scheduler": (str, None, None, "address of a running Dask scheduler (None: a local cluster)"),
+    "workers": (int, (1, 4096), None, "local cluster: worker processes (None: sized from the machine)"),
+    "threads_per_worker": (int, (1, 1024), 1, "local cluster: targets each worker runs at once"),
+}
+
+
+def _is_batch(job: dict[str, Any]) -> bool:
+    return job.get("pipeline") in ("batch", PIPELINES["batch"])
+
+
+def default_parameters(pipeline: str = "segment") -> dict[str, Any]:
+    table = {**PARAMETERS, **BATCH_PARAMETERS} if pipeline in ("batch", PIPELINES["batch"]) else PARAMETERS
+    return {k: v[2] for k, v in table.items()}
 
 
 def make_job(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -108,6 +125,19 @@ def make_job(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_d
     }
 
 
+def make_batch_job(targets: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   truth: str | os.PathLike | None = None, cancel_file: str | os.PathLike | None = None,
+                   **params: Any) -> dict[str, Any]:
+    """A ``batch`` job (see the module doc) with absolute paths and every parameter (defaults filled in)."""
+    out = Path(out_dir).expanduser().resolve()
+    inputs = {"targets": str(Path(targets).expanduser().resolve()), "atlas_dir": str(Path(atlas_dir).expanduser().resolve())}
+    if truth is not None:
+        inputs["truth"] = str(Path(truth).expanduser().resolve())
+    return {"schema_version": SCHEMA_VERSION, "pipeline": "batch", "inputs": inputs,
+            "parameters": {**default_parameters("batch"), **params}, "output_dir": str(out),
+            "cancel_file": str(Path(cancel_file).expanduser().resolve() if cancel_file else out / CANCEL_FILE_NAME)}
+
+
 def write_job(job: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``job`` as JSON, atomically. Returns the path."""
     return atomic_write_text(json.dumps(job, indent=1) + "\n", Path(path))
@@ -123,9 +153,9 @@ def read_job(path: str | os.PathLike) -> dict[str, Any]:
     return job
 
 
-def _check_value(name: str, value: Any) -> str | None:
-    typ, allowed, _, _ = PARAMETERS[name]
-    if value is None and PARAMETERS[name][2] is None:
+def _check_value(name: str, value: Any, table: dict[str, tuple[type, Any, Any, str]] = PARAMETERS) -> str | None:
+    typ, allowed, _, _ = table[name]
+    if value is None and table[name][2] is None:
         return None
     if typ is bool:
         return None if isinstance(value, bool) else f"parameter '{name}' must be true or false, got {value!r}"
@@ -137,7 +167,9 @@ def _check_value(name: str, value: Any) -> str | None:
         if not lo <= value <= hi:
             return f"parameter '{name}' must be between {lo:g} and {hi:g}, got {value!r}"
         return None
-    if not isinstance(value, str) or (allowed is not None and value not in allowed):
+    if allowed is None:
+        return None if isinstance(value, str) and value else f"parameter '{name}' must be a text, got {value!r}"
+    if not isinstance(value, str) or value not in allowed:
         return f"parameter '{name}' must be one of {', '.join(allowed)}, got {value!r}"
     return None
 
@@ -169,14 +201,22 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     except MASRefineError as e:
         problems.append(str(e))
     inputs = job.get("inputs")
+    batch = _is_batch(job)
+    first = "targets" if batch else "target"
     if not isinstance(inputs, dict):
-        problems.append("'inputs' must be an object with 'target' and 'atlas_dir'")
+        problems.append(f"'inputs' must be an object with '{first}' and 'atlas_dir'")
         inputs = {}
-    for key in ("target", "atlas_dir"):
+    for key in (first, "atlas_dir") + (("truth",) if batch and inputs.get("truth") is not None else ()):
         v = inputs.get(key)
         if _path_problem(f"inputs.{key}", v, problems) or not check_files:
             continue
-        if key == "target":
+        if key == "targets":
+            if not os.path.exists(v):
+                problems.append(f"{v}: targets not found (a folder of images, a .txt list or a .csv)")
+        elif key == "truth":
+            if not os.path.isdir(v):
+                problems.append(f"{v}: inputs.truth must be a folder of reference label maps")
+        elif key == "target":
             if not os.path.isfile(v):
                 problems.append(f"{v}: target image not found")
             elif not is_image_file(v):
@@ -191,12 +231,13 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     params = job.get("parameters", {})
     if not isinstance(params, dict):
         problems.append("'parameters' must be an object")
-    elif pipeline in ("segment", PIPELINES["segment"]):
+    elif pipeline in ("segment", PIPELINES["segment"]) or batch:
+        table = {**PARAMETERS, **BATCH_PARAMETERS} if batch else PARAMETERS
         for name, value in params.items():
-            if name not in PARAMETERS:
-                problems.append(f"unknown parameter '{name}' (known: {', '.join(PARAMETERS)})")
+            if name not in table:
+                problems.append(f"unknown parameter '{name}' (known: {', '.join(table)})")
                 continue
-            msg = _check_value(name, value)
+            msg = _check_value(name, value, table)
             if msg:
                 problems.append(msg)
     known = {"schema_version", "pipeline", "inputs", "parameters", "output_dir", "cancel_file"}
@@ -208,6 +249,6 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
 
 def resolved_parameters(job: dict[str, Any]) -> dict[str, Any]:
     """The job's parameters with defaults filled in for the ones it leaves out."""
-    p = default_parameters()
+    p = default_parameters(job.get("pipeline", "segment"))
     p.update(job.get("parameters") or {})
     return p

@@ -30,7 +30,9 @@ Protocol (what :mod:`MASRefineLib.runner` and the Slicer module rely on):
   not reach a progress report by then.
 
 The pipeline is a function ``fn(job: dict, progress: ProgressCallback) -> dict`` named by the job's
-``pipeline`` field: ``"segment"`` -> :func:`MASRefineLib.pipeline.run_job`; other ``"module:function"``
+``pipeline`` field: ``"segment"`` -> :func:`MASRefineLib.pipeline.run_job`, ``"batch"`` -> :func:`MASRefineLib.batch.run_job`
+(a cohort on Dask: progress events of stage ``batch`` with ``data`` done / failed / running / skipped / total /
+eta_s; its ``result`` names ``summary``, ``cohort`` and ``counts``); other ``"module:function"``
 pipelines only of modules the caller allowed in the environment variable ``MASREFINE_WORKER_PIPELINES``
 (unset by default); nothing else is imported (:func:`MASRefineLib.jobs.pipeline_target`).
 - **Unreadable jobs**: a job file that is missing, not UTF-8, not JSON (or pathological: nested too deeply,
@@ -75,6 +77,8 @@ DEPENDENCIES: dict[str, str] = {
     "monai": "pip install monai",
     "tqdm": "pip install tqdm",
     "matplotlib": "pip install matplotlib",
+    "dask": "pip install 'dask[distributed]' bokeh",
+    "distributed": "pip install 'dask[distributed]' bokeh",
 }
 CORE_DEPENDENCIES = ("numpy", "scipy", "SimpleITK", "torch", "nrrd", "slicerio")
 
