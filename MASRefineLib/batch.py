@@ -393,12 +393,15 @@ def _worker_name() -> str:
 
 
 # ------------------------------------------------------------------------------------------ cluster
-#: resident memory of a worker process before its first target (Python, torch, SimpleITK, distributed), bytes
+#: The memory model of one target in a worker (bytes; docs/batch.md, "Sizing the local cluster"): a process with
+#: Python, torch, SimpleITK and distributed, plus per target voxel a constant, a share per atlas (warped image,
+#: labels, fields, weights) and one per label (posteriors, JLF's one-hots). Fitted to peak RSS of segment with its
+#: defaults, one thread: phantom 48^3 with 3 / 6 atlases 606 / 765 MB (model 660 / 681), IXI 120x120x90 with
+#: 10 atlases and 145 labels 2418 MB (bench/pipeline.py; model 2700). The peaks a batch measures replace it.
 WORKER_BASE_BYTES = 600 * 2 ** 20
-#: working memory of one target per target voxel and atlas (registration, refinement, fusion of the default
-#: configuration; measured with the phantom, see docs/batch.md "Sizing the local cluster")
-BYTES_PER_VOXEL_ATLAS = 120
-BYTES_PER_VOXEL = 400
+BYTES_PER_VOXEL = 64
+BYTES_PER_VOXEL_ATLAS = 64
+BYTES_PER_VOXEL_LABEL = 6
 
 
 @dataclass
@@ -434,7 +437,7 @@ def estimate_peak_bytes(aset, targets: Sequence[Target], earlier_rows: Sequence[
             voxels = max(voxels, int(math.prod(read_grid(t.image).size)))
         except MASRefineError:
             pass
-    work = voxels * (BYTES_PER_VOXEL + BYTES_PER_VOXEL_ATLAS * len(aset))
+    work = voxels * (BYTES_PER_VOXEL + BYTES_PER_VOXEL_ATLAS * len(aset) + BYTES_PER_VOXEL_LABEL * (len(aset.label_table) + 1))
     return WORKER_BASE_BYTES + atlas_bytes + work, "estimated from the atlas set and target sizes"
 
 
