@@ -33,7 +33,8 @@ from slicer.util import VTKObservationMixin
 from MASRefineModule.Job import MASRefineJob, stopAllJobs  # noqa: F401
 from MASRefineModule.Logic import MASRefineLogic
 from MASRefineModule.Parameters import (DEFAULT_ALPHA, DEFAULT_GAMMA, DEFAULT_ITERATIONS, Device, Fusion,
-                                        MASRefineParameterNode, PreRegistration, Preset, Refinement, pathIsSet)  # noqa: F401
+                                        MASRefineParameterNode, PreRegistration, Preset, Refinement, Retention,
+                                        pathIsSet)  # noqa: F401
 from MASRefineModule.Sample import registerSampleData
 from MASRefineModule.Test import MASRefineTest  # noqa: F401 (Slicer looks it up here)
 
@@ -93,6 +94,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._savedViews = None  # layout and slice linking before side-by-side, restored after
         self._installJob = None  # a background installation of the worker's packages
         self._sampleJob = None  # the phantom being made in the background
+        self._runFoldersShown = None  # the output folder whose run folders the panel last measured
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -183,6 +185,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
+        self._runFoldersShown = None  # measured again: closing the scene may have removed run folders
         # If this module is shown while the scene is closed then recreate a new parameter node immediately
         if self.parent.isEntered:
             self.initializeParameterNode()
@@ -217,6 +220,8 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         self._checkCanApply()
+        if self._parameterNode and str(self._parameterNode.outputDir) != self._runFoldersShown:
+            self._updateRunFolders()
         # An unset pathlib.Path parameter is written to its line edit as "." (the GUI connector writes
         # str(value)); show it empty. Deferred: the wrapper's own update of the widgets may come after this.
         qt.QTimer.singleShot(0, self._clearUnsetPaths)
@@ -234,6 +239,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.alphaSpinBox.enabled = bool(p and p.overrideDefaults)
         self.ui.gammaSpinBox.enabled = bool(p and p.overrideDefaults)
         self.ui.iterationsSpinBox.enabled = bool(p and p.overrideDefaults)
+        self.ui.keepLastSpinBox.enabled = bool(p and p.retention == Retention.KEEP_LAST)
         if self._job is not None and self._job.running:
             return  # the button is Cancel while a job runs
         problem = self.logic.inputProblem(p.targetVolume, p.atlasDir) if p else _("No parameter node")
@@ -271,10 +277,18 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outDir=p.outputDir if pathIsSet(p.outputDir) else None,
                 onEvent=self._onJobEvent,
                 onFinished=self._onJobFinished,
+                **self.logic.retentionFromNode(p),
                 **self.logic.parametersFromNode(p),
             )
             self._appendLog(_("Output folder: {path}").format(path=self._job.outDir))
         self._updateRunState()
+        self._updateRunFolders()
+
+    def _updateRunFolders(self) -> None:
+        """Show how many run folders the output folder holds and their size."""
+        outDir = self._parameterNode.outputDir if self._parameterNode else None
+        self._runFoldersShown = str(outDir)
+        self.ui.runFoldersLabel.text = self.logic.runFoldersText(outDir)
 
     def _onJobEvent(self, job, ev: dict) -> None:
         if job is not self._job:
@@ -302,6 +316,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._appendLog(_("Error: ") + str(job.error))
             slicer.util.errorDisplay(_("MASRefine failed: {error}").format(error=job.error))
         self._updateRunState()
+        self._updateRunFolders()
 
     def _updateRunState(self) -> None:
         running = self._job is not None and self._job.running

@@ -13,16 +13,45 @@ POLL_INTERVAL_MS = 200
 
 activeJobs = []
 jobGuardsInstalled = False
+runsToRemove = []  # run folders ("delete when the scene closes") removed at scene close or application exit
 
 
 def stopAllJobs(*args) -> None:
-    """Stop every running worker at once (scene close, application exit, module cleanup)."""
+    """Stop every running worker at once (scene close, application exit, module cleanup), then remove the
+    run folders marked "delete when the scene closes" (:func:`removeRunsOnClose`)."""
     for job in list(activeJobs):
         job.stop()
+    removeRunsOnClose()
+
+
+def removeOnClose(runDir: str) -> None:
+    """Remove this run folder when the scene closes or the application quits."""
+    installJobGuards()
+    runsToRemove.append(str(runDir))
+
+
+def removeRunsOnClose() -> None:
+    """Remove the run folders marked by :func:`removeOnClose`, after ending a worker still writing there.
+    A folder that cannot be removed stays listed (tried again at the next close) and is logged."""
+    if not runsToRemove:
+        return
+    from MASRefineLib import runs
+
+    for job in list(activeJobs):
+        if job.outDir in runsToRemove:
+            job.stop()
+            job.runner.close()  # kills its process group and waits for it
+    for folder in list(runsToRemove):
+        try:
+            runs.remove_run(folder)
+            runsToRemove.remove(folder)
+        except Exception as e:
+            logging.warning(f"MASRefine: {e}")
 
 
 def installJobGuards() -> None:
-    """Kill running workers when the scene is closed or the application exits (installed once)."""
+    """Kill running workers when the scene is closed or the application exits, then remove the run folders
+    marked for it (installed once)."""
     global jobGuardsInstalled
     if jobGuardsInstalled:
         return

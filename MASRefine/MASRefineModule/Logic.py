@@ -3,7 +3,6 @@
 turns the results into nodes (MASRefineModule.Results)."""
 import logging
 import os
-import time
 from typing import Callable, Optional
 
 import slicer
@@ -12,9 +11,9 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from MASRefineModule import Dependencies, Results, Sample
 from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable
-from MASRefineModule.Job import POLL_INTERVAL_MS, MASRefineJob, launch
+from MASRefineModule.Job import POLL_INTERVAL_MS, MASRefineJob, activeJobs, launch, removeOnClose
 from MASRefineModule.Parameters import (Device, Fusion, MASRefineParameterNode, PreRegistration, Preset, Refinement,
-                                        pathIsSet)
+                                        Retention, pathIsSet)
 
 
 class MASRefineLogic(ScriptedLoadableModuleLogic):
@@ -84,6 +83,23 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
         return kwargs
 
     @staticmethod
+    def retentionFromNode(parameterNode) -> dict:
+        """Keyword arguments ``retention`` and ``keepLast`` for start() from the parameter node."""
+        return {"retention": parameterNode.retention.value, "keepLast": parameterNode.keepLast}
+
+    @staticmethod
+    def runsFolder(outDir=None) -> str:
+        """Where run folders are made: ``outDir``, or ``MASRefine`` in Slicer's temporary folder."""
+        return str(outDir) if pathIsSet(outDir) else os.path.join(slicer.app.temporaryPath, "MASRefine")
+
+    def runFoldersText(self, outDir=None) -> str:
+        """One line: the run folders in :meth:`runsFolder` and their size (MASRefineLib.runs.describe)."""
+        ensureLibraryImportable()
+        from MASRefineLib import runs
+
+        return runs.describe(self.runsFolder(outDir))
+
+    @staticmethod
     def inputProblem(targetNode, atlasDir) -> Optional[str]:
         """A one-line reason why the inputs cannot be used, or None."""
         if targetNode is None:
@@ -137,10 +153,14 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
         return JobRunner(jobPath, python=pythonSlicerExecutable())
 
     def start(self, targetNode, atlasDir, outDir=None, onEvent: Optional[Callable] = None,
-              onFinished: Optional[Callable] = None, loadResults: bool = True, **params) -> MASRefineJob:
+              onFinished: Optional[Callable] = None, loadResults: bool = True, retention: str = "keep",
+              keepLast: int = 5, **params) -> MASRefineJob:
         """Start segmenting ``targetNode`` with the atlas set in ``atlasDir`` in the background.
 
         :param outDir: folder under which this run's folder is made (default: Slicer's temporary folder).
+        :param retention: what happens to the run folder (``MASRefineLib.runs.RETENTION``): ``"keep"``,
+            ``"delete-on-close"`` (removed when the scene closes or Slicer quits) or ``"keep-last"`` (the oldest
+            run folders in ``outDir`` are removed now, keeping the newest ``keepLast``, running ones always).
         :param params: ``preset``, ``prereg``, ``refine``, ``fusion``, ``device``, ``alpha``, ``gamma``,
             ``iterations`` (see :meth:`jobParameters`).
         :param onEvent: called as ``onEvent(job, event)`` for every worker event.
@@ -152,16 +172,17 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
             raise ValueError(problem)
         jobParams = self.jobParameters(**params)
         ensureLibraryImportable()
-        from MASRefineLib import jobs
+        from MASRefineLib import jobs, runs
 
+        retention = Retention(retention.value if isinstance(retention, Retention) else retention).value
         safeName = "".join(c if c.isalnum() or c in "-_" else "_" for c in targetNode.GetName())[:40]
-        base = str(outDir) if outDir else os.path.join(slicer.app.temporaryPath, "MASRefine")
-        runDir = os.path.join(base, f"{time.strftime('%Y%m%d-%H%M%S')}-{safeName}")
-        suffix = 1
-        while os.path.exists(runDir):
-            suffix += 1
-            runDir = os.path.join(base, f"{time.strftime('%Y%m%d-%H%M%S')}-{safeName}-{suffix}")
-        os.makedirs(runDir)
+        base = self.runsFolder(outDir)
+        runDir = str(runs.make_run_folder(base, safeName))
+        if retention == Retention.KEEP_LAST.value:
+            for removed in runs.prune(base, int(keepLast), exclude=[runDir] + [j.outDir for j in activeJobs]):
+                logging.info(f"MASRefine: removed the old run folder {removed}")
+        elif retention == Retention.DELETE_ON_CLOSE.value:
+            removeOnClose(runDir)
         targetPath = os.path.join(runDir, f"{safeName or 'target'}.nrrd")
         # A fresh properties dict: exportNode's default is one dict shared by every call, into which it writes
         # the "fileFormat" it picked; left to the default, every later exportNode in Slicer would get NRRD.

@@ -67,6 +67,20 @@ class Device(enum.Enum):
         return {Device.AUTO: _("Automatic (GPU if available)"), Device.CPU: _("CPU"), Device.CUDA: _("CUDA GPU")}[self]
 
 
+class Retention(enum.Enum):
+    """What happens to run folders (MASRefineLib.runs.RETENTION)."""
+    KEEP = "keep"
+    DELETE_ON_CLOSE = "delete-on-close"
+    KEEP_LAST = "keep-last"
+
+    def label(self) -> str:
+        return {
+            Retention.KEEP: _("Keep every run (in the output folder)"),
+            Retention.DELETE_ON_CLOSE: _("Delete when the scene closes"),
+            Retention.KEEP_LAST: _("Keep the last N runs"),
+        }[self]
+
+
 # Values shown in the Advanced section, sent only when "override" is checked (otherwise the preset
 # decides). They are the library's defaults (MASRefineLib/refine.py: DEFAULT_ALPHA, DEFAULT_GAMMA in
 # mm^2, the finest level of DEFAULT_ITERATIONS); Testing/test_slicer_module.py keeps them in step.
@@ -93,6 +107,8 @@ class MASRefineParameterNode:
     alpha - Weight of the segmentation dissimilarity term (dimensionless; paper: 3).
     gamma - Weight of the bending energy, in mm^2 (the paper's 20000 is in other units; see refine.py).
     iterations - Refinement iterations at the finest level.
+    retention - What happens to run folders: kept, deleted when the scene closes, or only the last keepLast kept.
+    keepLast - How many run folders "keep the last N runs" keeps in the output folder.
     """
 
     targetVolume: vtkMRMLScalarVolumeNode
@@ -107,6 +123,8 @@ class MASRefineParameterNode:
     alpha: Annotated[float, WithinRange(0.0, 1000.0)] = DEFAULT_ALPHA
     gamma: Annotated[float, WithinRange(0.0, 1000.0)] = DEFAULT_GAMMA
     iterations: Annotated[int, WithinRange(1, 100000)] = DEFAULT_ITERATIONS
+    retention: Retention = Retention.KEEP_LAST
+    keepLast: Annotated[int, WithinRange(1, 1000)] = 5
 
 
 def pathIsSet(path) -> bool:
