@@ -491,10 +491,9 @@ def start_local_cluster(plan: ClusterPlan, dashboard: Optional[str] = None, scra
     resource ``GPU=1`` and sees one GPU (CUDA_VISIBLE_DEVICES by worker number)."""
     import dask
     from distributed import LocalCluster
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"plugins": {_LocalWorkerSetup(gpus)}}
     if gpus:
         kw["resources"] = {"GPU": 1}
-        kw["plugins"] = {_OneGPU(gpus)}
     if scratch is not None:
         kw["local_directory"] = str(scratch)
     with dask.config.set({"distributed.scheduler.allowed-failures": 1,
@@ -504,19 +503,31 @@ def start_local_cluster(plan: ClusterPlan, dashboard: Optional[str] = None, scra
                             silence_logs=logging.ERROR, **kw)
 
 
-class _OneGPU:
-    """Worker plugin: worker number n sees GPU n mod ``count`` only (set before torch touches CUDA)."""
+try:  # the plugin's base (distributed checks it); this module is imported only where a batch runs
+    from distributed import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover - without distributed no cluster starts (the worker names the package)
+    _WorkerPlugin = object
 
-    def __init__(self, count: int):
-        self.count = count
-        self.name = "masrefine-one-gpu"
+
+class _LocalWorkerSetup(_WorkerPlugin):
+    """Worker plugin of the local cluster. Ctrl-C in a terminal reaches every process of its group: the workers ignore
+    it (the batch cancels their tasks and closes them) rather than each printing a traceback. With ``gpus``, worker
+    number n sees GPU n mod ``gpus`` only (set before torch touches CUDA)."""
+
+    def __init__(self, gpus: int = 0):
+        self.gpus = gpus
+        self.name = "masrefine-local-worker"
 
     def setup(self, worker) -> None:
-        try:
-            n = int(worker.name)
-        except (TypeError, ValueError):
-            n = 0
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(n % self.count))
+        import signal
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.gpus:
+            try:
+                n = int(worker.name)
+            except (TypeError, ValueError):
+                n = 0
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(n % self.gpus))
 
     def teardown(self, worker) -> None:
         pass
