@@ -6,6 +6,8 @@ Layout::
                             "labels":  {"<value>": {"name": str, "color": [r, g, b]}, ...},
                             "atlases": [{"id": str, "image": path, "label": path}, ...]}
     <set>/models/          trained models that belong to this atlas set (:attr:`AtlasSet.models_dir`)
+    <set>/terminology.json optional {"<value>": Slicer TerminologyEntry string}: the labels' standard codes, over
+                           any "terminology" in "labels" (MASRefineLib.terminology; ``init`` codes known names)
     <set>/images/, labels/ only when the set was built with ``mode="copy"`` or ``"symlink"``
 
 Paths in ``atlas.json`` are **always stored relative to the atlas-set folder**, with ``/`` separators,
@@ -39,6 +41,8 @@ from .imageio import atomic_write_text, image_stem, is_image_file, read_grid, re
 from .jsonio import read_json
 from .labels import Label, LabelTable, default_color
 from .progress import ProgressCallback, report
+from .terminology import TERMINOLOGY_JSON
+from .terminology import load_file as load_terminology
 from .validate import atlas_id_problem
 
 SCHEMA_VERSION = 1
@@ -364,7 +368,7 @@ def init_atlas_set(out: str | os.PathLike, images_dir: str | os.PathLike, labels
         present.update(label_values(read_label(labels[sid])))
     report(progress, "atlas-init", 1.0, "label maps read")
 
-    table = _init_label_table(label_table, labels_dir, present, notes)
+    table = _init_label_table(label_table, labels_dir, present, notes).with_known_terminology()
 
     # the files
     out.mkdir(parents=True, exist_ok=True)
@@ -438,6 +442,12 @@ def _parse_atlas_json(json_path: Path) -> tuple[dict | None, list[Problem]]:
             problems.append(Problem.from_error(e))
         if not table and not problems:
             problems.append(Problem(json_path, "the label table 'labels' is empty"))
+        term_path = json_path.parent / TERMINOLOGY_JSON  # the set's own codes, over those in atlas.json
+        if table and term_path.is_file():
+            try:
+                table = table.with_terminology(load_terminology(term_path), str(term_path))
+            except MASRefineError as e:
+                problems.append(Problem.from_error(e))
     entries = d.get("atlases")
     atlases: list[Atlas] = []
     if not isinstance(entries, list) or not entries:

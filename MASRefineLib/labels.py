@@ -1,8 +1,9 @@
 """Label tables (value -> name, colour) and label-map outputs, including Slicer ``.seg.nrrd``.
 
 A label table maps each non-zero label value to ``{"name": str, "color": [r, g, b]}`` with colour
-components 0..255. Value 0 is background and is never listed. Values are never renumbered: what
-goes in comes out.
+components 0..255, and optionally ``"terminology"``: the label's standard codes as a Slicer TerminologyEntry string
+(:mod:`MASRefineLib.terminology`), written into each ``.seg.nrrd`` segment. Value 0 is background and is never
+listed. Values are never renumbered: what goes in comes out.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .imageio import atomic_path, image_stem, is_image_file, require_file, write
 class Label:
     name: str
     color: tuple[int, int, int]
+    terminology: str | None = None  # a Slicer TerminologyEntry string (MASRefineLib.terminology), or none
 
 
 def default_color(value: int) -> tuple[int, int, int]:
@@ -61,11 +63,29 @@ class LabelTable(dict):
             if not isinstance(v, dict):
                 raise MASRefineError(f"{source}: label {value} must be a name or {{name, color}}, got {v!r}")
             name = _one_line(str(v.get("name") or f"label {value}"))
-            t[value] = Label(name, _parse_color(v.get("color"), value, source))
+            term = v.get("terminology")
+            if term is not None and term != "":
+                from .terminology import parse
+                term = parse(term, f"{source}: label {value}")
+            t[value] = Label(name, _parse_color(v.get("color"), value, source), term or None)
         return cls(sorted(t.items()))
 
     def to_json_dict(self) -> dict:
-        return {str(k): {"name": v.name, "color": list(v.color)} for k, v in sorted(self.items())}
+        return {str(k): {"name": v.name, "color": list(v.color), **({"terminology": v.terminology} if v.terminology else {})}
+                for k, v in sorted(self.items())}
+
+    def with_terminology(self, entries: dict[int, str], source: str = "terminology") -> "LabelTable":
+        """A copy with ``{value: TerminologyEntry}`` applied; a value not in the table is one line naming ``source``."""
+        unknown = sorted(set(entries) - set(self))
+        if unknown:
+            raise MASRefineError(f"{source}: label values {unknown[:10]} are not in the label table")
+        return LabelTable((k, Label(v.name, v.color, entries.get(k, v.terminology))) for k, v in self.items())
+
+    def with_known_terminology(self) -> "LabelTable":
+        """A copy where labels without terminology get the built-in codes of their exact name, if any
+        (:data:`MASRefineLib.terminology.KNOWN`); other labels stay without."""
+        from .terminology import for_name
+        return LabelTable((k, v if v.terminology else Label(v.name, v.color, for_name(v.name))) for k, v in self.items())
 
     @classmethod
     def from_values(cls, values) -> "LabelTable":
@@ -113,6 +133,8 @@ class LabelTable(dict):
             if not _is_int(index):
                 raise MASRefineError(f"{path}, line {reader.line_num}: label value {index!r} is not an integer")
             t[index] = {"name": (r.get("Name") or "").strip()}
+            if (r.get("Terminology") or "").strip():  # an optional column of Slicer TerminologyEntry strings
+                t[index]["terminology"] = r["Terminology"].strip()
         if not t:
             raise MASRefineError(f"{path}: CSV label table needs 'Index' and 'Name' columns and at least one row")
         return cls.from_json_dict(t, str(path))
@@ -206,7 +228,8 @@ def write_seg_nrrd(label: sitk.Image, table: LabelTable, path: str | os.PathLike
     """Write a label map as a Slicer segmentation file, one segment per table entry, atomically.
 
     Each segment keeps the label value as its ``labelValue`` (so values survive a round trip), the
-    table's name, and its colour (0..1 floats as Slicer stores them).
+    table's name, its colour (0..1 floats as Slicer stores them) and its terminology, if any (the segment's
+    ``TerminologyEntry`` tag, which Slicer reads with the segment).
     """
     import slicerio
 
@@ -217,8 +240,12 @@ def write_seg_nrrd(label: sitk.Image, table: LabelTable, path: str | os.PathLike
     vox = np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(dtype)
     segments = []
     for value, lab in table.items():
-        segments.append({"id": f"Segment_{value}", "name": _one_line(lab.name), "labelValue": int(value), "layer": 0,
-                         "color": [c / 255.0 for c in lab.color]})
+        segment = {"id": f"Segment_{value}", "name": _one_line(lab.name), "labelValue": int(value), "layer": 0,
+                   "color": [c / 255.0 for c in lab.color]}
+        if lab.terminology:
+            from .terminology import to_slicerio
+            segment["terminology"] = to_slicerio(lab.terminology)
+        segments.append(segment)
     seg = {"voxels": vox, "ijkToLPS": grid.index_to_physical(), "segments": segments, "encoding": "gzip",
            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
     with atomic_path(path, ".seg.nrrd") as tmp:
@@ -242,6 +269,9 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, LabelTable]:
         value = int(s.get("labelValue", 1))  # slicerio's default for files without LabelValue
         color = [int(round(c * 255)) for c in s.get("color", [0.5, 0.5, 0.5])]
         table[str(value)] = {"name": s.get("name", s.get("id", str(value))), "color": color}
+        if s.get("terminology"):
+            from .terminology import from_slicerio
+            table[str(value)]["terminology"] = from_slicerio(s["terminology"])
     values = np.array(sorted(int(v) for v in table), dtype=np.int64)
     out = np.where(np.isin(vox, values), vox, 0).astype(np.uint16)  # voxels of no segment -> background
     ijk = np.asarray(seg["ijkToLPS"], dtype=np.float64)

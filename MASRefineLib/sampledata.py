@@ -40,6 +40,7 @@ from scipy import ndimage
 from .geometry import Grid
 from .imageio import atomic_write_text, write_image
 from .progress import ProgressCallback, report
+from .terminology import KNEE as KNEE_TERMINOLOGY
 
 FEMUR, FEM_CART, TIBIA, TIB_CART = 1, 2, 3, 4
 LABELS: dict[str, dict[str, Any]] = {
@@ -48,6 +49,8 @@ LABELS: dict[str, dict[str, Any]] = {
     "3": {"name": "tibia", "color": [216, 101, 79]},
     "4": {"name": "tibial cartilage", "color": [128, 174, 128]},
 }
+for _label in LABELS.values():  # the knee's standard codes (SNOMED CT), shown by Slicer with each segment
+    _label["terminology"] = KNEE_TERMINOLOGY[_label["name"]]
 #: label groups for reporting (the paper's Table 1 columns)
 GROUPS: dict[str, list[int]] = {"bone": [FEMUR, TIBIA], "cartilage": [FEM_CART, TIB_CART]}
 
@@ -258,7 +261,8 @@ def make_subject(name: str, seed: int = 0, size: tuple[int, int, int] = DEFAULT_
 
 def _settings(n_atlases: int, n_targets: int, seed: int, size, spacing) -> dict[str, Any]:
     return {"generator": "MASRefineLib.sampledata", "version": SAMPLE_VERSION, "n_atlases": int(n_atlases),
-            "n_targets": int(n_targets), "seed": int(seed), "size": [int(s) for s in size], "spacing": float(spacing)}
+            "n_targets": int(n_targets), "seed": int(seed), "size": [int(s) for s in size], "spacing": float(spacing),
+            "labels": LABELS}  # a sample made before the labels changed (e.g. without terminology) is made again
 
 
 def make_sample(out_dir: str | os.PathLike, n_atlases: int = 6, seed: int = 0, n_targets: int = 1,

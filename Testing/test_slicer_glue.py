@@ -282,6 +282,14 @@ def test_real_segmentation_run_on_the_phantom(mod, tmp_path):
     fused = nodes["fused-labels"]
     assert fused.IsA("vtkMRMLSegmentationNode") and fused.path.endswith(".seg.nrrd")
     assert fused.referenceGeometryFrom == target.GetID() and fused.display.GetVisibility()
+    # loaded as a .seg.nrrd (not a label map), so Slicer gets each segment's standard terminology with it
+    # (issue #23 item 8: the phantom's knee codes, the segments' TerminologyEntry tags)
+    import slicerio
+
+    from MASRefineLib.terminology import KNEE, from_slicerio
+    segments = slicerio.read_segmentation(fused.path, skip_voxels=True)["segments"]
+    assert {s["name"]: from_slicerio(s["terminology"]) for s in segments} == {
+        n: KNEE[n] for n in ("femur", "femoral cartilage", "tibia", "tibial cartilage")}
     # on the exported target's grid (export -> worker -> outputs keep the geometry)
     out = sitk.ReadImage(str(Path(job.outputDir) / "fused_labels.nii.gz"))
     assert out.GetSize() == target.image.GetSize()
