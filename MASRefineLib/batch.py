@@ -345,8 +345,7 @@ def run_target(target: dict[str, Any], atlas_dir: str, out_dir: str, parameters:
         now = time.monotonic()
         if cancel_event and now - last[0] >= CANCEL_CHECK_S:
             last[0] = now
-            from distributed import Event
-            if Event(cancel_event).is_set():
+            if _event_is_set(cancel_event):
                 raise Cancelled(f"batch cancelled during {ev.stage}")
 
     opts = SegmentOptions.from_parameters({**parameters, "train_missing": False})  # never train in a task
@@ -373,6 +372,21 @@ def run_target(target: dict[str, Any], atlas_dir: str, out_dir: str, parameters:
     finally:
         row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
+
+
+def _event_is_set(name: str) -> bool:
+    """Whether the scheduler's :class:`distributed.Event` ``name`` is set, asked through the worker's own connection
+    (``Event(name).is_set()`` would start a client in the worker, which prints errors when the worker is closed)."""
+    try:
+        from distributed import get_worker
+        from distributed.utils import sync
+        w = get_worker()
+    except (ImportError, ValueError):
+        return False  # not in a Dask worker: nothing to cancel from
+    try:
+        return bool(sync(w.loop, w.scheduler.event_is_set, name=name))
+    except Exception:  # noqa: BLE001 -- the scheduler is gone: the worker is closing, which stops this task too
+        return False
 
 
 def _worker_threads() -> int:
@@ -496,11 +510,24 @@ def start_local_cluster(plan: ClusterPlan, dashboard: Optional[str] = None, scra
         kw["resources"] = {"GPU": 1}
     if scratch is not None:
         kw["local_directory"] = str(scratch)
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1,
-                          "distributed.scheduler.worker-saturation": 1.0}):
-        return LocalCluster(n_workers=plan.workers, threads_per_worker=plan.threads_per_worker, processes=True,
-                            host="127.0.0.1", dashboard_address=dashboard, memory_limit=plan.memory_limit,
-                            silence_logs=logging.ERROR, **kw)
+    if dashboard is None:  # the scheduler's HTTP server (health checks) would still take 8787; any free port
+        kw["scheduler_kwargs"] = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+    import signal
+    # Ctrl-C in a terminal reaches every process of the group. The worker processes (spawned now from the cluster's
+    # event-loop thread, and later again when a dead one is restarted) inherit the signal mask of that thread: with
+    # SIGINT blocked while the thread is created, they never act on it, whatever their start-up stage; the batch
+    # cancels their tasks and closes them. This thread's Ctrl-C is delivered when the mask is restored below.
+    block = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if block else None
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                              "distributed.scheduler.worker-saturation": 1.0}):
+            return LocalCluster(n_workers=plan.workers, threads_per_worker=plan.threads_per_worker, processes=True,
+                                host="127.0.0.1", dashboard_address=dashboard, memory_limit=plan.memory_limit,
+                                silence_logs=logging.ERROR, **kw)
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 try:  # the plugin's base (distributed checks it); this module is imported only where a batch runs
@@ -511,8 +538,9 @@ except ImportError:  # pragma: no cover - without distributed no cluster starts 
 
 class _LocalWorkerSetup(_WorkerPlugin):
     """Worker plugin of the local cluster. Ctrl-C in a terminal reaches every process of its group: the workers ignore
-    it (the batch cancels their tasks and closes them) rather than each printing a traceback. With ``gpus``, worker
-    number n sees GPU n mod ``gpus`` only (set before torch touches CUDA)."""
+    it (the batch cancels their tasks and closes them) rather than each printing a traceback (a second guard beside
+    the signal mask of :func:`start_local_cluster`, for an event-loop thread that existed before). With ``gpus``,
+    worker number n sees GPU n mod ``gpus`` only (set before torch touches CUDA)."""
 
     def __init__(self, gpus: int = 0):
         self.gpus = gpus

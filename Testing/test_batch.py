@@ -274,3 +274,61 @@ def test_batch_job_validation(cohort, tmp_path):
     assert any("targets not found" in p for p in problems) and any("'workers' must be between" in p for p in problems)
     job = jobs.make_batch_job(Path(cohort["targets"][0]).parent, cohort["atlas_dir"], tmp_path / "o", scheduler=3)
     assert jobs.validate_job(job) == ["parameter 'scheduler' must be a text, got 3"]
+
+
+def test_ctrl_c_cancels_the_batch(cohort, tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the command's whole process group, its local workers included): exit 3 within
+    seconds, summary.csv lists the unfinished targets as cancelled, none of them has a manifest, no process is left
+    and no worker prints a traceback."""
+    import subprocess
+    out = tmp_path / "out"
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "MASRefineLib.cli", "batch", "--atlases", cohort["atlas_dir"], "--targets",
+           str(Path(cohort["targets"][0]).parent), "--out", str(out), "--workers", "2", "--dashboard", "none",
+           "--prereg", "deformable", "--refine", "I", "--fusion", "pv", "--preset", "fast", "--no-qa-picture"]
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and " 0 running" in (log.read_text().splitlines() or [" 0 running"])[-1]:
+            time.sleep(0.2)  # until a target runs (a line per change: stderr is not a terminal)
+        assert "running" in log.read_text(), log.read_text()
+        os.killpg(p.pid, signal.SIGINT)
+        assert p.wait(30) == 3, log.read_text()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    import psutil
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _group(p.pid):
+        time.sleep(0.2)
+    assert not _group(p.pid), [(q.pid, q.cmdline()[:4]) for q in _group(p.pid)]  # nothing of the group is left
+    text = log.read_text()
+    assert "masrefine batch: cancelled" in text and "Traceback" not in text, text
+    rows = _summary(out)
+    assert "cancelled" in {r["status"] for r in rows.values()}
+    for tid, r in rows.items():
+        assert r["status"] in ("done", "cancelled")
+        assert (out / tid / "manifest.json").exists() == (r["status"] == "done")
+    assert not (out / ".dask-scratch").exists()
+
+
+def test_cuda_needs_gpu_workers(cohort, cluster, tmp_path):
+    """--device cuda on a scheduler whose workers offer no GPU resource is refused (tasks would wait forever)."""
+    with pytest.raises(MASRefineError, match="no worker offers the resource GPU"):
+        batch.run_batch(cohort["atlas_dir"], Path(cohort["targets"][0]).parent, tmp_path / "out",
+                        SegmentOptions(**{**FAST, "device": "cuda"}), scheduler=cluster.scheduler_address)
+
+
+def _group(pgid: int) -> list:
+    """The live processes of a process group."""
+    import psutil
+    out = []
+    for q in psutil.process_iter():
+        try:
+            if os.getpgid(q.pid) == pgid and q.status() != psutil.STATUS_ZOMBIE:
+                out.append(q)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
