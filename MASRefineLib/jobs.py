@@ -33,7 +33,8 @@ SCHEMA_VERSION = 1
 CANCEL_FILE_NAME = ".cancel"
 
 #: pipeline names the worker knows -> ``"module:function"``; a job may also name one of these functions directly
-PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job", "batch": "MASRefineLib.batch:run_job"}
+PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job", "batch": "MASRefineLib.batch:run_job",
+                             "atlas": "MASRefineLib.atlasbuild:run_job"}
 
 #: the environment variable that lets a worker run other pipelines: top-level module names, separated by commas,
 #: whose functions a job may then name as ``"module:function"`` (e.g. ``MASREFINE_WORKER_PIPELINES=my_pipelines``
@@ -96,8 +97,30 @@ BATCH_PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
 }
 
 
+#: the ``atlas`` job's parameters (:mod:`MASRefineLib.atlasbuild`: an atlas set from segmented cases)
+ATLAS_PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
+    "mode": (str, ("new", "add"), "new", "make a new atlas set, or add the cases to an existing one"),
+}
+
+
 def _is_batch(job: dict[str, Any]) -> bool:
     return job.get("pipeline") in ("batch", PIPELINES["batch"])
+
+
+def _is_atlas(job: dict[str, Any]) -> bool:
+    return job.get("pipeline") in ("atlas", PIPELINES["atlas"])
+
+
+def make_atlas_job(cases: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   mode: str = "new", cancel_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """An ``atlas`` job: the cases file ``{"cases": [{id, image, segmentation}]}`` made into a new atlas set in
+    ``atlas_dir`` (``mode="new"``) or added to it (``"add"``); ``out_dir`` holds only the job's cancel file."""
+    out = Path(out_dir).expanduser().resolve()
+    return {"schema_version": SCHEMA_VERSION, "pipeline": "atlas",
+            "inputs": {"cases": str(Path(cases).expanduser().resolve()),
+                       "atlas_dir": str(Path(atlas_dir).expanduser().resolve())},
+            "parameters": {"mode": mode}, "output_dir": str(out),
+            "cancel_file": str(Path(cancel_file).expanduser().resolve() if cancel_file else out / CANCEL_FILE_NAME)}
 
 
 def default_parameters(pipeline: str = "segment") -> dict[str, Any]:
@@ -201,8 +224,9 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     except MASRefineError as e:
         problems.append(str(e))
     inputs = job.get("inputs")
-    batch = _is_batch(job)
-    first = "targets" if batch else "target"
+    batch, atlas = _is_batch(job), _is_atlas(job)
+    first = "targets" if batch else "cases" if atlas else "target"
+    new_atlas = atlas and isinstance(job.get("parameters"), dict) and job["parameters"].get("mode", "new") == "new"
     if not isinstance(inputs, dict):
         problems.append(f"'inputs' must be an object with '{first}' and 'atlas_dir'")
         inputs = {}
@@ -210,7 +234,13 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
         v = inputs.get(key)
         if _path_problem(f"inputs.{key}", v, problems) or not check_files:
             continue
-        if key == "targets":
+        if key == "cases":
+            if not os.path.isfile(v):
+                problems.append(f"{v}: cases file not found")
+        elif key == "atlas_dir" and new_atlas:
+            if os.path.exists(v) and not os.path.isdir(v):
+                problems.append(f"{v}: inputs.atlas_dir exists and is not a folder")
+        elif key == "targets":
             if not os.path.exists(v):
                 problems.append(f"{v}: targets not found (a folder of images, a .txt list or a .csv)")
         elif key == "truth":
@@ -231,8 +261,8 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     params = job.get("parameters", {})
     if not isinstance(params, dict):
         problems.append("'parameters' must be an object")
-    elif pipeline in ("segment", PIPELINES["segment"]) or batch:
-        table = {**PARAMETERS, **BATCH_PARAMETERS} if batch else PARAMETERS
+    elif pipeline in ("segment", PIPELINES["segment"]) or batch or atlas:
+        table = {**PARAMETERS, **BATCH_PARAMETERS} if batch else ATLAS_PARAMETERS if atlas else PARAMETERS
         for name, value in params.items():
             if name not in table:
                 problems.append(f"unknown parameter '{name}' (known: {', '.join(table)})")

@@ -32,7 +32,8 @@ Protocol (what :mod:`MASRefineLib.runner` and the Slicer module rely on):
 The pipeline is a function ``fn(job: dict, progress: ProgressCallback) -> dict`` named by the job's
 ``pipeline`` field: ``"segment"`` -> :func:`MASRefineLib.pipeline.run_job`, ``"batch"`` -> :func:`MASRefineLib.batch.run_job`
 (a cohort on Dask: progress events of stage ``batch`` with ``data`` done / failed / running / skipped / total /
-eta_s; its ``result`` names ``summary``, ``cohort`` and ``counts``); other ``"module:function"``
+eta_s; its ``result`` names ``summary``, ``cohort`` and ``counts``), ``"atlas"`` -> :func:`MASRefineLib.atlasbuild.run_job`
+(an atlas set from segmented cases, new or added to; its ``result`` names ``atlas_dir``, ``added``, ``notes``); other ``"module:function"``
 pipelines only of modules the caller allowed in the environment variable ``MASREFINE_WORKER_PIPELINES``
 (unset by default); nothing else is imported (:func:`MASRefineLib.jobs.pipeline_target`).
 - **Unreadable jobs**: a job file that is missing, not UTF-8, not JSON (or pathological: nested too deeply,
