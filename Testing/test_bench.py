@@ -144,12 +144,21 @@ def test_report_renders_tables_from_result_files(tmp_path, monkeypatch):
     (d / "t2.json").write_text(json.dumps(rec("t2", 0.60, 0.70, (10.0, 20.0))))
     monkeypatch.setattr(report, "RESULTS", tmp_path / "pipeline")
     text = report.render("ixi", "report")
-    assert "| ours | 70.0 ± 14.1 |" in text           # mean ± sd of 80 and 60
-    assert "| ants | 0.00 ± 14.14 | 1 of 2 |" in text   # paired differences in points, ahead on one target
-    assert "3.00 ± 1.41×" in text                       # wall-time ratios 4 and 2
+    assert f"| {report.LABELS['masrefine']} | 70.0 ± 14.1 |" in text  # mean ± sd of 80 and 60
+    # paired differences in points over 2 targets, ahead on one; wall-time ratios 4 and 2, both timed together
+    assert f"| {report.LABELS['ants-jlf']} | 2 | 0.00 ± 14.14 | 1 of 2 |" in text
+    assert "3.00 ± 1.41× (2)" in text
     assert "2 of 6" in text                             # undefined distances counted
     assert "| ANTs SyN, registered | 60.0 ± 11.5 | 2 |" in text  # per-atlas Dice over 2 atlases x 2 targets
     assert report.render("knee", "report") == ""
+    # one target only: no sd, and a method timed in another invocation gets no time ratio
+    r = rec("t3", 0.5, 0.4, (10.0, 30.0))
+    r["methods"]["masrefine"]["run"], r["methods"]["ants-jlf"]["run"] = "run 1", "run 2"
+    (d / "t1.json").unlink()
+    (d / "t2.json").unlink()
+    (d / "t3.json").write_text(json.dumps(r))
+    text = report.render("ixi", "report")
+    assert f"| {report.LABELS['masrefine']} | 50.0 ± – |" in text and "not timed together" in text
 
 
 def test_rendered_docs_match_the_committed_results():

@@ -296,7 +296,7 @@ def registered(dataset: str, target_id: str, atlas_ids: Sequence[str], stage: st
 # ``training_pool`` refuse or leave them out), and README / headline numbers come from them alone.
 # They are fixed lists, not derived, so no change of split code can move them: five subjects from the end
 # of the seed-0 order that no earlier benchmark used as a target or for validation and no doc named
-# (Testing/test_bench_splits.py checks both). The knee ones were among the 20 subjects earlier sessions
+# (Testing/test_bench.py checks both). The knee ones were among the 20 subjects earlier sessions
 # trained a surrogate U-Net on (their labels, never their results, were seen); the IXI ones were never used.
 REPORT_SUBJECTS: dict[str, tuple[str, ...]] = {
     "knee": ("AKOA_9135902_00m", "ZIB-UQ_9002817", "ZIB-UQ_9004175", "ZIB-UQ_9031426", "AKOA_9171097_00m"),

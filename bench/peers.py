@@ -83,9 +83,13 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _read_pair(img_path: Path, lab_path: Path):
-    from MASRefineLib.imageio import read_image, read_label
-    return read_image(img_path), read_label(lab_path)
+def _on_grid(peer: str, aid: str, grid, *images):
+    """``images`` (a peer's outputs for atlas ``aid``), checked to lie on the target's ``grid``."""
+    from MASRefineLib.geometry import Grid
+    for img in images:
+        if not Grid.from_image(img).isclose(grid):
+            raise RuntimeError(f"{peer} output of {aid} is off the target grid: {Grid.from_image(img).difference(grid)}")
+    return images
 
 
 def ants_register(target: Path, atlases: Sequence[tuple[str, Path, Path]], threads: int,
@@ -106,8 +110,9 @@ def ants_register(target: Path, atlases: Sequence[tuple[str, Path, Path]], threa
         for aid, img_p, lab_p in atlases:
             if log:
                 log(f"ANTs SyN {aid} -> {Path(target).name}")
-            t0 = time.perf_counter()
-            reg = ants.registration(fixed=fixed, moving=ants.image_read(str(img_p)), **ANTS_SYN,
+            moving = ants.image_read(str(img_p))
+            t0 = time.perf_counter()  # registration and label warp only, as greedy's (reading is not timed)
+            reg = ants.registration(fixed=fixed, moving=moving, **ANTS_SYN,
                                     outprefix=str(Path(tmp) / f"{aid}_"))
             lab = ants.apply_transforms(fixed, ants.image_read(str(lab_p)), reg["fwdtransforms"],
                                         interpolator="genericLabel")
@@ -116,10 +121,7 @@ def ants_register(target: Path, atlases: Sequence[tuple[str, Path, Path]], threa
             ip, lp = Path(tmp) / f"{aid}_img.nii.gz", Path(tmp) / f"{aid}_lab.nii.gz"
             ants.image_write(reg["warpedmovout"], str(ip))
             ants.image_write(lab, str(lp))
-            im, lb = read_image(ip), read_label(lp, allow_empty=True)
-            for img in (im, lb):
-                if not Grid.from_image(img).isclose(grid):
-                    raise RuntimeError(f"ANTs output of {aid} is off the target grid: {Grid.from_image(img).difference(grid)}")
+            im, lb = _on_grid("ANTs", aid, grid, read_image(ip), read_label(lp, allow_empty=True))
             imgs.append(sitk.GetArrayFromImage(im).astype(np.float32))
             labs.append(sitk.GetArrayFromImage(lb).astype(np.uint16))
     return np.stack(imgs), np.stack(labs), secs
@@ -142,7 +144,7 @@ def greedy_register(target: Path, atlases: Sequence[tuple[str, Path, Path]], thr
         for aid, img_p, lab_p in atlases:
             if log:
                 log(f"greedy {aid} -> {Path(target).name}")
-            moving, label = _read_pair(img_p, lab_p)
+            moving, label = read_image(img_p), read_label(lab_p)
             t0 = time.perf_counter()
             g = Greedy3D()
             g.execute(f"-d 3 -threads {threads} -i fix mov {GREEDY['moments']} -o mom", out=sink, err=sink,
@@ -156,10 +158,7 @@ def greedy_register(target: Path, atlases: Sequence[tuple[str, Path, Path]], thr
             g.execute(f"-d 3 -threads {threads} -rf fix -rm mov wimg -ri {GREEDY['label_interp']} -rm lab {wlab_path} "
                       f"-r warp aff", out=sink, err=sink, fix=fixed, mov=moving, lab=label, wimg=None)
             secs.append(time.perf_counter() - t0)
-            wimg, wlab = g["wimg"], read_label(wlab_path, allow_empty=True)
-            for img in (wimg, wlab):
-                if not Grid.from_image(img).isclose(grid):
-                    raise RuntimeError(f"greedy output of {aid} is off the target grid: {Grid.from_image(img).difference(grid)}")
+            wimg, wlab = _on_grid("greedy", aid, grid, g["wimg"], read_label(wlab_path, allow_empty=True))
             imgs.append(sitk.GetArrayFromImage(wimg).astype(np.float32))
             labs.append(sitk.GetArrayFromImage(wlab).astype(np.uint16))
     return np.stack(imgs), np.stack(labs), secs

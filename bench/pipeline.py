@@ -56,13 +56,9 @@ from bench import datasets, peers  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "pipeline"
 WORK = ROOT / ".cache" / "bench-pipeline"
-METHODS = {  # name -> (label in tables, the process that computes it)
-    "masrefine": ("MASRefine (default: deformable + I + JLF)", "masrefine"),
-    "masrefine-paper": ("MASRefine paper (deformable + IS + VoteNet+)", "masrefine-paper"),
-    "ants-pv": ("ANTs SyN + plurality vote", "ants"),
-    "ants-jlf": ("ANTs SyN + antsJointFusion", "ants"),
-    "greedy-jlf": ("greedy + our JLF", "greedy"),
-}
+from bench.report import LABELS  # noqa: E402
+# name -> (label in tables, the process that computes it)
+METHODS = {m: (LABELS[m], {"ants-pv": "ants", "ants-jlf": "ants", "greedy-jlf": "greedy"}.get(m, m)) for m in LABELS}
 DEFAULT_METHODS = ("masrefine", "ants-pv", "ants-jlf", "greedy-jlf")
 GROUPS = {"knee": {"bones": [1, 3], "cartilages": [2, 4]}, "ixi": {}}
 # surface Dice tolerance: the knee grid's spacing (the paper's 0.7 mm); one voxel of the 2 mm brains
@@ -82,13 +78,32 @@ def method_key(method: str, threads: int) -> dict:
     proc = METHODS[method][1]
     if proc.startswith("masrefine"):
         o = segment_options(method, threads).to_json()
-        return {"options": {k: v for k, v in o.items() if k not in ("device", "threads")}, "threads": threads}
+        return {"options": {k: v for k, v in o.items() if k not in ("device", "threads")}, "threads": threads,
+                "versions": {k: v for k, v in peers.versions().items() if k in ("torch", "SimpleITK")}}
     return {"peer": proc, "params": peers.params(proc), "versions": peers.versions(), "threads": threads}
 
 
 def commit() -> str:
     r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     return r.stdout.strip() or "unknown"
+
+
+# The code that decides the numbers of a row: registration, refinement, fusion, warps, losses, metrics, the
+# reader and the peers' runner. A row measured with other such code is marked stale by bench/report.py and
+# rerun with --rerun-stale (not by default: a change elsewhere, e.g. to input validation, keeps the rows).
+NUMERIC_CODE = ("MASRefineLib/registration", "MASRefineLib/fusion", "MASRefineLib/refine.py", "MASRefineLib/warp.py",
+                "MASRefineLib/fields.py", "MASRefineLib/losses.py", "MASRefineLib/segmenter.py",
+                "MASRefineLib/metrics.py", "MASRefineLib/imageio.py", "MASRefineLib/pipeline.py", "bench/peers.py")
+
+
+def code_digest() -> str:
+    """Digest of :data:`NUMERIC_CODE` as it is in the working tree."""
+    h = hashlib.sha1()
+    for entry in NUMERIC_CODE:
+        p = ROOT / entry
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def models_digest(models_dir: Path) -> str:
@@ -228,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads of every method (default 2)")
     ap.add_argument("--targets", default=None, help="comma-separated 1-based indices of the split's targets (default all)")
     ap.add_argument("--rerun", action="store_true", help="rerun methods that already have a result with the same key")
+    ap.add_argument("--rerun-stale", action="store_true",
+                    help="rerun methods whose result was measured with other numerical code (bench/pipeline.py NUMERIC_CODE)")
     a = ap.parse_args(argv)
     if a.worker:
         return worker(Path(a.worker))
@@ -259,7 +276,9 @@ def main(argv=None) -> int:
         keys = {m: method_key(m, a.threads) for m in methods}
         if "masrefine-paper" in keys:
             keys["masrefine-paper"]["models"] = models_digest(aset.models_dir)
-        todo = [m for m in methods if a.rerun or rec["methods"].get(m, {}).get("key") != keys[m]]
+        code, at = code_digest(), commit()  # of this invocation, taken before anything runs
+        todo = [m for m in methods if a.rerun or rec["methods"].get(m, {}).get("key") != keys[m]
+                or (a.rerun_stale and rec["methods"][m].get("code") != code)]
         procs = list(dict.fromkeys(METHODS[m][1] for m in todo))
         run_id = datetime.datetime.now().isoformat(timespec="seconds")
         for proc in procs:
@@ -279,7 +298,8 @@ def main(argv=None) -> int:
                     continue
                 rec["methods"][m] = {"label": METHODS[m][0], "key": keys[m], **t,
                                      "metrics": score(out / f"{m}.nii.gz", lab_p, a.dataset),
-                                     "threads": a.threads, "load_at_start": load, "run": run_id, "commit": commit(),
+                                     "threads": a.threads, "cores": os.cpu_count(), "load_at_start": load,
+                                     "run": run_id, "commit": at, "code": code,
                                      "versions": peers.versions(), "date": time.strftime("%Y-%m-%d")}
                 rp.parent.mkdir(parents=True, exist_ok=True)
                 from MASRefineLib.imageio import atomic_write_text

@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "pipeline"
 DOC = ROOT / "docs" / "results" / "pipeline.md"
 README = ROOT / "README.md"
-ORDER = ("masrefine", "masrefine-paper", "ants-pv", "ants-jlf", "greedy-jlf")
 OURS = "masrefine"
 
 
@@ -32,96 +31,121 @@ def _load(dataset: str, split: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((RESULTS / f"{dataset}-{split}").glob("*.json"))]
 
 
+# the methods, in table order, with their names in tables (bench/pipeline.py runs them)
+LABELS = {
+    "masrefine": "MASRefine (default: deformable + I + JLF)",
+    "masrefine-paper": "MASRefine paper (deformable + IS + VoteNet+)",
+    "ants-pv": "ANTs SyN (antspyx defaults) + plurality vote",
+    "ants-jlf": "ANTs SyN (antspyx defaults) + antsJointFusion",
+    "greedy-jlf": "greedy + our JLF",
+}
+ORDER = tuple(LABELS)
+
+
 def _ms(vals: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± sd`` of the defined values ("–" for the sd of a single value, "–" for none)."""
     import statistics
     vals = [v * scale for v in vals if v is not None]
     if not vals:
         return "–"
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.fmean(vals):.{digits}f} ± {sd:.{digits}f}"
+    sd = f"{statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else "–"
+    return f"{statistics.fmean(vals):.{digits}f} ± {sd}"
 
 
-def groups_of(dataset: str, recs: list[dict]) -> list[str]:
+def groups_of(recs: list[dict]) -> list[str]:
     for r in recs:
         for m in r["methods"].values():
             return [g for g in m["metrics"] if g != "mean"] or ["mean"]
     return ["mean"]
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def render(dataset: str, split: str) -> str:
-    """The markdown of one data set and split ("" when it has no results)."""
+    """The markdown of one data set and split ("" when it has no results).
+
+    The main table is over the targets that have every method (so each row is over the same targets); while
+    none has them all, each method is shown over its own targets (the "targets" column says how many). Paired
+    differences use the targets both methods have; wall-time ratios only pairs timed in the same invocation."""
     recs = _load(dataset, split)
     if not recs:
         return ""
     methods = [m for m in ORDER if any(m in r["methods"] for r in recs)]
-    # every row over the same targets: those with every method shown
     full = [r for r in recs if all(m in r["methods"] for m in methods)]
-    if not full:  # no target has them all yet: show each method on its own targets
-        full = recs
-    gs = groups_of(dataset, full)
+    own = not full
+    shown = recs if own else full
+    gs = groups_of(shown)
     gname = {"mean": "all labels"}
-    lines = [f"### {dataset}, {split} targets ({len(full)}: {', '.join(r['target'] for r in full)})", "",
-             f"{len(full[0]['atlases'])} atlases (bench/datasets.py), {full[0]['methods'][methods[0]]['threads']} threads; "
-             "mean ± sd over targets; Dice and surface Dice in %, distances in mm.", ""]
+    first = next(m for r in shown for m in r["methods"].values())
+    title = (f"{len(full)} with every method" if not own else "no target has every method yet") + \
+        f"; targets: {', '.join(r['target'] for r in shown)}"
+    lines = [f"### {dataset}, {split} targets ({title})", "",
+             f"{len(shown[0]['atlases'])} atlases (bench/datasets.py), {first['threads']} threads on a "
+             f"{first.get('cores', '?')}-core machine; mean ± sd over targets; Dice and surface Dice in %, distances in "
+             "mm; peak MB of the method's process (the two ANTs fusions share one).", ""]
     head = ["method"] + [f"Dice {gname.get(g, g)}" for g in gs] + [f"surface Dice {gname.get(g, g)}" for g in gs] + \
         [f"ASD {gname.get(g, g)}" for g in gs] + [f"HD95 {gname.get(g, g)}" for g in gs] + \
         ["undefined distances", "wall s", "CPU s", "peak MB", "targets"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for m in methods:
-        rows = [r["methods"][m] for r in full if m in r["methods"]]
-        cells = [rows[0]["label"]]
+        rows = [r["methods"][m] for r in shown if m in r["methods"]]
+        cells = [LABELS.get(m, m)]
         for key, scale, digits in (("dice", 100, 1), ("surface_dice", 100, 1), ("asd_mm", 1, 2), ("hd95_mm", 1, 2)):
             cells += [_ms([x["metrics"][g][key] for x in rows], scale, digits) for g in gs]
         und = sum(x["metrics"]["mean"]["n_undefined"] for x in rows)
         nlab = sum(x["metrics"]["mean"]["n_labels"] for x in rows)
         cells += [f"{und} of {nlab}", _ms([x["seconds"] for x in rows], 1, 0), _ms([x["cpu_seconds"] for x in rows], 1, 0),
                   _ms([x["peak_mb"] for x in rows], 1, 0), str(len(rows))]
-        lines.append("| " + " | ".join(cells) + " |")
-    if OURS in methods:
-        peers = [m for m in methods if m != OURS]
-        if peers:
-            lines += ["", f"Paired per-target differences, {full[0]['methods'][OURS]['label']} minus each method "
-                      "(Dice in points; wall time as a ratio, theirs / ours):", ""]
-            head = ["against"] + [f"Δ Dice {gname.get(g, g)}" for g in gs] + [f"ahead on (Dice {gname.get(g, g)})" for g in gs] + \
-                ["Δ surface Dice " + gname.get(gs[0], gs[0]), "wall-time ratio"]
-            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            for p in peers:
-                pair = [r for r in full if OURS in r["methods"] and p in r["methods"]]
-                d = {g: [r["methods"][OURS]["metrics"][g]["dice"] - r["methods"][p]["metrics"][g]["dice"] for r in pair] for g in gs}
-                sd = [r["methods"][OURS]["metrics"][gs[0]]["surface_dice"] - r["methods"][p]["metrics"][gs[0]]["surface_dice"]
-                      for r in pair]
-                ratio = [r["methods"][p]["seconds"] / r["methods"][OURS]["seconds"] for r in pair]
-                cells = [pair[0]["methods"][p]["label"] if pair else p]
-                cells += [_ms(d[g], 100, 2) for g in gs]
-                cells += [f"{sum(x > 0 for x in d[g])} of {len(pair)}" for g in gs]
-                cells += [_ms(sd, 100, 2), _ms(ratio, 1, 2) + "×"]
-                lines.append("| " + " | ".join(cells) + " |")
-    # the warps before fusion: mean over atlases and targets of each atlas's Dice (one registration per peer)
-    warp_rows = []
-    seen = set()
+        body.append(cells)
+    lines += _table(head, body)
+    if OURS in methods and len(methods) > 1:
+        lines += ["", f"Paired per-target differences, {LABELS[OURS]} minus each method (Dice in points; wall time as "
+                  "theirs / ours, over the targets where both were timed in the same invocation):", ""]
+        head = ["against", "targets"] + [f"Δ Dice {gname.get(g, g)}" for g in gs] + \
+            [f"ahead on (Dice {gname.get(g, g)})" for g in gs] + [f"Δ surface Dice {gname.get(gs[0], gs[0])}", "wall-time ratio"]
+        body = []
+        for p in methods:
+            if p == OURS:
+                continue
+            pair = [r for r in recs if OURS in r["methods"] and p in r["methods"]]
+            if not pair:
+                continue
+            d = {g: [r["methods"][OURS]["metrics"][g]["dice"] - r["methods"][p]["metrics"][g]["dice"] for r in pair] for g in gs}
+            sd = [r["methods"][OURS]["metrics"][gs[0]]["surface_dice"] - r["methods"][p]["metrics"][gs[0]]["surface_dice"]
+                  for r in pair]
+            same = [r for r in pair if r["methods"][OURS].get("run") == r["methods"][p].get("run")]
+            ratio = [r["methods"][p]["seconds"] / r["methods"][OURS]["seconds"] for r in same]
+            body.append([LABELS.get(p, p), str(len(pair))] + [_ms(d[g], 100, 2) for g in gs] +
+                        [f"{sum(x > 0 for x in d[g])} of {len(pair)}" for g in gs] +
+                        [_ms(sd, 100, 2), (_ms(ratio, 1, 2) + f"× ({len(same)})") if same else "not timed together"])
+        lines += _table(head, body)
+    # the warps before fusion: each atlas's Dice, mean over atlases and targets (one registration per peer)
+    warp_rows, seen = [], set()
     for m in methods:
-        proc = {"ants-pv": "ants", "ants-jlf": "ants"}.get(m, m)
-        stages = {st for r in full for st in r["methods"].get(m, {}).get("per_atlas_dice", {})}
-        for st in sorted(stages, reverse=True):
+        proc = "ants" if m.startswith("ants") else m
+        stages = sorted({st for r in shown for st in r["methods"].get(m, {}).get("per_atlas_dice", {})}, reverse=True)
+        for st in stages:
             if (proc, st) in seen:
                 continue
             seen.add((proc, st))
-            vals = {g: [d[g] for r in full for d in r["methods"][m].get("per_atlas_dice", {}).get(st, {}).values()]
-                    for g in gs}
-            n_t = sum(1 for r in full if r["methods"][m].get("per_atlas_dice", {}).get(st))
-            label = {"ants": "ANTs SyN"}.get(proc, full[0]["methods"][m]["label"].split(" + ")[0].split(" (")[0])
-            warp_rows.append([f"{label}, {st}"] + [_ms(vals[g], 100, 1) for g in gs] + [str(n_t)])
+            per = [r["methods"][m]["per_atlas_dice"][st] for r in shown if r["methods"].get(m, {}).get("per_atlas_dice", {}).get(st)]
+            vals = {g: [d[g] for t in per for d in t.values()] for g in gs}
+            name = {"ants": "ANTs SyN", "greedy-jlf": "greedy"}.get(proc, "MASRefine")
+            warp_rows.append([f"{name}, {st}"] + [_ms(vals[g], 100, 1) for g in gs] + [str(len(per))])
     if warp_rows:
         lines += ["", "Warped atlases before fusion: Dice of each atlas against the target's truth (mean ± sd over "
                   "atlases and targets, %):", ""]
-        head = ["warps"] + [f"Dice {gname.get(g, g)}" for g in gs] + ["targets"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(row) + " |" for row in warp_rows]
-    commits = sorted({m["commit"] for r in full for m in r["methods"].values()})
-    dates = sorted({m["date"] for r in full for m in r["methods"].values()})
-    loads = [m["load_at_start"] for r in full for m in r["methods"].values()]
-    lines += ["", f"Measured at commit(s) {', '.join(commits)} on {', '.join(dates)}; load average at the start of a "
-              f"method {min(loads):.1f}–{max(loads):.1f} on 2 cores. Source: `docs/results/pipeline/{dataset}-{split}/`.", ""]
+        lines += _table(["warps"] + [f"Dice {gname.get(g, g)}" for g in gs] + ["targets"], warp_rows)
+    ms = [m for r in shown for m in r["methods"].values()]
+    commits = sorted({m["commit"] for m in ms})
+    codes = sorted({m.get("code", "unrecorded") for m in ms})
+    dates = sorted({m["date"] for m in ms})
+    loads = [m["load_at_start"] for m in ms]
+    lines += ["", f"Measured at commit(s) {', '.join(commits)} (numerical code {', '.join(codes)}) on {', '.join(dates)}; "
+              f"load average at the start of a method {min(loads):.1f}–{max(loads):.1f}. "
+              f"Source: `docs/results/pipeline/{dataset}-{split}/`.", ""]
     return "\n".join(lines)
 
 
