@@ -36,6 +36,7 @@ from MASRefineModule.Parameters import (DEFAULT_ALPHA, DEFAULT_GAMMA, DEFAULT_IT
                                         MASRefineParameterNode, PreRegistration, Preset, Refinement, Retention,
                                         pathIsSet)  # noqa: F401
 from MASRefineModule.Sample import registerSampleData
+from MASRefineModule.SceneAtlas import SceneAtlasSection
 from MASRefineModule.Test import MASRefineTest  # noqa: F401 (Slicer looks it up here)
 
 #
@@ -116,6 +117,8 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.atlasDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.outputDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.newAtlasDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.sceneAtlas = SceneAtlasSection(self)  # atlas sets from the scene's segmentations
         self._flickerTimer = qt.QTimer()
         self._flickerTimer.setInterval(500)
         self._flickerTimer.connect("timeout()", self.onFlickerTimeout)
@@ -230,7 +233,8 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        for lineEdit, value in ((self.ui.atlasDirPathLineEdit, p.atlasDir), (self.ui.outputDirPathLineEdit, p.outputDir)):
+        for lineEdit, value in ((self.ui.atlasDirPathLineEdit, p.atlasDir), (self.ui.outputDirPathLineEdit, p.outputDir),
+                                (self.ui.newAtlasDirPathLineEdit, p.newAtlasDir)):
             if not pathIsSet(value) and lineEdit.currentPath:
                 lineEdit.currentPath = ""
 
@@ -327,6 +331,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.advancedCollapsibleButton):
             widget.enabled = not running
         self.ui.progressBar.visible = self._job is not None
+        self.sceneAtlas.update()
         self.ui.openOutputFolderButton.enabled = self._job is not None and os.path.isdir(self._job.outputDir)
         if not running:
             self._checkCanApply()

@@ -54,6 +54,8 @@ class FakeNode:
         self.referenceGeometryFrom = None
         self.display = FakeDisplayNode()
         self.removed = False  # set by FakeScene.RemoveNode (the user deleted it)
+        self.referenceNodes: dict[str, "FakeNode"] = {}
+        self.segments = None  # a segmentation node made in the test: its LabelTable (image: its label map)
 
     def GetID(self):
         return self.id
@@ -80,7 +82,16 @@ class FakeNode:
         return self.references.get(role)
 
     def SetReferenceImageGeometryParameterFromVolumeNode(self, node):
+        """As Slicer's, which also references the volume (vtkMRMLSegmentationNode.cxx:782)."""
         self.referenceGeometryFrom = node.GetID()
+        self.referenceNodes[self.GetReferenceImageGeometryReferenceRole()] = node
+
+    @staticmethod
+    def GetReferenceImageGeometryReferenceRole():
+        return "referenceImageGeometryRef"  # vtkMRMLSegmentationNode.h:208
+
+    def GetNodeReference(self, role):
+        return self.referenceNodes.get(role)
 
     def CreateDefaultDisplayNodes(self):
         pass
@@ -349,9 +360,18 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
     def exportNode(node, filename, properties=EXPORT_DEFAULT_PROPERTIES, world=False):
         """As Slicer's (Base/Python/slicer/util.py:1183-1209): the default ``properties`` is one shared dict,
         and the call writes the file format it chose into whatever dict it got."""
+        import shutil
+
         import SimpleITK as sitk
         properties.setdefault("fileFormat", "NRRD (.nrrd)" if str(filename).endswith(".nrrd") else "other")
         slicer.exported.append({"node": node, "filename": str(filename), "world": world, "properties": properties})
+        if str(filename).endswith(".seg.nrrd"):  # a segmentation node: its segments (names, colours, terminology)
+            if node.segments is not None:
+                from MASRefineLib.labels import write_seg_nrrd
+                write_seg_nrrd(node.image, node.segments, filename)
+            else:  # loaded from a .seg.nrrd: what it holds
+                shutil.copyfile(node.path, filename)
+            return True
         sitk.WriteImage(node.image, str(filename))
         return True
 

@@ -129,9 +129,12 @@ def test_unset_paths_show_empty_not_a_dot(mod):
     panel = make_panel(module)
     panel.ui.atlasDirPathLineEdit = slicer_stubs.FakeWidget(currentPath=".")
     panel.ui.outputDirPathLineEdit = slicer_stubs.FakeWidget(currentPath="/data/runs")
-    panel._parameterNode = slicer_stubs.fake_parameter_node(atlasDir=Path("."), outputDir=Path("/data/runs"))
+    panel.ui.newAtlasDirPathLineEdit = slicer_stubs.FakeWidget(currentPath=".")
+    panel._parameterNode = slicer_stubs.fake_parameter_node(atlasDir=Path("."), outputDir=Path("/data/runs"),
+                                                            newAtlasDir=Path("."))
     panel._clearUnsetPaths()
     assert panel.ui.atlasDirPathLineEdit.currentPath == "" and panel.ui.outputDirPathLineEdit.currentPath == "/data/runs"
+    assert panel.ui.newAtlasDirPathLineEdit.currentPath == ""
 
 
 def test_ui_texts_say_what_the_widgets_do():

@@ -9,7 +9,7 @@ import slicer
 from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
-from MASRefineModule import Dependencies, Results, Sample
+from MASRefineModule import Dependencies, Results, Sample, SceneAtlas
 from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable
 from MASRefineModule.Job import POLL_INTERVAL_MS, MASRefineJob, activeJobs, launch, removeOnClose
 from MASRefineModule.Parameters import (Device, Fusion, MASRefineParameterNode, PreRegistration, Preset, Refinement,
@@ -198,6 +198,7 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
         handle = launch(MASRefineJob(runner, runDir, outputDir, targetNode=targetNode,
                                      loadResults=self.loadJobResults if loadResults else None,
                                      onEvent=onEvent, onFinished=onFinished))
+        handle.atlasDir = str(atlasDir)  # where "add this case to the atlas set" adds a corrected result
         logging.info(f"MASRefine: started {' '.join(str(c) for c in getattr(runner, 'command', [jobPath]))}")
         return handle
 
@@ -219,6 +220,29 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
     showAtlasSideBySide = staticmethod(Results.showAtlasSideBySide)
     saveViews = staticmethod(Results.saveViews)
     restoreViews = staticmethod(Results.restoreViews)
+
+    # Atlas sets from the scene (MASRefineModule.SceneAtlas)
+
+    def startAtlasBuild(self, segmentationNodes, atlasDir, onEvent: Optional[Callable] = None,
+                        onFinished: Optional[Callable] = None) -> MASRefineJob:
+        """A new atlas set in ``atlasDir`` (new or empty) from segmentation nodes, each with its source volume, in the
+        background: labels from the segment names (the same in every segmentation), colours and terminology."""
+        if not pathIsSet(atlasDir):
+            raise ValueError(_("Select a folder for the new atlas set"))
+        return SceneAtlas.startAtlasJob(self, SceneAtlas.casePairs(list(segmentationNodes)), atlasDir, "new",
+                                        onEvent=onEvent, onFinished=onFinished)
+
+    def startAddCase(self, job, volumeNode=None, segmentationNode=None, onEvent: Optional[Callable] = None,
+                     onFinished: Optional[Callable] = None) -> MASRefineJob:
+        """Add a finished run's result (its fused segmentation, as the user corrected it, on its target) to the atlas
+        set the run used, in the background; the segment names must be the set's label names."""
+        volumeNode = volumeNode or (job.targetNode if job is not None else None)
+        segmentationNode = segmentationNode or (job.nodes.get("fused-labels") if job is not None else None)
+        for node, what in ((volumeNode, _("target volume")), (segmentationNode, _("segmentation"))):
+            if node is None or not slicer.mrmlScene.IsNodePresent(node):
+                raise ValueError(_("The run's {what} is no longer in the scene").format(what=what))
+        return SceneAtlas.startAtlasJob(self, [(volumeNode, segmentationNode)], job.atlasDir, "add",
+                                        onEvent=onEvent, onFinished=onFinished)
 
     def loadSampleData(self, outDir: Optional[str] = None) -> dict:
         """The built-in phantom atlas set, made or reused, with its target loaded (waits; MASRefineModule.Sample)."""

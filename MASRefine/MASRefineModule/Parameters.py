@@ -109,11 +109,13 @@ class MASRefineParameterNode:
     iterations - Refinement iterations at the finest level.
     retention - What happens to run folders: kept, deleted when the scene closes, or only the last keepLast kept.
     keepLast - How many run folders "keep the last N runs" keeps in the output folder.
+    newAtlasDir - Where "Build atlas set" makes a new atlas set from the scene's segmentations.
     """
 
     targetVolume: vtkMRMLScalarVolumeNode
     atlasDir: pathlib.Path
     outputDir: pathlib.Path
+    newAtlasDir: pathlib.Path
     preset: Preset = Preset.DEFAULT
     prereg: PreRegistration = PreRegistration.DEFORMABLE
     refine: Refinement = Refinement.I

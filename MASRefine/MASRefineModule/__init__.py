@@ -7,10 +7,11 @@
 - ``Logic``: MASRefineLogic (the console API);
 - ``Results``: a finished run's outputs as nodes, atlas display for QA;
 - ``Sample``: the built-in phantom in the Sample Data module;
+- ``SceneAtlas``: atlas sets from the scene's segmentations, and adding a corrected result to the atlas set;
 - ``Test``: MASRefineTest, the self-test.
 
 Slicer's *Reload* re-executes MASRefine.py only; MASRefineWidget.onReload reloads these first, in
 the order of SUBMODULES (each after the ones it imports).
 """
 
-SUBMODULES = ("Parameters", "Environment", "Job", "Results", "Dependencies", "Sample", "Logic", "Test")
+SUBMODULES = ("Parameters", "Environment", "Job", "Results", "Dependencies", "Sample", "SceneAtlas", "Logic", "Test")
