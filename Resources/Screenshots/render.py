@@ -28,7 +28,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 ROOT = Path(__file__).resolve().parents[2]
 UI_FILE = ROOT / "MASRefine" / "Resources" / "UI" / "MASRefine.ui"
 OUT = Path(__file__).resolve().parent / "MASRefine-result.png"
-STAND_INS = {"ctkCollapsibleButton": "QGroupBox", "ctkPathLineEdit": "QLineEdit", "qMRMLNodeComboBox": "QComboBox",
+STAND_INS = {"ctkCollapsibleButton": "QGroupBox", "ctkPathLineEdit": "QLineEdit", "qMRMLNodeComboBox": "QComboBox", "qMRMLCheckableNodeComboBox": "QComboBox",
              "ctkSliderWidget": "QDoubleSpinBox", "qMRMLWidget": "QWidget"}
 
 
@@ -62,11 +62,11 @@ def render_panel(sample: dict, run: Path, path: Path) -> None:
     f.close()
     find = lambda cls, name: panel.findChild(cls, name)  # noqa: E731
 
-    for w in ui.iter("widget"):  # section titles; Dependencies and Log folded as in Slicer
+    for w in ui.iter("widget"):  # section titles; the sections the .ui folds are folded
         if w.get("class") == "ctkCollapsibleButton":
             box = find(QtWidgets.QGroupBox, w.get("name"))
             box.setTitle(w.findtext("property[@name='text']/string"))
-            if w.get("name") in ("dependenciesCollapsibleButton", "logCollapsibleButton"):
+            if w.get("name") in ("dependenciesCollapsibleButton", "logCollapsibleButton", "sceneAtlasCollapsibleButton"):
                 for child in box.findChildren(QtWidgets.QWidget):
                     child.hide()
     find(QtWidgets.QComboBox, "targetVolumeSelector").addItem("target01")
