@@ -210,8 +210,10 @@ def ants_joint_fusion(target: np.ndarray, images: np.ndarray, labels: np.ndarray
 
 
 def warped_set(target_grid, label_table, ids: Sequence[str], images: np.ndarray, labels: np.ndarray):
-    """A :class:`~MASRefineLib.warped.WarpedSet` of a peer's warped atlases (images normalised as ours), so
-    our fusion methods run on them unchanged. No fields: fusion does not use them."""
+    """A :class:`~MASRefineLib.warped.WarpedSet` of a peer's warped atlases, so our fusion methods run on them
+    unchanged. No fields: fusion does not use them. Images are normalised as ours (percentile clip to [0, 1]) but
+    *after* the peer warped them, so the percentiles include the zero fill where an atlas does not cover the
+    target; MASRefine normalises before warping. The effect on the fused labels has not been measured."""
     from MASRefineLib.imageio import normalize_intensity
     from MASRefineLib.warped import WarpedAtlas, WarpedSet
 
