@@ -1,12 +1,13 @@
 """Install or upgrade the worker's Python packages in this interpreter, reporting the worker's events.
 
-``python -m MASRefineLib.install [--torch REQ] [--constraints FILE] [--pip-option OPT ...] REQ ...``
+``python -m MASRefineLib.install [--upgrade] [--torch REQ] [--constraints FILE] [--pip-option OPT ...] REQ ...``
 
 What the Slicer module runs in the background (``PythonSlicer -m MASRefineLib.install ...``), so that
 nothing is installed or imported in Slicer's own process: torch through light-the-torch (the tool the
 PyTorch extension's ``PyTorchUtils.installTorch`` uses, which picks the build for the installed NVIDIA
 driver), everything else through pip with the constraints file (which pins what Slicer ships).
-Requirements already satisfied are skipped. Events (``MASREFINE-EVENT {json}`` lines, see
+Requirements already satisfied are skipped, unless ``--upgrade``: then every requirement is
+installed with ``--upgrade`` (pip and light-the-torch), satisfied or not. Events (``MASREFINE-EVENT {json}`` lines, see
 :mod:`MASRefineLib.worker`): ``stage`` per step, ``progress``, ``log`` for each line the installers
 print, ``result`` with ``installed`` ``{distribution: version}``, or ``error`` with the installer's last
 line. Exit codes: 0 done, 1 an installer failed. Only the standard library is imported here (the
@@ -49,24 +50,29 @@ def satisfied(requirement: str) -> bool:
 
 
 def steps(torch: Optional[str], requirements: list[str], constraints: Optional[str],
-          pip_options: list[str]) -> list[tuple[str, list[str]]]:
-    """(stage, command) for each installer run needed, in order; empty when everything is satisfied."""
+          pip_options: list[str], upgrade: bool = False) -> list[tuple[str, list[str]]]:
+    """(stage, command) for each installer run needed, in order. Installing (``upgrade`` False): only the
+    requirements not satisfied, empty when everything is. Upgrading: every requirement (and
+    light-the-torch with torch), with ``--upgrade`` for pip and light-the-torch."""
     py = sys.executable
+    options = list(pip_options)
+    if upgrade and "--upgrade" not in options and "-U" not in options:
+        options.append("--upgrade")
     out = []
-    if torch and not satisfied(torch):
-        if not satisfied(LIGHT_THE_TORCH):
-            out.append(("light-the-torch", [py, "-m", "pip", "install", *pip_options, LIGHT_THE_TORCH]))
-        out.append(("torch", [py, "-m", "light_the_torch", "install", *pip_options, torch]))
-    missing = [r for r in requirements if not satisfied(r)]
-    if missing:
+    if torch and (upgrade or not satisfied(torch)):
+        if upgrade or not satisfied(LIGHT_THE_TORCH):
+            out.append(("light-the-torch", [py, "-m", "pip", "install", *options, LIGHT_THE_TORCH]))
+        out.append(("torch", [py, "-m", "light_the_torch", "install", *options, torch]))
+    wanted = list(requirements) if upgrade else [r for r in requirements if not satisfied(r)]
+    if wanted:
         pinned = ["-c", constraints] if constraints else []
-        out.append(("packages", [py, "-m", "pip", "install", *pinned, *pip_options, *missing]))
+        out.append(("packages", [py, "-m", "pip", "install", *pinned, *options, *wanted]))
     return out
 
 
 def run(events: EventWriter, torch: Optional[str], requirements: list[str], constraints: Optional[str],
-        pip_options: list[str]) -> int:
-    plan = steps(torch, requirements, constraints, pip_options)
+        pip_options: list[str], upgrade: bool = False) -> int:
+    plan = steps(torch, requirements, constraints, pip_options, upgrade)
     for i, (stage, command) in enumerate(plan):
         events.emit("stage", stage=stage, message=" ".join(command[1:]))
         events.emit("progress", stage=stage, fraction=0.0, overall=round(i / len(plan), 4), message=stage)
@@ -93,17 +99,29 @@ def run(events: EventWriter, torch: Optional[str], requirements: list[str], cons
     return EXIT_DONE
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m MASRefineLib.install", description=__doc__.split("\n\n")[0])
     ap.add_argument("requirements", nargs="*", help="pip requirement strings")
     ap.add_argument("--torch", help="torch requirement, installed with light-the-torch (e.g. 'torch>=2.1')")
     ap.add_argument("--constraints", help="pip constraints file (versions pip must keep)")
+    ap.add_argument("--upgrade", action="store_true",
+                    help="upgrade every requirement, satisfied or not (else only what is not satisfied is installed)")
     ap.add_argument("--pip-option", action="append", default=[],
                     help="option passed to pip and light-the-torch (e.g. --pip-option=--no-index)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def plan(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """The steps ``main(argv)`` would run now (nothing is run)."""
+    a = parser().parse_args(argv)
+    return steps(a.torch, a.requirements, a.constraints, a.pip_option, a.upgrade)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     events = EventWriter(sys.stdout)
     events.emit("started", pid=os.getpid(), pipeline="install")
-    return run(events, a.torch, a.requirements, a.constraints, a.pip_option)
+    return run(events, a.torch, a.requirements, a.constraints, a.pip_option, a.upgrade)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,23 @@ def test_install_command_pins_slicer_packages_and_names_only_what_is_missing(mod
     constraints = Path(command[command.index("--constraints") + 1]).read_text().split()
     assert constraints == [f"numpy=={metadata.version('numpy')}", f"SimpleITK=={metadata.version('SimpleITK')}",
                            f"torch=={metadata.version('torch')}"]
+
+
+def test_upgrade_command_plans_installer_runs_when_everything_is_installed(mod):
+    """What "Install / upgrade" runs with nothing missing: the installer's plan for the module's command line
+    must upgrade torch (light-the-torch) and every requirement (pip), not be empty."""
+    from MASRefineLib import install
+
+    deps = slicer_stubs.submodule("Dependencies")
+    assert deps.missing() == []
     upgrade = deps.installCommand(upgrade=True)
-    assert "--pip-option=--upgrade" in upgrade and upgrade[upgrade.index("--torch") + 1] == deps.TORCH_REQUIREMENT
+    assert upgrade[1:3] == ["-m", "MASRefineLib.install"]
+    plan = dict(install.plan(upgrade[3:]))
+    assert list(plan) == ["light-the-torch", "torch", "packages"]
+    assert plan["torch"][-2:] == ["--upgrade", deps.TORCH_REQUIREMENT]
+    requirements = slicer_stubs.submodule("Environment").readRequirements()
+    assert plan["packages"][-len(requirements) - 1:] == ["--upgrade", *requirements]
+    assert install.plan(deps.installCommand()[3:]) == []  # installing: nothing is missing, nothing runs
 
 
 def test_installer_reports_versions_and_one_line_errors():
@@ -192,3 +207,22 @@ def test_sample_data_registration(mod, monkeypatch):
     assert source["uris"] == Path(sample.sampleTarget()).as_uri() and source["nodeNames"] == "MASRefinePhantom"
     assert Path(source["thumbnailFileName"]).is_file()
     assert callable(source["customDownloader"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the installer's plan (MASRefineLib/install.py)
+
+
+def test_upgrade_plans_every_requirement_even_when_satisfied():
+    """"Install / upgrade" with everything installed must still run the installers, with --upgrade."""
+    from MASRefineLib import install
+
+    assert install.satisfied("torch>=2.1") and install.satisfied("numpy>=1.0")
+    assert install.steps("torch>=2.1", ["numpy>=1.0"], "c.txt", []) == []  # install mode: nothing to do
+    plan = dict(install.steps("torch>=2.1", ["numpy>=1.0"], "c.txt", [], upgrade=True))
+    assert list(plan) == ["light-the-torch", "torch", "packages"]
+    assert plan["torch"][1:] == ["-m", "light_the_torch", "install", "--upgrade", "torch>=2.1"]
+    assert plan["packages"][1:] == ["-m", "pip", "install", "-c", "c.txt", "--upgrade", "numpy>=1.0"]
+    assert "--upgrade" in plan["light-the-torch"]
+    # an --upgrade given as a pip option too is passed once
+    assert dict(install.steps(None, ["numpy>=1.0"], None, ["--upgrade"], upgrade=True))["packages"].count("--upgrade") == 1

@@ -78,7 +78,7 @@ def installCommand(upgrade: bool = False) -> list:
     if torch:
         command += ["--torch", torch]
     if upgrade:
-        command += ["--pip-option=--upgrade"]
+        command += ["--upgrade"]  # every requirement, satisfied or not (the installer skips satisfied ones otherwise)
     return command + others
 
 
