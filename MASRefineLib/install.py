@@ -1,11 +1,13 @@
 """Install or upgrade the worker's Python packages in this interpreter, reporting the worker's events.
 
-``python -m MASRefineLib.install [--upgrade] [--torch REQ] [--constraints FILE] [--pip-option OPT ...] REQ ...``
+``python -m MASRefineLib.install [--upgrade] [--torch REQ] [--constraints FILE] [--pin NAME ...] [--pip-option OPT ...] REQ ...``
 
 What the Slicer module runs in the background (``PythonSlicer -m MASRefineLib.install ...``), so that
 nothing is installed or imported in Slicer's own process: torch through light-the-torch (the tool the
 PyTorch extension's ``PyTorchUtils.installTorch`` uses, which picks the build for the installed NVIDIA
-driver), everything else through pip with the constraints file (which pins what Slicer ships).
+driver), everything else through pip with the constraints file and the ``--pin`` distributions (what Slicer
+ships, and torch) at the versions installed when the pip step starts, so after the torch step: a torch pin
+written before light-the-torch replaced torch would make pip resolve the rest against the old torch.
 Requirements already satisfied are skipped, unless ``--upgrade``: then every requirement is
 installed with ``--upgrade`` (pip and light-the-torch), satisfied or not. Events (``MASREFINE-EVENT {json}`` lines, see
 :mod:`MASRefineLib.worker`): ``stage`` per step, ``progress``, ``log`` for each line the installers
@@ -19,6 +21,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from typing import Optional
 
@@ -70,24 +73,47 @@ def steps(torch: Optional[str], requirements: list[str], constraints: Optional[s
     return out
 
 
+def write_constraints(path: str, constraints: Optional[str], pins: list[str]) -> None:
+    """The pip step's constraints file: the lines of ``constraints`` (if any), then ``name==version`` for each
+    pinned distribution installed now (one not installed is left out)."""
+    lines = []
+    if constraints:
+        with open(constraints, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    for name in pins:
+        try:
+            lines.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
 def run(events: EventWriter, torch: Optional[str], requirements: list[str], constraints: Optional[str],
-        pip_options: list[str], upgrade: bool = False) -> int:
-    plan = steps(torch, requirements, constraints, pip_options, upgrade)
-    for i, (stage, command) in enumerate(plan):
-        events.emit("stage", stage=stage, message=" ".join(command[1:]))
-        events.emit("progress", stage=stage, fraction=0.0, overall=round(i / len(plan), 4), message=stage)
-        kwargs = {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0)} if os.name == "nt" else {}
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                encoding="utf-8", errors="replace", **kwargs)
-        last = ""
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                last = line
-                events.emit("log", level="info", message=line)
-        if proc.wait() != 0:
-            events.emit("error", kind="install", message=f"{stage}: {last or 'the installer failed'} (exit code {proc.returncode})")
-            return EXIT_ERROR
+        pip_options: list[str], upgrade: bool = False, pins: Optional[list[str]] = None) -> int:
+    """Run the plan of :func:`steps`; with ``pins``, the pip step's constraints file is written just before it
+    runs (:func:`write_constraints`), in a temporary folder removed afterwards."""
+    pins = list(pins or [])
+    with tempfile.TemporaryDirectory(prefix="masrefine-install-") as tmp:
+        pinned = os.path.join(tmp, "constraints.txt") if pins else constraints
+        plan = steps(torch, requirements, pinned, pip_options, upgrade)
+        for i, (stage, command) in enumerate(plan):
+            if stage == "packages" and pins:
+                write_constraints(pinned, constraints, pins)  # read now: after the torch step
+            events.emit("stage", stage=stage, message=" ".join(command[1:]))
+            events.emit("progress", stage=stage, fraction=0.0, overall=round(i / len(plan), 4), message=stage)
+            kwargs = {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0)} if os.name == "nt" else {}
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    encoding="utf-8", errors="replace", **kwargs)
+            last = ""
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    last = line
+                    events.emit("log", level="info", message=line)
+            if proc.wait() != 0:
+                events.emit("error", kind="install", message=f"{stage}: {last or 'the installer failed'} (exit code {proc.returncode})")
+                return EXIT_ERROR
     names = ([requirement_name(torch)] if torch else []) + [requirement_name(r) for r in requirements]
     installed = {}
     for name in names:
@@ -104,6 +130,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("requirements", nargs="*", help="pip requirement strings")
     ap.add_argument("--torch", help="torch requirement, installed with light-the-torch (e.g. 'torch>=2.1')")
     ap.add_argument("--constraints", help="pip constraints file (versions pip must keep)")
+    ap.add_argument("--pin", action="append", default=[], metavar="NAME",
+                    help="keep this distribution at the version installed when the pip step starts (after the torch step)")
     ap.add_argument("--upgrade", action="store_true",
                     help="upgrade every requirement, satisfied or not (else only what is not satisfied is installed)")
     ap.add_argument("--pip-option", action="append", default=[],
@@ -112,16 +140,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def plan(argv: list[str]) -> list[tuple[str, list[str]]]:
-    """The steps ``main(argv)`` would run now (nothing is run)."""
+    """The steps ``main(argv)`` would run now (nothing is run; with ``--pin``, the pip step's ``-c`` names
+    the constraints file written just before it, shown here as ``<pins>``)."""
     a = parser().parse_args(argv)
-    return steps(a.torch, a.requirements, a.constraints, a.pip_option, a.upgrade)
+    return steps(a.torch, a.requirements, "<pins>" if a.pin else a.constraints, a.pip_option, a.upgrade)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     events = EventWriter(sys.stdout)
     events.emit("started", pid=os.getpid(), pipeline="install")
-    return run(events, a.torch, a.requirements, a.constraints, a.pip_option, a.upgrade)
+    return run(events, a.torch, a.requirements, a.constraints, a.pip_option, a.upgrade, a.pin)
 
 
 if __name__ == "__main__":

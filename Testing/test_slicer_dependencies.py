@@ -49,9 +49,10 @@ def test_install_command_pins_slicer_packages_and_names_only_what_is_missing(mod
     command = deps.installCommand()
     assert command[1:3] == ["-m", "MASRefineLib.install"] and command[-1] == "monai>=1.3"
     assert "--torch" not in command  # torch is there
-    constraints = Path(command[command.index("--constraints") + 1]).read_text().split()
-    assert constraints == [f"numpy=={metadata.version('numpy')}", f"SimpleITK=={metadata.version('SimpleITK')}",
-                           f"torch=={metadata.version('torch')}"]
+    # numpy, SimpleITK and torch are pinned by the installer at the versions installed when its pip step starts
+    # (after its torch step): a torch pin written before would make pip resolve monai against the old torch
+    assert [a for a in command if a.startswith("--pin")] == ["--pin=numpy", "--pin=SimpleITK", "--pin=torch"]
+    assert "--constraints" not in command
 
 
 def test_upgrade_command_plans_installer_runs_when_everything_is_installed(mod):
@@ -226,3 +227,43 @@ def test_upgrade_plans_every_requirement_even_when_satisfied():
     assert "--upgrade" in plan["light-the-torch"]
     # an --upgrade given as a pip option too is passed once
     assert dict(install.steps(None, ["numpy>=1.0"], None, ["--upgrade"], upgrade=True))["packages"].count("--upgrade") == 1
+
+
+def _fake_distribution(site: Path, name: str, version: str) -> None:
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_installer_pins_the_versions_installed_after_its_torch_step(monkeypatch, tmp_path):
+    """The pip step's constraints hold the pinned distributions at the versions installed when it starts, so a
+    torch that light-the-torch just replaced is pinned at its new version (with the --constraints file's lines)."""
+    import io
+
+    from MASRefineLib import install
+    from MASRefineLib.worker import EventWriter
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_distribution(site, "masrefine-fake-torch", "1.0")
+    monkeypatch.syspath_prepend(str(site))
+    base = tmp_path / "base.txt"
+    base.write_text("scipy<99\n")
+    seen = tmp_path / "seen.txt"
+    replace_torch = (f"import pathlib, shutil; site = pathlib.Path({str(site)!r}); "
+                     "shutil.rmtree(site / 'masrefine_fake_torch-1.0.dist-info'); "
+                     "(site / 'masrefine_fake_torch-2.0.dist-info').mkdir(); "
+                     "(site / 'masrefine_fake_torch-2.0.dist-info' / 'METADATA').write_text("
+                     "'Metadata-Version: 2.1\\nName: masrefine-fake-torch\\nVersion: 2.0\\n')")
+
+    def fake_steps(torch, requirements, constraints, pip_options, upgrade=False):
+        copy = f"import shutil, sys; shutil.copy(sys.argv[1], {str(seen)!r})"
+        return [("torch", [sys.executable, "-c", replace_torch]),
+                ("packages", [sys.executable, "-c", copy, constraints])]
+
+    monkeypatch.setattr(install, "steps", fake_steps)
+    out = io.StringIO()
+    code = install.run(EventWriter(out), "masrefine-fake-torch>=1", ["scipy>=1"], str(base), [],
+                       pins=["masrefine-fake-torch", "masrefine-not-installed"])
+    assert code == 0, out.getvalue()
+    assert seen.read_text().split() == ["scipy<99", "masrefine-fake-torch==2.0"]

@@ -13,7 +13,7 @@ from slicer.i18n import tr as _
 from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable, readRequirements, requirementSatisfied, workerEnvironment
 from MASRefineModule.Job import MASRefineJob, launch
 
-# torch comes from the PyTorch extension's installer (light-the-torch); numpy and SimpleITK are Slicer's.
+# torch is installed with light-the-torch (as the PyTorch extension's installer does); numpy and SimpleITK are Slicer's.
 TORCH_REQUIREMENT = "torch>=2.1"
 NEVER_PIP_INSTALL = ("numpy", "SimpleITK", "torch")
 
@@ -56,25 +56,14 @@ def statusText() -> str:
     return "<table>" + "".join(lines) + "</table>"
 
 
-def writeConstraints(path: str) -> str:
-    """A pip constraints file pinning the installed numpy, SimpleITK and torch, so pip never replaces them."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for name in NEVER_PIP_INSTALL:
-            try:
-                f.write(f"{name}=={metadata.version(name)}\n")
-            except metadata.PackageNotFoundError:
-                pass
-    return path
-
-
 def installCommand(upgrade: bool = False) -> list:
-    """The background installer's command line for what is missing (``upgrade``: every requirement)."""
+    """The background installer's command line for what is missing (``upgrade``: every requirement). numpy,
+    SimpleITK and torch are pinned by the installer at the versions installed when its pip step starts, after
+    its torch step (``--pin``), so pip never replaces them and resolves the rest against the torch just installed."""
     wanted = requirements() if upgrade else missing()
     torch = next((r for r in wanted if _name(r) == "torch"), None)
     others = [r for r in wanted if _name(r) != "torch"]
-    constraints = writeConstraints(os.path.join(slicer.app.temporaryPath, "MASRefine-constraints.txt"))
-    command = [pythonSlicerExecutable(), "-m", "MASRefineLib.install", "--constraints", constraints]
+    command = [pythonSlicerExecutable(), "-m", "MASRefineLib.install"] + [f"--pin={name}" for name in NEVER_PIP_INSTALL]
     if torch:
         command += ["--torch", torch]
     if upgrade:
