@@ -170,10 +170,11 @@ def finished_result(folder: Path, target: Target, atlas_dir: Path, parameters: d
     if not (folder / MANIFEST_NAME).is_file():
         return None
     try:
-        m = read_manifest(folder)
+        m = read_manifest(folder)  # any unreadable manifest (not UTF-8, not JSON, ...) is one MASRefineError
     except MASRefineError:
-        return None  # half a result (a file gone): the target runs again
-    if m.get("status") != "complete":
+        return None  # half a result (a file gone) or a corrupt manifest: the target runs again
+    if m.get("status") != "complete" or not isinstance(m.get("inputs") or {}, dict) \
+            or not isinstance(m.get("parameters") or {}, dict):
         return None
     inputs = m.get("inputs") or {}
     want = {"target": target.image, "atlas_dir": str(atlas_dir), "truth": target.truth}

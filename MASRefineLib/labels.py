@@ -101,6 +101,12 @@ class LabelTable(dict):
             raise MASRefineError(f"{path}: label table not found")
         if not path.is_file():
             raise MASRefineError(f"{path}: not a file (a label table is a JSON, CSV or colour-table file)")
+        if path.suffix.lower() == ".json":
+            from .jsonio import read_json
+            d = read_json(path, "label table")
+            if isinstance(d, dict) and isinstance(d.get("labels"), dict):  # an atlas.json
+                d = d["labels"]
+            return cls.from_json_dict(d, str(path))
         try:
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
@@ -108,12 +114,6 @@ class LabelTable(dict):
                                  "CSV with Index,Name columns or a Slicer colour table)") from None
         except OSError as e:
             raise MASRefineError(f"{path}: cannot be read ({e.strerror or e})") from None
-        if path.suffix.lower() == ".json":
-            from .jsonio import parse_json
-            d = parse_json(text, path)
-            if isinstance(d, dict) and isinstance(d.get("labels"), dict):  # an atlas.json
-                d = d["labels"]
-            return cls.from_json_dict(d, str(path))
         if path.suffix.lower() == ".csv":
             return cls._from_csv(text, path)
         return cls._from_colour_table(text, path)

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from .errors import MASRefineError
 from .imageio import atomic_write_text
-from .jsonio import json_default
+from .jsonio import json_default, read_json
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -171,10 +171,7 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> dict[str
         p = p / MANIFEST_NAME
     if not p.exists():
         raise MASRefineError(f"{p}: no manifest (the run has not finished, failed, or was cancelled)")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MASRefineError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    d = read_json(p, "manifest", allow_nan=True)  # the project writes NaN for undefined QA numbers
     if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
         v = d.get("schema_version") if isinstance(d, dict) else None
         raise MASRefineError(f"{p}: unsupported manifest schema_version {v!r} (expected {SCHEMA_VERSION})")

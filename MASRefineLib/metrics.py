@@ -43,7 +43,6 @@ the box, and the erosion treats everything outside it as background, which it is
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -240,20 +239,15 @@ def parse_groups(groups: Mapping[str, Sequence[int]] | str | os.PathLike | None,
     if groups is None:
         return {}
     if isinstance(groups, (str, os.PathLike)):
+        from .jsonio import parse_json, read_json
         text = str(groups)
         p = Path(text)
         if not text.lstrip().startswith("{"):  # not JSON text: a file name
-            if not p.is_file():
+            if not p.exists():
                 raise MASRefineError(f"{p}: label groups file not found ({source} takes a JSON file or JSON text)")
-            try:
-                source, text = str(p), p.read_text(encoding="utf-8-sig")
-            except (OSError, UnicodeDecodeError) as e:
-                raise MASRefineError(f"{p}: cannot be read as JSON text ({getattr(e, 'strerror', None) or e})") from None
-        try:
-            groups = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MASRefineError(f"{source}: invalid JSON for label groups ({e.msg}); expected "
-                                 '{"name": [values], ...}') from None
+            source, groups = str(p), read_json(p, "label groups file")
+        else:
+            groups = parse_json(text, source)
     if not isinstance(groups, Mapping):
         raise MASRefineError(f'{source}: label groups must be a JSON object {{"name": [values], ...}}')
     out = {}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
 from .errors import MASRefineError
+from .jsonio import read_json
 
 #: the marker file of an output folder: JSON ``{"masrefine_output": 1, "command": "segment"}``
 MARKER = ".masrefine-output"
@@ -229,8 +230,8 @@ def _check_inputs(out: Path, inputs: Iterable[Input], option: str) -> None:
 def _marked_command(folder: Path) -> str | None:
     """The command named by the folder's marker (None: no readable marker)."""
     try:
-        doc = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = read_json(folder / MARKER, "output folder marker")
+    except MASRefineError:  # missing, unreadable, not UTF-8, not JSON, nested too deeply: no marker
         return None
     return doc.get("command") if isinstance(doc, dict) and isinstance(doc.get("command"), str) else None
 
@@ -242,8 +243,8 @@ def _legacy_command(folder: Path, command: str) -> str | None:
         return None
     name, written_by = LEGACY_RESULTS[command]
     try:
-        doc = json.loads((folder / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = read_json(folder / name, allow_nan=True)  # a report or manifest the project wrote (NaN allowed)
+    except MASRefineError:
         return None
     return command if isinstance(doc, dict) and written_by(doc) else None
 

@@ -298,6 +298,51 @@ def test_unreadable_atlas_json_is_one_line(sample, tmp_path, kind, capsys):
             read_json(tmp_path / "x.json")
 
 
+@pytest.mark.parametrize("kind", sorted(PATHOLOGICAL_JSON))
+def test_manifests_markers_and_groups_go_through_the_one_json_reader(tmp_path, kind):
+    """Manifests, output-folder markers, legacy results and --groups files: one line whatever the bytes (not a
+    UnicodeDecodeError or RecursionError), and a batch rerun treats a corrupt manifest as no result."""
+    from MASRefineLib.batch import Target, finished_result
+    from MASRefineLib.manifest import read_manifest
+    from MASRefineLib.metrics import parse_groups
+    from MASRefineLib.outputs import MARKER
+    bad = PATHOLOGICAL_JSON[kind]
+    run = tmp_path / "OUT" / "t1"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_bytes(bad)
+    with pytest.raises(MASRefineError, match=r"manifest.json: "):
+        read_manifest(run)
+    assert finished_result(run, Target("t1", str(tmp_path / "t1.nii.gz")), tmp_path / "set", {}) is None
+    if kind != "nan":  # NaN is allowed in a manifest the project wrote: that one reads as an earlier segment output
+        with pytest.raises(MASRefineError, match=r"not empty and not a MASRefine output folder"):  # legacy manifest
+            prepare_output_dir(run, command="segment")
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / MARKER).write_bytes(bad)
+    (marked / "x.txt").write_text("x")
+    with pytest.raises(MASRefineError, match=r"not empty and not a MASRefine output folder"):
+        prepare_output_dir(marked, command="evaluate")
+    (tmp_path / "groups.json").write_bytes(bad)
+    with pytest.raises(MASRefineError, match=r"groups.json: "):
+        parse_groups(str(tmp_path / "groups.json"))
+
+
+def test_deeply_nested_groups_text_is_one_line():
+    from MASRefineLib.metrics import parse_groups
+    with pytest.raises(MASRefineError, match=r"--groups: invalid JSON \(nested too deeply\)"):
+        parse_groups('{"a": ' * 200000 + "1" + "}" * 200000)
+
+
+def test_a_json_label_table_is_read_by_the_one_json_reader(tmp_path, monkeypatch):
+    from MASRefineLib import jsonio
+    from MASRefineLib.labels import LabelTable
+    t = tmp_path / "labels.json"
+    t.write_text('{"1": {"name": "bone", "color": [1, 0, 0]}}')
+    monkeypatch.setattr(jsonio, "MAX_JSON_BYTES", 10)  # the reader's size cap applies to label tables too
+    with pytest.raises(MASRefineError, match=r"labels.json: label table of .* bytes exceeds 10 bytes"):
+        LabelTable.load(t)
+
+
 def _votenet_set(sample, tmp_path) -> tuple[Path, Path]:
     """A copy of the sample set with an (untrained) VoteNet+ model stored in its models/; (set, model json)."""
     from MASRefineLib.fusion.votenet import DEFAULT_ARCH, VoteNetModel, build_network, model_name
