@@ -11,7 +11,9 @@ written before light-the-torch replaced torch would make pip resolve the rest ag
 Requirements already satisfied are skipped, unless ``--upgrade``: then every requirement is
 installed with ``--upgrade`` (pip and light-the-torch), satisfied or not. Events (``MASREFINE-EVENT {json}`` lines, see
 :mod:`MASRefineLib.worker`): ``stage`` per step, ``progress``, ``log`` for each line the installers
-print, ``result`` with ``installed`` ``{distribution: version}``, or ``error`` with the installer's last
+print, ``result`` with ``installed`` ``{distribution: version}`` of the requirements and ``changed``
+``{distribution: [before, after]}`` of every distribution whose installed version the run changed
+(dependencies too; ``before`` null: new), or ``error`` with the installer's last
 line. Exit codes: 0 done, 1 an installer failed. Only the standard library is imported here (the
 packages being installed may be missing or broken).
 """
@@ -89,11 +91,22 @@ def write_constraints(path: str, constraints: Optional[str], pins: list[str]) ->
         f.write("".join(line + "\n" for line in lines))
 
 
+def installed_versions() -> dict[str, str]:
+    """{distribution name: version} of every installed distribution (the first on ``sys.path`` wins)."""
+    out: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out.setdefault(name, dist.version)
+    return out
+
+
 def run(events: EventWriter, torch: Optional[str], requirements: list[str], constraints: Optional[str],
         pip_options: list[str], upgrade: bool = False, pins: Optional[list[str]] = None) -> int:
     """Run the plan of :func:`steps`; with ``pins``, the pip step's constraints file is written just before it
     runs (:func:`write_constraints`), in a temporary folder removed afterwards."""
     pins = list(pins or [])
+    before = installed_versions()
     with tempfile.TemporaryDirectory(prefix="masrefine-install-") as tmp:
         pinned = os.path.join(tmp, "constraints.txt") if pins else constraints
         plan = steps(torch, requirements, pinned, pip_options, upgrade)
@@ -121,7 +134,10 @@ def run(events: EventWriter, torch: Optional[str], requirements: list[str], cons
             installed[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             installed[name] = None
-    events.emit("result", installed=installed, ran=[stage for stage, _ in plan])
+    after = installed_versions() if plan else before
+    changed = {name: [before.get(name), after.get(name)] for name in sorted(set(before) | set(after))
+               if before.get(name) != after.get(name)}
+    events.emit("result", installed=installed, ran=[stage for stage, _ in plan], changed=changed)
     return EXIT_DONE
 
 

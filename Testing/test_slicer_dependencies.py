@@ -95,10 +95,22 @@ def test_background_install_through_the_logic(mod):
     job.wait(timeout=120)
     assert job.state == "completed" and events[-1] == "exit" and "result" in events
     assert job.result["ran"] == [] and job.result["installed"] == {}  # nothing missing: nothing to install
+    assert job.result["changed"] == {}
     assert not module.MASRefineLogic.restartNeeded(job.result)  # nothing ran
-    assert module.MASRefineLogic.restartNeeded({"ran": ["packages"], "installed": {"pytest": "9"}})  # imported here
-    # a package no module of this process imported (monai may be, by other tests): no restart
-    assert not module.MASRefineLogic.restartNeeded({"ran": ["packages"], "installed": {"masrefine-not-imported": "1"}})
+
+
+def test_restart_only_for_changed_packages_slicer_imported(mod):
+    """The restart prompt follows what the installer changed (its before/after versions), not what was
+    requested: pytest is imported in this process, masrefine-not-imported is not."""
+    restartNeeded = slicer_stubs.submodule("Dependencies").restartNeeded
+    pytest_version = metadata.version("pytest")
+    # requested (and reported installed), but pip found it satisfied: nothing changed, no restart
+    assert not restartNeeded({"ran": ["packages"], "installed": {"pytest": pytest_version}, "changed": {}})
+    assert restartNeeded({"ran": ["packages"], "installed": {}, "changed": {"pytest": ["8.0", pytest_version]}})
+    # changed as a dependency of what was requested: still a restart
+    assert restartNeeded({"ran": ["packages"], "installed": {"monai": "1.4"}, "changed": {"pytest": ["8.0", "9.0"]}})
+    assert not restartNeeded({"ran": ["packages"], "changed": {"masrefine-not-imported": [None, "1"]}})
+    assert not restartNeeded(None) and not restartNeeded({"ran": ["packages"], "installed": {"pytest": "9"}})
 
 
 def test_declined_installation_raises_and_starts_nothing(mod, without_monai):
@@ -267,3 +279,6 @@ def test_installer_pins_the_versions_installed_after_its_torch_step(monkeypatch,
                        pins=["masrefine-fake-torch", "masrefine-not-installed"])
     assert code == 0, out.getvalue()
     assert seen.read_text().split() == ["scipy<99", "masrefine-fake-torch==2.0"]
+    # what changed, from the installed versions before and after (what the restart prompt follows)
+    result = json.loads(out.getvalue().splitlines()[-1].split(" ", 1)[1])
+    assert result["event"] == "result" and result["changed"] == {"masrefine-fake-torch": ["1.0", "2.0"]}

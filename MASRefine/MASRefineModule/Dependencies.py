@@ -72,14 +72,14 @@ def installCommand(upgrade: bool = False) -> list:
 
 
 def restartNeeded(result: Optional[dict]) -> bool:
-    """Whether a package the installer changed was already imported in Slicer's process (by another
-    module): Python keeps the old one until Slicer restarts."""
-    if not result or not result.get("ran"):
+    """Whether a distribution the installer changed (its ``changed``: versions before and after, dependencies
+    included) provides a module already imported in Slicer's process (by another module): Python keeps the
+    old one until Slicer restarts. What was only requested, and found satisfied by pip, is no reason."""
+    changed = {name.lower() for name in ((result or {}).get("changed") or {})}
+    if not changed:
         return False
     importNames = set()
-    distributions = metadata.packages_distributions()  # import name -> distributions
-    changed = {name.lower() for name in (result.get("installed") or {})}
-    for importName, dists in distributions.items():
+    for importName, dists in metadata.packages_distributions().items():  # import name -> distributions
         if any(d.lower() in changed for d in dists):
             importNames.add(importName)
     return any(name in sys.modules for name in importNames)
