@@ -41,7 +41,21 @@ def test_status_reads_versions_without_importing(mod, without_monai):
     assert deps.missing() == ["monai>=1.3"]
     text = deps.statusText()
     assert "not installed" in text and metadata.version("scipy") in text
-    assert set(rows) == {"torch"} | {deps._name(r) for r in slicer_stubs.submodule("Environment").readRequirements()}
+    from MASRefineLib import install
+
+    assert set(rows) == {"torch"} | {install.requirement_name(r) for r in slicer_stubs.submodule("Environment").readRequirements()}
+
+
+def test_status_and_command_use_the_installers_reading_of_requirements(mod, monkeypatch):
+    """One reading of requirement strings (MASRefineLib.install), not a copy in the module: what the
+    installer calls unsatisfied is what the panel shows missing and what the command asks for."""
+    from MASRefineLib import install
+
+    deps = slicer_stubs.submodule("Dependencies")
+    real = install.satisfied
+    monkeypatch.setattr(install, "satisfied", lambda r: False if r.startswith("scipy") else real(r))
+    assert deps.missing() == ["scipy>=1.10"] and deps.installCommand()[-1] == "scipy>=1.10"
+    assert not hasattr(deps, "_name")
 
 
 def test_install_command_pins_slicer_packages_and_names_only_what_is_missing(mod, without_monai):

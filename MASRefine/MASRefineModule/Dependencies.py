@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import slicer
 from slicer.i18n import tr as _
 
-from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable, readRequirements, requirementSatisfied, workerEnvironment
+from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable, readRequirements, workerEnvironment
 from MASRefineModule.Job import MASRefineJob, launch
 
 # torch is installed with light-the-torch (as the PyTorch extension's installer does); numpy and SimpleITK are Slicer's.
@@ -23,21 +23,26 @@ def requirements() -> list:
     return [TORCH_REQUIREMENT] + readRequirements()
 
 
-def _name(requirement: str) -> str:
-    return "".join(c if (c.isalnum() or c in "-_.") else " " for c in requirement).split()[0]
+def _install():
+    """MASRefineLib.install, the one reading of requirements (standard library only: safe in Slicer's process)."""
+    ensureLibraryImportable()
+    from MASRefineLib import install
+
+    return install
 
 
 def status() -> list:
     """One dict per requirement: ``name``, ``requirement``, installed ``version`` (None: missing), ``ok``."""
+    install = _install()
     rows = []
     for requirement in requirements():
-        name = _name(requirement)
+        name = install.requirement_name(requirement)
         try:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:
             version = None
         rows.append({"name": name, "requirement": requirement, "version": version,
-                     "ok": version is not None and requirementSatisfied(requirement)})
+                     "ok": version is not None and install.satisfied(requirement)})
     return rows
 
 
@@ -60,9 +65,10 @@ def installCommand(upgrade: bool = False) -> list:
     """The background installer's command line for what is missing (``upgrade``: every requirement). numpy,
     SimpleITK and torch are pinned by the installer at the versions installed when its pip step starts, after
     its torch step (``--pin``), so pip never replaces them and resolves the rest against the torch just installed."""
+    name = _install().requirement_name
     wanted = requirements() if upgrade else missing()
-    torch = next((r for r in wanted if _name(r) == "torch"), None)
-    others = [r for r in wanted if _name(r) != "torch"]
+    torch = next((r for r in wanted if name(r) == "torch"), None)
+    others = [r for r in wanted if name(r) != "torch"]
     command = [pythonSlicerExecutable(), "-m", "MASRefineLib.install"] + [f"--pin={name}" for name in NEVER_PIP_INSTALL]
     if torch:
         command += ["--torch", torch]

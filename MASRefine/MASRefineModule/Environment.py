@@ -48,17 +48,3 @@ def readRequirements(path: Optional[str] = None) -> list:
         lines = (line.split("#", 1)[0].strip() for line in f)
         return [line for line in lines if line]
 
-
-def requirementSatisfied(requirement: str) -> bool:
-    """Whether an installed distribution satisfies the requirement (checked without importing it)."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    req = Requirement(requirement)
-    try:
-        version = metadata.version(req.name)
-    except metadata.PackageNotFoundError:
-        return False
-    return req.specifier.contains(version, prereleases=True)
-
