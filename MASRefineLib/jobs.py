@@ -32,36 +32,23 @@ from .imageio import atomic_write_text, is_image_file
 SCHEMA_VERSION = 1
 CANCEL_FILE_NAME = ".cancel"
 
-#: pipeline names the worker knows -> ``"module:function"``; a job may also name one of these functions directly
+#: pipeline names the worker knows -> ``"module:function"``; a job may also name one of these functions directly.
+#: The only pipelines a worker runs: neither a job file nor the environment adds any (a program that starts the
+#: worker in its own process, as the tests do, may add entries before calling :func:`MASRefineLib.worker.main`)
 PIPELINES: dict[str, str] = {"segment": "MASRefineLib.pipeline:run_job", "batch": "MASRefineLib.batch:run_job",
                              "atlas": "MASRefineLib.atlasbuild:run_job"}
-
-#: the environment variable that lets a worker run other pipelines: top-level module names, separated by commas,
-#: whose functions a job may then name as ``"module:function"`` (e.g. ``MASREFINE_WORKER_PIPELINES=my_pipelines``
-#: with ``my_pipelines.py`` on ``PYTHONPATH``). Unset (the default, and always in Slicer): only :data:`PIPELINES`.
-#: It is the caller's choice, made where the worker is started, never the job file's (docs/pipeline.md).
-PIPELINE_MODULES_ENV = "MASREFINE_WORKER_PIPELINES"
-
-
-def extra_pipeline_modules() -> set[str]:
-    """The module names :data:`PIPELINE_MODULES_ENV` allows (empty when unset)."""
-    return {m.strip() for m in os.environ.get(PIPELINE_MODULES_ENV, "").split(",") if m.strip()}
 
 
 def pipeline_target(name: Any) -> str:
     """The ``"module:function"`` a job's ``pipeline`` field runs, or :class:`MASRefineError` saying why not.
 
-    A job file must not make the worker import and call arbitrary code: it runs one of the project's
-    pipelines, named (``"segment"``) or as ``"module:function"`` of :data:`PIPELINES`, or a function of a module
-    the worker's caller allowed through :data:`PIPELINE_MODULES_ENV`. Nothing is imported here."""
+    A job file must not make the worker import and call arbitrary code: it runs one of :data:`PIPELINES`, named
+    (``"segment"``) or as its ``"module:function"``. Nothing is imported here."""
     if not isinstance(name, str):
         name = repr(name)  # refused below, named as written in the job
     if name in PIPELINES:
         return PIPELINES[name]
     if name in PIPELINES.values():
-        return name
-    mod, _, func = name.partition(":")
-    if mod and func and mod.isidentifier() and func.isidentifier() and mod in extra_pipeline_modules():
         return name
     raise MASRefineError(f"unknown pipeline {name!r} (known: {', '.join(PIPELINES)}; other functions are not run "
                          "from a job file)")

@@ -43,17 +43,6 @@ def scaled(progress: Optional[ProgressCallback], start: float, end: float) -> Op
     return cb
 
 
-def cancel_after(n_events: int) -> ProgressCallback:
-    """A callback that raises Cancelled on its n-th call (for tests of prompt cancellation)."""
-    count = {"n": 0}
-
-    def cb(ev: ProgressEvent) -> None:
-        count["n"] += 1
-        if count["n"] >= n_events:
-            raise Cancelled(f"cancelled during {ev.stage}")
-    return cb
-
-
 class tqdm_progress:
     """A terminal progress callback: one tqdm bar per stage (context manager)."""
 

@@ -33,9 +33,8 @@ The pipeline is a function ``fn(job: dict, progress: ProgressCallback) -> dict``
 ``pipeline`` field: ``"segment"`` -> :func:`MASRefineLib.pipeline.run_job`, ``"batch"`` -> :func:`MASRefineLib.batch.run_job`
 (a cohort on Dask: progress events of stage ``batch`` with ``data`` done / failed / running / skipped / total /
 eta_s; its ``result`` names ``summary``, ``cohort`` and ``counts``), ``"atlas"`` -> :func:`MASRefineLib.atlasbuild.run_job`
-(an atlas set from segmented cases, new or added to; its ``result`` names ``atlas_dir``, ``added``, ``notes``); other ``"module:function"``
-pipelines only of modules the caller allowed in the environment variable ``MASREFINE_WORKER_PIPELINES``
-(unset by default); nothing else is imported (:func:`MASRefineLib.jobs.pipeline_target`).
+(an atlas set from segmented cases, new or added to; its ``result`` names ``atlas_dir``, ``added``, ``notes``);
+nothing else is imported (:data:`MASRefineLib.jobs.PIPELINES`, :func:`MASRefineLib.jobs.pipeline_target`).
 - **Unreadable jobs**: a job file that is missing, not UTF-8, not JSON (or pathological: nested too deeply,
   numbers beyond the parser) or not a valid job is answered with one ``error`` event of kind ``invalid-job``
   and exit code 2, before anything is written.

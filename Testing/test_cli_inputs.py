@@ -280,7 +280,7 @@ def test_help_texts(capsys):
 def test_job_files_run_only_the_projects_pipelines(sample, tmp_path, monkeypatch):
     from MASRefineLib.worker import load_pipeline
 
-    monkeypatch.delenv(jobs.PIPELINE_MODULES_ENV, raising=False)
+    monkeypatch.setenv("MASREFINE_WORKER_PIPELINES", "worker_pipelines")  # the removed opt-in adds nothing
 
     job = jobs.make_job(sample["target"], sample["atlas_dir"], tmp_path / "out")
     assert jobs.validate_job(job) == []
@@ -291,11 +291,11 @@ def test_job_files_run_only_the_projects_pipelines(sample, tmp_path, monkeypatch
         with pytest.raises(ValueError, match="unknown pipeline"):
             load_pipeline(name)
     assert jobs.pipeline_target("segment") == "MASRefineLib.pipeline:run_job"
-    # the protocol tests' own pipelines run only when the worker's caller allows their module
+    # the protocol tests' own pipelines run only in a worker started through Testing/worker_launcher.py
     job["pipeline"] = "worker_pipelines:slow"
     assert any(p.startswith("unknown pipeline 'worker_pipelines:slow'") for p in jobs.validate_job(job))
-    monkeypatch.setenv(jobs.PIPELINE_MODULES_ENV, "worker_pipelines")
-    assert jobs.pipeline_target("worker_pipelines:slow") == "worker_pipelines:slow"
+    with pytest.raises(ValueError, match="unknown pipeline 'worker_pipelines:slow'"):
+        load_pipeline("worker_pipelines:slow")
     assert any("unknown pipeline" in p for p in jobs.validate_job({**job, "pipeline": "os:system"}))
     job["pipeline"] = 3
     assert any(p.startswith("unknown pipeline '3'") for p in jobs.validate_job(job))

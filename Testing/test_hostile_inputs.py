@@ -481,14 +481,20 @@ def test_stale_temporary_files_of_a_killed_run_are_removed_on_rerun(tmp_path):
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
-def test_job_files_cannot_name_test_pipelines_unless_the_caller_allows_them(sample, tmp_path, monkeypatch):
-    from MASRefineLib.worker import load_pipeline
-    monkeypatch.delenv(jobs.PIPELINE_MODULES_ENV, raising=False)
-    import worker_pipelines  # noqa: F401 - importable here (Testing/ is on the path), still not allowed
-    with pytest.raises(ValueError, match="unknown pipeline 'worker_pipelines:slow'"):
-        load_pipeline("worker_pipelines:slow")
-    monkeypatch.setenv(jobs.PIPELINE_MODULES_ENV, "worker_pipelines")
-    assert load_pipeline("worker_pipelines:slow").__name__ == "slow"
+def test_no_environment_variable_lets_a_job_file_name_other_code(sample, tmp_path, monkeypatch):
+    """The worker runs only jobs.PIPELINES: the former MASREFINE_WORKER_PIPELINES opt-in (which a Slicer worker
+    would have inherited from Slicer's environment) is gone, and nothing else in the environment adds pipelines."""
+    from MASRefineLib.worker import EXIT_INVALID, EventWriter, Worker, load_pipeline
+    monkeypatch.setenv("MASREFINE_WORKER_PIPELINES", "worker_pipelines,os")
+    import worker_pipelines  # noqa: F401 - importable here (Testing/ is on the path), still not run
+    for name in ("worker_pipelines:slow", "os:getcwd"):
+        with pytest.raises(ValueError, match=f"unknown pipeline {name!r}"):
+            load_pipeline(name)
+    job = jobs.make_job(sample["target"], sample["atlas_dir"], tmp_path / "out", pipeline="os:getcwd")
+    buf = io.StringIO()
+    assert Worker(jobs.write_job(job, tmp_path / "job.json"), EventWriter(buf)).run() == EXIT_INVALID
+    assert '"kind": "invalid-job"' in buf.getvalue() and not (tmp_path / "out").exists()
+    assert not hasattr(jobs, "PIPELINE_MODULES_ENV")
 
 
 def test_limits_are_those_the_architecture_page_states():

@@ -19,10 +19,17 @@ from MASRefineLib.errors import MASRefineError
 from MASRefineLib.runner import JobRunner, parse_line
 from MASRefineLib.worker import EVENT_PREFIX
 
+import worker_launcher
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# the protocol tests' small pipelines: on the path, and allowed by the caller (off by default: jobs.PIPELINE_MODULES_ENV)
-ENV = {"PYTHONPATH": str(HERE), jobs.PIPELINE_MODULES_ENV: "worker_pipelines"}
+# the protocol tests' small pipelines run in the real worker started through Testing/worker_launcher.py, which adds
+# them to jobs.PIPELINES in the worker's process (the library itself runs only its own pipelines)
+ENV = {"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+
+
+def _runner(job_path: Path) -> JobRunner:
+    return JobRunner(job_path, env=ENV, command=worker_launcher.command(job_path))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,7 @@ def _job(sample, out: Path, pipeline: str, **params) -> Path:
 
 
 def _run(job_path: Path, timeout: float = 60) -> tuple[JobRunner, list[dict]]:
-    r = JobRunner(job_path, env=ENV).start()
+    r = _runner(job_path).start()
     evs = list(r.events(timeout))
     return r, evs
 
@@ -117,7 +124,7 @@ def test_cancel_mid_run(sample, tmp_path):
     job = _job(sample, out, "worker_pipelines:slow", steps=400, sleep=0.05)
     cancel_file = Path(jobs.read_job(job)["cancel_file"])
     cancel_file.write_text("stale")  # a stale cancel file must not stop the new run
-    r = JobRunner(job, env=ENV).start()
+    r = _runner(job).start()
     t_cancel = None
     for ev in r.events(60):
         if ev["event"] == "progress" and ev["fraction"] > 0.02 and t_cancel is None:
@@ -133,7 +140,7 @@ def test_cancel_mid_run(sample, tmp_path):
 
 
 def test_cancel_kills_unresponsive_worker(sample, tmp_path):
-    r = JobRunner(_job(sample, tmp_path / "run", "worker_pipelines:slow", steps=3, sleep=60), env=ENV).start()
+    r = _runner(_job(sample, tmp_path / "run", "worker_pipelines:slow", steps=3, sleep=60)).start()
     for ev in r.events(30):
         if ev["event"] == "progress":  # the pipeline now sleeps 60 s before its next progress report
             break
@@ -239,7 +246,7 @@ def test_worker_exits_when_parent_dies(sample, tmp_path):
     parent = textwrap.dedent(f"""
         import sys, time
         from MASRefineLib.runner import JobRunner
-        r = JobRunner({str(job)!r}, env={ENV!r}).start()
+        r = JobRunner({str(job)!r}, env={ENV!r}, command={worker_launcher.command(job)!r}).start()
         for ev in r.events(60):
             if ev["event"] == "progress":
                 print(r.pid, flush=True)

@@ -18,7 +18,7 @@ from MASRefineLib.labels import read_seg_nrrd
 from MASRefineLib.loadplan import load_plan, qa_rows
 from MASRefineLib.manifest import MANIFEST_NAME, read_manifest
 from MASRefineLib.pipeline import SegmentOptions, segment
-from MASRefineLib.progress import cancel_after
+from cancelling import cancel_after
 from MASRefineLib.runner import JobRunner
 
 

@@ -17,7 +17,7 @@ from MASRefineLib.geometry import Grid
 from MASRefineLib.imageio import normalize_intensity
 from MASRefineLib.labels import LabelTable
 from MASRefineLib.losses import bending_energy, folding_barrier
-from MASRefineLib.progress import cancel_after
+from cancelling import cancel_after
 from MASRefineLib.refine import (default_spacings, gamma_from_paper, gamma_to_paper, normalized_displacement, refine,
                                  refinement_field_error)
 from MASRefineLib.warp import grid_points, image_tensor, warp, warp_labels

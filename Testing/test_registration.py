@@ -15,7 +15,7 @@ import torch
 from MASRefineLib.errors import Cancelled, MASRefineError
 from MASRefineLib.geometry import Grid
 from MASRefineLib.imageio import resample_image, resample_label, write_image
-from MASRefineLib.progress import cancel_after
+from cancelling import cancel_after
 from MASRefineLib.registration import AtlasInput, PRESETS, get_params, register
 from MASRefineLib.warp import grid_points, image_tensor, warp
 from MASRefineLib.warped import WarpedSet

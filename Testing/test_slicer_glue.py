@@ -101,7 +101,7 @@ def test_reload_reexecutes_the_package_before_the_module(mod):
     """Slicer's Reload re-executes MASRefine.py only; the widget reloads MASRefineModule's files first."""
     module, slicer = mod
     before = {name: vars(slicer_stubs.submodule(name)).copy() for name in ("Parameters", "Logic", "Test")}
-    widget = object.__new__(module.MASRefineWidget)
+    widget = module.MASRefineWidget()
     module.MASRefineWidget.onReload(widget)
     assert slicer.reloaded == [widget]
     logic = slicer_stubs.submodule("Logic")
@@ -109,6 +109,34 @@ def test_reload_reexecutes_the_package_before_the_module(mod):
     # and in dependency order: the reloaded logic uses the reloaded choices
     assert logic.Refinement is slicer_stubs.submodule("Parameters").Refinement is not before["Parameters"]["Refinement"]
     assert slicer_stubs.submodule("Test").MASRefineLogic is logic.MASRefineLogic
+
+
+def test_reload_keeps_the_jobs_state(mod, target, atlas_dir, tmp_path):
+    """Reload re-executes MASRefineModule.Job before the old widget's cleanup() (slicer.util.reloadScriptedModule):
+    the running worker is still known (stopped by cleanup, not orphaned), a delete-on-close run folder is still
+    removed when the scene closes, and the scene-close guard is not installed twice."""
+    module, slicer = mod
+    Job = slicer_stubs.submodule("Job")
+    done = module.MASRefineLogic(runnerFactory=pipeline_factory("slow", steps=2, sleep=0.01)).start(
+        target, atlas_dir, outDir=tmp_path / "runs", retention="delete-on-close")
+    done.wait(timeout=60)
+    running = module.MASRefineLogic(runnerFactory=pipeline_factory("slow", steps=3, sleep=60)).start(
+        target, atlas_dir, outDir=tmp_path / "runs")
+    guards = (len(slicer.mrmlScene.observers), len(slicer.app.connections))
+
+    widget = module.MASRefineWidget()
+    module.MASRefineWidget.onReload(widget)  # reloads the package, then (as Slicer) the old widget's cleanup()
+    assert slicer.reloaded == [widget] and slicer_stubs.submodule("Job") is Job
+    with pytest.raises(RuntimeError, match="cancelled"):
+        running.wait(timeout=20)  # stopped by cleanup, through the activeJobs kept across the reload
+    assert running.runner.returncode is not None and Job.activeJobs == []
+    assert Job.runsToRemove == [done.outDir] and Path(done.outDir).is_dir()  # the scene has not closed
+
+    again = sys.modules["MASRefine"].MASRefineLogic(runnerFactory=pipeline_factory("slow", steps=2, sleep=0.01))
+    again.start(target, atlas_dir, outDir=tmp_path / "runs").wait(timeout=60)
+    assert (len(slicer.mrmlScene.observers), len(slicer.app.connections)) == guards  # installed once
+    slicer.mrmlScene.close()
+    assert not Path(done.outDir).exists() and Job.runsToRemove == []
 
 
 def test_input_problems(mod, target, atlas_dir, tmp_path):

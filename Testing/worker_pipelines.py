@@ -1,8 +1,8 @@
 """Small pipelines for exercising the worker protocol with real subprocesses (Testing/test_jobs.py).
 
 Each is ``fn(job, progress) -> dict`` like MASRefineLib.pipeline.run_job; jobs name them as
-``worker_pipelines:<name>`` (the tests put this folder on the worker's PYTHONPATH and allow the module with
-MASREFINE_WORKER_PIPELINES=worker_pipelines, MASRefineLib.jobs.PIPELINE_MODULES_ENV).
+``worker_pipelines:<name>``, which only a worker started through Testing/worker_launcher.py runs (it adds them to
+MASRefineLib.jobs.PIPELINES in its own process).
 """
 from __future__ import annotations
 
