@@ -30,7 +30,7 @@ from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 
 # Re-exported for the Python console and other modules (``from MASRefine import Refinement``).
-from MASRefineModule.Job import MASRefineJob, stopAllJobs  # noqa: F401
+from MASRefineModule.Job import MASRefineJob, stopAllJobs, stopJobs  # noqa: F401
 from MASRefineModule.Logic import MASRefineLogic
 from MASRefineModule.Parameters import (DEFAULT_ALPHA, DEFAULT_GAMMA, DEFAULT_ITERATIONS, Device, Fusion,
                                         MASRefineParameterNode, PreRegistration, Preset, Refinement, Retention,
@@ -155,10 +155,13 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
+        """Called when the application closes and the module widget is destroyed, and on Reload (for the old
+        widget, after the package was reloaded: slicer.util.reloadScriptedModule). Running workers are stopped
+        (their results would go to a panel that is gone); run folders to delete stay listed until the scene
+        closes or Slicer quits (the guards of MASRefineModule.Job), as the scene still shows them."""
         if self._flickerTimer:
             self._flickerTimer.stop()
-        stopAllJobs()
+        stopJobs()
         self.removeObservers()
 
     def enter(self) -> None:

@@ -357,6 +357,9 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
         def __init__(self):
             self.observations = []
 
+        def removeObservers(self, method=None):
+            self.observations = []
+
     def exportNode(node, filename, properties=EXPORT_DEFAULT_PROPERTIES, world=False):
         """As Slicer's (Base/Python/slicer/util.py:1183-1209): the default ``properties`` is one shared dict,
         and the call writes the file format it chose into whatever dict it got."""
@@ -427,7 +430,14 @@ def make_slicer(tmp: Path) -> dict[str, types.ModuleType]:
             self.parent = parent
 
         def onReload(self):
+            """As Slicer's (Base/Python/slicer/util.py:1398-1446, reloadScriptedModule): MASRefine.py is
+            executed again into a new module object, then the old widget's cleanup() is called."""
             slicer.reloaded.append(self)
+            spec = importlib.util.spec_from_file_location("MASRefine", MODULE_PY)
+            reloaded = importlib.util.module_from_spec(spec)
+            sys.modules["MASRefine"] = reloaded
+            spec.loader.exec_module(reloaded)
+            self.cleanup()
 
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):

@@ -11,16 +11,25 @@ from slicer.i18n import tr as _
 
 POLL_INTERVAL_MS = 200
 
-activeJobs = []
-jobGuardsInstalled = False
-runsToRemove = []  # run folders ("delete when the scene closes") removed at scene close or application exit
+# Kept across Slicer's Reload, which re-executes this file (MASRefineWidget.onReload reloads the package)
+# before calling the old widget's cleanup(): fresh values would orphan running workers, forget the run
+# folders to remove, and install the scene-close guard a second time.
+activeJobs = globals().get("activeJobs", [])
+jobGuardsInstalled = globals().get("jobGuardsInstalled", False)
+# run folders ("delete when the scene closes") removed at scene close or application exit
+runsToRemove = globals().get("runsToRemove", [])
+
+
+def stopJobs() -> None:
+    """Stop every running worker at once (the module widget's cleanup, e.g. before a Reload)."""
+    for job in list(activeJobs):
+        job.stop()
 
 
 def stopAllJobs(*args) -> None:
-    """Stop every running worker at once (scene close, application exit, module cleanup), then remove the
-    run folders marked "delete when the scene closes" (:func:`removeRunsOnClose`)."""
-    for job in list(activeJobs):
-        job.stop()
+    """Stop every running worker at once (scene close, application exit), then remove the run folders
+    marked "delete when the scene closes" (:func:`removeRunsOnClose`)."""
+    stopJobs()
     removeRunsOnClose()
 
 
