@@ -9,7 +9,7 @@ Schema (version 1)::
       "parameters": {"prereg": "deformable", "refine": "I", "fusion": "jlf", "device": "auto",
                      "preset": "default", ...},  # see PARAMETERS; missing ones take their defaults
       "output_dir": "/abs/out",
-      "cancel_file": "/abs/out/.cancel"          # the worker stops when this file appears
+      "cancel_file": "/abs/out/.cancel"          # the worker stops when this file appears; inside output_dir
     }
 
 A ``"pipeline": "batch"`` job (``masrefine batch``, :mod:`MASRefineLib.batch`) has ``inputs`` {``targets`` (a folder
@@ -196,6 +196,16 @@ def _path_problem(name: str, v: Any, problems: list[str]) -> bool:
     return True
 
 
+def cancel_file_inside(cancel_file: Any, output_dir: Any) -> bool:
+    """True when ``cancel_file`` is a path inside ``output_dir`` (links resolved). The runner deletes the cancel
+    file when a job starts and writes it to cancel: a job file must not make it write anywhere else."""
+    if not (isinstance(cancel_file, str) and isinstance(output_dir, str) and cancel_file and output_dir
+            and os.path.isabs(cancel_file) and os.path.isabs(output_dir)):
+        return False
+    c, o = os.path.realpath(cancel_file), os.path.realpath(output_dir)
+    return c != o and os.path.commonpath([c, o]) == o
+
+
 def validate_job(job: Any, check_files: bool = True) -> list[str]:
     """Problems with a job, one line each (empty: valid). ``check_files`` also checks that the
     target image and the atlas set's ``atlas.json`` exist."""
@@ -243,6 +253,9 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     for key in ("output_dir", "cancel_file"):
         _path_problem(f"'{key}'", job.get(key), problems)
     out = job.get("output_dir")
+    if isinstance(out, str) and os.path.isabs(out) and isinstance(job.get("cancel_file"), str) \
+            and os.path.isabs(job["cancel_file"]) and not cancel_file_inside(job["cancel_file"], out):
+        problems.append(f"{job['cancel_file']}: cancel_file must lie inside output_dir {out}")
     if isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
         problems.append(f"{out}: output_dir exists and is not a folder")
     params = job.get("parameters", {})

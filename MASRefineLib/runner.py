@@ -69,9 +69,10 @@ class JobRunner:
     def __init__(self, job_path: str | os.PathLike | None = None, python: str | None = None,
                  env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
                  cancel_file: str | os.PathLike | None = None, command: Sequence[str] | None = None):
-        """``job_path``: the job.json to run (its ``cancel_file`` is read from it unless given).
-        ``env``: extra environment variables for the worker. ``command`` replaces the whole command
-        line (tests, other front ends)."""
+        """``job_path``: the job.json to run (its ``cancel_file`` is read from it unless given, and used only
+        when it lies inside the job's ``output_dir``: :func:`MASRefineLib.jobs.cancel_file_inside`; the worker
+        refuses such a job as invalid). ``env``: extra environment variables for the worker. ``command``
+        replaces the whole command line (tests, other front ends)."""
         if job_path is None and command is None:
             raise ValueError("job_path or command is required")
         self.job_path = Path(job_path) if job_path is not None else None
@@ -79,10 +80,7 @@ class JobRunner:
         self.extra_env = dict(env or {})
         self.cwd = str(cwd) if cwd is not None else None
         if cancel_file is None and self.job_path is not None:
-            try:
-                cancel_file = json.loads(self.job_path.read_text(encoding="utf-8")).get("cancel_file")
-            except (OSError, ValueError, AttributeError):
-                cancel_file = None
+            cancel_file = self._job_cancel_file(self.job_path)
         self.cancel_file = Path(cancel_file) if cancel_file else None
         self.proc: Optional[subprocess.Popen] = None
         self.queue: "queue.Queue[dict[str, Any]]" = queue.Queue()
@@ -97,6 +95,21 @@ class JobRunner:
         self._finished = threading.Event()
         self._kill_timer: Optional[threading.Timer] = None
         self._saw_terminal = False
+
+    @staticmethod
+    def _job_cancel_file(job_path: Path) -> Optional[str]:
+        """The job file's ``cancel_file`` when it lies inside its ``output_dir``, else None (an unreadable or
+        invalid job: the worker answers it with ``invalid-job``; nothing outside the output folder is touched)."""
+        from .errors import MASRefineError
+        from .jobs import cancel_file_inside
+        from .jsonio import read_json
+        try:
+            job = read_json(job_path, "job file")
+        except MASRefineError:
+            return None
+        if not isinstance(job, dict) or not cancel_file_inside(job.get("cancel_file"), job.get("output_dir")):
+            return None
+        return job["cancel_file"]
 
     # -- start -----------------------------------------------------------------------------------
     def start(self) -> "JobRunner":

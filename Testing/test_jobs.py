@@ -288,3 +288,31 @@ def test_openmp_waits_passively_unless_chosen():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(env, OMP_WAIT_POLICY="ACTIVE"))
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_a_cancel_file_outside_the_output_folder_is_refused_and_never_touched(sample, tmp_path):
+    """The runner deletes the cancel file at start and writes it on cancel: a job naming a file outside its
+    output folder is an invalid job, and the runner neither deletes nor writes that file."""
+    from MASRefineLib.worker import EXIT_INVALID
+    victim = tmp_path / "notes.txt"
+    victim.write_text("mine")
+    job = jobs.make_job(sample["target"], sample["atlas_dir"], tmp_path / "run", cancel_file=victim)
+    assert any(p == f"{victim}: cancel_file must lie inside output_dir {tmp_path / 'run'}" for p in jobs.validate_job(job))
+    for bad in (str(tmp_path / "run" / ".." / "notes.txt"), str(tmp_path / "run")):
+        assert any("cancel_file must lie inside output_dir" in p for p in jobs.validate_job({**job, "cancel_file": bad}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".cancel").symlink_to(victim)  # a link out of the folder is outside too
+    assert any("cancel_file must lie inside" in p
+               for p in jobs.validate_job({**job, "cancel_file": str(tmp_path / "run" / ".cancel")}))
+    path = jobs.write_job(job, tmp_path / "job.json")
+    r, evs = _run(path)
+    assert r.returncode == EXIT_INVALID and r.error["kind"] == "invalid-job"
+    assert "cancel_file must lie inside output_dir" in r.error["message"]
+    assert victim.read_text() == "mine"
+    # a runner of such a job (whatever its command) does not delete the file at start nor write it on cancel
+    r = JobRunner(path, command=[sys.executable, "-c", "import time; time.sleep(30)"]).start()
+    assert r.cancel_file is None and victim.read_text() == "mine"
+    r.cancel(grace_s=0.5)
+    assert r.wait(20) is not None and victim.read_text() == "mine"
+    ok = jobs.make_job(sample["target"], sample["atlas_dir"], tmp_path / "run2")
+    assert jobs.validate_job(ok) == [] and jobs.cancel_file_inside(ok["cancel_file"], ok["output_dir"])
