@@ -155,13 +155,11 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed, and on Reload (for the old
-        widget, after the package was reloaded: slicer.util.reloadScriptedModule). Running workers are stopped
-        (their results would go to a panel that is gone); run folders to delete stay listed until the scene
-        closes or Slicer quits (the guards of MASRefineModule.Job), as the scene still shows them."""
+        """When the application closes, and on Reload for the old widget (after the package's reload). Stops the
+        runs' workers; an installation or the sample goes on, run folders stay until the scene closes (Job.py)."""
         if self._flickerTimer:
             self._flickerTimer.stop()
-        stopJobs()
+        stopJobs(sceneOnly=True)
         self.removeObservers()
 
     def enter(self) -> None:
@@ -183,7 +181,7 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called just before the scene is closed."""
         # Parameter node will be reset, do not use it anymore
         self.setParameterNode(None)
-        # The worker is stopped by stopAllJobs (observer installed by MASRefineLogic.start); forget its results.
+        # The worker is stopped by stopSceneJobs (observer installed by launching a job); forget its results.
         self._job = None
         self._stopComparing()
         self._clearQaTable()

@@ -105,7 +105,8 @@ def test_background_install_through_the_logic(mod):
     module, slicer = mod
     events = []
     job = module.MASRefineLogic().startInstall(onEvent=lambda j, ev: events.append(ev["event"]))
-    assert job.timer.active and job in slicer_stubs.submodule("Job").activeJobs  # stopped with the scene too
+    assert job.timer.active and job in slicer_stubs.submodule("Job").activeJobs  # stopped when Slicer quits
+    assert not job.stopWithScene  # not when the scene closes: pip is not killed midway
     job.wait(timeout=120)
     assert job.state == "completed" and events[-1] == "exit" and "result" in events
     assert job.result["ran"] == [] and job.result["installed"] == {}  # nothing missing: nothing to install
@@ -198,6 +199,7 @@ def test_sample_is_a_background_job_and_loads_its_nodes(mod, tmp_path):
     finished = []
     job = module.MASRefineLogic().startSample(outDir=str(tmp_path / "sample"), onFinished=finished.append)
     assert job.running and job.timer.active  # returned at once; the GUI keeps running
+    assert not job.stopWithScene  # no run folder: closing the scene does not stop it
     assert job.runner.command[1:3] == ["-m", "MASRefineLib.sampledata"] and "--events" in job.runner.command
     job.wait(timeout=300)
     assert job.state == "completed" and finished == [job] and job.fraction == 1.0

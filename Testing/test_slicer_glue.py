@@ -252,6 +252,30 @@ def test_scene_close_and_app_exit_stop_workers(mod, target, atlas_dir, tmp_path)
     assert sum(1 for s, _ in slicer.app.connections if s == "aboutToQuit()") == 1
 
 
+def test_scene_close_leaves_the_installer_and_the_sample_running(mod, target, atlas_dir, tmp_path):
+    """Jobs without a run folder (the installer, the sample: ``stopWithScene`` False) are not killed by the
+    scene's closing (pip stopped midway could leave Slicer's Python half-installed) nor by the widget's
+    cleanup (Reload); Slicer's exit stops them."""
+    module, slicer = mod
+    Job = slicer_stubs.submodule("Job")
+    from MASRefineLib.runner import JobRunner
+
+    run = module.MASRefineLogic(runnerFactory=pipeline_factory("slow", steps=3, sleep=60)).start(
+        target, atlas_dir, outDir=tmp_path / "runs")
+    installer = Job.launch(Job.MASRefineJob(JobRunner(command=[sys.executable, "-c", "import time; time.sleep(60)"]),
+                                            str(tmp_path), str(tmp_path), stopWithScene=False))
+    slicer.mrmlScene.close()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        run.wait(timeout=20)
+    module.MASRefineWidget().cleanup()
+    time.sleep(0.5)
+    assert installer.poll() and installer.runner.returncode is None and Job.activeJobs == [installer]
+    slicer.app.emit("aboutToQuit()")
+    with pytest.raises(RuntimeError):
+        installer.wait(timeout=20)
+    assert installer.runner.returncode is not None and Job.activeJobs == []
+
+
 def test_scene_close_discards_a_result_not_yet_loaded(mod, target, atlas_dir, tmp_path):
     """A run that finished just before the scene closed must not load its nodes into the new scene."""
     module, slicer = mod

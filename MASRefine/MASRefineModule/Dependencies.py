@@ -100,4 +100,4 @@ def startInstall(upgrade: bool = False, onEvent: Optional[Callable] = None,
     command = installCommand(upgrade)
     runner = JobRunner(command=command, env=workerEnvironment())
     return launch(MASRefineJob(runner, slicer.app.temporaryPath, slicer.app.temporaryPath,
-                               onEvent=onEvent, onFinished=onFinished))
+                               onEvent=onEvent, onFinished=onFinished, stopWithScene=False))

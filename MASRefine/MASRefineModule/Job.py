@@ -20,15 +20,25 @@ jobGuardsInstalled = globals().get("jobGuardsInstalled", False)
 runsToRemove = globals().get("runsToRemove", [])
 
 
-def stopJobs() -> None:
-    """Stop every running worker at once (the module widget's cleanup, e.g. before a Reload)."""
+def stopJobs(sceneOnly: bool = False) -> None:
+    """Stop running workers at once: every one, or (``sceneOnly``) those of the scene (``job.stopWithScene``:
+    runs with a run folder, not the installer or the sample)."""
     for job in list(activeJobs):
-        job.stop()
+        if job.stopWithScene or not sceneOnly:
+            job.stop()
+
+
+def stopSceneJobs(*args) -> None:
+    """At scene close (StartCloseEvent): stop the runs' workers, then remove the run folders marked "delete
+    when the scene closes" (:func:`removeRunsOnClose`). An installation or the sample goes on: killing pip
+    midway could leave Slicer's Python half-installed."""
+    stopJobs(sceneOnly=True)
+    removeRunsOnClose()
 
 
 def stopAllJobs(*args) -> None:
-    """Stop every running worker at once (scene close, application exit), then remove the run folders
-    marked "delete when the scene closes" (:func:`removeRunsOnClose`)."""
+    """At application exit (aboutToQuit): stop every running worker, then remove the run folders marked
+    "delete when the scene closes"."""
     stopJobs()
     removeRunsOnClose()
 
@@ -59,13 +69,13 @@ def removeRunsOnClose() -> None:
 
 
 def installJobGuards() -> None:
-    """Kill running workers when the scene is closed or the application exits, then remove the run folders
-    marked for it (installed once)."""
+    """Kill the runs' workers when the scene is closed, every worker when the application exits, then remove
+    the run folders marked for it (installed once)."""
     global jobGuardsInstalled
     if jobGuardsInstalled:
         return
     slicer.app.connect("aboutToQuit()", stopAllJobs)
-    slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, stopAllJobs)
+    slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, stopSceneJobs)
     jobGuardsInstalled = True
 
 
@@ -78,13 +88,16 @@ class MASRefineJob:
     and discards its results; ``wait()`` blocks until the end and returns the created
     nodes (a dict ``{role: node}``, e.g. ``"fused-labels"``) or raises. After completion ``nodes`` are the
     nodes loaded at once (fused segmentation, QA table), ``atlasNodes`` the atlases loaded on demand,
-    ``qaHeader``/``qaRows`` the per-atlas QA numbers (``qaIdColumn``: the atlas id).
+    ``qaHeader``/``qaRows`` the per-atlas QA numbers (``qaIdColumn``: the atlas id). ``stopWithScene``: the
+    worker is killed when the scene closes (runs; not the installer or the sample, stopped only at exit).
     """
 
     def __init__(self, runner, outDir: str, outputDir: str, targetNode=None,
                  loadResults: Optional[Callable] = None,
-                 onEvent: Optional[Callable] = None, onFinished: Optional[Callable] = None):
+                 onEvent: Optional[Callable] = None, onFinished: Optional[Callable] = None,
+                 stopWithScene: bool = True):
         self.runner = runner
+        self.stopWithScene = stopWithScene
         self.outDir = outDir  # the run folder: job.json, exported target, output/
         self.outputDir = outputDir  # the worker's output folder (manifest.json)
         self.targetNode = targetNode

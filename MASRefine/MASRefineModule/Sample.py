@@ -74,7 +74,8 @@ def startSample(outDir: Optional[str] = None, onEvent: Optional[Callable] = None
     outDir = str(outDir or sampleDir())
     command = [pythonSlicerExecutable(), "-m", "MASRefineLib.sampledata", "--out", outDir, "--events"]
     runner = JobRunner(command=command, env=workerEnvironment())
-    return launch(MASRefineJob(runner, outDir, outDir, loadResults=_loadSample, onEvent=onEvent, onFinished=onFinished))
+    return launch(MASRefineJob(runner, outDir, outDir, loadResults=_loadSample, onEvent=onEvent, onFinished=onFinished,
+                               stopWithScene=False))  # no run folder: the scene's closing does not stop it
 
 
 def loadSampleData(outDir: Optional[str] = None, timeout: Optional[float] = 900) -> dict:

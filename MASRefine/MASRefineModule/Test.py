@@ -176,7 +176,7 @@ class MASRefineTest(ScriptedLoadableModuleTest):
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
 
         job = logic.start(sample["target"], sample["atlas_dir"], preset="fast", refine="I", fusion="pv", device="cpu")
-        slicer.mrmlScene.Clear()  # StartCloseEvent -> stopAllJobs
+        slicer.mrmlScene.Clear()  # StartCloseEvent -> stopSceneJobs
         with self.assertRaises(RuntimeError):
             job.wait(timeout=60)
         self.assertNotEqual(job.state, "completed")
