@@ -228,6 +228,10 @@ def test_requirements_never_pip_install_slicer_packages_and_match_pyproject():
     deps = _requirement_names(project["dependencies"])
     expected = {k: v for k, v in deps.items() if k not in NEVER_PIP}
     assert reqs == expected, "Resources/requirements.txt must list pyproject's dependencies except numpy/SimpleITK/torch"
+    # where torch comes from, as the comments say: MASRefineLib.install with light-the-torch (not PyTorchUtils)
+    comments = " ".join(line for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines() if line.startswith("#"))
+    assert "MASRefineLib.install" in comments and "light-the-torch" in comments
+    assert "installed through the PyTorch extension" not in comments
 
 
 def test_installs_only_after_asking_and_never_at_import():
