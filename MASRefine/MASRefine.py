@@ -65,7 +65,7 @@ fused labels appear as a segmentation node, and each atlas can be inspected in t
 """)
         self.parent.acknowledgementText = _("""
 Implements the method of "VoteNet++: Registration Refinement for Multi-Atlas Segmentation" (ISBI 2021).
-Uses PyTorch (through the PyTorch extension), MONAI, SimpleITK and slicerio; licensed Apache-2.0.
+Uses PyTorch (installed with light-the-torch), MONAI, SimpleITK and slicerio; licensed Apache-2.0.
 """)
 
         # Additional initialization step after application startup is complete
