@@ -2,7 +2,6 @@
 imported: torch and MONAI stay out of Slicer's process), and installing or upgrading them in the
 background with ``PythonSlicer -m MASRefineLib.install`` (torch through light-the-torch, as the PyTorch
 extension does; the rest through pip, with Slicer's own numpy and SimpleITK pinned)."""
-import os
 import sys
 from importlib import metadata
 from typing import Callable, Optional
@@ -65,10 +64,10 @@ def installCommand(upgrade: bool = False) -> list:
     """The background installer's command line for what is missing (``upgrade``: every requirement). numpy,
     SimpleITK and torch are pinned by the installer at the versions installed when its pip step starts, after
     its torch step (``--pin``), so pip never replaces them and resolves the rest against the torch just installed."""
-    name = _install().requirement_name
+    reqName = _install().requirement_name
     wanted = requirements() if upgrade else missing()
-    torch = next((r for r in wanted if name(r) == "torch"), None)
-    others = [r for r in wanted if name(r) != "torch"]
+    torch = next((r for r in wanted if reqName(r) == "torch"), None)
+    others = [r for r in wanted if reqName(r) != "torch"]
     command = [pythonSlicerExecutable(), "-m", "MASRefineLib.install"] + [f"--pin={name}" for name in NEVER_PIP_INSTALL]
     if torch:
         command += ["--torch", torch]
