@@ -96,7 +96,8 @@ def _new_id(wanted: str, taken: set[str]) -> str:
     if not base[0].isalnum():
         base = "case" + base
     new, n = base, 1
-    while new in taken:
+    taken = {t.casefold() for t in taken}  # ids become file names: 'A1' and 'a1' collide on macOS and Windows
+    while new.casefold() in taken:
         n += 1
         new = f"{base}-{n}"
     problem = atlas_id_problem(new)

@@ -135,6 +135,7 @@ class WarpedSet:
             if not isinstance(f, dict):
                 raise MASRefineError(f"{rp}: atlas entry {n + 1} must be an object with id and files")
             aid = validate.check_atlas_id(e.get("id"), rp)
+            validate.check_unique_atlas_ids([a.id for a in atlases] + [aid], rp)  # equal or differing only by case
             paths = {key: inside(out, f.get(key)) for key in ("image", "label", "field")}  # names, never paths
             for p in paths.values():
                 if not p.exists():

@@ -136,6 +136,30 @@ def test_atlas_init_refuses_file_names_that_are_not_ids(sample, tmp_path):
     assert not (tmp_path / "set" / "atlas.json").exists()
 
 
+
+def test_atlas_ids_differing_only_by_case_are_duplicates(sample, tmp_path):
+    """'A1' and 'a1' become the same output files on macOS and Windows: refused in atlas.json, by atlas init and
+    by atlas-building (a new id differs from every existing one whatever the case)."""
+    d = json.loads(Path(sample["atlas_dir"], "atlas.json").read_text())
+    first = d["atlases"][0]["id"]
+    d["atlases"][1]["id"] = first.upper() if first.upper() != first else first.lower()
+    aset = copy_set(sample, tmp_path / "set", atlases=d["atlases"])
+    with pytest.raises(MASRefineError, match=rf"atlas.json: duplicate atlas id {d['atlases'][1]['id']!r} \(same as "
+                                             rf"{first!r} on a case-insensitive file system\)"):
+        AtlasSet.load(aset)
+    src = AtlasSet.load(sample["atlas_dir"])
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    for name, aid in (("Knee1", src.ids[0]), ("knee1", src.ids[1])):
+        os.symlink(src.image_path(aid), images / f"{name}.nii.gz")
+        os.symlink(src.label_path(aid), labels / f"{name}.nii.gz")
+    with pytest.raises(MASRefineError, match=r"images: duplicate atlas id 'knee1' \(same as 'Knee1' on a case-insensitive"):
+        init_atlas_set(tmp_path / "new", images, labels)
+    assert not (tmp_path / "new" / "atlas.json").exists()
+    from MASRefineLib.atlasbuild import _new_id
+    assert _new_id("KNEE1", {"knee1"}) == "KNEE1-2"
+
+
 # --------------------------------------------------------------------------- 2. geometry kept or refused
 def test_sheared_and_degenerate_directions_are_refused_at_reading(tmp_path, sample, capsys):
     img = sitk.ReadImage(sample["target"])
