@@ -62,6 +62,8 @@ def read_field(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
         raise MASRefineError(f"{path}: not a 3D displacement field (3-vector per voxel)")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (Z, Y, X, 3)
+    if not np.isfinite(arr).all():  # NaN/inf (or beyond float32) would spread through every warp and composition
+        raise MASRefineError(f"{path}: displacement field contains NaN or infinite values")
     return np.moveaxis(arr, -1, 0).copy(), Grid.from_image(img)
 
 

@@ -141,7 +141,7 @@ class WarpedSet:
                 if not p.exists():
                     raise MASRefineError(f"{p}: listed in report.json but missing")
             img = imageio._read(paths["image"], sitk.sitkFloat32)
-            lab = imageio._read(paths["label"], sitk.sitkUInt16)
+            lab = imageio.read_label(paths["label"], allow_empty=True)  # values checked, never wrapped by a cast
             fld, fgrid = read_field(paths["field"])
             for p, g in ((paths["image"], Grid.from_image(img)), (paths["label"], Grid.from_image(lab)),
                          (paths["field"], fgrid)):

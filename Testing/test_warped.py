@@ -108,3 +108,56 @@ def test_a_failed_write_is_one_line_naming_the_file_and_leaves_the_old_file(ixi_
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{out}: could not write (") and "fwrite wrote only" in msg
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def _small_set(tmp_path, ids=("a0", "a1")) -> WarpedSet:
+    """A small synthetic WarpedSet saved in ``tmp_path`` (no real data needed)."""
+    grid = Grid((10, 11, 12), (1.0, 1.2, 1.5), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    rng = np.random.default_rng(1)
+    labels = np.zeros(grid.shape, np.uint16)
+    labels[2:6, 3:7, 4:8] = 3
+    atlases = [WarpedAtlas(i, rng.random(grid.shape, dtype=np.float32), labels,
+                           rng.normal(size=(3, *grid.shape)).astype(np.float32)) for i in ids]
+    ws = WarpedSet(grid, LabelTable.from_values([3]), atlases, "affine")
+    ws.save(tmp_path)
+    return ws
+
+
+@pytest.mark.parametrize("value, dtype, message", [(-1, np.int16, "non-negative integer"),
+                                                   (70000, np.int32, "exceeds 65535"),
+                                                   (2.5, np.float32, "non-negative integer")])
+def test_warped_labels_are_checked_not_wrapped(tmp_path, value, dtype, message):
+    """A warped label map goes through read_label: a negative or too large value is refused, not cast to uint16."""
+    _small_set(tmp_path)
+    lp = tmp_path / "a1_label.nii.gz"
+    lab = sitk.ReadImage(str(lp))
+    arr = sitk.GetArrayFromImage(lab).astype(dtype)
+    arr[0, 0, 0] = value
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(lab)
+    sitk.WriteImage(bad, str(lp))
+    with pytest.raises(MASRefineError, match=f"a1_label.nii.gz: .*{message}"):
+        WarpedSet.load(tmp_path)
+
+
+def test_a_field_with_nan_is_refused(tmp_path):
+    from MASRefineLib.fields import read_field, write_field
+    ws = _small_set(tmp_path)
+    f = ws.atlases[1].field.copy()
+    f[1, 2, 3, 4] = np.nan
+    write_field(f, ws.target_grid, tmp_path / "a1_field.nrrd")
+    with pytest.raises(MASRefineError, match=r"a1_field.nrrd: displacement field contains NaN or infinite values$"):
+        read_field(tmp_path / "a1_field.nrrd")
+    with pytest.raises(MASRefineError, match=r"a1_field.nrrd: displacement field contains NaN"):
+        WarpedSet.load(tmp_path)
+
+
+def test_atlas_ids_differing_only_by_case_are_duplicates_in_a_report(tmp_path):
+    """'A1' and 'a1' name the same files on macOS and Windows: a report listing both is refused before reading."""
+    from MASRefineLib.jsonio import read_json, write_json
+    _small_set(tmp_path, ids=("A1", "b1"))
+    report = read_json(tmp_path / "report.json", allow_nan=True)
+    report["atlases"][1]["id"] = "a1"
+    write_json(report, tmp_path / "report.json")
+    with pytest.raises(MASRefineError, match=r"report.json: duplicate atlas id 'a1' \(same as 'A1' on a case-insensitive"):
+        WarpedSet.load(tmp_path)
