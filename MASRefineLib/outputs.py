@@ -93,17 +93,27 @@ def prepare_output_dir(out: PathLike | None, *, inputs: Iterable[Input] = (), co
 #: writers before it (``.qa.csv.tmp``, ``.qa.tmp.png``): what a killed run leaves behind
 _TEMPORARY = re.compile(r"\.[^/\\]+\.tmp(\.[A-Za-z0-9]+){0,2}")
 
+#: a temporary file is stale (left by a killed run) only when it was last modified this many seconds ago: a run
+#: still writing into the same folder is writing into its temporary files (and renames each once complete), so a
+#: rerun started meanwhile leaves them alone
+STALE_TEMPORARY_AGE_S = 600.0
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
+
+def remove_stale_temporaries(folder: Path, min_age_s: float = STALE_TEMPORARY_AGE_S) -> list[Path]:
     """Delete the temporary files a killed earlier run left in its own output ``folder`` (and its sub-folders;
-    links are not followed): called on a rerun into a folder this command wrote, so they do not pile up.
-    Returns what was removed."""
+    links are not followed) that were last modified at least ``min_age_s`` seconds ago (:data:`STALE_TEMPORARY_AGE_S`,
+    10 minutes: younger ones may belong to a run still writing there): called on a rerun into a folder this
+    command wrote, so they do not pile up. Returns what was removed."""
+    import time
     removed = []
+    now = time.time()
     for root, dirs, files in os.walk(folder):
         for name in files:
             f = Path(root) / name
             if _TEMPORARY.fullmatch(name) and f.is_file() and not f.is_symlink():
                 try:
+                    if now - f.stat().st_mtime < min_age_s:
+                        continue  # recent: perhaps another run's file being written now
                     f.unlink()
                     removed.append(f)
                 except OSError:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -499,10 +500,17 @@ def test_stale_temporary_files_of_a_killed_run_are_removed_on_rerun(tmp_path):
     (out / "atlases").mkdir()
     stale = [out / ".qa.csv.k3j_x9a2.tmp.csv", out / "atlases" / ".a1_image.nrrd.abcdefgh.tmp.nrrd", out / ".qa.tmp.png"]
     kept = [out / "qa.csv", out / "atlases" / "a1_image.nrrd"]
-    for p in stale + kept:
+    recent = out / "atlases" / ".a2_image.nrrd.zyxwvuts.tmp.nrrd"  # a run still writing into the same folder
+    for p in stale + kept + [recent]:
         p.write_text("x")
+    from MASRefineLib.outputs import STALE_TEMPORARY_AGE_S
+    old = time.time() - STALE_TEMPORARY_AGE_S - 5
+    for p in stale + kept:
+        os.utime(p, (old, old))
+    os.utime(recent, (time.time() - STALE_TEMPORARY_AGE_S + 60,) * 2)  # younger than the stated age
     prepare_output_dir(out, command="segment")
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert recent.exists()  # another run's temporary file: not deleted
 
 
 def test_no_environment_variable_lets_a_job_file_name_other_code(sample, tmp_path, monkeypatch):
