@@ -235,6 +235,40 @@ def _check_inputs(out: Path, inputs: Iterable[Input], option: str) -> None:
                     raise MASRefineError(f"{out}: is the {what}; choose another {option}")
                 elif o in i.parents:
                     raise MASRefineError(f"{out}: contains the {what} {ip}; choose another {option}")
+        _check_identity(out, ip, what, option)
+
+
+def _existing_chain(p: Path) -> list[Path]:
+    """``p`` (absolute) and its parents, those that exist, nearest first."""
+    a = Path(os.path.abspath(p))
+    return [q for q in (a, *a.parents) if q.exists()]
+
+
+def _same_object(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_identity(out: Path, ip: Path, what: str, option: str) -> None:
+    """The checks of :func:`_check_inputs` by file identity (device and inode, ``os.path.samefile``) instead of
+    path strings: on a case-insensitive file system (macOS, Windows) ``/Data/Atlas/x`` lies inside ``/data/atlas``,
+    and a bind mount reaches one folder by two paths. Compared on the nearest existing ancestor of ``out``."""
+    if not ip.exists():
+        return
+    outs = _existing_chain(out)
+    o_abs = Path(os.path.abspath(out))
+    for q in outs:
+        if _same_object(q, ip):
+            if q == o_abs:
+                raise MASRefineError(f"{out}: is the {what}; choose another {option}")
+            if ip.is_dir():
+                raise MASRefineError(f"{out}: lies inside the {what} {ip}; choose another {option}")
+    if outs and outs[0] == o_abs and o_abs.is_dir():
+        for q in _existing_chain(ip)[1:]:
+            if _same_object(q, o_abs):
+                raise MASRefineError(f"{out}: contains the {what} {ip}; choose another {option}")
 
 
 def _marked_command(folder: Path) -> str | None:

@@ -535,3 +535,61 @@ def test_limits_are_those_the_architecture_page_states():
     for text in (f"{lim.min_spacing_mm:g}–{lim.max_spacing_mm:g} mm", f"{lim.max_axis_voxels}",
                  f"±{lim.max_abs_origin_mm:g} mm", f"{lim.max_labels}", "2^30"):
         assert text in doc, text
+
+
+def _bind_mount_works() -> bool:
+    import shutil
+    import subprocess
+    if not shutil.which("unshare"):
+        return False
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(os.name == "nt" or not _bind_mount_works(), reason="needs unshare (a private mount namespace)")
+def test_an_input_folder_reached_by_another_path_is_still_an_input(tmp_path):
+    """Folder containment is also checked by file identity, not only by path strings: here the input folder is
+    reached through a bind mount (the Linux form of macOS's '/Data/Atlas' = '/data/atlas'), in a private mount
+    namespace so nothing outside this test sees it."""
+    import subprocess
+    import sys
+    inputs, alias = tmp_path / "data" / "atlas", tmp_path / "alias"
+    (inputs / "images").mkdir(parents=True)
+    (inputs / "images" / "a1.nii.gz").write_text("x")
+    alias.mkdir()
+    script = f"""
+import sys
+from pathlib import Path
+from MASRefineLib.errors import MASRefineError
+from MASRefineLib.outputs import prepare_output_dir
+inputs, alias = Path({str(inputs)!r}), Path({str(alias)!r})
+given = [("--atlases atlas set", inputs), ("atlas image", inputs / "images" / "a1.nii.gz")]
+for out in (alias / "x", alias, alias / "images" / "new"):
+    try:
+        prepare_output_dir(out, inputs=given)
+        print("ACCEPTED", out)
+    except MASRefineError as e:
+        print("REFUSED", e)
+"""
+    cmd = ["unshare", "-rm", "sh", "-c", f'mount --bind "{inputs}" "{alias}" && exec "$0" -c "$1"', sys.executable, script]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr
+    assert lines[0] == f"REFUSED {alias / 'x'}: lies inside the --atlases atlas set {inputs}; choose another --out"
+    assert lines[1] == f"REFUSED {alias}: is the --atlases atlas set; choose another --out"
+    assert lines[2].startswith(f"REFUSED {alias / 'images' / 'new'}: lies inside the --atlases atlas set")
+    assert sorted(p.name for p in inputs.rglob("*")) == ["a1.nii.gz", "images"]  # nothing written into the input
+
+
+def test_an_input_folder_named_in_another_case_is_an_input_on_a_case_insensitive_file_system(tmp_path):
+    probe = tmp_path / "CaseProbe"
+    probe.mkdir()
+    if not (tmp_path / "caseprobe").exists():
+        pytest.skip("this file system is case-sensitive (the identity check is tested through a bind mount)")
+    inputs = tmp_path / "data" / "atlas"
+    inputs.mkdir(parents=True)
+    with pytest.raises(MASRefineError, match="lies inside the --atlases atlas set"):
+        prepare_output_dir(tmp_path / "Data" / "Atlas" / "x", inputs=[("--atlases atlas set", inputs)])
