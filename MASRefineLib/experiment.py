@@ -244,7 +244,8 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
             t0 = time.perf_counter()
             had_seg = (aset.models_dir / "segmenter.json").exists()
             had_vn = votenet_model_path(aset, prereg) is not None
-            segmenter = ensure_models(aset, opts, dev, None, fallbacks)
+            models = ensure_models(aset, opts, dev, None, fallbacks)
+            segmenter = models.segmenter
             if opts.fusion == "votenet" and not had_vn:
                 training[f"votenet-{prereg}"] = round(time.perf_counter() - t0, 1)
             elif opts.refine == "IS" and not had_seg:
@@ -267,7 +268,7 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
                 method = vote_method if fusion == "votenet" else fusion
                 o = SegmentOptions(prereg=prereg, refine=refine, fusion=method, device=str(dev), preset=preset)
                 t0 = time.perf_counter()
-                fused = fuse_stage(cache[refine], target_arr, aset, o, dev, None, fallbacks)
+                fused = fuse_stage(cache[refine], target_arr, aset, o, dev, None, fallbacks, models.votenet)
                 secs["fuse"] = round(time.perf_counter() - t0, 2)
                 _save_cell(out, key, t.id, {"row": key, "target": t.id, "prereg": prereg, "refine": refine,
                                             "method": fused.info.get("method", method), "seconds": secs,

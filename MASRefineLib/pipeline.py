@@ -481,14 +481,15 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
         m.set("target_grid", grid.to_json())
         plan.report("load", 1.0, f"{len(aset)} atlases")
 
-    segmenter = None
+    segmenter = votenet = None
     if opts.refine == "IS" or opts.fusion == "votenet":
         with m.stage("models"):
             if preloaded is not None and (opts.refine != "IS" or preloaded.segmenter is not None) and \
                     (opts.fusion != "votenet" or preloaded.votenet is not None):
-                segmenter = preloaded.segmenter  # loaded once by the caller
+                segmenter, votenet = preloaded.segmenter, preloaded.votenet  # loaded once by the caller
             else:
-                segmenter = ensure_models(aset, opts, device, plan.cb("models"), fallbacks)
+                models = ensure_models(aset, opts, device, plan.cb("models"), fallbacks)
+                segmenter, votenet = models.segmenter, models.votenet
 
     with m.stage("register"):
         ws = register_stage(target_path, target, aset, opts, device, plan.cb("register"), fallbacks)
@@ -501,8 +502,7 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
             pre = ws
             ws = refine_stage(ws, target_arr, opts, segmenter, device, plan.cb("refine"), fallbacks)
     with m.stage("fuse"):
-        fused = fuse_stage(ws, target_arr, aset, opts, device, plan.cb("fuse"), fallbacks,
-                           preloaded.votenet if preloaded is not None else None)
+        fused = fuse_stage(ws, target_arr, aset, opts, device, plan.cb("fuse"), fallbacks, votenet)
 
     with m.stage("write"):
         wcb = plan.cb("write")
@@ -628,13 +628,23 @@ def _ensure_segmenter(aset, opts: SegmentOptions, device: torch.device, progress
     return segmod.train_on_atlas_set(aset.root, settings, device=device, progress=progress)
 
 
+@dataclass
+class Models:
+    """What :func:`ensure_models` loaded: the segmenter (refinement IS) and the stored VoteNet+ model (fusion
+    votenet), each None when not needed (or, for VoteNet+, just trained: :func:`fuse_stage` then reads it)."""
+    segmenter: Any = None
+    votenet: Any = None
+
+
 def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Optional[ProgressCallback],
-                  fallbacks: list[str]):
+                  fallbacks: list[str]) -> Models:
     """The surrogate segmenter (for refinement IS) and the VoteNet+ model (fusion votenet) of the atlas
     set: loaded from ``<atlas set>/models``, trained first when missing and ``opts.train_missing``,
-    else :class:`MASRefineError` naming the ``masrefine train`` command. Returns the segmenter (or None);
-    may change ``opts.fusion`` (recorded in ``fallbacks``) when VoteNet+ can be neither found nor trained."""
-    segmenter = None
+    else :class:`MASRefineError` naming the ``masrefine train`` command. Returns them (:class:`Models`; a stored
+    VoteNet+ model is loaded here, once, so a corrupt one is refused before any registration, and handed to
+    :func:`fuse_stage`); may change ``opts.fusion`` (recorded in ``fallbacks``) when VoteNet+ can be neither found
+    nor trained."""
+    segmenter = votenet = None
     seg_missing = opts.refine == "IS" and not (Path(aset.models_dir) / "segmenter.json").exists()
     vn_missing = opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None
     split = 0.4 if seg_missing and vn_missing else (1.0 if seg_missing else 0.0)
@@ -662,8 +672,8 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
     elif opts.fusion == "votenet" and _have(f"{__package__}.fusion.votenet"):
         # a stored model is loaded now, so a corrupt or malformed one is refused before any registration
         from .fusion.votenet import VoteNetModel
-        VoteNetModel.load(votenet_model_path(aset, opts.prereg, opts.refine))
-    return segmenter
+        votenet = VoteNetModel.load(votenet_model_path(aset, opts.prereg, opts.refine))
+    return Models(segmenter, votenet)
 
 
 def _write_metrics(out: Path, fused: np.ndarray, grid: Grid, ref: sitk.Image, truth: str, table: LabelTable,

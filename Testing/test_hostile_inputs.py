@@ -391,6 +391,20 @@ def test_a_corrupt_votenet_model_is_refused_before_any_registration(sample, tmp_
     assert snapshot(s) == before
 
 
+def test_a_stored_votenet_model_is_loaded_once(sample, tmp_path, monkeypatch):
+    """The model checked before registration is the one fusion uses: read from disk once per run."""
+    from MASRefineLib.fusion.votenet import VoteNetModel
+    from MASRefineLib.pipeline import SegmentOptions, segment
+    s, path = _votenet_set(sample, tmp_path)
+    loaded = []
+    real = VoteNetModel.load.__func__
+    monkeypatch.setattr(VoteNetModel, "load", classmethod(lambda cls, *a, **k: loaded.append(a[0]) or real(cls, *a, **k)))
+    res = segment(sample["target"], s, tmp_path / "out", SegmentOptions(prereg="affine", refine="none", fusion="votenet",
+                                                                         preset="fast", device="cpu"))
+    assert [Path(p) for p in loaded] == [path]
+    assert (tmp_path / "out" / "manifest.json").is_file() and res is not None
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda d: d.pop("platt"), r"missing field 'platt'"),
     (lambda d: d["platt"].update(a="x"), r"wrong field value"),

@@ -200,7 +200,7 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
             imgs.to(dev), tgt.to(dev), labels, alpha=float(p["alpha"]), beta=float(p["beta"]),
             patch_radius=int(p["patch_radius"]), search_radius=int(p["search_radius"]), spacing_xyz=spacing,
             error_probs=q, block=int(p["block"]), progress=progress)
-        info["model"] = {"platt": {"a": vm.a, "b": vm.b}, "source": str(model) if not isinstance(model, VoteNetModel) else None,
+        info["model"] = {"platt": {"a": vm.a, "b": vm.b}, "source": str(model) if not isinstance(model, VoteNetModel) else vm.source,
                          "ece_after": vm.meta.get("reliability", {}).get("ece_after")}
     seconds = time.time() - t0
     report(progress, "fuse", 1.0, f"{method}: {seconds:.1f} s")

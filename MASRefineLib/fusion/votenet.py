@@ -146,6 +146,7 @@ class VoteNetModel:
     a: float = 1.0
     b: float = 0.0
     meta: dict = field(default_factory=dict)
+    source: str | None = None  # the .json it was loaded from (recorded in the fusion's info)
 
     def logits(self, images: torch.Tensor, target: torch.Tensor, roi: torch.Tensor | None = None,
                device: torch.device | str = "cpu", window: int = 64, progress: ProgressCallback | None = None,
@@ -235,7 +236,7 @@ class VoteNetModel:
         except Exception as e:  # noqa: BLE001 - a corrupt (SafetensorError) or mismatched weight file is a user error
             raise MASRefineError(f"{wpath}: cannot load the VoteNet+ weights ({str(e).splitlines()[0]})") from None
         meta = {k: v for k, v in doc.items() if k not in ("architecture", "platt")}
-        return cls(net, arch, a, b, meta)
+        return cls(net, arch, a, b, meta, str(p))
 
 
 def _ceil_to(n: int, m: int) -> int:
