@@ -344,25 +344,17 @@ def main(argv: list[str] | None = None) -> int:
         r = make_sample(a.out, a.atlases, a.seed, a.targets, tuple(a.size), a.spacing, force=True)
         print(json.dumps({k: r[k] for k in ("atlas_dir", "targets", "truths")}, indent=1))
         return 0
-    import sys
+    # the worker's protocol (events, cancel through stdin or SIGTERM, one-line errors, exit codes): MASRefineLib.worker
+    from .progress import ProgressEvent
+    from .worker import run_function
 
-    from .worker import EXIT_DONE, EXIT_ERROR, EventWriter
+    def run(job, progress) -> dict:
+        def cb(ev) -> None:  # the sample is the whole job: its stage's fraction is the overall one
+            progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**(ev.data or {}), "overall": ev.fraction}))
+        r = make_sample(a.out, a.atlases, a.seed, a.targets, tuple(a.size), a.spacing, progress=cb)
+        return {k: r[k] for k in ("atlas_dir", "target", "truth", "labels")}
 
-    events = EventWriter(sys.stdout)
-
-    def progress(ev) -> None:
-        events.emit("progress", stage=ev.stage, fraction=round(ev.fraction, 4), overall=round(ev.fraction, 4),
-                    message=ev.message)
-
-    events.emit("started", pid=os.getpid(), pipeline="sample", output_dir=str(Path(a.out).resolve()))
-    try:
-        r = make_sample(a.out, a.atlases, a.seed, a.targets, tuple(a.size), a.spacing, progress=progress)
-    except Exception as e:  # noqa: BLE001 -- one line for the caller, whatever failed (disk full, permissions)
-        events.emit("error", kind="input", message=f"{type(e).__name__}: {e}".splitlines()[0])
-        return EXIT_ERROR
-    events.emit("result", output_dir=str(Path(a.out).resolve()),
-                **{k: r[k] for k in ("atlas_dir", "target", "truth", "labels")})
-    return EXIT_DONE
+    return run_function(run, {"output_dir": str(Path(a.out).resolve())}, "sample")
 
 
 if __name__ == "__main__":

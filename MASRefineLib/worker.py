@@ -183,8 +183,8 @@ def load_pipeline(name: str) -> Callable[..., dict]:
 class Worker:
     """Runs one job with the protocol's events, cancellation and exit codes (see the module doc)."""
 
-    def __init__(self, job_path: str | os.PathLike, events: EventWriter, watch_stdin: bool = False):
-        self.job_path = Path(job_path)
+    def __init__(self, job_path: str | os.PathLike | None, events: EventWriter, watch_stdin: bool = False):
+        self.job_path = Path(job_path) if job_path is not None else None  # None: a job given in memory (execute)
         self.events = events
         self.watch_stdin = watch_stdin
         self.stop = threading.Event()
@@ -253,9 +253,9 @@ class Worker:
 
     # -- run -----------------------------------------------------------------------------------
     def run(self) -> int:
-        from .errors import Cancelled, MASRefineError
+        """Read, check and run the job file (see the module doc)."""
+        from .errors import MASRefineError
         from .jobs import read_job, validate_job
-        from . import __version__
 
         try:
             job = read_job(self.job_path)
@@ -284,12 +284,20 @@ class Worker:
         except (ImportError, ValueError) as e:
             self.events.emit("error", kind="invalid-job", message=f"{self.job_path}: pipeline {name!r}: {e}")
             return EXIT_INVALID
+        return self.execute(fn, job, name)
 
-        self.cancel_file = job["cancel_file"]
+    def execute(self, fn: Callable[..., dict], job: dict[str, Any], name: str) -> int:
+        """Run ``fn(job, progress)`` with the protocol's ``started``/``progress``/``result``/``error``/``cancelled``
+        events, cancellation (``job["cancel_file"]`` when given, stdin, SIGTERM) and exit codes; ``job`` holds at
+        least ``output_dir``. :meth:`run` calls it for a job file; :func:`run_function` for an in-library caller."""
+        from .errors import Cancelled, MASRefineError
+        from . import __version__
+
+        self.cancel_file = job.get("cancel_file")
         if self.watch_stdin:
             threading.Thread(target=self._stdin_watcher, name="stdin-watcher", daemon=True).start()
-        self.events.emit("started", pid=os.getpid(), job=str(self.job_path.resolve()), pipeline=name,
-                         output_dir=job["output_dir"], version=__version__)
+        self.events.emit("started", pid=os.getpid(), job=str(self.job_path.resolve()) if self.job_path else None,
+                         pipeline=name, output_dir=job["output_dir"], version=__version__)
         try:
             if self.cancelled():
                 raise Cancelled("cancelled before the job started")
@@ -332,9 +340,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--watch-stdin", choices=("auto", "yes", "no"), default="auto",
                     help="exit when stdin reaches end of file (auto: when stdin is a pipe, as the runner starts it)")
     args = ap.parse_args(argv)
+    return _serve(args.job, args.watch_stdin, lambda worker: worker.run())
+
+
+def run_function(fn: Callable[..., dict], job: dict[str, Any], name: str, watch_stdin: str = "auto") -> int:
+    """This process as a worker for ``fn(job, progress)`` without a job file: the same events on stdout, cancel
+    (stdin ``cancel`` line or end of file, SIGTERM, ``job["cancel_file"]``), errors and exit codes as
+    :func:`main` (``python -m MASRefineLib.sampledata --events``, which the Slicer module runs)."""
+    return _serve(None, watch_stdin, lambda worker: worker.execute(fn, job, name))
+
+
+def _serve(job_path: str | None, watch_stdin: str, action: Callable[[Worker], int]) -> int:
+    """The worker process around ``action``: private event stdout, log records as events, SIGTERM as cancel."""
     events = EventWriter(_private_stdout())
-    watch = args.watch_stdin == "yes" or (args.watch_stdin == "auto" and _stdin_is_pipe())
-    worker = Worker(args.job, events, watch_stdin=watch)
+    watch = watch_stdin == "yes" or (watch_stdin == "auto" and _stdin_is_pipe())
+    worker = Worker(job_path, events, watch_stdin=watch)
 
     handler = _EventLogHandler(events)
     root = logging.getLogger()
@@ -350,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        return worker.run()
+        return action(worker)
     except KeyboardInterrupt:  # Ctrl-C while the job is read or checked, before the pipeline's own handler
         events.emit("cancelled", reason="signal", message="cancelled before the job started")
         return EXIT_CANCELLED

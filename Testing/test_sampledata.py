@@ -111,3 +111,36 @@ def test_reuse_and_force(sample, tmp_path):
     assert again["target"] == sample["target"] and os.path.getmtime(stamp) == before
     settings = json.loads(open(stamp).read())["settings"]
     assert settings["n_atlases"] == 3 and settings["seed"] == 0
+
+
+def test_events_mode_speaks_the_worker_protocol_and_stops_on_cancel(tmp_path):
+    """``python -m MASRefineLib.sampledata --out DIR --events`` (what the Slicer module runs) is a worker: its events,
+    a cancel through the runner (stdin) stops it at the next progress report with exit code 3, and a failure is
+    one ``error`` event."""
+    import sys
+    from MASRefineLib.runner import JobRunner
+    from MASRefineLib.worker import EVENT_PREFIX, EXIT_CANCELLED, EXIT_ERROR
+
+    def runner(out):
+        return JobRunner(command=[sys.executable, "-m", "MASRefineLib.sampledata", "--out", str(out), "--events"]).start()
+
+    r = runner(tmp_path / "sample")
+    seen = []
+    for ev in r.events(120):
+        seen.append(ev)
+        if ev["event"] == "progress" and ev["fraction"] > 0:
+            r.cancel(grace_s=60)  # the kill after the grace period would read "cancelled" too: exit code 3 says it stopped
+    kinds = [e["event"] for e in seen]
+    assert kinds[:2] == ["started", "stage"] and "output" not in kinds and "result" not in kinds, kinds
+    (cancelled,) = [e for e in seen if e["event"] == "cancelled"]
+    assert cancelled["reason"] == "cancel-file" and r.returncode == EXIT_CANCELLED and r.status == "cancelled"
+    assert all(e["overall"] == e["fraction"] for e in seen if e["event"] == "progress")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = runner(blocker / "sample")
+    evs = list(r.events(120))
+    kinds = [e["event"] for e in evs if e["event"] != "output"]
+    assert r.returncode == EXIT_ERROR and kinds[0] == "started" and kinds[-2:] == ["error", "exit"], kinds
+    assert "\n" not in r.error["message"] and str(blocker) in r.error["message"]
+    assert not any(e["event"] == "output" and e["stream"] == "stdout" for e in evs)  # stdout holds events only
+    assert EVENT_PREFIX.strip() == "MASREFINE-EVENT"
