@@ -544,10 +544,24 @@ def test_no_environment_variable_lets_a_job_file_name_other_code(sample, tmp_pat
 
 
 def test_limits_are_those_the_architecture_page_states():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    """Every number of the page's 'Inputs' paragraph, derived from the code's limits and quoted with its words
+    (a bare "4096" or "1000" would match anywhere on the page)."""
+    import math
+    from MASRefineLib.imageio import MIN_AXIS_VOXELS
+    from MASRefineLib.jsonio import MAX_JSON_BYTES
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text().split())
     lim = validate.LIMITS
-    for text in (f"{lim.min_spacing_mm:g}–{lim.max_spacing_mm:g} mm", f"{lim.max_axis_voxels}",
-                 f"±{lim.max_abs_origin_mm:g} mm", f"{lim.max_labels}", "2^30"):
+    assert lim.max_voxels == 2 ** int(math.log2(lim.max_voxels)) and MAX_JSON_BYTES % 2 ** 20 == 0
+    mantissa, exponent = f"{lim.orthonormal_tolerance:.0e}".split("e")
+    for text in (f"`imageio.MIN_AXIS_VOXELS` ({MIN_AXIS_VOXELS}) voxels per axis",
+                 f"size 1–{lim.max_axis_voxels} voxels per axis",
+                 f"at most 2^{int(math.log2(lim.max_voxels))} voxels",
+                 f"spacing {lim.min_spacing_mm:g}–{lim.max_spacing_mm:g} mm",
+                 f"origin within ±{lim.max_abs_origin_mm:g} mm",
+                 f"|DᵀD − I| ≤ {mantissa}e{int(exponent)}",
+                 f"non-negative integers up to {lim.max_label_value}",
+                 f"at most {lim.max_labels} distinct ones per map",
+                 f"at most {MAX_JSON_BYTES // 2 ** 20} MB"):
         assert text in doc, text
 
 
