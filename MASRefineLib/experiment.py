@@ -41,6 +41,7 @@ import numpy as np
 
 from .errors import MASRefineError
 from .imageio import atomic_path, atomic_write_text, image_stem, is_image_file
+from .jsonio import read_json
 from .progress import ProgressCallback, report
 
 log = logging.getLogger("MASRefineLib.experiment")
@@ -119,7 +120,7 @@ def write_atlas_set(out: Path, atlases: Sequence[Subject], table):
     out.mkdir(parents=True, exist_ok=True)
     rel = lambda p: Path(os.path.relpath(p, out)).as_posix()
     aset = AtlasSet(out, table, [Atlas(s.id, rel(s.image), rel(s.label)) for s in atlases])
-    if not (out / "atlas.json").exists() or json.loads((out / "atlas.json").read_text()) != aset.to_json_dict():
+    if not (out / "atlas.json").exists() or read_json(out / "atlas.json", "atlas.json") != aset.to_json_dict():
         aset.save()
     return AtlasSet.load(out)
 
@@ -189,8 +190,8 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
              "targets": [s.id for s in targets], "preset": preset}
     sp = out / "split.json"
     if sp.exists():
-        old = json.loads(sp.read_text())
-        if {k: old.get(k) for k in split} != split:
+        old = read_json(sp, "experiment split")
+        if not isinstance(old, dict) or {k: old.get(k) for k in split} != split:
             raise MASRefineError(f"{sp}: this folder holds an experiment with another data set, split or preset; "
                                  f"use another --out (or delete it)")
     else:
@@ -208,7 +209,9 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
     training: dict[str, float] = {}
     tpath = out / "training.json"
     if tpath.exists():
-        training = json.loads(tpath.read_text())
+        training = read_json(tpath, "training times", allow_nan=True)
+        if not isinstance(training, dict):
+            raise MASRefineError(f"{tpath}: must hold a JSON object (training seconds per model); delete it")
 
     def missing(rkeys, tid):
         return [k for k in rkeys if not _cell_path(out, k, tid).exists()]
@@ -302,7 +305,7 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
         for t in target_ids:
             p = _cell_path(out, key, t)
             if p.exists():
-                cells.setdefault(key, []).append(json.loads(p.read_text()))
+                cells.setdefault(key, []).append(read_json(p, "experiment cell", allow_nan=True))
     gnames = list(groups)
     summary: dict[str, dict] = {}
     long_rows = []

@@ -48,9 +48,11 @@ def parse_line(line: str, stream: str = "stdout") -> dict[str, Any]:
     """One line of worker output as an event dict (anything that is not a valid event is ``output``)."""
     line = line.rstrip("\r\n")
     if stream == "stdout" and line.startswith(EVENT_PREFIX):
+        from .errors import MASRefineError
+        from .jsonio import parse_json
         try:
-            ev = json.loads(line[len(EVENT_PREFIX):])
-        except json.JSONDecodeError:
+            ev = parse_json(line[len(EVENT_PREFIX):], "worker event")
+        except MASRefineError:  # not JSON, nested too deeply, ...: an output line
             ev = None
         if isinstance(ev, dict) and isinstance(ev.get("event"), str):
             return ev

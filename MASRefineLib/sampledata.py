@@ -37,8 +37,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .errors import MASRefineError
 from .geometry import Grid
 from .imageio import atomic_write_text, write_image
+from .jsonio import read_json
 from .progress import ProgressCallback, report
 from .terminology import KNEE as KNEE_TERMINOLOGY
 
@@ -299,8 +301,9 @@ def make_sample(out_dir: str | os.PathLike, n_atlases: int = 6, seed: int = 0, n
     stamp = out / "sample.json"
     if not force and stamp.exists():
         try:
-            done = json.loads(stamp.read_text()).get("settings") == settings
-        except (OSError, json.JSONDecodeError):
+            d = read_json(stamp, "sample stamp")
+            done = isinstance(d, dict) and d.get("settings") == settings
+        except MASRefineError:  # unreadable: the sample is made again
             done = False
         if done and all(Path(p).exists() for p in result["targets"] + result["truths"] + [str(atlas_dir / "atlas.json")]):
             return result

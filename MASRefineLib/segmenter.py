@@ -423,7 +423,7 @@ def _load_checkpoint(models_dir: Path, name: str) -> tuple[dict, dict, dict] | N
     if not (wp.is_file() and jp.is_file()):
         return None
     try:
-        info = json.loads(jp.read_text())
+        info = read_json(jp, "checkpoint", allow_nan=True)
         tensors = load_file(str(wp), device="cpu")
     except Exception as e:  # noqa: BLE001
         raise MASRefineError(f"{wp}: unreadable checkpoint ({str(e).splitlines()[0]}); delete it or use --fresh") from None

@@ -316,3 +316,9 @@ def test_a_cancel_file_outside_the_output_folder_is_refused_and_never_touched(sa
     assert r.wait(20) is not None and victim.read_text() == "mine"
     ok = jobs.make_job(sample["target"], sample["atlas_dir"], tmp_path / "run2")
     assert jobs.validate_job(ok) == [] and jobs.cancel_file_inside(ok["cancel_file"], ok["output_dir"])
+
+
+def test_a_pathological_event_line_is_output_not_a_crash_of_the_reader():
+    deep = EVENT_PREFIX + "[" * 100000 + "]" * 100000
+    assert parse_line(deep) == {"event": "output", "stream": "stdout", "line": deep}
+    assert parse_line(EVENT_PREFIX + '{"event": "progress", "fraction": NaN}')["event"] == "output"

@@ -144,3 +144,12 @@ def test_events_mode_speaks_the_worker_protocol_and_stops_on_cancel(tmp_path):
     assert "\n" not in r.error["message"] and str(blocker) in r.error["message"]
     assert not any(e["event"] == "output" and e["stream"] == "stdout" for e in evs)  # stdout holds events only
     assert EVENT_PREFIX.strip() == "MASREFINE-EVENT"
+
+
+def test_an_unreadable_stamp_remakes_the_sample(tmp_path):
+    """sample.json is read by the one JSON reader: bytes that are not UTF-8 mean 'not made', not a traceback."""
+    out = tmp_path / "s"
+    sampledata.make_sample(out, n_atlases=2, size=(24, 24, 24), spacing=3.5)
+    (out / "sample.json").write_bytes(b"\xff\xfe{")
+    r = sampledata.make_sample(out, n_atlases=2, size=(24, 24, 24), spacing=3.5)
+    assert AtlasSet.load(r["atlas_dir"]).ids and json.loads((out / "sample.json").read_text())["settings"]
