@@ -11,7 +11,6 @@ user made, or any other file in the same place, is never touched. The retention 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -44,7 +43,8 @@ def make_run_folder(base: str | os.PathLike, name: str) -> Path:
             continue
         except OSError as e:
             raise MASRefineError(f"{base}: cannot make a run folder there ({e.strerror or e})") from None
-        (folder / RUN_MARKER).write_text(json.dumps({"created": time.time()}) + "\n", encoding="utf-8")
+        from .jsonio import write_json
+        write_json({"created": time.time()}, folder / RUN_MARKER)  # atomic: a marker is whole or absent
         return folder
     raise MASRefineError(f"{base}: too many runs named {stamp}-{safe}")
 
@@ -56,9 +56,10 @@ def is_run_folder(path: str | os.PathLike) -> bool:
 
 
 def _created(folder: Path) -> float:
+    from .jsonio import read_json
     try:
-        return float(json.loads((folder / RUN_MARKER).read_text(encoding="utf-8"))["created"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return float(read_json(folder / RUN_MARKER, "run marker")["created"])
+    except (MASRefineError, ValueError, KeyError, TypeError):  # a damaged marker: its file's time will do
         return (folder / RUN_MARKER).stat().st_mtime
 
 
