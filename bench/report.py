@@ -122,8 +122,9 @@ def render(dataset: str, split: str) -> str:
                         [_ms(sd, 100, 2), (_ms(ratio, 1, 2) + f"× ({len(same)})") if same else "not timed together"])
         lines += _table(head, body)
         # the outcome in words, from the same numbers (the first label group decides)
-        ahead = [f"of {b[0]} on {b[2 + len(gs)]} targets" for b in body]
-        lines += ["", f"In words (Dice, {gname.get(gs[0], gs[0])}): the default is ahead " + ", ".join(ahead) + "."]
+        for k, g in enumerate(gs):
+            ahead = [f"of {b[0]} on {b[2 + len(gs) + k]} targets" for b in body]
+            lines += ["", f"In words (Dice, {gname.get(g, g)}): the default is ahead " + ", ".join(ahead) + "."]
     # the warps before fusion: each atlas's Dice, mean over atlases and targets (one registration per peer)
     warp_rows, seen = [], set()
     for m in methods:
