@@ -685,11 +685,7 @@ def run_batch(atlas_dir: str | os.PathLike, targets: str | os.PathLike, out_dir:
 
     # models the options need: trained here, once, before any task (tasks never train)
     if todo and (opts.refine == "IS" or opts.fusion == "votenet"):
-        fallbacks: list[str] = []
-        ensure_models(aset, opts, resolve_device(opts.device), progress, fallbacks)
-        for fb in fallbacks:
-            log.warning(fb)
-        params = opts.to_json()  # ensure_models may have changed the fusion (recorded in fallbacks)
+        ensure_models(aset, opts, resolve_device(opts.device), progress)
 
     if not scheduler:
         resolve_device(opts.device)  # --device cuda on a machine without one: said now, not by every task

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def _pv_metrics(label_files: list[Path], truth: str, groups) -> dict | None:
@@ -25,17 +26,12 @@ def _pv_metrics(label_files: list[Path], truth: str, groups) -> dict | None:
     import SimpleITK as sitk
     from .metrics import evaluate
     from .imageio import read_label
-    from .pipeline import plurality_vote
+    from .fusion.common import vote_fusion
     if not label_files:
         return None
     ref = read_label(truth)
     labs = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in label_files])
-    try:
-        import torch
-        from .fusion.common import vote_fusion
-        fused = vote_fusion(torch.from_numpy(labs.astype(np.int64)))[0]
-    except ImportError:
-        fused = plurality_vote(labs)[0]
+    fused = vote_fusion(torch.from_numpy(labs.astype(np.int64)))[0]
     img = sitk.GetImageFromArray(fused.astype(np.uint16))
     img.CopyInformation(ref)
     return evaluate(img, ref, groups=groups, labels=[1, 2, 3, 4])

@@ -247,16 +247,14 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
             t0 = time.perf_counter()
             had_seg = (aset.models_dir / "segmenter.json").exists()
             had_vn = votenet_model_path(aset, prereg) is not None
-            models = ensure_models(aset, opts, dev, None, fallbacks)
+            models = ensure_models(aset, opts, dev, None)
             segmenter = models.segmenter
             if opts.fusion == "votenet" and not had_vn:
                 training[f"votenet-{prereg}"] = round(time.perf_counter() - t0, 1)
             elif opts.refine == "IS" and not had_seg:
                 training["segmenter"] = round(time.perf_counter() - t0, 1)
-            # the VoteNet+ rows' method: "votenet", or what ensure_models fell back to without a trainer
-            vote_method = opts.fusion if opts.fusion != "pv" else "votenet"
             t0 = time.perf_counter()
-            ws = register_stage(t.image, target, aset, opts, dev, None, fallbacks)
+            ws = register_stage(t.image, target, aset, opts, dev, None)
             t_reg = time.perf_counter() - t0
             cache: dict[str, Any] = {"none": ws}
             for key, _, refine, fusion, _ in spec:
@@ -268,13 +266,12 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
                     cache[f"t-{refine}"] = time.perf_counter() - t0
                 if refine != "none":
                     secs["refine"] = round(cache[f"t-{refine}"], 2)
-                method = vote_method if fusion == "votenet" else fusion
-                o = SegmentOptions(prereg=prereg, refine=refine, fusion=method, device=str(dev), preset=preset)
+                o = SegmentOptions(prereg=prereg, refine=refine, fusion=fusion, device=str(dev), preset=preset)
                 t0 = time.perf_counter()
-                fused = fuse_stage(cache[refine], target_arr, aset, o, dev, None, fallbacks, models.votenet)
+                fused = fuse_stage(cache[refine], target_arr, aset, o, dev, None, models.votenet)
                 secs["fuse"] = round(time.perf_counter() - t0, 2)
                 _save_cell(out, key, t.id, {"row": key, "target": t.id, "prereg": prereg, "refine": refine,
-                                            "method": fused.info.get("method", method), "seconds": secs,
+                                            "method": fused.info.get("method", fusion), "seconds": secs,
                                             "fallbacks": list(fallbacks),
                                             "metrics": _evaluate(fused.labels, t.label, grid, groups, table)})
             del cache, ws

@@ -22,18 +22,15 @@ Per-atlas QA numbers: ``similarity`` (global NCC of the warped atlas image with 
 ``folding_fraction`` (fraction of voxels with Jacobian determinant <= 0 of its total field),
 ``mean_weight`` (its mean fusion weight where any atlas has a label), and the seconds spent on it.
 
-Stages run what is installed: each stage uses the project's module for it (registration, refinement,
-fusion); when one is missing (a development checkout), the stage falls back as documented in its
-function and says so in a warning and in the manifest (``summary.fallbacks``).
+When a stage cannot run as asked (refinement IS without a segmenter, VoteNet+ without a model it can train),
+it falls back as documented in its function and says so in a warning and in the manifest (``summary.fallbacks``).
 """
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -42,7 +39,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import segmenter as segmod
+from .atlas import AtlasSet
 from .errors import MASRefineError
+from .fusion import fuse
+from .fusion.votenet import VoteNetModel, model_name, train_for_atlas_set
 from .geometry import Grid
 from .imageio import (array_to_image, atomic_path, image_stem, normalize_intensity, read_grid, read_image, read_label,
                       require_file, run_writers, write_image)
@@ -50,7 +51,10 @@ from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, inside, prepare_output_dir
 from .progress import ProgressCallback, ProgressEvent, report
-from .warped import WarpedAtlas, WarpedSet
+from .refine import DEFAULT_ITERATIONS
+from .refine import refine as refine_warped
+from .registration import AtlasInput, get_params, register
+from .warped import WarpedSet
 
 log = logging.getLogger("MASRefineLib.pipeline")
 
@@ -145,18 +149,10 @@ def _part(progress: Optional[ProgressCallback], lo: float, hi: float) -> Optiona
     return f
 
 
-def _have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 # ------------------------------------------------------------------------------------------ stages
 def load_inputs(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, atlas_set=None):
     """(target image, normalised target array, AtlasSet) with the checks a user needs; ``atlas_set``: the set
     of ``atlas_dir`` already loaded (:class:`Preloaded`)."""
-    from .atlas import AtlasSet
     target = read_image(target_path)
     aset = atlas_set if atlas_set is not None else AtlasSet.load(atlas_dir)
     if len(aset) == 0:
@@ -164,59 +160,15 @@ def load_inputs(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, at
     return target, normalize_intensity(sitk.GetArrayFromImage(target)), aset
 
 
-def resample_atlases(target: sitk.Image, aset, device: torch.device,
-                     progress: Optional[ProgressCallback] = None) -> WarpedSet:
-    """Fallback pre-registration when the registration engine is not installed: each atlas resampled
-    onto the target grid in physical space (identity transform, zero displacement field)."""
-    from .warp import image_tensor, warp, warp_labels
-    grid = Grid.from_image(target)
-    values = sorted(set(aset.label_table) | {0})
-    out = []
-    for i, aid in enumerate(aset.ids):
-        report(progress, "register", i / len(aset), f"atlas {aid}")
-        t0 = time.perf_counter()
-        img, lab = aset.read(aid)
-        g = Grid.from_image(img)
-        arr = normalize_intensity(sitk.GetArrayFromImage(img))
-        wi = warp(image_tensor(arr, device), g, None, grid)[0, 0].cpu().numpy()
-        lt = torch.from_numpy(sitk.GetArrayFromImage(lab).astype(np.int64))[None, None].to(device)
-        wl = warp_labels(lt, g, None, grid, values=values)[0, 0].cpu().numpy().astype(np.uint16)
-        out.append(WarpedAtlas(aid, wi.astype(np.float32), wl, np.zeros((3, *grid.shape), np.float32),
-                               str(aset.image_path(aid)), str(aset.label_path(aid)),
-                               {"seconds": time.perf_counter() - t0, "folding_fraction": 0.0}))
-    report(progress, "register", 1.0, "done")
-    return WarpedSet(grid, aset.label_table, out, "resampled")
-
-
 def register_stage(target_path: str, target: sitk.Image, aset, opts: SegmentOptions, device: torch.device,
-                   progress: Optional[ProgressCallback], fallbacks: list[str]) -> WarpedSet:
-    """Pre-registration of every atlas to the target (``opts.prereg``), by the registration engine."""
-    register = None
-    if _have(f"{__package__}.registration"):
-        from . import registration
-        register = getattr(registration, "register", None)
-    if register is not None:
-        from .registration import AtlasInput, get_params
-        params = get_params(opts.preset, stage=opts.prereg, seed=opts.seed)
-        inputs = [AtlasInput(aid, load=(lambda a=aid: aset.read(a)), source_image=str(aset.image_path(aid)),
-                             source_label=str(aset.label_path(aid))) for aid in aset.ids]
-        ws = register(target, inputs, aset.label_table, params=params, device=device, progress=progress,
-                      target_path=target_path)
-        return ws  # skipped atlases were warned about by register() (once)
-    fallbacks.append("register: registration engine not installed; atlases only resampled onto the target grid")
-    log.warning("the registration engine is not available in this installation: atlases are resampled onto the "
-                "target grid without registration")
-    return resample_atlases(target, aset, device, progress)
-
-
-def plurality_vote(labels: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Fallback fusion when the fusion module is not installed: plurality vote over (B, Z, Y, X) label
-    values (ties to the smaller value); returns (fused uint16, {value: posterior = vote fraction})."""
-    values = np.unique(labels)
-    counts = np.stack([(labels == v).sum(0) for v in values]).astype(np.float32)
-    fused = values[np.argmax(counts, axis=0)].astype(np.uint16)
-    post = {int(v): counts[i] / labels.shape[0] for i, v in enumerate(values)}
-    return fused, post
+                   progress: Optional[ProgressCallback]) -> WarpedSet:
+    """Pre-registration of every atlas to the target (``opts.prereg``), by the registration engine; skipped
+    atlases are warned about by :func:`registration.register` (once)."""
+    params = get_params(opts.preset, stage=opts.prereg, seed=opts.seed)
+    inputs = [AtlasInput(aid, load=(lambda a=aid: aset.read(a)), source_image=str(aset.image_path(aid)),
+                         source_label=str(aset.label_path(aid))) for aid in aset.ids]
+    return register(target, inputs, aset.label_table, params=params, device=device, progress=progress,
+                    target_path=target_path)
 
 
 @dataclass
@@ -229,27 +181,17 @@ class Fused:
 
 
 def fuse_stage(ws: WarpedSet, target_arr: np.ndarray, aset, opts: SegmentOptions, device: torch.device,
-               progress: Optional[ProgressCallback], fallbacks: list[str], votenet=None) -> Fused:
-    """Label fusion (``opts.fusion``) by the fusion module; plurality vote when it is not installed.
-    ``votenet``: a loaded VoteNet+ model (else the atlas set's is read)."""
+               progress: Optional[ProgressCallback], votenet=None) -> Fused:
+    """Label fusion (``opts.fusion``, :func:`fusion.fuse`). ``votenet``: a loaded VoteNet+ model (else the atlas
+    set's is read)."""
     report(progress, "fuse", 0.0, opts.fusion)
-    fusion = None
-    if _have(f"{__package__}.fusion"):
-        from . import fusion as fusion_mod
-        fusion = getattr(fusion_mod, "fuse", None)
-    if fusion is not None:
-        kw = {}
-        if opts.fusion == "votenet":
-            kw["model"] = votenet if votenet is not None else votenet_model_path(aset, opts.prereg, opts.refine)
-        r = fusion(ws, target_arr, method=opts.fusion, device=device, progress=progress, **kw)
-        out = Fused(np.asarray(r.labels, np.uint16), [int(v) for v in r.posteriors.values],
-                    lambda v, P=r.posteriors: P.map(int(v)), r.weights,
-                    {"method": r.method, "params": r.params, "seconds": r.seconds, **(r.info or {})})
-    else:
-        fallbacks.append(f"fuse: fusion module not installed; plurality vote used instead of {opts.fusion}")
-        log.warning(f"the fusion module is not available in this installation: plurality vote instead of {opts.fusion}")
-        fused, post = plurality_vote(np.stack([a.label for a in ws.atlases]))
-        out = Fused(fused, sorted(post), post.__getitem__, None, {"method": "pv (fallback)"})
+    kw = {}
+    if opts.fusion == "votenet":
+        kw["model"] = votenet if votenet is not None else votenet_model_path(aset, opts.prereg, opts.refine)
+    r = fuse(ws, target_arr, method=opts.fusion, device=device, progress=progress, **kw)
+    out = Fused(np.asarray(r.labels, np.uint16), [int(v) for v in r.posteriors.values],
+                lambda v, P=r.posteriors: P.map(int(v)), r.weights,
+                {"method": r.method, "params": r.params, "seconds": r.seconds, **(r.info or {})})
     report(progress, "fuse", 1.0, "done")
     return out
 
@@ -488,11 +430,11 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
                     (opts.fusion != "votenet" or preloaded.votenet is not None):
                 segmenter, votenet = preloaded.segmenter, preloaded.votenet  # loaded once by the caller
             else:
-                models = ensure_models(aset, opts, device, plan.cb("models"), fallbacks)
+                models = ensure_models(aset, opts, device, plan.cb("models"))
                 segmenter, votenet = models.segmenter, models.votenet
 
     with m.stage("register"):
-        ws = register_stage(target_path, target, aset, opts, device, plan.cb("register"), fallbacks)
+        ws = register_stage(target_path, target, aset, opts, device, plan.cb("register"))
         ws.target_path = target_path
     if not ws.atlases:
         raise MASRefineError(f"{aset.json_path}: no atlas could be registered to {target_path}")
@@ -502,7 +444,7 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
             pre = ws
             ws = refine_stage(ws, target_arr, opts, segmenter, device, plan.cb("refine"), fallbacks)
     with m.stage("fuse"):
-        fused = fuse_stage(ws, target_arr, aset, opts, device, plan.cb("fuse"), fallbacks, votenet)
+        fused = fuse_stage(ws, target_arr, aset, opts, device, plan.cb("fuse"), votenet)
 
     with m.stage("write"):
         wcb = plan.cb("write")
@@ -559,24 +501,19 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
 def refine_stage(ws: WarpedSet, target_arr: np.ndarray, opts: SegmentOptions, segmenter, device: torch.device,
                  progress: Optional[ProgressCallback], fallbacks: list[str]) -> WarpedSet:
     """Registration refinement (paper Eq. 3-6), variant ``opts.refine``."""
-    if not _have(f"{__package__}.refine"):
-        fallbacks.append("refine: refinement module not installed; atlases not refined")
-        log.warning("the refinement module is not available in this installation: no refinement")
-        return ws
-    from . import refine as refmod
     kw: dict[str, Any] = {}
     if opts.alpha is not None:
         kw["alpha"] = float(opts.alpha)
     if opts.gamma is not None:
         kw["gamma"] = float(opts.gamma)
     if opts.iterations is not None:  # the finest level's; coarser levels keep their defaults
-        kw["iterations"] = (*refmod.DEFAULT_ITERATIONS[:-1], int(opts.iterations))
+        kw["iterations"] = (*DEFAULT_ITERATIONS[:-1], int(opts.iterations))
     variant = opts.refine
     if variant == "IS" and segmenter is None:
         fallbacks.append("refine: no segmenter available; variant I used instead of IS")
         log.warning("no surrogate segmenter available: refinement variant I instead of IS")
         variant = "I"
-    return refmod.refine(ws, target_arr, variant, segmenter=segmenter, device=device, progress=progress, **kw)
+    return refine_warped(ws, target_arr, variant, segmenter=segmenter, device=device, progress=progress, **kw)
 
 
 def votenet_model_path(aset, prereg: str | None = None, refine: str | None = None) -> Optional[Path]:
@@ -584,22 +521,13 @@ def votenet_model_path(aset, prereg: str | None = None, refine: str | None = Non
     ``models/votenet-<prereg>-<refine>.json`` (``masrefine train votenet --refine``), ``votenet-<prereg>.json``
     and ``votenet.json`` that exists; None when there is none. ``aset``: an atlas set or its folder."""
     models = Path(getattr(aset, "models_dir", None) or Path(aset) / "models")
-    # the names of fusion.votenet.model_name, spelled out: the fusion module is optional here (_have)
-    names = ([f"votenet-{prereg}-{refine}"] if prereg and refine and refine != "none" else []) + \
-        ([f"votenet-{prereg}"] if prereg else []) + ["votenet"]
+    names = ([model_name(prereg, refine)] if prereg and refine and refine != "none" else []) + \
+        ([model_name(prereg)] if prereg else []) + ["votenet"]
     for n in names:
         p = models / f"{n}.json"
         if p.exists():
             return p
     return None
-
-
-def _votenet_trainer() -> Optional[Callable]:
-    """The function that trains VoteNet+ on an atlas set alone, when the fusion module provides one."""
-    if not _have(f"{__package__}.fusion.votenet"):
-        return None
-    from .fusion import votenet
-    return getattr(votenet, "train_for_atlas_set", None)
 
 
 #: surrogate-segmenter training settings per preset; the others are segmenter.py's defaults or longer.
@@ -616,7 +544,6 @@ SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _ensure_segmenter(aset, opts: SegmentOptions, device: torch.device, progress: Optional[ProgressCallback]):
-    from . import segmenter as segmod
     path = Path(aset.models_dir) / f"{segmod.MODEL_NAME}.json"
     if path.exists():
         return segmod.load_segmenter(path, device)
@@ -636,42 +563,30 @@ class Models:
     votenet: Any = None
 
 
-def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Optional[ProgressCallback],
-                  fallbacks: list[str]) -> Models:
+def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Optional[ProgressCallback]) -> Models:
     """The surrogate segmenter (for refinement IS) and the VoteNet+ model (fusion votenet) of the atlas
     set: loaded from ``<atlas set>/models``, trained first when missing and ``opts.train_missing``,
     else :class:`MASRefineError` naming the ``masrefine train`` command. Returns them (:class:`Models`; a stored
     VoteNet+ model is loaded here, once, so a corrupt one is refused before any registration, and handed to
-    :func:`fuse_stage`); may change ``opts.fusion`` (recorded in ``fallbacks``) when VoteNet+ can be neither found
-    nor trained."""
+    :func:`fuse_stage`)."""
     segmenter = votenet = None
     seg_missing = opts.refine == "IS" and not (Path(aset.models_dir) / "segmenter.json").exists()
     vn_missing = opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None
     split = 0.4 if seg_missing and vn_missing else (1.0 if seg_missing else 0.0)
     if opts.refine == "IS":
-        if not _have(f"{__package__}.segmenter"):
-            fallbacks.append("models: segmenter module not installed")
-        else:
-            segmenter = _ensure_segmenter(aset, opts, device, _part(progress, 0.0, split))
+        segmenter = _ensure_segmenter(aset, opts, device, _part(progress, 0.0, split))
     if vn_missing:  # training the segmenter above does not add a VoteNet+ model
         cmd = f"masrefine train votenet {aset.root} --prereg {opts.prereg}"
         if not opts.train_missing:
             raise MASRefineError(f"{aset.models_dir}: no VoteNet+ model for {opts.prereg} pre-registration; "
                                  f"train one with '{cmd}' (or another fusion method)")
-        trainer = _votenet_trainer()
-        if trainer is None:
-            fallbacks.append("models: VoteNet+ cannot be trained in this installation; joint label fusion used")
-            log.warning("no VoteNet+ model and no VoteNet+ trainer in this installation: joint label fusion instead")
-            opts.fusion = "jlf"
-        else:
-            log.info(f"training VoteNet+ on the atlas set first (once; stored in {aset.models_dir})")
-            # as in the paper, VoteNet+ learns from pre-registration results (one model per pre-registration);
-            # the refined variants (I), (IS) use the same model
-            trainer(aset, prereg=opts.prereg, refine=None, preset=opts.preset, device=device,
-                    progress=_part(progress, split, 1.0), seed=opts.seed)
-    elif opts.fusion == "votenet" and _have(f"{__package__}.fusion.votenet"):
+        log.info(f"training VoteNet+ on the atlas set first (once; stored in {aset.models_dir})")
+        # as in the paper, VoteNet+ learns from pre-registration results (one model per pre-registration);
+        # the refined variants (I), (IS) use the same model
+        train_for_atlas_set(aset, prereg=opts.prereg, refine=None, preset=opts.preset, device=device,
+                            progress=_part(progress, split, 1.0), seed=opts.seed)
+    elif opts.fusion == "votenet":
         # a stored model is loaded now, so a corrupt or malformed one is refused before any registration
-        from .fusion.votenet import VoteNetModel
         votenet = VoteNetModel.load(votenet_model_path(aset, opts.prereg, opts.refine))
     return Models(segmenter, votenet)
 

@@ -91,6 +91,30 @@ def test_plurality_vote_on_hand_made_stacks():
     assert r.posteriors.uncertain.sum() == 6
 
 
+def _plurality_vote_numpy(labels: np.ndarray):
+    """The plurality vote pipeline.py once fell back to (removed in #20), kept here as the reference:
+    (fused uint16, {value: vote fraction}), ties to the smaller value."""
+    values = np.unique(labels)
+    counts = np.stack([(labels == v).sum(0) for v in values]).astype(np.float32)
+    fused = values[np.argmax(counts, axis=0)].astype(np.uint16)
+    return fused, {int(v): counts[i] / labels.shape[0] for i, v in enumerate(values)}
+
+
+def test_vote_fusion_equals_the_removed_numpy_plurality_vote_on_real_labels(ixi_small):
+    """One plurality vote (fusion.common.vote_fusion) for the pipeline, the demo and the benchmarks: the same
+    labels and posteriors as the numpy vote it replaced, on real IXI labels under misalignment (ties included)."""
+    from MASRefineLib.fusion.common import vote_fusion
+    labels = np.stack(ixi_small[4][:4])  # an even count, so that two-way ties occur
+    old, old_post = _plurality_vote_numpy(labels)
+    fused, post, _ = vote_fusion(torch.from_numpy(labels.astype(np.int64)))
+    assert (labels != labels[:1]).any(0).sum() > 1000  # many voxels where the atlases disagree
+    np.testing.assert_array_equal(fused, old)
+    assert fused.dtype == old.dtype == np.uint16
+    assert set(post.values) == set(old_post)
+    for v, p in old_post.items():
+        np.testing.assert_allclose(post.map(v), p, atol=1e-6)
+
+
 def test_weighted_vote_ties_and_zero_weights():
     lab = torch.tensor([[3, 9, 9, 3], [4, 4, 2, 2]])
     w = torch.tensor([[0.3, 0.2, 0.2, 0.3], [0.0, 0.0, 0.0, 0.0]])
