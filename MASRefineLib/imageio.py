@@ -273,13 +273,6 @@ def normalize_intensity(array: np.ndarray, lower_percentile: float = 0.5, upper_
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def normalize_image(image: sitk.Image, lower_percentile: float = 0.5, upper_percentile: float = 99.5) -> sitk.Image:
-    """:func:`normalize_intensity` on an image, keeping its geometry."""
-    out = sitk.GetImageFromArray(normalize_intensity(sitk.GetArrayViewFromImage(image), lower_percentile, upper_percentile))
-    out.CopyInformation(image)
-    return out
-
-
 def array_to_image(array: np.ndarray, grid: Grid) -> sitk.Image:
     """A (z, y, x) array as an image on ``grid``."""
     array = np.asarray(array)

@@ -141,43 +141,35 @@ def normalized_displacement(field_mm: torch.Tensor, grid: Grid) -> torch.Tensor:
     return along / half.view(1, 3, 1, 1, 1)
 
 
-def gamma_from_paper(gamma_paper: float, grid: Grid, convention: str = "deepatlas") -> float:
+def gamma_from_paper(gamma_paper: float, grid: Grid) -> float:
     """Our ``gamma`` (mm^2) equivalent to the paper's ``gamma`` on the paper's image ``grid``.
 
     The authors' code (the smoothness term of DeepAtlas, ref. [12] of the paper, which VoteNet++ reuses)
     works on displacements ``v_c = u_c / L_c`` in normalised coordinates (``L_c = (n_c - 1) s_c / 2`` mm,
     :func:`normalized_displacement`) with second differences per voxel (h = 1). Per squared second
-    derivative this scales our mm energy by ``s^4 / L_c^2`` (isotropic spacing ``s``).
-
-    ``convention``:
-
-    * ``"eq6"``: Eq. 6 taken literally on that field (sum over components, mean over voxels, our compact
-      stencils): ``gamma_mm = gamma_paper * s^4 * mean_c(1 / L_c^2)`` -- exact for fields whose energy
-      is spread evenly over the components (tested).
-    * ``"deepatlas"`` (default, the authors' code): the same, further divided by 27 (a mean over the 3
-      components and a division by 9), the mixed terms taken with the wide central stencil (4x the
-      compact one, so 16x the energy), and component ``c`` weighted by ``(n_c / min n)^2``. For a smooth
-      field with no preferred direction the wide mixed stencil makes the energy 7x larger, so
-      ``gamma_mm = gamma_paper * (7 / 27) * s^4 * mean_c((n_c / min n)^2 / L_c^2)``.
+    derivative this scales our mm energy by ``s^4 / L_c^2`` (isotropic spacing ``s``): Eq. 6 taken literally
+    on that field (sum over components, mean over voxels, our compact stencils) would be
+    ``gamma_mm = gamma_paper * s^4 * mean_c(1 / L_c^2)``, exact for fields whose energy is spread evenly over
+    the components (tested). The authors' code further divides by 27 (a mean over the 3 components and a
+    division by 9), takes the mixed terms with the wide central stencil (4x the compact one, so 16x the
+    energy), and weights component ``c`` by ``(n_c / min n)^2``. For a smooth field with no preferred
+    direction the wide mixed stencil makes the energy 7x larger, so
+    ``gamma_mm = gamma_paper * (7 / 27) * s^4 * mean_c((n_c / min n)^2 / L_c^2)``.
 
     On the paper's knee grid (0.7 mm, 160 x 200 x 200) ``gamma_paper = 20000`` gives about 0.40 mm^2
-    ("deepatlas") or 1.5 mm^2 ("eq6"). Anisotropic grids use the geometric mean spacing for ``s``.
+    (1.5 mm^2 by Eq. 6 taken literally). Anisotropic grids use the geometric mean spacing for ``s``.
     """
     n = np.asarray(grid.size, dtype=np.float64)
     sp = np.asarray(grid.spacing, dtype=np.float64)
     s = float(np.prod(sp) ** (1.0 / 3.0))
     half = (n - 1.0) * sp / 2.0
-    if convention == "eq6":
-        return float(gamma_paper * s ** 4 * np.mean(1.0 / half ** 2))
-    if convention == "deepatlas":
-        w = (n / n.min()) ** 2
-        return float(gamma_paper * _ISOTROPIC_WIDE_MIXED_RATIO / 27.0 * s ** 4 * np.mean(w / half ** 2))
-    raise ValueError(f"unknown convention {convention!r} (expected 'deepatlas' or 'eq6')")
+    w = (n / n.min()) ** 2
+    return float(gamma_paper * _ISOTROPIC_WIDE_MIXED_RATIO / 27.0 * s ** 4 * np.mean(w / half ** 2))
 
 
-def gamma_to_paper(gamma_mm: float, grid: Grid, convention: str = "deepatlas") -> float:
+def gamma_to_paper(gamma_mm: float, grid: Grid) -> float:
     """Inverse of :func:`gamma_from_paper`."""
-    return float(gamma_mm / gamma_from_paper(1.0, grid, convention))
+    return float(gamma_mm / gamma_from_paper(1.0, grid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,7 +535,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
            spacings_mm: Sequence[float] | None = None, control: int = DEFAULT_CONTROL,
            folding_weight: float = DEFAULT_FOLDING_WEIGHT, segmenter: Segmenter | None = None, device: str | torch.device = "auto",
            batch_size: int = DEFAULT_BATCH, progress: ProgressCallback | None = None,
-           rewarp_from_source: bool = True, seg_min_dice: float = SURROGATE_MIN_DICE,
+           seg_min_dice: float = SURROGATE_MIN_DICE,
            similarity: str = DEFAULT_SIMILARITY) -> WarpedSet:
     """Refine every atlas of ``warped`` towards ``target_image``; returns a new :class:`WarpedSet`
     (stage ``refined-I`` / ``refined-IS``).
@@ -576,9 +568,10 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         normalised cross-correlation, the paper).
     seg_min_dice: IS takes L_seg over the structures the segmenter segments with at least this validation
         Dice (stored with the model; :func:`surrogate_structures`); 0 = all structures, as the paper.
-    rewarp_from_source: warp the original atlas files (``source_image``/``source_label``) with the
-        composed field (one interpolation). Atlases without readable sources are re-warped from their
-        warped image/labels instead (two interpolations; noted in their info).
+
+    Each atlas's original files (``source_image``/``source_label``) are warped with the composed field (one
+    interpolation); atlases without readable sources are re-warped from their warped image/labels instead (two
+    interpolations; noted in their info).
 
     Each output atlas's ``info`` holds ``folding_fraction`` (of the composed field), ``seconds`` (wall clock
     of refinement per atlas: its share of the batch's optimisation plus its own re-warp) and
@@ -639,7 +632,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
                 f_t = resample_field(f[j:j + 1], fine, grid)
                 prior = torch.from_numpy(a.field).unsqueeze(0).float().to(dev)
                 total = compose(prior, f_t, grid)
-                image, label, how = _rewarp(a, total, f_t, grid, warped, dev, rewarp_from_source)
+                image, label, how = _rewarp(a, total, f_t, grid, warped, dev)
                 fold = float(folding_fraction(total, grid)[0])
                 # the refinement field alone, on its finest working grid (8x fewer voxels than the target's;
                 # the target-grid field is its trilinear interpolation): saves a full-size Jacobian per atlas
@@ -664,11 +657,11 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
 
 
 def _rewarp(a: WarpedAtlas, total: torch.Tensor, f_t: torch.Tensor, grid: Grid, warped: WarpedSet,
-            dev: torch.device, from_source: bool) -> tuple[np.ndarray, np.ndarray, str]:
+            dev: torch.device) -> tuple[np.ndarray, np.ndarray, str]:
     """Warped image and label map of one atlas under the composed field (from the original files), or, when
     those are unavailable, the pre-registered ones warped again by the refinement."""
     values = sorted(set(int(v) for v in warped.label_table) | {0})
-    if from_source and a.source_image and a.source_label and os.path.exists(a.source_image) \
+    if a.source_image and a.source_label and os.path.exists(a.source_image) \
             and os.path.exists(a.source_label):
         img = read_image(a.source_image)
         lab = read_label(a.source_label)

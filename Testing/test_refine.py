@@ -143,9 +143,12 @@ def test_gamma_conversion_matches_the_normalised_convention():
     u = _smooth_misalignment(grid).double()
     e_mm = bending_energy(u, grid.spacing)
     e_norm = bending_energy(normalized_displacement(u, grid), (1.0, 1.0, 1.0))  # per voxel, normalised units
-    g = gamma_from_paper(20000.0, grid, "eq6")
+    # Eq. 6 taken literally on the normalised field: the factor s^4 mean_c(1 / L_c^2) that gamma_from_paper builds on
+    half = (np.asarray(grid.size, np.float64) - 1.0) * np.asarray(grid.spacing, np.float64) / 2.0
+    g = 20000.0 * 0.7 ** 4 * float(np.mean(1.0 / half ** 2))
     assert float(g * e_mm) == pytest.approx(float(20000.0 * e_norm), rel=1e-6)
-    assert gamma_to_paper(g, grid, "eq6") == pytest.approx(20000.0)
+    assert gamma_from_paper(20000.0, grid) == pytest.approx(g * (7.0 / 27.0), rel=1e-12)  # cubic grid: all weights 1
+    assert gamma_to_paper(gamma_from_paper(20000.0, grid), grid) == pytest.approx(20000.0)
     # the authors' knee grid: 20000 in their code is a fraction of a mm^2 in ours
     knee = Grid((160, 200, 200), (0.7, 0.7, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     assert 0.3 < gamma_from_paper(20000.0, knee) < 0.5
@@ -166,7 +169,7 @@ def _deepatlas_bending(v: torch.Tensor) -> torch.Tensor:
 
 
 def test_deepatlas_convention_factor_on_a_smooth_isotropic_field():
-    """gamma_from_paper('deepatlas') predicts the authors' energy from ours on a smooth random field with
+    """gamma_from_paper predicts the authors' energy from ours on a smooth random field with
     no preferred direction (the 7/27 factor of its docstring)."""
     torch.manual_seed(0)
     grid = Grid((48, 48, 48), (0.7, 0.7, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -175,7 +178,7 @@ def test_deepatlas_convention_factor_on_a_smooth_isotropic_field():
         u = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(u, (2,) * 6, mode="replicate"), 5, stride=1)
     e_deepatlas = float(_deepatlas_bending(normalized_displacement(u, grid)))
     e_mm = float(bending_energy(u, grid.spacing))
-    assert gamma_from_paper(1.0, grid, "deepatlas") * e_mm == pytest.approx(e_deepatlas, rel=0.25)
+    assert gamma_from_paper(1.0, grid) * e_mm == pytest.approx(e_deepatlas, rel=0.25)
 
 
 def test_variant_IS_needs_a_segmenter_and_cancellation_stops(case):
