@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 import SimpleITK as sitk
 
 from .errors import MASRefineError
 from .geometry import Grid
 from .imageio import atomic_write_text, image_stem, is_image_file, read_grid, read_image, read_label
 from .jsonio import read_json
-from .labels import Label, LabelTable, default_color
+from .labels import Label, LabelTable, default_color, foreground_values
 from .progress import ProgressCallback, report
 from .terminology import TERMINOLOGY_JSON
 from .terminology import load_file as load_terminology
@@ -130,7 +129,7 @@ class AtlasSet:
         if not gi.isclose(gl):
             raise MASRefineError(f"{lab_p}: label grid does not match the image grid of {img_p} "
                                  f"({gl.difference(gi)})")
-        unknown = sorted(set(label_values(lab)) - set(self.label_table))
+        unknown = sorted(set(foreground_values(lab)) - set(self.label_table))
         if unknown:
             raise MASRefineError(f"{lab_p}: label values {_short(unknown)} are not in the label table of "
                                  f"{self.json_path}")
@@ -264,7 +263,7 @@ def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None
         except MASRefineError as e:
             rep.problems.append(Problem.from_error(e, where))
         if lab is not None:
-            values = label_values(lab)
+            values = foreground_values(lab)
             unknown = sorted(set(values) - known)
             if unknown and table:  # a missing or bad table is reported once (above), not once per atlas
                 rep.problems.append(Problem(lab_p, f"label values {_short(unknown)} are not in the label table "
@@ -366,7 +365,7 @@ def init_atlas_set(out: str | os.PathLike, images_dir: str | os.PathLike, labels
     present: set[int] = set()
     for n, sid in enumerate(common):
         report(progress, "atlas-init", n / len(common), sid)
-        present.update(label_values(read_label(labels[sid])))
+        present.update(foreground_values(read_label(labels[sid])))
     report(progress, "atlas-init", 1.0, "label maps read")
 
     table = _init_label_table(label_table, labels_dir, present, notes).with_known_terminology()
@@ -385,15 +384,6 @@ def init_atlas_set(out: str | os.PathLike, images_dir: str | os.PathLike, labels
     aset = AtlasSet.load(out)
     aset.notes = notes
     return aset
-
-
-def label_values(label: sitk.Image | np.ndarray) -> list[int]:
-    """Sorted non-zero values present in an integer label map."""
-    arr = sitk.GetArrayViewFromImage(label) if isinstance(label, sitk.Image) else np.asarray(label)
-    if arr.dtype.kind not in "ui":
-        arr = arr.astype(np.int64)
-    counts = np.bincount(arr.ravel())
-    return [int(v) for v in np.flatnonzero(counts) if v > 0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,6 +189,14 @@ def label_values(labels) -> list[int]:
     return np.unique(a).tolist()
 
 
+def foreground_values(labels) -> list[int]:
+    """The structures a label map holds: :func:`label_values` without the background 0 (an ``sitk.Image``
+    too)."""
+    # a view of the image's buffer: ``labels`` keeps the image alive while the view is read
+    arr = sitk.GetArrayViewFromImage(labels) if isinstance(labels, sitk.Image) else labels
+    return [v for v in label_values(arr) if v != 0]
+
+
 def write_label_outputs(label: sitk.Image | np.ndarray, table: LabelTable, path_stem: str | os.PathLike,
                         grid: Grid | None = None) -> dict[str, Path]:
     """Write a label map as ``<stem>.nii.gz`` (uint16) and ``<stem>.seg.nrrd`` (names/colours); returns

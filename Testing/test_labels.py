@@ -162,3 +162,9 @@ def test_label_values_equals_unique(ixi_crop):
     assert label_values(np.array([3, 1, 3], np.uint64)) == [1, 3]  # SimpleITK's UInt64 label maps
     with pytest.raises(ValueError, match="integer"):
         label_values(np.ones(3, np.float32))
+    # the structures (foreground_values, what atlas.py and registration check against the label table): the same
+    # values without 0, from an image as from its array, as the non-zero bins of a histogram
+    from MASRefineLib.labels import foreground_values
+    structures = np.flatnonzero(np.bincount(lab.ravel()))
+    assert foreground_values(ixi_crop[1]) == foreground_values(lab) == [int(v) for v in structures if v > 0]
+    assert foreground_values(np.zeros((2, 2), np.uint16)) == []

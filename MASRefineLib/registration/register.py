@@ -27,7 +27,7 @@ from ..device import resolve_device
 from ..errors import MASRefineError
 from ..fields import folding_fraction
 from ..geometry import Grid
-from ..labels import LabelTable, label_values
+from ..labels import LabelTable, foreground_values, label_values
 from ..losses import ncc
 from ..progress import ProgressCallback, report
 from ..warp import image_tensor, warp, warp_labels
@@ -86,7 +86,7 @@ def _prepare_atlas(atlas: AtlasInput, label_table: Optional[LabelTable]) -> tupl
     _check_image(image, f"atlas {atlas.id} image")
     if not Grid.from_image(image).isclose(Grid.from_image(label)):
         raise MASRefineError(f"atlas {atlas.id}: label map grid does not match the image grid")
-    values = set(label_values(sitk.GetArrayViewFromImage(label))) - {0}
+    values = set(foreground_values(label))
     if not values:
         raise MASRefineError(f"atlas {atlas.id}: label map is empty")
     if label_table is not None:
