@@ -322,3 +322,16 @@ def test_a_pathological_event_line_is_output_not_a_crash_of_the_reader():
     deep = EVENT_PREFIX + "[" * 100000 + "]" * 100000
     assert parse_line(deep) == {"event": "output", "stream": "stdout", "line": deep}
     assert parse_line(EVENT_PREFIX + '{"event": "progress", "fraction": NaN}')["event"] == "output"
+
+
+def test_scaled_maps_a_subtask_onto_its_share_of_the_parent():
+    """progress.scaled, the one rescaler of a sub-task's 0..1 (VoteNet+ training after its registrations): the
+    fraction start + (end - start) * f, stage, message and data unchanged; None stays None."""
+    from MASRefineLib.progress import ProgressEvent, report, scaled
+    got: list[ProgressEvent] = []
+    cb = scaled(got.append, 0.3, 1.0)
+    for f in (0.0, 0.5, 1.0, 1.7):
+        report(cb, "train-votenet", f, f"at {f}", loss=f)
+    assert [e.fraction for e in got] == pytest.approx([0.3, 0.65, 1.0, 1.0])
+    assert [(e.stage, e.message, e.data) for e in got][1] == ("train-votenet", "at 0.5", {"loss": 0.5})
+    assert scaled(None, 0.3, 1.0) is None

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..errors import MASRefineError
 from ..imageio import atomic_write_bytes, atomic_write_text
 from ..jsonio import field_error, read_json
-from ..progress import ProgressCallback, report
+from ..progress import ProgressCallback, report, scaled
 
 FORMAT = "masrefine-votenet+"
 FORMAT_VERSION = 1
@@ -491,12 +491,8 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
     reg_s = time.time() - t0
     train, calib = split_by_target(pairs, seed=seed)
 
-    def sub(ev):
-        if progress is not None:
-            from ..progress import ProgressEvent
-            progress(ProgressEvent(ev.stage, 0.3 + 0.7 * ev.fraction, ev.message, ev.data))
     model = train_votenet(train, calib, iterations=int(settings["iterations"]), seed=seed, device=dev,
-                          progress=sub, **train_kw)
+                          progress=scaled(progress, 0.3, 1.0), **train_kw)  # 0..0.3: the registrations
     model.meta["atlas_set"] = str(aset.root)
     model.meta["registration"] = {"prereg": prereg, "refine": refine, "preset": preset, "targets": list(targets),
                                   "seconds": round(reg_s, 1), "custom": register_fn is not None}
