@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         from MASRefineLib.pipeline import ensure_models, SegmentOptions
         t0 = time.perf_counter()
         ensure_models(aset, SegmentOptions(refine="IS", fusion="votenet", device="cpu", threads=a.threads),
-                      resolve_device("cpu"), datasets.progress_printer(60.0), [])
+                      resolve_device("cpu"), datasets.progress_printer(60.0))
         print(f"models of {aset.root.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     for tid in target_ids:
