@@ -73,12 +73,12 @@ from .device import resolve_device
 from .errors import MASRefineError
 from .fields import folding_fraction
 from .geometry import Grid
-from .imageio import normalize_intensity, read_image, read_label, resample_image
+from .imageio import normalize_intensity, read_image, read_label
 from .labels import label_values
 from .losses import bending_energy, folding_barrier, similarity_loss, soft_dice_loss, target_moments
 from .progress import ProgressCallback, report
 from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
-from .warped import WarpedAtlas, WarpedSet
+from .warped import WarpedAtlas, WarpedSet, target_array
 
 log = logging.getLogger(__name__)
 
@@ -227,24 +227,6 @@ def working_grids(grid: Grid, spacings_mm: Sequence[float] | None = None) -> lis
                                  f"(fewer than 4 voxels along an axis)")
         out.append(g)
     return out
-
-
-def _target_array(target, grid: Grid) -> np.ndarray:
-    """The target as a normalised (Z, Y, X) float32 array on ``grid``."""
-    if isinstance(target, (str, os.PathLike)):
-        target = read_image(target)
-    if isinstance(target, sitk.Image):
-        g = Grid.from_image(target)
-        if not g.isclose(grid):
-            target = resample_image(target, grid)
-        return normalize_intensity(sitk.GetArrayFromImage(target))
-    if isinstance(target, torch.Tensor):
-        target = target.detach().cpu().numpy()
-    arr = np.asarray(target, dtype=np.float32)
-    arr = arr.reshape(arr.shape[-3:]) if arr.ndim > 3 and arr.size == np.prod(arr.shape[-3:]) else arr
-    if arr.shape != grid.shape:
-        raise MASRefineError(f"target array shape {arr.shape} does not match the registered grid {grid.shape}")
-    return arr
 
 
 def _box(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -597,7 +579,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         """Background and the structures of L_seg (fewer channels to resample and sample, too)."""
         return p if structures is None else p[:, [0, *structures]]
 
-    target = image_tensor(_target_array(target_image, grid), dev)
+    target = image_tensor(target_array(target_image, grid), dev)
     fine = levels[-1]
     with torch.no_grad():
         target_levels = [level_target(target, grid, g) for g in levels]

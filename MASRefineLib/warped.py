@@ -40,6 +40,26 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(path)
 
 
+def target_array(target, grid: Grid) -> np.ndarray:
+    """The target as a normalised (Z, Y, X) float32 array on ``grid`` (a set's ``target_grid``), what refinement
+    and fusion compare the atlases with: a file path is read (:func:`imageio.read_image`); an ``sitk.Image`` is
+    resampled onto the grid when needed and normalised (:func:`imageio.normalize_intensity`); arrays and tensors
+    are taken as already normalised and must have the grid's shape (leading axes of size 1 are dropped)."""
+    if isinstance(target, (str, os.PathLike)):
+        target = imageio.read_image(target)
+    if isinstance(target, sitk.Image):
+        if not Grid.from_image(target).isclose(grid):
+            target = imageio.resample_image(sitk.Cast(target, sitk.sitkFloat32), grid)
+        return imageio.normalize_intensity(sitk.GetArrayFromImage(target))
+    if isinstance(target, torch.Tensor):
+        target = target.detach().cpu().numpy()
+    arr = np.asarray(target, dtype=np.float32)
+    arr = arr.reshape(arr.shape[-3:]) if arr.ndim > 3 and arr.size == np.prod(arr.shape[-3:]) else arr
+    if arr.shape != grid.shape:
+        raise MASRefineError(f"target array shape {arr.shape} does not match the registered grid {grid.shape}")
+    return arr
+
+
 @dataclass
 class WarpedAtlas:
     id: str

@@ -161,3 +161,40 @@ def test_atlas_ids_differing_only_by_case_are_duplicates_in_a_report(tmp_path):
     write_json(report, tmp_path / "report.json")
     with pytest.raises(MASRefineError, match=r"report.json: duplicate atlas id 'a1' \(same as 'A1' on a case-insensitive"):
         WarpedSet.load(tmp_path)
+
+
+def _old_target_arrays(target, grid):
+    """The two copies target_array replaced (#20), as references: refinement's and fusion's."""
+    import torch
+    from MASRefineLib.imageio import resample_image
+    if isinstance(target, sitk.Image):
+        same = Grid.from_image(target).isclose(grid)
+        refine = normalize_intensity(sitk.GetArrayFromImage(target if same else resample_image(target, grid)))
+        fusion = normalize_intensity(sitk.GetArrayFromImage(
+            target if same else resample_image(sitk.Cast(target, sitk.sitkFloat32), grid)))
+        return refine, fusion
+    arr = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
+    refine = np.asarray(arr, dtype=np.float32)
+    refine = refine.reshape(refine.shape[-3:]) if refine.ndim > 3 else refine
+    return refine, np.squeeze(arr).astype(np.float32)
+
+
+def test_target_array_equals_the_refinement_and_fusion_copies_it_replaced(ixi_crop, tmp_path):
+    """One target coercion (warped.target_array) for refinement and fusion: on a real IXI crop, the same numbers
+    as both former copies, from an image on the grid, one on another (oblique) grid, an array and a tensor."""
+    import torch
+    from MASRefineLib.imageio import read_image
+    from MASRefineLib.warped import target_array
+    image = ixi_crop[0]
+    grid = Grid.from_image(image)
+    path = tmp_path / "target.nrrd"
+    sitk.WriteImage(image, str(path))
+    arr = normalize_intensity(sitk.GetArrayFromImage(image))
+    for target in (image, make_oblique(image), arr, torch.from_numpy(arr)[None, None]):
+        got = target_array(target, grid)
+        assert got.dtype == np.float32 and got.shape == grid.shape
+        for old in _old_target_arrays(target, grid):
+            np.testing.assert_array_equal(got, old)
+    np.testing.assert_array_equal(target_array(str(path), grid), _old_target_arrays(read_image(path), grid)[0])
+    with pytest.raises(MASRefineError, match="does not match the registered grid"):
+        target_array(arr[1:], grid)

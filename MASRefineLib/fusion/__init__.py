@@ -34,11 +34,12 @@ from ..device import resolve_device
 from ..errors import MASRefineError
 from ..geometry import Grid
 from ..outputs import inside
-from ..imageio import array_to_image, atomic_write_text, normalize_intensity, resample_image, write_image
+from ..imageio import array_to_image, atomic_write_text, write_image
 from ..jsonio import json_default
 from ..labels import Label, LabelTable, default_color, write_label_outputs
 from ..progress import ProgressCallback, report
 from .common import Posteriors, consensus, dilate, intra_op_threads, vote_fusion, weighted_vote
+from ..warped import target_array  # noqa: F401 - part of this package's API (bench/fusion.py)
 
 METHODS = ("pv", "wv", "jlf", "staple", "votenet")
 JLF_DEFAULTS = {"alpha": 0.1, "beta": 2.0, "patch_radius": 2, "search_radius": 3, "std_floor": 1.0 / 255.0}
@@ -102,23 +103,6 @@ def _complete_table(table: LabelTable, values) -> LabelTable:
     for v in missing:
         t[v] = Label(f"label {v}", default_color(v))
     return LabelTable(sorted(t.items()))
-
-
-def target_array(target_image, grid: Grid) -> np.ndarray:
-    """The target as a (Z, Y, X) float32 array on ``grid`` in [0, 1]: an ``sitk.Image`` is resampled onto
-    the grid when needed and normalised (``imageio.normalize_intensity``); arrays and tensors are taken as
-    already normalised and must have the grid's shape."""
-    from ..geometry import Grid as _G
-
-    if isinstance(target_image, sitk.Image):
-        if not _G.from_image(target_image).isclose(grid):
-            target_image = resample_image(sitk.Cast(target_image, sitk.sitkFloat32), grid)
-        return normalize_intensity(sitk.GetArrayFromImage(target_image))
-    arr = target_image.detach().cpu().numpy() if isinstance(target_image, torch.Tensor) else np.asarray(target_image)
-    arr = np.squeeze(arr)
-    if arr.shape != tuple(grid.shape):
-        raise MASRefineError(f"target array shape {arr.shape} does not match the registered grid {grid.shape}")
-    return arr.astype(np.float32)
 
 
 def _check_params(method: str, params: dict, allowed: dict) -> dict:
