@@ -41,6 +41,7 @@ from .imageio import atomic_write_bytes, atomic_write_text, normalize_intensity
 from .jsonio import field_error, json_default, read_json
 from .labels import LabelTable
 from .losses import soft_dice_loss_labels
+from .modelio import find_description, load_weights, save_model, weights_path
 from .progress import ProgressCallback, report
 from .warp import image_tensor, warp, warp_labels
 
@@ -244,33 +245,25 @@ class UNetSegmenter:
                 "settings": self.settings.to_json(), **self.meta}
 
     def save(self, models_dir: str | os.PathLike, name: str = MODEL_NAME) -> Path:
-        """Write ``<name>.safetensors`` then ``<name>.json`` (atomically); returns the JSON path."""
-        from safetensors.torch import save
-        d = Path(models_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        atomic_write_bytes(save(state), d / f"{name}.safetensors")
-        meta = self.metadata()
-        meta["weights"] = f"{name}.safetensors"
-        self.path = atomic_write_text(json.dumps(meta, indent=1, default=json_default) + "\n", d / f"{name}.json")
+        """Write ``<name>.safetensors`` then ``<name>.json`` (atomically, :func:`modelio.save_model`); returns the
+        JSON path."""
+        self.path = save_model(models_dir, name, self.net, {**self.metadata(), "weights": f"{name}.safetensors"})
         return self.path
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", name: str = MODEL_NAME) -> "UNetSegmenter":
         """Load from a models folder, an atlas-set folder (its ``models/``), or the JSON file itself.
         The weights are read with ``safetensors`` only (no pickle)."""
-        from safetensors.torch import load_file
         p = Path(path)
         if p.is_dir():
-            cand = [p / f"{name}.json", p / "models" / f"{name}.json"]
-            found = [c for c in cand if c.is_file()]
-            if not found:
+            found = find_description(p, name)
+            if found is None:
                 # name the atlas set to train on: p itself, or the set holding this models/ folder
                 aset = p.parent if p.name == "models" and (p.parent / "atlas.json").is_file() else p
                 hint = aset if (aset / "atlas.json").is_file() else "ATLAS_DIR"
                 raise MASRefineError(f"{p}: no trained segmenter ({name}.json) here or in {p / 'models'}; "
                                      f"train one with 'masrefine train segmenter {hint}'")
-            p = found[0]
+            p = found
         if not p.is_file():
             raise MASRefineError(f"{p}: segmenter description not found")
         meta = read_json(p, "segmenter description", allow_nan=True)  # written by save(): NaN Dice allowed
@@ -282,7 +275,7 @@ class UNetSegmenter:
         try:  # a description edited by hand or cut short: one line naming the field
             arch = meta["architecture"]
             settings = SegmenterSettings.from_json(meta.get("settings", {}))
-            wpath = p.parent / str(meta.get("weights", f"{name}.safetensors"))
+            wpath = weights_path(p, meta, name)
             label_values = [int(v) for v in meta["label_values"]]
             table = LabelTable.from_json_dict(meta["labels"], str(p))
             spacing = float(meta["spacing_mm"])
@@ -293,13 +286,7 @@ class UNetSegmenter:
         if not (math.isfinite(spacing) and spacing > 0) or len(label_values) != int(arch["out_channels"]):
             raise MASRefineError(f"{p}: malformed segmenter description (spacing_mm {spacing!r}, "
                                  f"{len(label_values)} classes for {arch['out_channels']} output channels)")
-        if not wpath.is_file():
-            raise MASRefineError(f"{wpath}: weights listed in {p.name} are missing")
-        try:
-            state = load_file(str(wpath), device="cpu")
-            net.load_state_dict(state, strict=True)
-        except Exception as e:  # noqa: BLE001 - any corrupt/mismatched weight file (SafetensorError...) is a user error
-            raise MASRefineError(f"{wpath}: cannot load the segmenter weights ({str(e).splitlines()[0]})") from None
+        load_weights(net, wpath, p, "segmenter")
         extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "architecture", "label_values",
                                                              "labels", "spacing_mm", "normalisation", "settings",
                                                              "weights")}

@@ -20,7 +20,6 @@ disagreements, inference only on the region where atlases disagree.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MASRefineError
-from ..imageio import atomic_write_bytes, atomic_write_text
 from ..jsonio import field_error, read_json
+from ..modelio import find_description, load_weights, save_model, weights_path
 from ..progress import ProgressCallback, report, scaled
 
 FORMAT = "masrefine-votenet+"
@@ -184,13 +183,8 @@ class VoteNetModel:
         return torch.sigmoid(self.a * logits + self.b)
 
     def save(self, models_dir: str | Path, name: str = "votenet") -> Path:
-        """Write ``<models_dir>/<name>.safetensors`` and ``<name>.json`` (last); returns the JSON path."""
-        from safetensors.torch import save
-
-        d = Path(models_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        atomic_write_bytes(save(state, metadata={"format": FORMAT}), d / f"{name}.safetensors")
+        """Write ``<models_dir>/<name>.safetensors`` and ``<name>.json`` (last, :func:`modelio.save_model`); returns
+        the JSON path."""
         doc = {**self.meta, "format": FORMAT, "format_version": FORMAT_VERSION, "weights": f"{name}.safetensors",
                "architecture": {"kind": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 2,
                                 "out_channels": 1, **self.arch},
@@ -198,22 +192,18 @@ class VoteNetModel:
                "intensities": "normalised to [0, 1] (imageio.normalize_intensity, 0.5/99.5 percentiles)",
                "output": "logit z of p(warped atlas label == target label)",
                "platt": {"a": self.a, "b": self.b, "formula": "p = 1 / (1 + exp(-(a z + b)))"}}
-        return atomic_write_text(json.dumps(doc, indent=1) + "\n", d / f"{name}.json")
+        return save_model(models_dir, name, self.net, doc, metadata={"format": FORMAT})
 
     @classmethod
     def load(cls, path: str | Path, name: str = "votenet") -> "VoteNetModel":
         """Load from a ``.json`` file, or a folder (``models/``, or an atlas set whose ``models/`` has it)."""
-        from safetensors.torch import load_file
-
         p = Path(path)
         if p.is_dir():
-            for cand in (p / f"{name}.json", p / "models" / f"{name}.json"):
-                if cand.exists():
-                    p = cand
-                    break
-            else:
+            found = find_description(p, name)
+            if found is None:
                 raise MASRefineError(f"{path}: no {name}.json here or in its models/ folder "
                                      f"(train one with 'masrefine train votenet')")
+            p = found
         if not p.exists():
             raise MASRefineError(f"{p}: VoteNet+ model not found")
         doc = read_json(p, "VoteNet+ model", allow_nan=True)  # written by save()
@@ -221,7 +211,7 @@ class VoteNetModel:
             raise MASRefineError(f"{p}: not a VoteNet+ model (format "
                                  f"{doc.get('format') if isinstance(doc, dict) else None!r})")
         try:  # a description edited by hand or cut short: one line naming the field
-            wpath = p.parent / str(doc.get("weights", f"{name}.safetensors"))
+            wpath = weights_path(p, doc, name)
             arch = {k: doc["architecture"][k] for k in DEFAULT_ARCH if k in doc["architecture"]}
             a, b = float(doc["platt"]["a"]), float(doc["platt"]["b"])
             if not (math.isfinite(a) and math.isfinite(b)):
@@ -229,12 +219,7 @@ class VoteNetModel:
             net = build_network(arch)
         except (KeyError, TypeError, ValueError, AttributeError, AssertionError, RuntimeError) as e:
             raise MASRefineError(f"{p}: malformed VoteNet+ model description ({field_error(e)})") from None
-        if not wpath.exists():
-            raise MASRefineError(f"{wpath}: weights listed in {p.name} are missing")
-        try:
-            net.load_state_dict(load_file(str(wpath)))
-        except Exception as e:  # noqa: BLE001 - a corrupt (SafetensorError) or mismatched weight file is a user error
-            raise MASRefineError(f"{wpath}: cannot load the VoteNet+ weights ({str(e).splitlines()[0]})") from None
+        load_weights(net, wpath, p, "VoteNet+")
         meta = {k: v for k, v in doc.items() if k not in ("architecture", "platt")}
         return cls(net, arch, a, b, meta, str(p))
 
