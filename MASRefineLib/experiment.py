@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import MASRefineError
-from .imageio import atomic_path, atomic_write_text, image_stem, is_image_file
+from .imageio import atomic_path, atomic_write_text, image_stem, is_image_file, write_figure
 from .jsonio import read_json
 from .progress import ProgressCallback, report
 
@@ -400,10 +400,4 @@ def _plot(path: Path, rows, summary, gnames) -> Optional[str]:
     axes[0].set_yticklabels([n for _, n in shown], fontsize=8)
     axes[0].invert_yaxis()
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
-    finally:
-        plt.close(fig)
-    return str(path)
+    return str(write_figure(fig, path, dpi=90))

@@ -243,6 +243,18 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(text.encode("utf-8"), path)
 
 
+def write_figure(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """A matplotlib figure as a PNG (tight layout), atomically; the figure is closed, written or not."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def resample_image(image: sitk.Image, grid: Grid, transform: sitk.Transform | None = None,
                    default: float = 0.0) -> sitk.Image:
     """Resample an intensity image onto ``grid`` (linear interpolation, physical space)."""

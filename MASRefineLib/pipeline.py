@@ -46,7 +46,7 @@ from .fusion import fuse
 from .fusion.votenet import VoteNetModel, model_name, train_for_atlas_set
 from .geometry import Grid
 from .imageio import (array_to_image, atomic_path, image_stem, normalize_intensity, read_grid, read_image, read_label,
-                      require_file, run_writers, write_image)
+                      require_file, run_writers, write_figure, write_image)
 from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, inside, prepare_output_dir
@@ -297,13 +297,7 @@ def qa_picture(path: Path, target_arr: np.ndarray, fused: np.ndarray, ws: Warped
         show(ax, a.image, a.label, main, f"{a.id}  agree {q.get('agreement', float('nan')):.2f}")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=80)
 
 
 # ------------------------------------------------------------------------------------------ outputs
