@@ -22,8 +22,8 @@ Per-atlas QA numbers: ``similarity`` (global NCC of the warped atlas image with 
 ``folding_fraction`` (fraction of voxels with Jacobian determinant <= 0 of its total field),
 ``mean_weight`` (its mean fusion weight where any atlas has a label), and the seconds spent on it.
 
-When a stage cannot run as asked (refinement IS without a segmenter, VoteNet+ without a model it can train),
-it falls back as documented in its function and says so in a warning and in the manifest (``summary.fallbacks``).
+When a stage cannot run as asked (:func:`refine_stage`: variant IS handed no segmenter), it falls back as
+documented in its function and says so in a warning and in the manifest (``summary.fallbacks``).
 """
 from __future__ import annotations
 
