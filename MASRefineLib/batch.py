@@ -870,7 +870,7 @@ def run_job(job: dict[str, Any], progress: Optional[ProgressCallback] = None) ->
     """The worker's ``batch`` pipeline (``python -m MASRefineLib.worker job.json``): :func:`run_batch` with the job's
     inputs (``targets``, ``atlas_dir``, optional ``truth``) and parameters (the segment parameters plus
     ``scheduler``, ``workers``, ``threads_per_worker``)."""
-    from .jobs import resolved_parameters
+    from .protocol.jobs import resolved_parameters
     from .pipeline import SegmentOptions
     params = resolved_parameters(job)
     opts = SegmentOptions.from_parameters(params)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .protocol.jobs import PARAMETERS
+
 
 def _pv_metrics(label_files: list[Path], truth: str, groups) -> dict | None:
     """Plurality vote of the given warped label maps, scored against the truth (a reference row)."""
@@ -54,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--atlases", type=int, default=6, help="number of phantom atlases (default 6)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--preset", default="fast", choices=("fast", "default", "accurate"))
-    ap.add_argument("--refine", default="IS", choices=("none", "I", "IS"))
-    ap.add_argument("--fusion", default="votenet", choices=("pv", "wv", "jlf", "staple", "votenet"))
+    # the choices are the job parameters'; the demo's defaults are the paper's method (fast)
+    ap.add_argument("--preset", default="fast", choices=PARAMETERS["preset"][1])
+    ap.add_argument("--refine", default="IS", choices=PARAMETERS["refine"][1])
+    ap.add_argument("--fusion", default="votenet", choices=PARAMETERS["fusion"][1])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)

@@ -6,15 +6,10 @@ Every read keeps origin, spacing and direction exactly as in the file (LPS mm). 
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import shutil
-import stat
-import tempfile
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,32 +18,9 @@ from .errors import MASRefineError
 from . import validate
 from .geometry import Grid
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def new_file_mode(path: str | os.PathLike) -> int:
-    """Permissions for a file written atomically through a temporary file: those of the file it replaces,
-    else 0o666 less the umask, as ``open()`` would give (``mkstemp`` alone leaves 0o600)."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return 0o666 & ~_UMASK
-
-
-def image_stem(path: str | os.PathLike) -> str:
-    """File name without an image suffix: ``/a/b/case1.nii.gz`` -> ``case1``; ``x.seg.nrrd`` -> ``x``."""
-    name = Path(path).name
-    for suf in (".seg.nrrd",) + IMAGE_SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(IMAGE_SUFFIXES)
+# atomic writes and image file names live in the standard-library protocol package (the Slicer process imports it)
+from .protocol.atomic import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: F401
+from .protocol.files import IMAGE_SUFFIXES, image_stem, is_image_file  # noqa: F401
 
 
 def require_file(path: str | os.PathLike) -> Path:
@@ -162,46 +134,6 @@ def read_label(path: str | os.PathLike, allow_empty: bool = False) -> sitk.Image
     return sitk.Cast(raw, sitk.sitkUInt16)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
-    """Yield a temporary file name beside ``path``; on success rename it to ``path``, else delete it.
-
-    The one way outputs are written: a reader never sees a half-written file, and an existing file
-    is replaced only once the new one is complete. ``suffix`` (default: the path's own, e.g.
-    ``.nii.gz``) lets writers that pick a format by extension work on the temporary name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix is None:
-        suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, new_file_mode(path))
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, (OSError, RuntimeError)):
-            # a full disk or a failed write surfaces from ITK as a many-line RuntimeError: say it in one line
-            raise MASRefineError(f"{path}: could not write ({_write_reason(e, path.parent)})") from e
-        raise
-
-
-def _write_reason(e: BaseException, folder: Path) -> str:
-    """One line on why a write failed: the free space when the disk is (nearly) full, else the error's gist."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < 64 * 2 ** 20):
-        return f"no space left on the device: {free / 2 ** 20:.0f} MB free" if free is not None else "no space left"
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    gist = next((ln for ln in reversed(lines) if not ln.startswith(("ITK ERROR", "/"))), lines[-1] if lines else "")
-    return gist or type(e).__name__
-
-
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write ``image`` atomically (see :func:`atomic_path`). ``compress``: gzip (where the format has it).
 
@@ -229,18 +161,6 @@ def run_writers(writers: Sequence[Callable[[], T]], workers: int = 1) -> list[T]
     with ThreadPoolExecutor(max_workers=min(workers, len(writers)), thread_name_prefix="masrefine-write") as pool:
         futures = [pool.submit(w) for w in writers]
         return [f.result() for f in futures]
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write bytes atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return Path(path)
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    return atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def write_figure(fig, path: str | os.PathLike, dpi: int) -> Path:

@@ -23,8 +23,8 @@ def json_default(o: Any) -> Any:
 
 
 def write_json(obj: Any, path: str | os.PathLike, indent: int | None = 1) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (see :func:`imageio.atomic_write_text`); returns the path."""
-    from .imageio import atomic_write_text  # imported here: the worker uses this module before its dependency check
+    """Write ``obj`` as JSON to ``path`` atomically (see :func:`protocol.atomic.atomic_write_text`); returns the path."""
+    from .protocol.atomic import atomic_write_text
     return atomic_write_text(json.dumps(obj, indent=indent, default=json_default) + "\n", path)
 
 

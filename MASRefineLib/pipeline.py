@@ -51,6 +51,7 @@ from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, inside, prepare_output_dir
 from .progress import ProgressCallback, ProgressEvent, report
+from .protocol.jobs import PARAMETERS
 from .refine import DEFAULT_ITERATIONS
 from .refine import refine as refine_warped
 from .registration import AtlasInput, get_params, register
@@ -58,28 +59,27 @@ from .warped import WarpedSet
 
 log = logging.getLogger("MASRefineLib.pipeline")
 
-PREREGS = ("affine", "deformable")
-REFINES = ("none", "I", "IS")
-FUSIONS = ("pv", "wv", "jlf", "staple", "votenet")
-PRESETS = ("fast", "default", "accurate")
+# the choices and defaults of a run: the job protocol's parameters (one list, shared by the CLI, the worker and Slicer)
+PREREGS, REFINES, FUSIONS, PRESETS = (PARAMETERS[n][1] for n in ("prereg", "refine", "fusion", "preset"))
 
 
 @dataclass
 class SegmentOptions:
-    """Settings of one run (see ``masrefine segment --help`` and :data:`MASRefineLib.jobs.PARAMETERS`)."""
-    prereg: str = "deformable"
-    refine: str = "I"                   # the defaults are jobs.PARAMETERS' (docs/pipeline.md)
-    fusion: str = "jlf"
-    device: str = "auto"
-    preset: str = "default"
-    alpha: Optional[float] = None       # refinement: weight of L_seg (None: refine.py's default)
-    gamma: Optional[float] = None       # refinement: weight of the bending energy, mm^2 (None: default)
-    iterations: Optional[int] = None    # refinement iterations at the finest level (None: refine.py's default)
-    train_missing: bool = True          # train missing models on the atlas set first
-    save_atlases: bool = True
-    qa_picture: bool = True
-    seed: int = 0
-    threads: int = 0                    # torch CPU threads (0: leave torch's default)
+    """Settings of one run (see ``masrefine segment --help`` and :data:`MASRefineLib.protocol.jobs.PARAMETERS`)."""
+    # every default is protocol.jobs.PARAMETERS' (docs/pipeline.md); the comments say what each is
+    prereg: str = PARAMETERS["prereg"][2]
+    refine: str = PARAMETERS["refine"][2]
+    fusion: str = PARAMETERS["fusion"][2]
+    device: str = PARAMETERS["device"][2]
+    preset: str = PARAMETERS["preset"][2]
+    alpha: Optional[float] = PARAMETERS["alpha"][2]            # refinement: weight of L_seg (None: refine.py's default)
+    gamma: Optional[float] = PARAMETERS["gamma"][2]            # refinement: bending energy, mm^2 (None: default)
+    iterations: Optional[int] = PARAMETERS["iterations"][2]    # at the finest level (None: refine.py's default)
+    train_missing: bool = PARAMETERS["train_missing"][2]       # train missing models on the atlas set first
+    save_atlases: bool = PARAMETERS["save_atlases"][2]
+    qa_picture: bool = PARAMETERS["qa_picture"][2]
+    seed: int = PARAMETERS["seed"][2]
+    threads: int = PARAMETERS["threads"][2]                    # torch CPU threads (0: leave torch's default)
 
     def __post_init__(self) -> None:
         for name, allowed in (("prereg", PREREGS), ("refine", REFINES), ("fusion", FUSIONS), ("preset", PRESETS)):
@@ -610,7 +610,7 @@ def _write_metrics(out: Path, fused: np.ndarray, grid: Grid, ref: sitk.Image, tr
 # ------------------------------------------------------------------------------------------ worker
 def run_job(job: dict[str, Any], progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
     """The worker's ``segment`` pipeline: :func:`segment` with the job's inputs and parameters."""
-    from .jobs import resolved_parameters
+    from .protocol.jobs import resolved_parameters
     opts = SegmentOptions.from_parameters(resolved_parameters(job))
     return segment(job["inputs"]["target"], job["inputs"]["atlas_dir"], job["output_dir"], opts, progress,
                    out_option="output_dir")

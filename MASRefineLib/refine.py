@@ -77,16 +77,17 @@ from .imageio import normalize_intensity, read_image, read_label
 from .labels import label_values
 from .losses import bending_energy, folding_barrier, similarity_loss, soft_dice_loss, target_moments
 from .progress import ProgressCallback, report
+from .protocol.jobs import REFINE_DEFAULTS
 from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
 from .warped import WarpedAtlas, WarpedSet, target_array
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("I", "IS")
-DEFAULT_ALPHA = 3.0
+DEFAULT_ALPHA: float = REFINE_DEFAULTS["alpha"]
 #: gamma in mm^2 (see the module docstring); chosen by measurement, evidence in docs/refinement.md
 #: (the paper's 20000 converts to ~0.4 mm^2, which folds the refinement field on real knees)
-DEFAULT_GAMMA = 40.0
+DEFAULT_GAMMA: float = REFINE_DEFAULTS["gamma"]
 #: voxels of the finest working grid at most (:func:`default_spacings`). 1.5 M keeps the 0.7 mm knee
 #: (6.4 M voxels) at 2x its spacing, the cost the iterations below were tuned for, and refines 2 mm brains
 #: (1.3 M) at their own resolution: measured on 5 IXI targets (docs/refinement.md, "Working grids by voxel
@@ -96,7 +97,7 @@ DEFAULT_MAX_VOXELS = 1_500_000
 #: L-BFGS iterations per level (coarse to fine). The fine level costs ~6x the coarse one per iteration;
 #: measured on 4 knee targets x 8 atlases (IS): (80, 20) against (80, 40) -0.004 cartilage Dice (atlas and
 #: vote) for -32 % CPU (26.8 vs 39.3 s per atlas); evidence in docs/refinement.md
-DEFAULT_ITERATIONS = (80, 20)
+DEFAULT_ITERATIONS: tuple[int, ...] = REFINE_DEFAULTS["iterations"]
 #: control-point spacing of the field's parameterisation, in voxels of each level
 DEFAULT_CONTROL = 2
 #: weight of the folding barrier (dimensionless; 0 = Eq. 3 exactly), see :func:`folding_barrier`

@@ -38,9 +38,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .worker import EVENT_PREFIX, EXIT_CANCELLED, EXIT_DONE, EXIT_ERROR, EXIT_INVALID
+from .protocol.events import EVENT_PREFIX, EXIT_CANCELLED, EXIT_DONE, EXIT_ERROR, EXIT_INVALID, STATUS  # noqa: F401
 
-STATUS = {EXIT_DONE: "done", EXIT_ERROR: "error", EXIT_INVALID: "invalid", EXIT_CANCELLED: "cancelled"}
 _LIVE: "weakref.WeakSet[JobRunner]" = weakref.WeakSet()
 
 
@@ -103,7 +102,7 @@ class JobRunner:
         """The job file's ``cancel_file`` when it lies inside its ``output_dir``, else None (an unreadable or
         invalid job: the worker answers it with ``invalid-job``; nothing outside the output folder is touched)."""
         from .errors import MASRefineError
-        from .jobs import cancel_file_inside
+        from .protocol.jobs import cancel_file_inside
         from .jsonio import read_json
         try:
             job = read_json(job_path, "job file")

@@ -60,8 +60,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-EVENT_PREFIX = "MASREFINE-EVENT "
-EXIT_DONE, EXIT_ERROR, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 3
+from .protocol.events import EVENT_PREFIX, EXIT_CANCELLED, EXIT_DONE, EXIT_ERROR, EXIT_INVALID  # noqa: F401 (the wire protocol)
+
 PARENT_GONE_GRACE_S = 5.0
 PROGRESS_MIN_INTERVAL_S = 0.1
 
@@ -168,7 +168,7 @@ def load_pipeline(name: str) -> Callable[..., dict]:
     """The pipeline function for a job's ``pipeline`` field (only what :func:`MASRefineLib.jobs.pipeline_target`
     allows is imported; anything else is a ValueError)."""
     from .errors import MASRefineError
-    from .jobs import pipeline_target
+    from .protocol.jobs import pipeline_target
     try:
         target = pipeline_target(name)
     except MASRefineError as e:
@@ -255,7 +255,7 @@ class Worker:
     def run(self) -> int:
         """Read, check and run the job file (see the module doc)."""
         from .errors import MASRefineError
-        from .jobs import read_job, validate_job
+        from .protocol.jobs import read_job, validate_job
 
         try:
             job = read_job(self.job_path)

@@ -4,8 +4,7 @@ What is checked: the scripted-module classes and their bases, the module metadat
 heavy or Slicer-removed at module level; torch never imported in Slicer's process, not even through
 MASRefineLib), dependencies (never pip-installing numpy/SimpleITK/torch), the .ui against the code
 (every ``self.ui.X`` exists; every SlicerParameterName is a parameter-node field bound to a widget
-type Slicer's parameterNodeWrapper can connect; MRML widgets get the scene), the choices against the
-worker's job parameters, and the CMake files against the files on disk (both ways).
+type Slicer's parameterNodeWrapper can connect; MRML widgets get the scene), and the CMake files against the files on disk (both ways).
 """
 from __future__ import annotations
 
@@ -36,6 +35,9 @@ UI = ET.parse(UI_FILE).getroot()
 # Imported lazily inside functions only: heavy, or pip-installed after asking (not there at import).
 NOT_AT_MODULE_LEVEL = {"torch", "monai", "numpy", "scipy", "SimpleITK", "nrrd", "slicerio", "safetensors",
                        "tqdm", "MASRefineLib", "PyTorchUtils", "SampleData", "packaging"}
+# The library's standard-library-only parts, which the module may import at module level (Parameters.py makes its
+# enums from them); Testing/test_protocol.py imports them where numpy, SimpleITK, torch, MONAI and scipy are blocked.
+STDLIB_ONLY_LIBRARY = ("MASRefineLib.protocol", "MASRefineLib.runs")
 # Never imported by the module at all (Slicer's process): the worker imports them.
 NEVER_IN_SLICER_PROCESS = {"torch", "monai"}
 # Removed from Python 3.12 (Slicer >= 5.8) or from Slicer's Python API.
@@ -186,6 +188,8 @@ def _lib_module_imports(module: str, seen: set[str]) -> set[str]:
 def test_no_heavy_or_removed_imports_at_module_level(path):
     tree, where = TREES[path], path.relative_to(MODULE_DIR)
     for name, line in module_level_imports(tree):
+        if name.startswith(STDLIB_ONLY_LIBRARY):
+            continue  # standard library only (Testing/test_protocol.py): the enums are made from it at import
         assert top(name) not in NOT_AT_MODULE_LEVEL, f"{where}:{line} imports {name} at module level"
         assert name not in REMOVED and top(name) not in REMOVED, f"{where}:{line} imports removed {name}"
     for name, line in all_imports(tree):
@@ -256,7 +260,10 @@ def test_installs_only_after_asking_and_never_at_import():
     for path, tree in TREES.items():  # nothing runs at import besides definitions and constants
         for n in tree.body:
             assert isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)) or (
-                isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)), f"{path.name}:{n.lineno} runs code at import"
+                isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) or (
+                # the one exception: Parameters.py puts the library on sys.path before making its enums from it
+                path.name == "Parameters.py" and ast.unparse(n) == "ensureLibraryImportable()"), \
+                f"{path.name}:{n.lineno} runs code at import"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,13 +292,12 @@ def parameter_fields() -> dict[str, str]:
     return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
-def enum_classes() -> dict[str, dict[str, str]]:
-    out = {}
-    for name, cls in classes().items():
-        if base_names(cls) == ["enum.Enum"]:
-            out[name] = {n.targets[0].id: n.value.value for n in cls.body if isinstance(n, ast.Assign)}
-            assert "label" in methods(cls), f"{name} needs label() for the combo box texts"
-    return out
+def enum_classes() -> set[str]:
+    """Names of the module's choice enums: made by ``Parameters._choices`` from the library's lists (their values
+    and labels are checked by Testing/test_protocol.py)."""
+    tree = TREES[PACKAGE_DIR / "Parameters.py"]
+    return {n.targets[0].id for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+            and ast.unparse(n.value.func) == "_choices"}
 
 
 def test_every_ui_attribute_used_exists_in_the_ui():
@@ -373,45 +379,12 @@ def test_custom_widgets_are_declared_with_a_base_class():
 # choices and defaults against the library
 
 
-def test_choices_are_the_worker_job_parameters():
-    from MASRefineLib import jobs
+def test_the_gamma_spin_box_shows_the_default_exactly():
+    from MASRefineLib.protocol.jobs import REFINE_DEFAULTS
 
-    enums = enum_classes()
-    fields = parameter_fields()
-    for param in ("preset", "prereg", "refine", "fusion", "device"):
-        enum_name = fields[param]
-        allowed = jobs.PARAMETERS[param][1]
-        assert set(enums[enum_name].values()) == set(allowed), f"{enum_name} values differ from jobs.PARAMETERS[{param!r}]"
-        default = next(n for n in classes()["MASRefineParameterNode"].body
-                       if isinstance(n, ast.AnnAssign) and n.target.id == param).value
-        member = ast.unparse(default).split(".")[-1]
-        assert enums[enum_name][member] == jobs.PARAMETERS[param][2], f"default of {param} differs from the library's"
-    job_params = methods(classes()["MASRefineLogic"])["jobParameters"].args
-    names = [a.arg for a in job_params.args]
-    assert set(names) <= set(jobs.PARAMETERS), f"{set(names) - set(jobs.PARAMETERS)} are not job parameters"
-
-
-def _module_constants(tree: ast.Module) -> dict:
-    out = {}
-    for n in tree.body:
-        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
-            try:
-                out[n.targets[0].id] = ast.literal_eval(n.value)
-            except ValueError:
-                pass
-    return out
-
-
-def test_advanced_defaults_are_the_library_defaults():
-    ours = _module_constants(TREES[PACKAGE_DIR / "Parameters.py"])
-    lib = _module_constants(ast.parse((LIB_DIR / "refine.py").read_text(encoding="utf-8")))
-    assert ours["DEFAULT_ALPHA"] == lib["DEFAULT_ALPHA"]
-    assert ours["DEFAULT_GAMMA"] == lib["DEFAULT_GAMMA"]
-    iterations = lib["DEFAULT_ITERATIONS"]
-    assert ours["DEFAULT_ITERATIONS"] == (iterations[-1] if isinstance(iterations, tuple) else iterations)
     ui = {w.get("name"): w for w in UI.iter("widget")}
     decimals = int(ui["gammaSpinBox"].find("property[@name='decimals']/number").text)
-    assert round(ours["DEFAULT_GAMMA"], decimals) == ours["DEFAULT_GAMMA"], "the gamma spin box would round the default"
+    assert round(REFINE_DEFAULTS["gamma"], decimals) == REFINE_DEFAULTS["gamma"], "the gamma spin box would round the default"
 
 
 # ------------------------------------------------------------------------------------------------

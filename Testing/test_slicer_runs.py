@@ -104,12 +104,3 @@ def test_panel_shows_the_run_folders_and_their_size(mod, target, atlas_dir, tmp_
     panel._parameterNode.outputDir = Path(".")  # unset: Slicer's temporary folder
     panel._updateRunFolders()
     assert panel.ui.runFoldersLabel.text == f"0 runs, 0 B in {tmp_path / 'slicer-temp' / 'MASRefine'}"
-
-
-def test_retention_choices_are_the_librarys():
-    import ast
-
-    tree = ast.parse((slicer_stubs.MODULE_DIR / "MASRefineModule" / "Parameters.py").read_text(encoding="utf-8"))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Retention")
-    values = [ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)]
-    assert tuple(values) == runs.RETENTION

@@ -103,7 +103,8 @@ def connect_like_parameter_node_wrapper(panel, module):
         assert widget.property("SlicerParameterName") == name  # what connectGui looks for
         widgets[name] = widget
         annotation = ast.unparse(node.annotation)
-        default = eval(ast.unparse(node.value), vars(module)) if node.value is not None else None
+        default = eval(ast.unparse(node.value), {**vars(module), **vars(slicer_stubs.submodule("Parameters"))}) \
+            if node.value is not None else None
         enum_type = getattr(module, annotation, None)
         if isinstance(widget, QtWidgets.QComboBox):
             labels = [m.label() for m in enum_type]  # every member has a label

@@ -44,7 +44,7 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def jobParameters(preset=None, prereg=None, refine=None, fusion=None, device=None,
                       alpha=None, gamma=None, iterations=None) -> dict:
-        """The worker's job parameters (``MASRefineLib.jobs.PARAMETERS``) from keyword arguments.
+        """The worker's job parameters (``MASRefineLib.protocol.jobs.PARAMETERS``) from keyword arguments.
 
         Choices may be given as enum members or their string values (``refine="IS"``); numbers as numbers.
         Parameters left at None are not sent, so the library's defaults and the preset decide them.
@@ -172,7 +172,8 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
             raise ValueError(problem)
         jobParams = self.jobParameters(**params)
         ensureLibraryImportable()
-        from MASRefineLib import jobs, runs
+        from MASRefineLib import runs
+        from MASRefineLib.protocol import jobs
 
         retention = Retention(retention.value if isinstance(retention, Retention) else retention).value
         safeName = "".join(c if c.isalnum() or c in "-_" else "_" for c in targetNode.GetName())[:40]

@@ -1,7 +1,8 @@
 """The module's choices and its parameter node (saved with the scene).
 
-The choices are serialized in the scene by member name; their values are the worker's job parameters
-(``MASRefineLib.jobs.PARAMETERS``), which Testing/test_slicer_module.py keeps in step.
+The choice enums are made from the worker's job parameters (``MASRefineLib.protocol.jobs.PARAMETERS``: values,
+defaults) and the run-folder retentions (``MASRefineLib.runs.RETENTION``), so there is one list of each; a member's
+name is its value in capitals (``"votenet"`` -> ``VOTENET``), the name the scene stores. Only the labels are here.
 """
 import enum
 import pathlib
@@ -11,82 +12,66 @@ from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
-class Preset(enum.Enum):
-    FAST = "fast"
-    DEFAULT = "default"
-    ACCURATE = "accurate"
+from MASRefineModule.Environment import ensureLibraryImportable
+
+ensureLibraryImportable()
+from MASRefineLib.protocol.jobs import PARAMETERS, REFINE_DEFAULTS  # noqa: E402 (standard library only)
+from MASRefineLib.runs import RETENTION  # noqa: E402 (standard library only)
+
+
+class _Choice(enum.Enum):
+    """A combo box's choices: members made by :func:`_choices`, texts from :data:`_LABELS`."""
 
     def label(self) -> str:
-        return {Preset.FAST: _("Fast"), Preset.DEFAULT: _("Default"), Preset.ACCURATE: _("Accurate")}[self]
+        return _LABELS[type(self).__name__][self.value]()
 
 
-class PreRegistration(enum.Enum):
-    AFFINE = "affine"
-    DEFORMABLE = "deformable"
-
-    def label(self) -> str:
-        return {PreRegistration.AFFINE: _("Affine"), PreRegistration.DEFORMABLE: _("Deformable")}[self]
+def _choices(name: str, values) -> type:
+    return _Choice(name, [(v.upper().replace("-", "_"), v) for v in values], module=__name__, qualname=name)
 
 
-class Refinement(enum.Enum):
-    NONE = "none"
-    I = "I"  # noqa: E741 (the paper's name: image term only)
-    IS = "IS"
+# the combo box texts, by value (functions: translated when shown)
+_LABELS = {
+    "Preset": {"fast": lambda: _("Fast"), "default": lambda: _("Default"), "accurate": lambda: _("Accurate")},
+    "PreRegistration": {"affine": lambda: _("Affine"), "deformable": lambda: _("Deformable")},
+    "Refinement": {
+        "none": lambda: _("None"),
+        "I": lambda: _("(I) image similarity + regularity"),
+        "IS": lambda: _("(IS) image + segmentation similarity + regularity"),
+    },
+    "Fusion": {
+        "pv": lambda: _("Plurality vote"),
+        "wv": lambda: _("Weighted vote"),
+        "jlf": lambda: _("Joint label fusion"),
+        "staple": lambda: _("STAPLE"),
+        "votenet": lambda: _("VoteNet+"),
+    },
+    "Device": {"auto": lambda: _("Automatic (GPU if available)"), "cpu": lambda: _("CPU"), "cuda": lambda: _("CUDA GPU")},
+    "Retention": {
+        "keep": lambda: _("Keep every run (in the output folder)"),
+        "delete-on-close": lambda: _("Delete when the scene closes"),
+        "keep-last": lambda: _("Keep the last N runs"),
+    },
+}
 
-    def label(self) -> str:
-        return {
-            Refinement.NONE: _("None"),
-            Refinement.I: _("(I) image similarity + regularity"),
-            Refinement.IS: _("(IS) image + segmentation similarity + regularity"),
-        }[self]
-
-
-class Fusion(enum.Enum):
-    PV = "pv"
-    WV = "wv"
-    JLF = "jlf"
-    STAPLE = "staple"
-    VOTENET = "votenet"
-
-    def label(self) -> str:
-        return {
-            Fusion.PV: _("Plurality vote"),
-            Fusion.WV: _("Weighted vote"),
-            Fusion.JLF: _("Joint label fusion"),
-            Fusion.STAPLE: _("STAPLE"),
-            Fusion.VOTENET: _("VoteNet+"),
-        }[self]
-
-
-class Device(enum.Enum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-    def label(self) -> str:
-        return {Device.AUTO: _("Automatic (GPU if available)"), Device.CPU: _("CPU"), Device.CUDA: _("CUDA GPU")}[self]
-
-
-class Retention(enum.Enum):
-    """What happens to run folders (MASRefineLib.runs.RETENTION)."""
-    KEEP = "keep"
-    DELETE_ON_CLOSE = "delete-on-close"
-    KEEP_LAST = "keep-last"
-
-    def label(self) -> str:
-        return {
-            Retention.KEEP: _("Keep every run (in the output folder)"),
-            Retention.DELETE_ON_CLOSE: _("Delete when the scene closes"),
-            Retention.KEEP_LAST: _("Keep the last N runs"),
-        }[self]
+#: the job parameter each choice enum stands for
+JOB_CHOICES = {"preset": "Preset", "prereg": "PreRegistration", "refine": "Refinement", "fusion": "Fusion",
+               "device": "Device"}
+Preset = _choices("Preset", PARAMETERS["preset"][1])
+PreRegistration = _choices("PreRegistration", PARAMETERS["prereg"][1])
+Refinement = _choices("Refinement", PARAMETERS["refine"][1])
+Fusion = _choices("Fusion", PARAMETERS["fusion"][1])
+Device = _choices("Device", PARAMETERS["device"][1])
+#: what happens to run folders (MASRefineLib.runs.RETENTION)
+Retention = _choices("Retention", RETENTION)
 
 
 # Values shown in the Advanced section, sent only when "override" is checked (otherwise the preset
-# decides). They are the library's defaults (MASRefineLib/refine.py: DEFAULT_ALPHA, DEFAULT_GAMMA in
-# mm^2, the finest level of DEFAULT_ITERATIONS); Testing/test_slicer_module.py keeps them in step.
-DEFAULT_ALPHA = 3.0
-DEFAULT_GAMMA = 40.0
-DEFAULT_ITERATIONS = 20
+# decides): refinement's defaults (MASRefineLib.protocol.jobs.REFINE_DEFAULTS; gamma in mm^2, iterations at
+# the finest level).
+DEFAULT_ALPHA = float(REFINE_DEFAULTS["alpha"])
+DEFAULT_GAMMA = float(REFINE_DEFAULTS["gamma"])
+DEFAULT_ITERATIONS = int(REFINE_DEFAULTS["iterations"][-1])
 
 #
 # MASRefineParameterNode
@@ -116,11 +101,11 @@ class MASRefineParameterNode:
     atlasDir: pathlib.Path
     outputDir: pathlib.Path
     newAtlasDir: pathlib.Path
-    preset: Preset = Preset.DEFAULT
-    prereg: PreRegistration = PreRegistration.DEFORMABLE
-    refine: Refinement = Refinement.I
-    fusion: Fusion = Fusion.JLF
-    device: Device = Device.AUTO
+    preset: Preset = Preset(PARAMETERS["preset"][2])
+    prereg: PreRegistration = PreRegistration(PARAMETERS["prereg"][2])
+    refine: Refinement = Refinement(PARAMETERS["refine"][2])
+    fusion: Fusion = Fusion(PARAMETERS["fusion"][2])
+    device: Device = Device(PARAMETERS["device"][2])
     overrideDefaults: bool = False
     alpha: Annotated[float, WithinRange(0.0, 1000.0)] = DEFAULT_ALPHA
     gamma: Annotated[float, WithinRange(0.0, 1000.0)] = DEFAULT_GAMMA

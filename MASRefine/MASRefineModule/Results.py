@@ -22,7 +22,7 @@ def loadJobResults(job: MASRefineJob) -> None:
     """Turn the job's manifest into nodes with the load plan (``MASRefineLib.loadplan``): the run-level
     outputs now (fused segmentation, QA table), per-atlas outputs on demand (:meth:`loadAtlas`)."""
     ensureLibraryImportable()
-    from MASRefineLib import loadplan
+    from MASRefineLib.protocol import loadplan
 
     for item in loadplan.load_plan(job.manifestPath):
         job.nodes[item["role"]] = loadItem(item, job)
@@ -129,7 +129,7 @@ def loadAtlas(job: MASRefineJob, atlasId) -> dict:
     if cached is not None and len(liveNodes(cached)) == len(cached):
         return cached
     ensureLibraryImportable()
-    from MASRefineLib import loadplan
+    from MASRefineLib.protocol import loadplan
 
     nodes = liveNodes(cached or {})
     nodes.pop("atlas-original", None)  # re-linked below to whichever transform node is current

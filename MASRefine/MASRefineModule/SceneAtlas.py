@@ -41,7 +41,8 @@ def startAtlasJob(logic, pairs, atlasDir, mode: str, onEvent: Optional[Callable]
                   onFinished: Optional[Callable] = None) -> MASRefineJob:
     """Export ``pairs`` and start the worker's atlas job: ``mode`` "new" (a new set in ``atlasDir``) or "add"."""
     ensureLibraryImportable()
-    from MASRefineLib import jobs, runs
+    from MASRefineLib import runs
+    from MASRefineLib.protocol import jobs
 
     runDir = str(runs.make_run_folder(os.path.join(slicer.app.temporaryPath, "MASRefine-atlas"), mode))
     removeOnClose(runDir)  # only exported copies: the atlas set holds its own

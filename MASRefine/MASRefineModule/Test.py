@@ -134,7 +134,7 @@ class MASRefineTest(ScriptedLoadableModuleTest):
 
         # QA table: one row per atlas; selecting an atlas loads its outputs into the run's folder.
         ensureLibraryImportable()
-        from MASRefineLib import loadplan, manifest
+        from MASRefineLib.protocol import loadplan, manifest
 
         atlasIds = loadplan.atlas_ids(manifest.read_manifest(job.manifestPath))
         self.assertEqual({str(r[job.qaIdColumn]) for r in job.qaRows}, set(atlasIds))

@@ -14,4 +14,4 @@ Slicer's *Reload* re-executes MASRefine.py only; MASRefineWidget.onReload reload
 the order of SUBMODULES (each after the ones it imports).
 """
 
-SUBMODULES = ("Parameters", "Environment", "Job", "Results", "Dependencies", "Sample", "SceneAtlas", "Logic", "Test")
+SUBMODULES = ("Environment", "Parameters", "Job", "Results", "Dependencies", "Sample", "SceneAtlas", "Logic", "Test")

@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def add_segment_options(p: argparse.ArgumentParser) -> None:
     """The options of the pipeline itself (``segment`` and ``batch`` share them; :func:`segment_options` reads them)."""
-    from ..jobs import PARAMETERS
+    from ..protocol.jobs import PARAMETERS
     for name in ("prereg", "refine", "fusion", "preset", "device"):
         typ, choices, default, hlp = PARAMETERS[name]
         p.add_argument(f"--{name}", choices=choices, default=default, help=f"{hlp} (default: {default})")
