@@ -53,10 +53,10 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from bench import datasets, peers  # noqa: E402
+from MASRefineLib.imageio import atomic_write_text  # noqa: E402
 
-RESULTS = ROOT / "docs" / "results" / "pipeline"
 WORK = ROOT / ".cache" / "bench-pipeline"
-from bench.report import LABELS  # noqa: E402
+from bench.report import LABELS, RESULTS  # noqa: E402  (the result files report.py renders)
 # name -> (label in tables, the process that computes it)
 METHODS = {m: (LABELS[m], {"ants-pv": "ants", "ants-jlf": "ants", "greedy-jlf": "greedy"}.get(m, m)) for m in LABELS}
 DEFAULT_METHODS = ("masrefine", "ants-pv", "ants-jlf", "greedy-jlf")
@@ -122,7 +122,7 @@ def worker(job_path: Path) -> int:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import torch
     torch.set_num_threads(threads)
-    from MASRefineLib.imageio import array_to_image, atomic_write_text, read_image, read_label, write_image
+    from MASRefineLib.imageio import array_to_image, read_image, read_label, write_image
     from MASRefineLib.geometry import Grid
     from MASRefineLib.atlas import AtlasSet
 
@@ -208,14 +208,13 @@ def score(pred: Path, truth: Path, dataset: str) -> dict:
     import SimpleITK as sitk
     from MASRefineLib.geometry import Grid
     from MASRefineLib.imageio import read_label, resample_label
-    from MASRefineLib.labels import label_values
+    from MASRefineLib.labels import foreground_values
     from MASRefineLib.metrics import evaluate
 
     p, r = read_label(pred, allow_empty=True), read_label(truth)
     if not Grid.from_image(p).isclose(Grid.from_image(r)):
         p = resample_label(sitk.Cast(p, sitk.sitkUInt16), Grid.from_image(r))
-    labels = [v for v in label_values(sitk.GetArrayViewFromImage(r)) if v]
-    ev = evaluate(p, r, groups=GROUPS[dataset], tolerance_mm=TOLERANCE_MM[dataset], labels=labels)
+    ev = evaluate(p, r, groups=GROUPS[dataset], tolerance_mm=TOLERANCE_MM[dataset], labels=foreground_values(r))
     def num(v: float):  # undefined (NaN) is null in the result files
         return None if v is None or not np.isfinite(v) else float(v)
 
@@ -227,10 +226,6 @@ def score(pred: Path, truth: Path, dataset: str) -> dict:
 # ------------------------------------------------------------------------------------------ main
 def result_path(dataset: str, which: str, target: str) -> Path:
     return RESULTS / f"{dataset}-{which}" / f"{target}.json"
-
-
-def load_results(dataset: str, which: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((RESULTS / f"{dataset}-{which}").glob("*.json"))]
 
 
 def main(argv=None) -> int:
@@ -302,7 +297,6 @@ def main(argv=None) -> int:
                                      "run": run_id, "commit": at, "code": code,
                                      "versions": peers.versions(), "date": time.strftime("%Y-%m-%d")}
                 rp.parent.mkdir(parents=True, exist_ok=True)
-                from MASRefineLib.imageio import atomic_write_text
                 atomic_write_text(json.dumps(rec, indent=1, default=float, allow_nan=False) + "\n", rp)
     from bench import report
     print(report.render(a.dataset, a.split))
