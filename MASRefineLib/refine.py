@@ -65,7 +65,6 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -73,13 +72,13 @@ from .device import resolve_device
 from .errors import MASRefineError
 from .fields import folding_fraction
 from .geometry import Grid
-from .imageio import normalize_intensity, read_image, read_label
 from .labels import label_values
 from .losses import bending_energy, folding_barrier, similarity_loss, soft_dice_loss, target_moments
 from .progress import ProgressCallback, report
 from .protocol.jobs import REFINE_DEFAULTS
-from .warp import compose, grid_points, image_tensor, resample_field, sample, warp, warp_labels
-from .warped import WarpedAtlas, WarpedSet, target_array
+from .volume import read_image, read_label
+from .warp import compose, grid_points, resample_field, sample, warp, warp_labels
+from .warped import WarpedAtlas, WarpedSet, target_tensor
 
 log = logging.getLogger(__name__)
 
@@ -526,9 +525,9 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     Parameters
     ----------
     warped: the pre-registered atlases on the target grid (total fields in LPS mm).
-    target_image: the target as an ``sitk.Image`` or a file path (resampled onto ``warped.target_grid``
-        if needed and normalised with :func:`imageio.normalize_intensity`), or an already normalised
-        (Z, Y, X) array / tensor on ``warped.target_grid``.
+    target_image: the target as a :class:`~MASRefineLib.volume.Volume` on ``warped.target_grid`` (normalised when
+        read, taken as it is), an already normalised (Z, Y, X) array / tensor on that grid, or an ``sitk.Image`` or
+        a file path (resampled onto the grid if needed and normalised: :func:`warped.target_tensor`).
     variant: ``"I"`` (image term + bending) or ``"IS"`` (+ alpha x soft Dice of the segmenter's predictions).
     alpha: weight of the segmentation term (dimensionless; paper 3).
     gamma: weight of the bending energy, in **mm^2** (the energy is in mm^-2 of a displacement in mm);
@@ -580,7 +579,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         """Background and the structures of L_seg (fewer channels to resample and sample, too)."""
         return p if structures is None else p[:, [0, *structures]]
 
-    target = image_tensor(target_array(target_image, grid), dev)
+    target = target_tensor(target_image, grid, dev)
     fine = levels[-1]
     with torch.no_grad():
         target_levels = [level_target(target, grid, g) for g in levels]
@@ -599,7 +598,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         ids = [warped.atlases[i].id for i in chunk]
         report(progress, "refine", frac[0], f"atlases {', '.join(ids)}")
         with torch.no_grad():
-            images = torch.from_numpy(np.stack([warped.atlases[i].image for i in chunk])).unsqueeze(1).float().to(dev)
+            images = torch.stack([warped.atlases[i].image_tensor for i in chunk]).unsqueeze(1).to(dev)
             seg_grid = staggered(fine)
             mseg = kept(segmenter.predict(images, grid, seg_grid)).to(dev) if use_seg else None
         f, terms = optimise_field(images, grid, target_levels, levels, mseg, seg_grid, tseg_levels, alpha, gamma,
@@ -613,7 +612,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
             a = warped.atlases[i]
             with torch.no_grad():
                 f_t = resample_field(f[j:j + 1], fine, grid)
-                prior = torch.from_numpy(a.field).unsqueeze(0).float().to(dev)
+                prior = a.field_tensor.unsqueeze(0).to(dev)
                 total = compose(prior, f_t, grid)
                 image, label, how = _rewarp(a, total, f_t, grid, warped, dev)
                 fold = float(folding_fraction(total, grid)[0])
@@ -631,8 +630,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
                                         "folding_fraction_refinement_only": fold_ref, "max_displacement_mm": max_mm,
                                         "cpu_seconds": cpu,
                                         "resampled_from": how}})
-            out_atlases.append(WarpedAtlas(a.id, image, label, total[0].cpu().numpy().astype(np.float32),
-                                           a.source_image, a.source_label, info))
+            out_atlases.append(WarpedAtlas(a.id, image, label, total[0], a.source_image, a.source_label, info))
         report(progress, "refine", frac[1], f"done {', '.join(ids)}")
     return WarpedSet(grid, warped.label_table, out_atlases, f"refined-{variant}", warped.target_path,
                      {**warped.info, "refinement": settings.to_json(), "pre_refinement_stage": warped.stage},
@@ -640,29 +638,26 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
 
 
 def _rewarp(a: WarpedAtlas, total: torch.Tensor, f_t: torch.Tensor, grid: Grid, warped: WarpedSet,
-            dev: torch.device) -> tuple[np.ndarray, np.ndarray, str]:
+            dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Warped image and label map of one atlas under the composed field (from the original files), or, when
     those are unavailable, the pre-registered ones warped again by the refinement."""
     values = sorted(set(int(v) for v in warped.label_table) | {0})
     if a.source_image and a.source_label and os.path.exists(a.source_image) \
             and os.path.exists(a.source_label):
-        img = read_image(a.source_image)
-        lab = read_label(a.source_label)
-        src_grid = Grid.from_image(img)
-        if not Grid.from_image(lab).isclose(src_grid):
+        img = read_image(a.source_image, dev)  # read and normalised once, as every image (volume.read_image)
+        lab = read_label(a.source_label, dev)
+        src_grid = img.grid
+        if not lab.grid.isclose(src_grid):
             raise MASRefineError(f"{a.source_label}: label grid does not match its image {a.source_image}")
-        arr = normalize_intensity(sitk.GetArrayFromImage(img))
-        image = warp(image_tensor(arr, dev), src_grid, total, grid)
-        labels = torch.from_numpy(sitk.GetArrayFromImage(lab).astype(np.int64)).to(dev)[None, None]
-        present = sorted(set(label_values(labels)) | {0})
-        label = warp_labels(labels, src_grid, total, grid, values=present)
+        image = warp(img.batch(), src_grid, total, grid)
+        present = sorted(set(label_values(lab.tensor)) | {0})
+        label = warp_labels(lab.batch(), src_grid, total, grid, values=present)
         how = "source"
     else:
-        image = warp(torch.from_numpy(a.image)[None, None].float().to(dev), grid, f_t, grid)
-        label = warp_labels(torch.from_numpy(a.label.astype(np.int64))[None, None].to(dev), grid, f_t, grid,
-                            values=values)
+        image = warp(a.image_tensor[None, None].to(dev), grid, f_t, grid)
+        label = warp_labels(a.label_tensor[None, None].to(dev), grid, f_t, grid, values=values)
         how = "pre-registered (two interpolations: original atlas files unavailable)"
-    return (image[0, 0].cpu().numpy().astype(np.float32), label[0, 0].cpu().numpy().astype(np.uint16), how)
+    return image[0, 0], label[0, 0], how
 
 
 def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None) -> float:

@@ -10,8 +10,12 @@ evaluation read one. On disk (what ``masrefine register``/``refine`` write and r
     OUT/<id>_label.seg.nrrd         the same as a Slicer segmentation (names, colours)
     OUT/<id>_field.nrrd             displacement field, LPS mm on the target grid (Slicer grid transform)
 
-Arrays are (Z, Y, X) on ``target_grid``; fields (3, Z, Y, X) in LPS mm, resampling convention
-(target p -> atlas p + u(p)), always the *total* field from the original atlas to the target.
+In memory every atlas holds torch tensors on the CPU (the stages move chunks of them to the working device):
+the image (Z, Y, X) float32, the label values (Z, Y, X) in the most compact integer dtype that holds them
+(:func:`MASRefineLib.volume.compact_labels`: uint8 for most atlas sets, a quarter of int32; never renumbered),
+the field (3, Z, Y, X) float32 in LPS mm on ``target_grid``, resampling convention (target p -> atlas p + u(p)),
+always the *total* field from the original atlas to the target. ``image``/``label``/``field`` give numpy views
+of them (no copy) for numpy code.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import SimpleITK as sitk
 import torch
 
 from . import imageio, validate
+from .volume import Volume, compact_labels
 from .errors import MASRefineError
 from .fields import read_field, write_field
 from .geometry import Grid
@@ -40,11 +45,29 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(path)
 
 
+def target_tensor(target, grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The target as a normalised (1, 1, Z, Y, X) float32 tensor on ``grid`` and ``device``: a
+    :class:`~MASRefineLib.volume.Volume` is taken as it is (normalised when it was read; its grid must be ``grid``),
+    without a numpy round trip; anything else as :func:`target_array`."""
+    if isinstance(target, Volume):
+        if not target.grid.isclose(grid):
+            raise MASRefineError(f"{target.path or 'target'}: grid does not match the registered grid "
+                                 f"({target.grid.difference(grid)})")
+        return target.batch(device, torch.float32)
+    if isinstance(target, torch.Tensor) and tuple(target.shape[-3:]) == tuple(grid.shape) \
+            and target.numel() == int(np.prod(grid.shape)):
+        return target.detach().reshape(1, 1, *grid.shape).to(device=device, dtype=torch.float32)
+    return torch.from_numpy(target_array(target, grid))[None, None].to(device)
+
+
 def target_array(target, grid: Grid) -> np.ndarray:
     """The target as a normalised (Z, Y, X) float32 array on ``grid`` (a set's ``target_grid``), what refinement
-    and fusion compare the atlases with: a file path is read (:func:`imageio.read_image`); an ``sitk.Image`` is
+    and fusion compare the atlases with: a :class:`~MASRefineLib.volume.Volume` is taken as it is (normalised when
+    read; its grid must be ``grid``); a file path is read (:func:`imageio.read_image`); an ``sitk.Image`` is
     resampled onto the grid when needed and normalised (:func:`imageio.normalize_intensity`); arrays and tensors
     are taken as already normalised and must have the grid's shape (leading axes of size 1 are dropped)."""
+    if isinstance(target, Volume):
+        return target_tensor(target, grid)[0, 0].cpu().numpy()
     if isinstance(target, (str, os.PathLike)):
         target = imageio.read_image(target)
     if isinstance(target, sitk.Image):
@@ -60,15 +83,46 @@ def target_array(target, grid: Grid) -> np.ndarray:
     return arr
 
 
-@dataclass
+def _cpu_tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x.detach()
+    return t.to(device="cpu", dtype=dtype)
+
+
 class WarpedAtlas:
-    id: str
-    image: np.ndarray                 # (Z, Y, X) float32, normalised intensities
-    label: np.ndarray                 # (Z, Y, X) uint16 label values
-    field: np.ndarray                 # (3, Z, Y, X) float32, LPS mm
-    source_image: str | None = None   # the original atlas files (absolute paths)
-    source_label: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)  # seconds, similarity, folding_fraction, ...
+    """One atlas on the target grid: tensors on the CPU (module doc). ``image``, ``label`` and ``field`` may be
+    given as numpy arrays or tensors (any device); they are kept as ``image_tensor`` (Z, Y, X) float32 normalised
+    intensities, ``label_tensor`` (Z, Y, X) compact integer label values and ``field_tensor`` (3, Z, Y, X) float32
+    LPS mm. ``source_*``: the original atlas files (absolute paths); ``info``: seconds, similarity,
+    folding_fraction, ..."""
+
+    def __init__(self, id: str, image: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor,
+                 field: np.ndarray | torch.Tensor, source_image: str | None = None, source_label: str | None = None,
+                 info: dict[str, Any] | None = None):
+        self.id = id
+        self.image_tensor = _cpu_tensor(image, torch.float32)
+        self.label_tensor = compact_labels(label).cpu()
+        self.field_tensor = _cpu_tensor(field, torch.float32)
+        self.source_image, self.source_label = source_image, source_label
+        self.info: dict[str, Any] = dict(info) if info else {}
+
+    # numpy views (no copy) for numpy code (the pipeline's QA, VoteNet+ training pairs, benchmarks)
+    @property
+    def image(self) -> np.ndarray:
+        """(Z, Y, X) float32 normalised intensities (a view of ``image_tensor``)."""
+        return self.image_tensor.numpy()
+
+    @property
+    def label(self) -> np.ndarray:
+        """(Z, Y, X) label values, compact integer dtype (a view of ``label_tensor``)."""
+        return self.label_tensor.numpy()
+
+    @property
+    def field(self) -> np.ndarray:
+        """(3, Z, Y, X) float32 LPS mm (a view of ``field_tensor``)."""
+        return self.field_tensor.numpy()
+
+    def __repr__(self) -> str:
+        return f"WarpedAtlas({self.id!r}, shape={tuple(self.image_tensor.shape)}, labels {self.label_tensor.dtype})"
 
 
 @dataclass
@@ -87,15 +141,15 @@ class WarpedSet:
 
     def images(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, 1, Z, Y, X) float32."""
-        return torch.from_numpy(np.stack([a.image for a in self.atlases])).unsqueeze(1).to(device)
+        return torch.stack([a.image_tensor for a in self.atlases]).unsqueeze(1).to(device)
 
     def labels(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, 1, Z, Y, X) int64 label values."""
-        return torch.from_numpy(np.stack([a.label.astype(np.int64) for a in self.atlases])).unsqueeze(1).to(device)
+        return torch.stack([a.label_tensor.to(device=device, dtype=torch.int64) for a in self.atlases]).unsqueeze(1)
 
     def fields(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, 3, Z, Y, X) float32 mm."""
-        return torch.from_numpy(np.stack([a.field for a in self.atlases])).to(device)
+        return torch.stack([a.field_tensor for a in self.atlases]).to(device)
 
     def files(self, atlas_id: str) -> dict[str, str]:
         return {"image": f"{atlas_id}_image.nrrd", "label": f"{atlas_id}_label.nii.gz",

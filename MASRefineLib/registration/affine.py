@@ -6,7 +6,7 @@ A matrix here is 4x4 (float64) mapping *target* LPS mm to *atlas* LPS mm, as
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -14,6 +14,7 @@ import torch
 
 from ..geometry import Grid
 from ..losses import similarity_loss, target_moments
+from ..volume import Volume
 from ..warp import grid_points
 from .params import REGISTRATION_LNCC_EPS, RegistrationParams
 from .pyramid import AtlasPyramid, TargetPyramid
@@ -21,13 +22,14 @@ from .pyramid import AtlasPyramid, TargetPyramid
 Tick = Callable[[int, str, dict], None]
 
 
-def image_moments(image: sitk.Image, spacing_mm: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
+def image_moments(image: Volume | sitk.Image, spacing_mm: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
     """Centre of intensity mass (LPS mm, (3,)) and intensity-weighted covariance (mm^2, (3, 3)) of a
     non-negative (normalised) image, computed on a coarse working grid (default: 4 voxels)."""
     from .pyramid import downsample
 
-    arr, g = downsample(image, spacing_mm or 4.0 * min(image.GetSpacing()))
-    w = np.clip(arr, 0, None).astype(np.float64).ravel()
+    grid = image.grid if isinstance(image, Volume) else Grid.from_image(image)
+    arr, g = downsample(image, spacing_mm or 4.0 * min(grid.spacing))
+    w = arr.detach().cpu().to(torch.float64).clamp(min=0).reshape(-1).numpy()
     pts = grid_points(g, dtype=torch.float64).reshape(-1, 3).numpy()
     total = w.sum()
     if total <= 0:
@@ -38,13 +40,16 @@ def image_moments(image: sitk.Image, spacing_mm: Optional[float] = None) -> tupl
     return c, cov
 
 
-def initial_matrices(target: sitk.Image, atlases: list[sitk.Image], mode: str) -> torch.Tensor:
-    """Initial target->atlas matrices (B, 4, 4) float64.
+def initial_matrices(target: Volume | sitk.Image, atlases: Sequence[Volume | sitk.Image], mode: str) -> torch.Tensor:
+    """Initial target->atlas matrices (B, 4, 4) float64 (images normalised, as :class:`Volume` s).
 
     ``moments``: the target's centre of intensity mass maps to each atlas's, with an isotropic scale
     from the ratio of the second-moment volumes (det of the covariances)^(1/6); ``centers``: centre of
     the target's field of view to the atlas's; ``identity``.
     """
+    def grid_of(im):
+        return im.grid if isinstance(im, Volume) else Grid.from_image(im)
+
     mats = []
     if mode == "moments":
         ct, cov_t = image_moments(target)
@@ -58,7 +63,7 @@ def initial_matrices(target: sitk.Image, atlases: list[sitk.Image], mode: str) -
             m[:3, :3] *= s
             m[:3, 3] = ca - s * ct
         elif mode == "centers":
-            m[:3, 3] = Grid.from_image(atlas).center_mm() - Grid.from_image(target).center_mm()
+            m[:3, 3] = grid_of(atlas).center_mm() - grid_of(target).center_mm()
         mats.append(m)
     return torch.as_tensor(np.stack(mats), dtype=torch.float64)
 

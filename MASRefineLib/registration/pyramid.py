@@ -1,8 +1,11 @@
-"""Working grids for registration: images block-averaged and resampled to coarser spacings, and a batch
-of atlases kept on their own grids so one batched call samples them at mapped target points.
+"""Working grids for registration: images block-averaged and resampled to coarser spacings (torch, on the
+working device), and a batch of atlases kept on their own grids so one batched call samples them at mapped
+target points.
 
 Every working grid is ``grid.with_spacing(...)`` of the image's own grid (same box, same direction), so
 fields move between working grids of one image with :func:`MASRefineLib.warp.resample_field`'s fast path.
+The images are :class:`~MASRefineLib.volume.Volume` s (normalised once when read); ``sitk.Image`` s are still
+accepted and normalised here (the adapter for older callers).
 """
 from __future__ import annotations
 
@@ -11,14 +14,17 @@ from typing import Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from ..geometry import Grid
-from ..imageio import normalize_intensity, resample_image
-from ..warp import image_tensor, sample_mapped
+from ..imageio import normalize_intensity
+from ..volume import Volume, as_image_volume
+from ..warp import grid_points, sample, sample_mapped
 
 
 def normalized(image: sitk.Image) -> sitk.Image:
-    """The image with intensities clipped to percentiles and scaled to [0, 1] (the project's convention)."""
+    """The image with intensities clipped to percentiles and scaled to [0, 1] (the project's convention).
+    Kept for callers holding ``sitk.Image`` s; the stages take a normalised :class:`Volume` instead."""
     out = sitk.GetImageFromArray(normalize_intensity(sitk.GetArrayViewFromImage(image)))
     out.CopyInformation(image)
     return out
@@ -30,30 +36,79 @@ def working_grid(grid: Grid, spacing_mm: float) -> Grid:
     return grid.with_spacing(tuple(float(s) for s in sp))
 
 
-def downsample(image: sitk.Image, spacing_mm: float) -> tuple[np.ndarray, Grid]:
+def bin_shrink(x: torch.Tensor, grid: Grid, factors: Sequence[int]) -> tuple[torch.Tensor, Grid]:
+    """Block average of ``x`` (Z, Y, X) by integer ``factors`` (i, j, k order), as ITK's BinShrink: the output has
+    ``size // factor`` voxels per axis (a remainder is dropped at the far end), each the mean of its block, centred
+    on the block: origin moved by ``(factor - 1) / 2`` input voxels along each axis (LPS mm), spacing ``x factor``."""
+    f = [int(v) for v in factors]
+    if max(f) == 1:
+        return x, grid
+    k = (f[2], f[1], f[0])  # (z, y, x)
+    out = F.avg_pool3d(x[None, None], kernel_size=k, stride=k)[0, 0]
+    sp = np.asarray(grid.spacing, dtype=np.float64)
+    origin = np.asarray(grid.origin) + grid.direction_matrix @ (sp * (np.asarray(f) - 1.0) / 2.0)
+    g = Grid(tuple(int(n // v) for n, v in zip(grid.size, f)), tuple(float(s) for s in sp * f),
+             tuple(float(o) for o in origin), grid.direction)
+    return out, g
+
+
+def resample_linear(x: torch.Tensor, grid: Grid, to_grid: Grid) -> torch.Tensor:
+    """``x`` (Z, Y, X) on ``grid`` linearly resampled onto ``to_grid`` (identity transform, physical space) with
+    ITK's edge rule, so that it reproduces ``sitk.Resample(..., sitk.sitkLinear, 0)``: a point within half a voxel
+    outside the outermost voxel centres takes the edge value (ITK's buffer is the voxels' extent, its linear
+    interpolator clamps to the edge), a point further out is 0. The torch warp (grid_sample, border padding) with
+    that mask. When the two grids' axes are parallel (every working grid of an image), index maps axis by axis and
+    the sample points and the mask are built from three 1D ramps (3x faster than from every point's LPS mm)."""
+    m = grid.physical_to_index() @ to_grid.index_to_physical()  # to_grid's (i, j, k, 1) -> grid's continuous index
+    if not np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])), atol=1e-9 * max(1.0, float(np.abs(m).max()))):
+        pts = grid_points(to_grid, x.device, torch.float64)
+        out = sample(x[None, None], grid, pts.to(x.dtype), padding="border")[0, 0]
+        mm = torch.as_tensor(grid.physical_to_index(), dtype=torch.float64, device=x.device)
+        idx = pts @ mm[:3, :3].T + mm[:3, 3]  # continuous (i, j, k)
+        n = torch.as_tensor(grid.size, dtype=torch.float64, device=x.device)
+        inside = ((idx >= -0.5) & (idx < n - 0.5)).all(-1)
+        return torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    norm, keep = [], []
+    for a in range(3):  # i, j, k
+        idx = torch.arange(to_grid.size[a], dtype=torch.float64, device=x.device) * m[a, a] + m[a, 3]
+        n = grid.size[a]
+        norm.append((idx * (2.0 / (n - 1)) - 1.0) if n > 1 else torch.zeros_like(idx))  # align_corners=True
+        keep.append((idx >= -0.5) & (idx < n - 0.5))
+    nz, ny, nx = to_grid.shape
+    g = torch.stack([norm[0].view(1, 1, nx).expand(nz, ny, nx), norm[1].view(1, ny, 1).expand(nz, ny, nx),
+                     norm[2].view(nz, 1, 1).expand(nz, ny, nx)], -1).to(x.dtype)
+    out = F.grid_sample(x[None, None], g[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+    inside = keep[2].view(nz, 1, 1) & keep[1].view(1, ny, 1) & keep[0].view(1, 1, nx)
+    return torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def downsample(image: Volume | sitk.Image, spacing_mm: float) -> tuple[torch.Tensor, Grid]:
     """``image`` on :func:`working_grid`: block-averaged by the integer factor per axis (anti-aliasing),
-    then linearly resampled. Returns the (Z, Y, X) float32 array and its grid."""
-    grid = Grid.from_image(image)
+    then linearly resampled (:func:`bin_shrink`, :func:`resample_linear`: the torch warp, on the volume's device).
+    Returns the (Z, Y, X) float32 tensor and its grid. An ``sitk.Image`` is taken as it is (not normalised)."""
+    vol = image if isinstance(image, Volume) else Volume.from_image(image, normalise=False)
+    grid, x = vol.grid, vol.tensor.float()
     wg = working_grid(grid, spacing_mm)
     if wg == grid:
-        return sitk.GetArrayFromImage(image).astype(np.float32), grid
+        return x, grid
     factors = [max(1, int(np.floor(w / s + 1e-6))) for w, s in zip(wg.spacing, grid.spacing)]
     factors = [min(f, n) for f, n in zip(factors, grid.size)]
-    shrunk = sitk.BinShrink(image, factors) if max(factors) > 1 else image
-    return sitk.GetArrayFromImage(resample_image(shrunk, wg)).astype(np.float32), wg
+    shrunk, sgrid = bin_shrink(x, grid, factors)
+    return resample_linear(shrunk, sgrid, wg), wg
 
 
 class TargetPyramid:
     """The normalised target at each working spacing: ``levels[s] = ((1, 1, Z, Y, X) tensor, grid)``,
     ``s`` in mm = shrink factor x :attr:`unit` (the target's smallest voxel spacing, mm)."""
 
-    def __init__(self, image: sitk.Image, shrinks: Iterable[float], device: torch.device):
-        self.grid = Grid.from_image(image)
+    def __init__(self, image: Volume | sitk.Image, shrinks: Iterable[float], device: torch.device):
+        vol = as_image_volume(image, device)
+        self.grid = vol.grid
         self.unit = float(min(self.grid.spacing))
         self.levels: dict[float, tuple[torch.Tensor, Grid]] = {}
         for s in sorted(set(self.spacing(f) for f in shrinks)):
-            arr, g = downsample(image, s)
-            self.levels[s] = (image_tensor(arr, device), g)
+            t, g = downsample(vol, s)
+            self.levels[s] = (t[None, None].contiguous(), g)
 
     def spacing(self, shrink: float) -> float:
         """Working spacing (mm) of a shrink factor."""
@@ -68,15 +123,16 @@ class AtlasPyramid:
     distinct shape -- one call for a typical atlas set.
     """
 
-    def __init__(self, images: Sequence[sitk.Image], spacings: Iterable[float], device: torch.device):
-        self.n = len(images)
+    def __init__(self, images: Sequence[Volume | sitk.Image], spacings: Iterable[float], device: torch.device):
+        vols = [as_image_volume(im, device) for im in images]
+        self.n = len(vols)
         self.levels: dict[float, list[tuple[torch.Tensor, torch.Tensor, list[Grid]]]] = {}
         for s in sorted(set(float(s) for s in spacings)):
-            per = [downsample(im, s) for im in images]
+            per = [downsample(v, s) for v in vols]
             groups: dict[tuple[int, ...], list[int]] = {}
-            for i, (arr, _) in enumerate(per):
-                groups.setdefault(arr.shape, []).append(i)
-            self.levels[s] = [(torch.as_tensor(idx, device=device), image_tensor([per[i][0] for i in idx], device),
+            for i, (t, _) in enumerate(per):
+                groups.setdefault(tuple(t.shape), []).append(i)
+            self.levels[s] = [(torch.as_tensor(idx, device=device), torch.stack([per[i][0] for i in idx]).unsqueeze(1),
                                [per[i][1] for i in idx]) for idx in groups.values()]
 
     def sample(self, spacing: float, matrices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

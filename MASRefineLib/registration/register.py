@@ -1,7 +1,8 @@
 """Registration of a set of atlases to one target: the orchestration behind ``masrefine register``.
 
-For each batch of up to ``max_batch`` atlases: normalise intensities to [0, 1], build working grids
-(block-averaged pyramids), initialise the affine from image moments, optimise the affine, then the
+The target and the atlases are :class:`~MASRefineLib.volume.Volume` s, normalised to [0, 1] once when read
+(``sitk.Image`` s are still accepted and normalised here). For each batch of up to ``max_batch`` atlases:
+build working grids (block-averaged pyramids, the torch warp on the working device), initialise the affine from image moments, optimise the affine, then the
 deformable field, all atlases of the batch together on one device. Then per atlas the *total* field
 on the target grid (affine composed with the deformable displacement, LPS mm) warps the original
 atlas image and label map once. The result is a :class:`~MASRefineLib.warped.WarpedSet`.
@@ -30,12 +31,13 @@ from ..geometry import Grid
 from ..labels import LabelTable, foreground_values, label_values
 from ..losses import ncc
 from ..progress import ProgressCallback, report
-from ..warp import image_tensor, warp, warp_labels
+from ..volume import Volume, as_image_volume, as_label_volume
+from ..warp import warp, warp_labels
 from ..warped import WarpedAtlas, WarpedSet
 from .affine import image_moments, initial_matrices, optimize_affine
 from .deformable import optimize_deformable, total_field
 from .params import RegistrationParams, get_params
-from .pyramid import AtlasPyramid, TargetPyramid, normalized
+from .pyramid import AtlasPyramid, TargetPyramid
 
 STAGE = "register"
 
@@ -43,15 +45,17 @@ STAGE = "register"
 @dataclass
 class AtlasInput:
     """One atlas to register: either ``image`` and ``label`` given, or ``load()`` returning them
-    (read lazily, one batch at a time). ``source_*`` are the file paths recorded in the report."""
+    (read lazily, one batch at a time). ``source_*`` are the file paths recorded in the report. Images and labels
+    are :class:`Volume` s (the image normalised when read, :func:`MASRefineLib.volume.read_image`) or
+    ``sitk.Image`` s (normalised by :func:`register`)."""
     id: str
-    image: Optional[sitk.Image] = None
-    label: Optional[sitk.Image] = None
-    load: Optional[Callable[[], tuple[sitk.Image, sitk.Image]]] = None
+    image: Optional[Volume | sitk.Image] = None
+    label: Optional[Volume | sitk.Image] = None
+    load: Optional[Callable[[], tuple[Volume | sitk.Image, Volume | sitk.Image]]] = None
     source_image: Optional[str] = None
     source_label: Optional[str] = None
 
-    def read(self) -> tuple[sitk.Image, sitk.Image]:
+    def read(self) -> tuple[Volume | sitk.Image, Volume | sitk.Image]:
         if self.image is not None and self.label is not None:
             return self.image, self.label
         if self.load is None:
@@ -59,7 +63,14 @@ class AtlasInput:
         return self.load()
 
 
-def _check_image(image: sitk.Image, what: str) -> None:
+def _check_image(image: Volume | sitk.Image, what: str) -> None:
+    if isinstance(image, Volume):
+        t = image.tensor
+        if not bool(torch.isfinite(t).all()):
+            raise MASRefineError(f"{what}: image contains NaN or infinite values")
+        if float(t.max()) == float(t.min()):
+            raise MASRefineError(f"{what}: image is constant (empty)")
+        return
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise MASRefineError(f"{what}: expected a 3D scalar image")
     arr = sitk.GetArrayViewFromImage(image)
@@ -81,12 +92,14 @@ def _fov_warning(atlas_id: str, atlas_grid: Grid, target_grid: Grid, ratio: floa
     return None
 
 
-def _prepare_atlas(atlas: AtlasInput, label_table: Optional[LabelTable]) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+def _prepare_atlas(atlas: AtlasInput, label_table: Optional[LabelTable]) -> tuple[Volume, Volume]:
+    """(normalised image, label values) of one atlas as :class:`Volume` s, checked."""
     image, label = atlas.read()
     _check_image(image, f"atlas {atlas.id} image")
-    if not Grid.from_image(image).isclose(Grid.from_image(label)):
+    image, label = as_image_volume(image), as_label_volume(label)
+    if not image.grid.isclose(label.grid):
         raise MASRefineError(f"atlas {atlas.id}: label map grid does not match the image grid")
-    values = set(foreground_values(label))
+    values = set(foreground_values(label.tensor))
     if not values:
         raise MASRefineError(f"atlas {atlas.id}: label map is empty")
     if label_table is not None:
@@ -94,15 +107,17 @@ def _prepare_atlas(atlas: AtlasInput, label_table: Optional[LabelTable]) -> tupl
         if unknown:
             raise MASRefineError(f"atlas {atlas.id}: label values {unknown[:8]} are not in the label table "
                                  f"(atlases must share one label table)")
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    return image, normalized(image), label
+    return image, label
 
 
-def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Optional[LabelTable] = None,
+def register(target: Volume | sitk.Image, atlases: Sequence[AtlasInput], label_table: Optional[LabelTable] = None,
              params: RegistrationParams | str = "default", device: str | torch.device = "auto",
              progress: Optional[ProgressCallback] = None, target_path: Optional[str] = None,
              ) -> WarpedSet:
     """Register every atlas to ``target`` and warp its image and labels onto the target grid.
+
+    ``target``: a :class:`Volume` (normalised when read: :func:`MASRefineLib.volume.read_image`), taken as it is;
+    an ``sitk.Image`` is normalised here.
 
     ``params`` is a preset name (``fast``, ``default``, ``accurate``) or a :class:`RegistrationParams`.
     An atlas that cannot be used (unreadable, empty, labels outside ``label_table``, non-finite result)
@@ -117,15 +132,15 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
     torch.manual_seed(params.seed)
     t_start = time.perf_counter()
     _check_image(target, f"target {target_path or ''}".strip())
-    target_grid = Grid.from_image(target)
+    target_vol = as_image_volume(target, dev)  # a Volume: as it is; sitk: normalised once, here
+    target_grid = target_vol.grid
     deformable = params.stage == "deformable"
     shrinks = list(params.affine_shrink) + (list(params.deform_shrink) if deformable else [])
     report(progress, STAGE, 0.0, "preparing target")
-    target_img = normalized(sitk.Cast(target, sitk.sitkFloat32))
-    tpyr = TargetPyramid(target_img, shrinks, dev)
+    tpyr = TargetPyramid(target_vol, shrinks, dev)
     spacings = list(tpyr.levels)
-    radius = float(np.sqrt(np.trace(image_moments(target_img)[1])))  # radius of gyration, mm
-    target_norm = image_tensor(sitk.GetArrayFromImage(target_img), dev)
+    radius = float(np.sqrt(np.trace(image_moments(target_vol)[1])))  # radius of gyration, mm
+    target_norm = target_vol.batch()
 
     n_total = len(atlases)
     iters_per_batch = sum(params.affine_iterations) + (sum(params.deform_iterations) if deformable else 0)
@@ -146,12 +161,12 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
             report(progress, STAGE, done["units"] / total_units, f"reading atlas {a.id}")
             t0 = time.perf_counter()
             try:
-                raw, norm, label = _prepare_atlas(a, label_table)
+                norm, label = _prepare_atlas(a, label_table)
             except MASRefineError as e:
                 failed.append({"id": a.id, "error": str(e)})
                 warnings.warn(f"skipping atlas {a.id}: {e}")
                 continue
-            w = _fov_warning(a.id, Grid.from_image(raw), target_grid)
+            w = _fov_warning(a.id, norm.grid, target_grid)
             if w:
                 warn_list.append(w)
                 warnings.warn(w)
@@ -162,7 +177,7 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
         t_opt = time.perf_counter()
         norms = [p[1] for p in prepared]
         apyr = AtlasPyramid(norms, spacings, dev)
-        init = initial_matrices(target_img, norms, params.init)
+        init = initial_matrices(target_vol, norms, params.init)
 
         def tick(n: int, message: str, data: dict, _nb=nb) -> None:
             done["units"] += n * _nb
@@ -187,19 +202,16 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
                 field = total_field(mats[i:i + 1], None if disp is None else disp[i:i + 1], cgrid, target_grid)
                 if not torch.isfinite(field).all():
                     raise MASRefineError(f"atlas {a.id}: registration diverged (non-finite field)")
-                agrid = Grid.from_image(norm)
-                img = warp(image_tensor(sitk.GetArrayFromImage(norm), dev), agrid, field, target_grid)
-                lab_arr = sitk.GetArrayFromImage(label).astype(np.int64)
-                lab = warp_labels(torch.as_tensor(lab_arr, device=dev)[None, None], agrid, field, target_grid,
-                                  method=params.label_method)
+                img = warp(norm.batch(dev), norm.grid, field, target_grid)
+                lab = warp_labels(label.batch(dev), label.grid, field, target_grid, method=params.label_method)
                 fold = float(folding_fraction(field, target_grid)[0]) if deformable else 0.0
                 final_ncc = float(ncc(img, target_norm)[0])
             except MASRefineError as e:
                 failed.append({"id": a.id, "error": str(e)})
                 warnings.warn(f"skipping atlas {a.id}: {e}")
                 continue
-            label_np = lab[0, 0].cpu().numpy().astype(np.uint16)
-            present |= set(label_values(label_np))
+            lab_t = lab[0, 0].cpu()
+            present |= set(label_values(lab_t))
             timing["warp"] += time.perf_counter() - t0
             seconds = shared_seconds + prep_s + (time.perf_counter() - t0)
             info = {"seconds": round(seconds, 3), "similarity": round(float(sim[i]), 5),
@@ -210,9 +222,8 @@ def register(target: sitk.Image, atlases: Sequence[AtlasInput], label_table: Opt
                 msg = f"atlas {a.id}: low similarity after registration (ncc {final_ncc:.2f}); check the result"
                 warn_list.append(msg)
                 warnings.warn(msg)
-            results.append(WarpedAtlas(a.id, img[0, 0].cpu().numpy().astype(np.float32), label_np,
-                                       field[0].cpu().numpy().astype(np.float32), a.source_image, a.source_label,
-                                       info))
+            results.append(WarpedAtlas(a.id, img[0, 0].cpu(), lab_t, field[0].cpu(), a.source_image,
+                                       a.source_label, info))
             done["units"] += 1
             report(progress, STAGE, done["units"] / total_units, f"atlas {a.id} done", atlas=a.id, **info)
 
