@@ -1,5 +1,6 @@
-"""Segmentation metrics (Dice, surface Dice, ASD, HD95) on real IXI label maps: agreement with MONAI,
-exact properties of identity and known shifts, missing labels, grid checks and the CLI."""
+"""Segmentation metrics (Dice, surface Dice, ASD, HD95): hand-computed boxes on anisotropic grids, the
+label-box crop against MONAI on whole real IXI label maps, exact properties of identity and known shifts,
+missing labels, grid checks and the CLI."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,62 @@ from MASRefineLib.metrics import (ABSENT, MISSING_IN_PRED, MISSING_IN_REF, OK, e
 from conftest import crop, ixi_paths, make_oblique
 
 ANISO = (1.3, 0.9, 2.1)  # (x, y, z) mm
-TOLERANCES = (0.7, 1.3, 2.1, 3.0)  # 1.3 and 2.1 are exact voxel steps: ties must count as within
+SP = (0.6, 1.1, 2.3)  # (x, y, z) mm: x the finest, so a one-voxel step along x is the nearest surface
+N = 7  # box side in voxels
+
+
+def _box(shape, lo, hi, value=1) -> np.ndarray:
+    """A label map (z, y, x) holding ``value`` on the box [lo, hi) (array order)."""
+    a = np.zeros(shape, np.uint16)
+    a[tuple(slice(p, q) for p, q in zip(lo, hi))] = value
+    return a
+
+
+def _n_surface(a: int, b: int, c: int) -> int:
+    """Border voxels of an a x b x c box (outside the box is background, also beyond the array)."""
+    return a * b * c - max(a - 2, 0) * max(b - 2, 0) * max(c - 2, 0)
+
+
+def test_box_shifted_one_voxel_along_x_by_hand():
+    """A 7^3 box and the same box one voxel further along x (0.6 mm; y 1.1, z 2.3 mm). Each box's leading x
+    face (N^2 voxels) and the inside of its trailing x face ((N-2)^2) lie 0.6 mm from the other surface;
+    every other border voxel is also a border voxel of the other box (0 mm)."""
+    ref = _box((12, 12, 12), (2, 2, 2), (2 + N, 2 + N, 2 + N))
+    pred = _box((12, 12, 12), (2, 2, 3), (2 + N, 2 + N, 3 + N))
+    far = N * N + (N - 2) ** 2  # per direction, at 0.6 mm
+    total = _n_surface(N, N, N)  # per direction
+    for tol, sd in ((0.6, 1.0), (0.59, 1 - far / total), (0.0, 1 - far / total)):
+        m = label_metrics(pred, ref, SP, tolerance_mm=tol)[1]
+        assert m.status == OK
+        assert m.dice == pytest.approx((N - 1) / N, abs=1e-12)
+        assert m.surface_dice == pytest.approx(sd, abs=1e-12), tol  # a distance equal to the tolerance is within
+        assert m.asd_mm == pytest.approx(0.6 * far / total, rel=1e-6)  # 34 % of the border at 0.6 mm
+        assert m.hd95_mm == pytest.approx(0.6, rel=1e-6)
+        assert m.volume_pred_mm3 == m.volume_ref_mm3 == pytest.approx(N ** 3 * 0.6 * 1.1 * 2.3)
+    # the spacing is (x, y, z), the arrays (z, y, x): the same shift along z puts the leading z face 2.3 mm away,
+    # and a voxel inside the trailing one i, j voxels from the box's x, y sides min(2.3, 0.6 i, 1.1 j) mm
+    zshift = _box((12, 12, 12), (3, 2, 2), (3 + N, 2 + N, 2 + N))
+    m = label_metrics(zshift, ref, SP)[1]
+    inner = sum(min(2.3, 0.6 * min(i, N - 1 - i), 1.1 * min(j, N - 1 - j)) for i in range(1, N - 1) for j in range(1, N - 1))
+    assert m.asd_mm == pytest.approx((N * N * 2.3 + inner) / total, rel=1e-6)
+    assert m.hd95_mm == pytest.approx(2.3, rel=1e-6)
+
+
+def test_asd_pools_both_directions_and_a_cut_structure_has_a_surface_along_the_cut():
+    """The reference fills x = 0..N (touching the array's side), the prediction x = 0..N-1. Both have a
+    border on the array's side x = 0 (outside is background), where they agree. Only the ends differ:
+    d(ref -> pred) = 0.6 mm on the whole last face (N^2 voxels), d(pred -> ref) = 0.6 mm on the inside
+    of its last face ((N-2)^2). ASD pools both (MONAI's symmetric ASD), not the mean of the two means."""
+    ref = _box((N + 4, N + 4, N + 2), (2, 2, 0), (2 + N, 2 + N, N + 1))
+    pred = _box((N + 4, N + 4, N + 2), (2, 2, 0), (2 + N, 2 + N, N))
+    m = label_metrics(pred, ref, SP, tolerance_mm=0.3)[1]
+    s_ref, s_pred = _n_surface(N + 1, N, N), _n_surface(N, N, N)
+    far_ref, far_pred = N * N, (N - 2) ** 2
+    assert m.asd_mm == pytest.approx(0.6 * (far_ref + far_pred) / (s_ref + s_pred), rel=1e-6)
+    assert abs(m.asd_mm - 0.3 * (far_ref / s_ref + far_pred / s_pred)) > 1e-3  # the other definition
+    assert m.surface_dice == pytest.approx(1 - (far_ref + far_pred) / (s_ref + s_pred), abs=1e-12)
+    assert m.hd95_mm == pytest.approx(0.6, rel=1e-6)  # 27 % of the ref border is at 0.6 mm
+    assert m.dice == pytest.approx(2 * N / (2 * N + 1), abs=1e-12)
 
 
 def _perturbed(label: sitk.Image, angle: float = 0.06, shift_mm=(1.5, -1.0, 2.0)) -> sitk.Image:
@@ -46,79 +102,54 @@ def pair(ixi_label):
     return make_oblique(pred, spacing=ANISO), make_oblique(ref, spacing=ANISO)
 
 
-def _monai(p: np.ndarray, r: np.ndarray, v: int, tolerances=TOLERANCES, box: bool = True) -> dict:
-    """MONAI's metrics of label ``v`` (arrays (z, y, x), spacing ANISO). With ``box``, on the bounding box
-    of the union padded by 2 zero voxels: MONAI itself crops to that box with a 1-voxel margin and
-    zero-pads beyond the array (``get_mask_edges``), so this only saves time."""
+def _monai_whole(p: np.ndarray, r: np.ndarray, v: int, tols: tuple[float, ...]) -> dict:
+    """MONAI's four metrics of label ``v`` on the whole arrays (z, y, x), spacing ANISO, no crop of ours;
+    surface Dice at each of ``tols`` (one channel per tolerance)."""
     from monai.metrics import (compute_average_surface_distance, compute_dice, compute_hausdorff_distance,
                                compute_surface_dice)
 
-    mp, mr = p == v, r == v
-    if box:
-        idx = np.argwhere(mp | mr)
-        sl = tuple(slice(a, b + 1) for a, b in zip(idx.min(0), idx.max(0)))
-        mp, mr = np.pad(mp[sl], 2), np.pad(mr[sl], 2)
-    yp = torch.from_numpy(mp[None, None].astype(np.float32))
-    yr = torch.from_numpy(mr[None, None].astype(np.float32))
+    yp, yr = (torch.from_numpy((a == v)[None, None].astype(np.float32)) for a in (p, r))
     sp = list(ANISO[::-1])  # MONAI takes spacing in array-axis order (z, y, x)
+    n = len(tols)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns on empty masks
-        out = {"dice": float(compute_dice(yp, yr, include_background=True, ignore_empty=False)),
-               "asd": float(compute_average_surface_distance(yp, yr, include_background=True, symmetric=True, spacing=sp)),
-               "hd95": float(compute_hausdorff_distance(yp, yr, include_background=True, percentile=95, spacing=sp))}
-        for tol in tolerances:
-            out[tol] = float(compute_surface_dice(yp, yr, [tol], include_background=True, spacing=sp))
-    return out
+        warnings.simplefilter("ignore")
+        sd = compute_surface_dice(yp.expand(1, n, *p.shape), yr.expand(1, n, *p.shape), list(tols),
+                                  include_background=True, spacing=sp)
+        return {"dice": float(compute_dice(yp, yr, include_background=True, ignore_empty=False)),
+                "asd": float(compute_average_surface_distance(yp, yr, include_background=True, symmetric=True, spacing=sp)),
+                "hd95": float(compute_hausdorff_distance(yp, yr, include_background=True, percentile=95, spacing=sp)),
+                **{tol: float(s) for tol, s in zip(tols, sd[0])}}
 
 
-def _check_against_monai(m, ref: dict, tolerances, per_tol: dict, v: int) -> None:
-    assert m.dice == pytest.approx(ref["dice"], abs=1e-6), v
-    if m.status == OK:
-        assert m.asd_mm == pytest.approx(ref["asd"], rel=1e-5, abs=1e-5), v
-        assert m.hd95_mm == pytest.approx(ref["hd95"], rel=1e-5, abs=1e-5), v
-    else:  # MONAI: inf; ours: undefined
-        assert m.status in (MISSING_IN_PRED, MISSING_IN_REF) and m.dice == 0.0
-        assert math.isnan(m.asd_mm) and math.isnan(m.hd95_mm) and not math.isfinite(ref["hd95"])
-    for tol in tolerances:
-        assert per_tol[tol][v].surface_dice == pytest.approx(ref[tol], abs=1e-6), (v, tol)
-
-
-def test_agrees_with_monai_on_real_labels_with_anisotropic_spacing(pair):
+def test_label_box_crop_gives_monais_numbers_on_the_whole_real_label_map(pair):
+    """Our per-label bounding-box crop (one background voxel around the union) against MONAI's compute_* on
+    the whole arrays, for small to large real structures and for those the field of view cuts (surfaces along
+    the array border), at a tolerance equal to a voxel step (a tie) and at one that is not."""
     pred, ref = pair
     p, r = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(ref)
     labels = sorted((set(np.unique(p).tolist()) | set(np.unique(r).tolist())) - {0})
     both = [v for v in labels if (p == v).any() and (r == v).any()]
-    one_sided = [v for v in labels if v not in both]
-    assert len(both) >= 40 and one_sided  # real variety, and some labels cut off by the move
-    size = {v: int(((p == v) | (r == v)).sum()) for v in both}
-    checked = sorted(sorted(both, key=size.get)[::3] + one_sided)  # small to large structures (time)
-
-    res = evaluate(pred, ref, tolerance_mm=TOLERANCES[0])
-    assert list(res.labels) == labels
-    per_tol = {tol: label_metrics(p, r, ANISO, checked, tolerance_mm=tol) for tol in TOLERANCES}
-    for v in checked:
-        _check_against_monai(res.labels[v], _monai(p, r, v), TOLERANCES, per_tol, v)
-    # the metrics are not degenerate on this pair: real, varied boundary errors of a few mm
-    asd = np.array([res.labels[v].asd_mm for v in both])
-    assert 0.3 < np.median(asd) < 5 and asd.max() > asd.min() + 1
-    for tol in TOLERANCES:
-        assert 0 < np.mean([per_tol[tol][v].surface_dice for v in checked]) < 1
-
-
-def test_agrees_with_monai_for_structures_cut_by_the_field_of_view(pair):
-    """Surfaces along the array border count (outside is background), as in MONAI: checked on the
-    whole array, without any cropping, for labels that touch the border."""
-    pred, ref = pair
-    p, r = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(ref)
+    assert len(both) >= 40 and len(both) < len(labels)  # real variety, and some labels cut off by the move
     border = np.ones(r.shape, bool)
     border[1:-1, 1:-1, 1:-1] = False
-    cut = [v for v in np.unique(r[border]).tolist() if v and (p == v).any()]
-    cut = sorted(cut, key=lambda v: -int((r[border] == v).sum()))[:3]
+    cut = sorted((v for v in both if (r[border] == v).any()), key=lambda v: -int((r[border] == v).sum()))[:3]
+    size = {v: int(((p == v) | (r == v)).sum()) for v in both}
+    checked = sorted(set(sorted(both, key=size.get)[::8]) | set(cut))
     assert len(cut) == 3
-    tols = (1.3,)
-    per_tol = {1.3: label_metrics(p, r, ANISO, cut, tolerance_mm=1.3)}
-    for v in cut:
-        _check_against_monai(per_tol[1.3][v], _monai(p, r, v, tols, box=False), tols, per_tol, v)
+    tols = (2.1, 1.0)  # 2.1 = one z step
+    ours = {tol: label_metrics(p, r, ANISO, checked, tolerance_mm=tol) for tol in tols}
+    for v in checked:
+        m, ref_m = ours[tols[0]][v], _monai_whole(p, r, v, tols)
+        assert m.status == OK
+        assert m.dice == pytest.approx(ref_m["dice"], abs=1e-6), v
+        assert m.asd_mm == pytest.approx(ref_m["asd"], rel=1e-5), v
+        assert m.hd95_mm == pytest.approx(ref_m["hd95"], rel=1e-6), v
+        for tol in tols:
+            assert ours[tol][v].surface_dice == pytest.approx(ref_m[tol], abs=1e-6), (v, tol)
+    # the metrics are not degenerate on this pair: real, varied boundary errors of a few mm
+    asd = np.array([ours[tols[0]][v].asd_mm for v in checked])
+    assert 0.3 < np.median(asd) < 5 and asd.max() > asd.min() + 1
+    assert 0 < np.mean([ours[1.0][v].surface_dice for v in checked]) < 1
 
 
 def test_identity_gives_perfect_scores(pair):
@@ -158,7 +189,7 @@ def test_known_shift_gives_k_times_spacing(ixi_label, axis, k, spacing):
     for v, m in at.items():
         assert m.status == OK and 0 <= m.dice < 1
         assert m.surface_dice == 1.0, v
-        assert 0 < m.asd_mm <= step + 1e-9 and 0 < m.hd95_mm <= step + 1e-9, v
+        assert 0 < m.asd_mm <= step * (1 + 1e-6) and 0 < m.hd95_mm <= step * (1 + 1e-6), v  # float32 distances
         assert m.hd95_mm > 0.25 * step, v
         assert below[v].surface_dice < 1.0, v
     hd = np.array([m.hd95_mm for m in at.values()])
