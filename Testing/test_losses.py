@@ -1,13 +1,22 @@
-"""The shared losses: NCC/LNCC on real images, soft Dice, and a bending energy that sees checkerboards."""
+"""The shared losses: NCC/LNCC on real images, soft Dice (MONAI's DiceLoss) by hand, and why LNCC, the bending
+energy and the diffusion term stay ours: what MONAI's versions miss (a linear intensity change at the border,
+a checkerboard's mixed terms and border voxels, a checkerboard)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from MASRefineLib.imageio import normalize_intensity
 from MASRefineLib.losses import bending_energy, diffusion, lncc, ncc, soft_dice_loss
 from MASRefineLib.warp import image_tensor
+
+def _checkerboard(n: int = 12) -> torch.Tensor:
+    """(1, 3, n, n, n) field of +-0.5 mm alternating voxel by voxel in all three components."""
+    z, y, x = torch.meshgrid(torch.arange(n), torch.arange(n), torch.arange(n), indexing="ij")
+    cb = ((-1.0) ** (x + y + z)).float()
+    return torch.stack([cb, cb, cb]).unsqueeze(0) * 0.5
 
 
 def _real(ixi_crop) -> torch.Tensor:
@@ -32,6 +41,38 @@ def test_ncc_is_one_for_affine_intensity_change_and_lower_for_shift(ixi_crop):
     assert torch.allclose(both[1], ncc(x, shifted)[0])
 
 
+def test_lncc_stays_ours_monai_counts_zeros_outside_the_image(ixi_crop):
+    """A linear intensity change leaves our local NCC at 1 in every window with contrast, the border too (voxels
+    outside the image are not counted); MONAI's LocalNormalizedCrossCorrelationLoss counts them as zeros, which
+    the changed image does not share, and scores the same pair lower (bench/losses_monai.py: also slower)."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+    x = _real(ixi_crop)
+    for w in (5, 9):
+        theirs = LocalNormalizedCrossCorrelationLoss(3, kernel_size=w, kernel_type="rectangular", smooth_nr=0.0,
+                                                     smooth_dr=1e-9 * w ** 3)
+        ours = lncc(x, 0.5 * x + 0.2, w).item()
+        assert ours > 0.995 and -theirs(0.5 * x + 0.2, x).item() < ours - 0.01
+
+
+def test_soft_dice_is_eq5_by_hand_per_structure_and_batch_item():
+    """Two items, background + two structures of 4 voxels: Dice = 2 sum(p q) / (sum p + sum q) per structure
+    (smoothed by 1e-5), loss = 1 - the mean over the structures (with the background when asked)."""
+    q = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)  # channels x voxels
+    p1 = torch.tensor([[0.5, 0, 1, 0.5], [0.5, 1, 0, 0.5], [0, 0, 0, 0]], dtype=torch.float64)
+    p2 = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    pred = torch.stack([p1, p2]).reshape(2, 3, 1, 2, 2)
+    target = torch.stack([q, q]).reshape(2, 3, 1, 2, 2)
+
+    def d(i, s, u):  # 2 * intersection + eps over sums + eps
+        return (2 * i + 1e-5) / (s + u + 1e-5)
+    want = torch.tensor([1 - (d(1.5, 2, 2) + d(0, 0, 0)) / 2, 1 - (d(0, 1, 2) + d(0, 1, 0)) / 2],
+                        dtype=torch.float64)
+    assert torch.allclose(soft_dice_loss(pred, target), want, atol=1e-12)
+    with_bg = torch.tensor([1 - (d(1.5, 2, 2) + d(1.5, 2, 2) + 1.0) / 3, 1 - (d(0, 2, 2) + d(0, 1, 2) + d(0, 1, 0)) / 3],
+                           dtype=torch.float64)
+    assert torch.allclose(soft_dice_loss(pred, target, include_background=True), with_bg, atol=1e-12)
+
+
 def test_soft_dice_zero_for_match_and_one_for_disjoint(ixi_crop):
     lab = torch.as_tensor(sitk.GetArrayFromImage(ixi_crop[1]).astype(np.int64))
     values = torch.unique(lab)
@@ -46,14 +87,41 @@ def test_soft_dice_zero_for_match_and_one_for_disjoint(ixi_crop):
 
 def test_bending_energy_penalises_checkerboard():
     z, y, x = torch.meshgrid(torch.arange(12), torch.arange(12), torch.arange(12), indexing="ij")
-    cb = ((-1.0) ** (x + y + z)).float()
-    field = torch.stack([cb, cb, cb]).unsqueeze(0) * 0.5
+    field = _checkerboard()
     assert bending_energy(field).item() > 1.0
     # an affine field has zero bending energy; a smooth bump has some, less than a checkerboard
     lin = torch.stack([0.1 * x + 0.2 * y, 0.05 * z, 0.3 * x]).float().unsqueeze(0)
     assert bending_energy(lin).item() < 1e-8
     bump = torch.stack([torch.sin(x / 3.0), torch.cos(y / 4.0), torch.sin(z / 5.0)]).float().unsqueeze(0)
     assert 0 < bending_energy(bump).item() < bending_energy(field).item()
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # inside MONAI
+def test_bending_energy_stays_ours_monai_misses_a_checkerboards_mixed_terms_and_the_border():
+    """On the +-0.5 checkerboard each pure second difference is 4 x 0.5 = 2 and each compact mixed one over a
+    2 x 2 cell 4 x 0.5 = 2: ours = 3 components x (3 x 2^2 + 2 x 3 x 2^2) = 108. MONAI's BendingEnergyLoss
+    has the pure part (3 x 3 x 2^2 = 36) and nothing of the mixed terms, whose wide stencil (i +- 1, j +- 1)
+    does not see the checkerboard; a displaced corner voxel costs it nothing (interior only)."""
+    from monai.losses import BendingEnergyLoss
+
+    def monai(f):  # per batch item, summed over components like ours
+        return BendingEnergyLoss(reduction="none")(f).sum(1).flatten(1).mean(1)
+    cb = _checkerboard()
+    assert bending_energy(cb).item() == pytest.approx(108.0, rel=1e-6)
+    assert monai(cb).item() == pytest.approx(36.0, rel=1e-6)
+    corner = torch.zeros(1, 3, 8, 8, 8)
+    corner[0, :, 0, 0, 0] = 1.0
+    assert monai(corner).item() == 0.0 and bending_energy(corner).item() > 0.01
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # inside MONAI
+def test_diffusion_stays_ours_monai_does_not_see_a_checkerboard():
+    """Forward differences of the +-0.5 checkerboard are +-1 along each axis: 3 axes x 3 components = 9.
+    MONAI's DiffusionLoss takes central differences, (f(x+1) - f(x-1)) / 2 = 0 on a checkerboard."""
+    from monai.losses import DiffusionLoss
+    cb = _checkerboard()
+    assert diffusion(cb).item() == pytest.approx(9.0, rel=1e-6)
+    assert DiffusionLoss()(cb).item() == 0.0
 
 
 def test_bending_energy_units_follow_spacing():
@@ -151,7 +219,7 @@ def test_folding_barrier_matches_autograd_through_the_jacobian_on_an_oblique_gri
 
     w = torch.tensor([0.3, -1.7], dtype=torch.float64)
     e = folding_barrier(f, grid)
-    assert torch.allclose(e, reference(f)) and float(e.min()) > 0  # the random field folds somewhere
+    assert torch.allclose(e, reference(f)) and float(e.detach().min()) > 0  # the random field folds somewhere
     det32 = jacobian_determinant(f.detach(), grid)  # the metric itself (float32)
     assert torch.allclose(e.float(), torch.relu(0.2 - det32).pow(2).flatten(1).mean(1), rtol=1e-4)
     (g,) = torch.autograd.grad((e * w).sum(), f)
@@ -180,4 +248,4 @@ def test_soft_dice_from_labels_equals_eq5_on_the_one_hot_map_of_the_present_stru
     (g1,) = torch.autograd.grad(ref, logits)
     (g2,) = torch.autograd.grad(soft_dice_loss_labels(torch.softmax(logits, 1), y), logits)
     assert torch.allclose(g1, g2, atol=1e-12)
-    assert float(soft_dice_loss_labels(torch.softmax(logits, 1), torch.zeros_like(y))) == 0.0  # no structure
+    assert float(soft_dice_loss_labels(torch.softmax(logits, 1), torch.zeros_like(y)).detach()) == 0.0  # no structure
