@@ -16,7 +16,7 @@ How it runs (docs/batch.md):
 - **Loaded once per worker**: a worker process keeps the atlas set's images and label maps in memory
   (:class:`MemoryAtlasSet`) and the models the options need (:func:`worker_preloaded`, keyed by the files' sizes and
   modification times) and hands them to ``segment`` (:class:`MASRefineLib.pipeline.Preloaded`). Models the options
-  need are trained before any task starts, where the batch runs (:func:`MASRefineLib.pipeline.ensure_models`);
+  need are trained before any task starts, where the batch runs (:func:`MASRefineLib.training.ensure_models`);
   tasks never train (``train_missing`` off).
 - **Resumable**: a target whose folder holds a complete ``manifest.json`` of the same settings is skipped; one of
   other settings stops the batch before anything runs (a finished result is never replaced by accident).
@@ -266,7 +266,8 @@ def worker_preloaded(atlas_dir: str | os.PathLike, options, device):
     votenet), loaded the first time and reused while ``atlas.json``, the atlas files and the model files keep their
     sizes and modification times (an edited set is loaded again). Models must exist (trained before the batch)."""
     from .atlas import AtlasSet
-    from .pipeline import Preloaded, votenet_model_path
+    from .fusion.votenet import votenet_model_path
+    from .pipeline import Preloaded
     root = Path(atlas_dir).resolve()
     aset = AtlasSet.load(root)
     files = [aset.json_path] + [p for aid in aset.ids for p in (aset.image_path(aid), aset.label_path(aid))]
@@ -648,7 +649,8 @@ def run_batch(atlas_dir: str | os.PathLike, targets: str | os.PathLike, out_dir:
     writing ``summary.csv`` when cancelled."""
     from .atlas import AtlasSet
     from .outputs import atlas_set_inputs, prepare_output_dir
-    from .pipeline import SegmentOptions, ensure_models
+    from .pipeline import SegmentOptions
+    from .training import ensure_models
     from .device import resolve_device
 
     opts = options or SegmentOptions()

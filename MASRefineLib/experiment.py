@@ -178,9 +178,10 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
     ``rows``: only these row keys of :data:`ROWS` (default all rows of ``preregs``, and the U-Net)."""
     import torch
     from .device import resolve_device
-    from .pipeline import (SegmentOptions, ensure_models, fuse_stage, load_inputs, refine_stage, register_stage,
-                           votenet_model_path, _ensure_segmenter)
+    from .fusion.votenet import votenet_model_path
     from .geometry import Grid
+    from .stages import Fuse, Load, Models, Refine, Register, Run, SegmentOptions
+    from .training import ensure_segmenter
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -227,14 +228,16 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
             if not todo:
                 continue
             report(progress, "experiment", frac0, f"{t.id}: {prereg} ({len(todo)} cells)")
-            target, target_arr, _ = load_inputs(t.image, aset.root)
-            grid = Grid.from_image(target)
+            # the pipeline's stages: Load, then (per pre-registration) Models and Register once, Refine once per
+            # variant and Fuse once per row
+            base = Load().run(Run(SegmentOptions(), dev, target_path=t.image, atlas_dir=str(aset.root)), None)
+            grid = Grid.from_image(base.target)
             if prereg == "unet":
                 t0 = time.perf_counter()
-                seg = _ensure_segmenter(aset, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)
+                seg = ensure_segmenter(base.atlas_set, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)
                 training.setdefault("segmenter", round(time.perf_counter() - t0, 1))
                 t0 = time.perf_counter()
-                labels = seg.predict_labels(target_arr, grid)
+                labels = seg.predict_labels(base.target_array, grid)
                 secs = {"segment": round(time.perf_counter() - t0, 2)}
                 _save_cell(out, "unet", t.id, {"row": "unet", "target": t.id, "method": "unet", "seconds": secs,
                                                "metrics": _evaluate(labels, t.label, grid, groups, table)})
@@ -243,38 +246,38 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
             opts = SegmentOptions(prereg=prereg, refine="IS" if any(r[2] == "IS" for r in spec) else "none",
                                   fusion="votenet" if any(r[3] == "votenet" for r in spec) else "pv",
                                   device=str(dev), preset=preset, seed=seed, train_missing=True)
-            fallbacks: list[str] = []
             t0 = time.perf_counter()
             had_seg = (aset.models_dir / "segmenter.json").exists()
             had_vn = votenet_model_path(aset, prereg) is not None
-            models = ensure_models(aset, opts, dev, None)
-            segmenter = models.segmenter
+            base = base.replace(options=opts)
+            if opts.refine == "IS" or opts.fusion == "votenet":
+                base = Models().run(base, None)
             if opts.fusion == "votenet" and not had_vn:
                 training[f"votenet-{prereg}"] = round(time.perf_counter() - t0, 1)
             elif opts.refine == "IS" and not had_seg:
                 training["segmenter"] = round(time.perf_counter() - t0, 1)
             t0 = time.perf_counter()
-            ws = register_stage(t.image, target, aset, opts, dev, None)
+            registered = Register().run(base, None)
             t_reg = time.perf_counter() - t0
-            cache: dict[str, Any] = {"none": ws}
+            cache: dict[str, Any] = {"none": registered}
             for key, _, refine, fusion, _ in spec:
                 secs = {"register": round(t_reg, 2)}
                 if refine not in cache:
                     t0 = time.perf_counter()
                     o = SegmentOptions(prereg=prereg, refine=refine, fusion="pv", device=str(dev), preset=preset)
-                    cache[refine] = refine_stage(ws, target_arr, o, segmenter, dev, None, fallbacks)
+                    cache[refine] = Refine().run(registered.replace(options=o), None)
                     cache[f"t-{refine}"] = time.perf_counter() - t0
                 if refine != "none":
                     secs["refine"] = round(cache[f"t-{refine}"], 2)
                 o = SegmentOptions(prereg=prereg, refine=refine, fusion=fusion, device=str(dev), preset=preset)
                 t0 = time.perf_counter()
-                fused = fuse_stage(cache[refine], target_arr, aset, o, dev, None, models.votenet)
+                fused = Fuse().run(cache[refine].replace(options=o), None).fused
                 secs["fuse"] = round(time.perf_counter() - t0, 2)
                 _save_cell(out, key, t.id, {"row": key, "target": t.id, "prereg": prereg, "refine": refine,
                                             "method": fused.info.get("method", fusion), "seconds": secs,
-                                            "fallbacks": list(fallbacks),
+                                            "fallbacks": list(cache[refine].fallbacks),
                                             "metrics": _evaluate(fused.labels, t.label, grid, groups, table)})
-            del cache, ws
+            del cache, registered, base
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     atomic_write_text(json.dumps(training, indent=1) + "\n", tpath)

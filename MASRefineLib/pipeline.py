@@ -22,8 +22,12 @@ Per-atlas QA numbers: ``similarity`` (global NCC of the warped atlas image with 
 ``folding_fraction`` (fraction of voxels with Jacobian determinant <= 0 of its total field),
 ``mean_weight`` (its mean fusion weight where any atlas has a label), and the seconds spent on it.
 
-When a stage cannot run as asked (:func:`refine_stage`: variant IS handed no segmenter), it falls back as
-documented in its function and says so in a warning and in the manifest (``summary.fallbacks``).
+The run is a list of stage objects (:mod:`MASRefineLib.stages`; :func:`stages_for`): Load, Models (refinement IS
+or fusion votenet), Register, Refine (unless ``none``), Fuse, then this module's output stages Write and QA;
+:func:`segment` prepares the output folder, runs the list (each stage timed in the manifest, with its share of the
+overall progress) and writes the manifest. When a stage cannot run as asked (Refine: variant IS handed no
+segmenter), it falls back as documented in its class and says so in a warning and in the manifest
+(``summary.fallbacks``).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import csv
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,161 +43,20 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import segmenter as segmod
-from .atlas import AtlasSet
 from .errors import MASRefineError
-from .fusion import fuse
-from .fusion.votenet import VoteNetModel, model_name, train_for_atlas_set
 from .geometry import Grid
-from .imageio import (array_to_image, atomic_path, image_stem, normalize_intensity, read_grid, read_image, read_label,
-                      require_file, run_writers, write_figure, write_image)
+from .imageio import (array_to_image, atomic_path, image_stem, read_grid, read_label, require_file, run_writers,
+                      write_figure, write_image)
 from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, inside, prepare_output_dir
-from .progress import ProgressCallback, ProgressEvent, report
-from .protocol.jobs import PARAMETERS
-from .refine import DEFAULT_ITERATIONS
-from .refine import refine as refine_warped
-from .registration import AtlasInput, get_params, register
+from .progress import ProgressCallback, report
+from .stages import Fused, Preloaded, Run, SegmentOptions, Stage, compute_stages, run_stages
 from .warped import WarpedSet
 
 log = logging.getLogger("MASRefineLib.pipeline")
 
-# the choices and defaults of a run: the job protocol's parameters (one list, shared by the CLI, the worker and Slicer)
-PREREGS, REFINES, FUSIONS, PRESETS = (PARAMETERS[n][1] for n in ("prereg", "refine", "fusion", "preset"))
-
-
-@dataclass
-class SegmentOptions:
-    """Settings of one run (see ``masrefine segment --help`` and :data:`MASRefineLib.protocol.jobs.PARAMETERS`)."""
-    # every default is protocol.jobs.PARAMETERS' (docs/pipeline.md); the comments say what each is
-    prereg: str = PARAMETERS["prereg"][2]
-    refine: str = PARAMETERS["refine"][2]
-    fusion: str = PARAMETERS["fusion"][2]
-    device: str = PARAMETERS["device"][2]
-    preset: str = PARAMETERS["preset"][2]
-    alpha: Optional[float] = PARAMETERS["alpha"][2]            # refinement: weight of L_seg (None: refine.py's default)
-    gamma: Optional[float] = PARAMETERS["gamma"][2]            # refinement: bending energy, mm^2 (None: default)
-    iterations: Optional[int] = PARAMETERS["iterations"][2]    # at the finest level (None: refine.py's default)
-    train_missing: bool = PARAMETERS["train_missing"][2]       # train missing models on the atlas set first
-    save_atlases: bool = PARAMETERS["save_atlases"][2]
-    qa_picture: bool = PARAMETERS["qa_picture"][2]
-    seed: int = PARAMETERS["seed"][2]
-    threads: int = PARAMETERS["threads"][2]                    # torch CPU threads (0: leave torch's default)
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("prereg", PREREGS), ("refine", REFINES), ("fusion", FUSIONS), ("preset", PRESETS)):
-            if getattr(self, name) not in allowed:
-                raise MASRefineError(f"option {name!r} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_parameters(cls, params: dict[str, Any]) -> "SegmentOptions":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in known})
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Preloaded:
-    """What a long-lived process (a ``masrefine batch`` worker) loads once and hands to every :func:`segment`
-    call, so that a cohort does not re-read the atlas set and the models per target: the atlas set (of the
-    same folder as ``segment``'s ``atlas_dir``; e.g. one that keeps its images in memory) and the models the
-    options need (None: loaded from the atlas set's ``models/`` as usual)."""
-    atlas_set: Any                      # an atlas.AtlasSet
-    segmenter: Any = None               # the surrogate segmenter (refinement IS)
-    votenet: Any = None                 # the VoteNet+ model (fusion votenet): fusion.votenet.VoteNetModel
-
-
-# ------------------------------------------------------------------------------------------ progress
-class _Plan:
-    """Maps each stage's 0..1 onto the whole run (``data["overall"]`` of progress events)."""
-
-    def __init__(self, progress: Optional[ProgressCallback], weights: dict[str, float]):
-        self.progress = progress
-        total = sum(weights.values()) or 1.0
-        self.start: dict[str, float] = {}
-        self.width: dict[str, float] = {}
-        acc = 0.0
-        self.overall = 0.0
-        for k, w in weights.items():
-            self.start[k], self.width[k] = acc / total, w / total
-            acc += w
-
-    def cb(self, stage: str) -> Optional[ProgressCallback]:
-        if self.progress is None:
-            return None
-        s, w = self.start.get(stage, 0.0), self.width.get(stage, 0.0)
-
-        def f(ev: ProgressEvent) -> None:
-            data = dict(ev.data)
-            part = data.pop("_part", ev.fraction)  # see _part(): a sub-task's share of this stage
-            # never backwards (a stage may restart its own fraction for a second pass)
-            self.overall = max(self.overall, min(s + w * part, s + w))
-            self.progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**data, "overall": self.overall}))
-        return f
-
-    def report(self, stage: str, fraction: float, message: str = "") -> None:
-        report(self.cb(stage), stage, fraction, message)
-
-
-def _part(progress: Optional[ProgressCallback], lo: float, hi: float) -> Optional[ProgressCallback]:
-    """A sub-task's callback covering lo..hi of its stage's share of the overall progress (its own
-    stage fraction is passed on unchanged)."""
-    if progress is None:
-        return None
-
-    def f(ev: ProgressEvent) -> None:
-        progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**ev.data, "_part": lo + (hi - lo) * ev.fraction}))
-    return f
-
-
-# ------------------------------------------------------------------------------------------ stages
-def load_inputs(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, atlas_set=None):
-    """(target image, normalised target array, AtlasSet) with the checks a user needs; ``atlas_set``: the set
-    of ``atlas_dir`` already loaded (:class:`Preloaded`)."""
-    target = read_image(target_path)
-    aset = atlas_set if atlas_set is not None else AtlasSet.load(atlas_dir)
-    if len(aset) == 0:
-        raise MASRefineError(f"{aset.json_path}: the atlas set has no atlases")
-    return target, normalize_intensity(sitk.GetArrayFromImage(target)), aset
-
-
-def register_stage(target_path: str, target: sitk.Image, aset, opts: SegmentOptions, device: torch.device,
-                   progress: Optional[ProgressCallback]) -> WarpedSet:
-    """Pre-registration of every atlas to the target (``opts.prereg``), by the registration engine; skipped
-    atlases are warned about by :func:`registration.register` (once)."""
-    params = get_params(opts.preset, stage=opts.prereg, seed=opts.seed)
-    inputs = [AtlasInput(aid, load=(lambda a=aid: aset.read(a)), source_image=str(aset.image_path(aid)),
-                         source_label=str(aset.label_path(aid))) for aid in aset.ids]
-    return register(target, inputs, aset.label_table, params=params, device=device, progress=progress,
-                    target_path=target_path)
-
-
-@dataclass
-class Fused:
-    labels: np.ndarray                                   # (Z, Y, X) uint16
-    posterior_values: list[int] = field(default_factory=list)       # label values with a posterior map
-    posterior_map: Optional[Callable[[int], np.ndarray]] = None      # value -> (Z, Y, X) float32, on demand
-    weights: Optional[np.ndarray] = None                 # (B, Z, Y, X) float32 per-atlas weights
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def fuse_stage(ws: WarpedSet, target_arr: np.ndarray, aset, opts: SegmentOptions, device: torch.device,
-               progress: Optional[ProgressCallback], votenet=None) -> Fused:
-    """Label fusion (``opts.fusion``, :func:`fusion.fuse`). ``votenet``: a loaded VoteNet+ model (else the atlas
-    set's is read)."""
-    report(progress, "fuse", 0.0, opts.fusion)
-    kw = {}
-    if opts.fusion == "votenet":
-        kw["model"] = votenet if votenet is not None else votenet_model_path(aset, opts.prereg, opts.refine)
-    r = fuse(ws, target_arr, method=opts.fusion, device=device, progress=progress, **kw)
-    out = Fused(np.asarray(r.labels, np.uint16), [int(v) for v in r.posteriors.values],
-                lambda v, P=r.posteriors: P.map(int(v)), r.weights,
-                {"method": r.method, "params": r.params, "seconds": r.seconds, **(r.info or {})})
-    report(progress, "fuse", 1.0, "done")
-    return out
+__all__ = ["segment", "SegmentOptions", "Preloaded", "stages_for", "Output", "Write", "QA", "run_job"]
 
 
 # ------------------------------------------------------------------------------------------ QA
@@ -348,15 +211,95 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "label"
 
 
-def _training_weight(atlas_dir, opts: SegmentOptions) -> float:
-    """Share of the overall progress for training models (when they are missing and will be trained)."""
-    models = Path(atlas_dir) / "models"
-    w = 0.0
-    if opts.train_missing and opts.refine == "IS" and not (models / "segmenter.json").exists():
-        w += 0.5
-    if opts.train_missing and opts.fusion == "votenet" and votenet_model_path(atlas_dir, opts.prereg, opts.refine) is None:
-        w += 0.7
-    return w
+# ------------------------------------------------------------------------------------------ output stages
+@dataclass
+class Output:
+    """Where :func:`segment` writes: the prepared output folder, its manifest (written last, by ``segment``) and the
+    optional reference label map of the target (read, on the target's grid) with its path and label groups."""
+    folder: Path
+    manifest: Manifest
+    truth: Optional[str] = None
+    reference: Optional[sitk.Image] = None
+    groups: Any = None
+
+
+class Write:
+    """The fused labels (.nii.gz + .seg.nrrd), a posterior map per label and, with ``options.save_atlases``, every
+    atlas's refined and unrefined image, labels, field, Jacobian and fusion weights (module doc); each file is
+    listed in the manifest, with the run's label table and target grid."""
+    name = "write"
+
+    def __init__(self, output: Output):
+        self.output = output
+
+    def weight(self, run: Run) -> float:
+        return 0.1
+
+    def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
+        out, m, fused, aset = self.output.folder, self.output.manifest, run.fused, run.atlas_set
+        grid = Grid.from_image(run.target)
+        m.set("labels", aset.label_table.to_json_dict())
+        m.set("target_grid", grid.to_json())
+        report(progress, "write", 0.0, "fused labels")
+        paths = write_label_outputs(array_to_image(fused.labels, grid), aset.label_table, out / "fused_labels")
+        m.add(paths["seg_nrrd"], "segmentation", "fused-labels", name="fused labels")
+        m.add(paths["nifti"], "segmentation", "fused-labels", name="fused labels")
+        workers = max(1, torch.get_num_threads())
+
+        def posterior(v: int, nm: str) -> Callable[[], Path]:
+            return lambda: write_image(array_to_image(fused.posterior_map(v).astype(np.float32), grid),
+                                       inside(out / "posteriors", f"{v}_{_safe(nm)}.nii.gz"))
+
+        names = {v: aset.label_table[v].name if v in aset.label_table else f"label {v}"
+                 for v in sorted(fused.posterior_values) if v != 0}
+        # one map per writer thread in memory at a time (~150 labels for brains)
+        for (v, nm), pp in zip(names.items(), run_writers([posterior(v, nm) for v, nm in names.items()], workers)):
+            m.add(pp, "volume", "posterior", name=f"P({nm})", label=int(v))
+        if run.options.save_atlases:
+            _write_atlases(out, run.warped, run.unrefined, fused, m, progress, workers)
+        report(progress, "write", 1.0, "done")
+        return run.replace(outputs={**run.outputs, "fused": paths["nifti"]})
+
+
+class QA:
+    """Per-atlas QA numbers (qa.csv, and in the manifest), the QA montage (``options.qa_picture``) and, with a
+    reference label map, the metrics (metrics.csv, metrics.json)."""
+    name = "qa"
+
+    def __init__(self, output: Output):
+        self.output = output
+
+    def weight(self, run: Run) -> float:
+        return 0.05
+
+    def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
+        out, m, opts, ws, fused = self.output.folder, self.output.manifest, run.options, run.warped, run.fused
+        report(progress, "qa", 0.0, "QA numbers")
+        qa = atlas_qa(ws, run.target_array, fused)
+        cols = write_qa_csv(qa, out / "qa.csv")
+        m.add(out / "qa.csv", "table", "qa-table", name="atlas QA", columns=cols)
+        m.set("atlases", [{"id": r["id"], "qa": {k: v for k, v in r.items() if k != "id"}} for r in qa])
+        if opts.qa_picture:
+            report(progress, "qa", 0.4, "QA picture")
+            try:
+                qa_picture(out / "qa.png", run.target_array, fused.labels, ws, qa,
+                           f"{image_stem(run.target_path)}: {opts.prereg}, refine {opts.refine}, {opts.fusion}")
+                m.add(out / "qa.png", "picture", "qa-picture", name="QA montage")
+            except ImportError:
+                log.warning("matplotlib is not installed: no QA picture (pip install matplotlib)")
+        metrics = None
+        if self.output.truth:
+            report(progress, "qa", 0.8, "metrics against the reference")
+            metrics = _write_metrics(out, fused.labels, Grid.from_image(run.target), self.output.reference,
+                                     str(self.output.truth), run.atlas_set.label_table, m, self.output.groups)
+        report(progress, "qa", 1.0, "done")
+        return run.replace(outputs={**run.outputs, "metrics": metrics})
+
+
+def stages_for(opts: SegmentOptions, output: Output) -> list[Stage]:
+    """The stages of a ``segment`` run, in order: :func:`MASRefineLib.stages.compute_stages` (Load, Models,
+    Register, Refine, Fuse as ``opts`` asks), then :class:`Write` and :class:`QA` into ``output``."""
+    return [*compute_stages(opts), Write(output), QA(output)]
 
 
 def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -401,188 +344,22 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
         raise MASRefineError(f"{truth}: reference label map and target {target_path} are on different grids "
                              f"({Grid.from_image(ref).difference(target_grid)})")
     out = begin_output(out.resolve())
-    weights = {"load": 0.03, "models": _training_weight(atlas_dir, opts), "register": 0.4,
-               "refine": 0.3 if opts.refine != "none" else 0.0, "fuse": 0.12, "write": 0.1, "qa": 0.05}
-    plan = _Plan(progress, weights)
     m = Manifest(out, {"target": target_path, "atlas_dir": str(Path(atlas_dir).resolve()),
                        **({"truth": str(Path(truth).resolve())} if truth else {})}, opts.to_json())
-    fallbacks: list[str] = []
+    run = Run(opts, device, target_path=target_path, atlas_dir=str(atlas_dir), preloaded=preloaded,
+              atlas_set=preloaded.atlas_set if preloaded is not None else None)
+    output = Output(out, m, str(truth) if truth else None, ref, groups)
+    run = run_stages(stages_for(opts, output), run, progress, timer=m.stage)
 
-    with m.stage("load"):
-        plan.report("load", 0.0, "reading inputs")
-        target, target_arr, aset = load_inputs(target_path, atlas_dir,
-                                               preloaded.atlas_set if preloaded is not None else None)
-        grid = Grid.from_image(target)
-        m.set("labels", aset.label_table.to_json_dict())
-        m.set("target_grid", grid.to_json())
-        plan.report("load", 1.0, f"{len(aset)} atlases")
-
-    segmenter = votenet = None
-    if opts.refine == "IS" or opts.fusion == "votenet":
-        with m.stage("models"):
-            if preloaded is not None and (opts.refine != "IS" or preloaded.segmenter is not None) and \
-                    (opts.fusion != "votenet" or preloaded.votenet is not None):
-                segmenter, votenet = preloaded.segmenter, preloaded.votenet  # loaded once by the caller
-            else:
-                models = ensure_models(aset, opts, device, plan.cb("models"))
-                segmenter, votenet = models.segmenter, models.votenet
-
-    with m.stage("register"):
-        ws = register_stage(target_path, target, aset, opts, device, plan.cb("register"))
-        ws.target_path = target_path
-    if not ws.atlases:
-        raise MASRefineError(f"{aset.json_path}: no atlas could be registered to {target_path}")
-    pre = None
-    if opts.refine != "none":
-        with m.stage("refine"):
-            pre = ws
-            ws = refine_stage(ws, target_arr, opts, segmenter, device, plan.cb("refine"), fallbacks)
-    with m.stage("fuse"):
-        fused = fuse_stage(ws, target_arr, aset, opts, device, plan.cb("fuse"), votenet)
-
-    with m.stage("write"):
-        wcb = plan.cb("write")
-        report(wcb, "write", 0.0, "fused labels")
-        paths = write_label_outputs(array_to_image(fused.labels, grid), aset.label_table, out / "fused_labels")
-        m.add(paths["seg_nrrd"], "segmentation", "fused-labels", name="fused labels")
-        m.add(paths["nifti"], "segmentation", "fused-labels", name="fused labels")
-        workers = max(1, torch.get_num_threads())
-
-        def posterior(v: int, nm: str) -> Callable[[], Path]:
-            return lambda: write_image(array_to_image(fused.posterior_map(v).astype(np.float32), grid),
-                                       inside(out / "posteriors", f"{v}_{_safe(nm)}.nii.gz"))
-
-        names = {v: aset.label_table[v].name if v in aset.label_table else f"label {v}"
-                 for v in sorted(fused.posterior_values) if v != 0}
-        # one map per writer thread in memory at a time (~150 labels for brains)
-        for (v, nm), pp in zip(names.items(), run_writers([posterior(v, nm) for v, nm in names.items()], workers)):
-            m.add(pp, "volume", "posterior", name=f"P({nm})", label=int(v))
-        if opts.save_atlases:
-            _write_atlases(out, ws, pre, fused, m, wcb, workers)
-        report(wcb, "write", 1.0, "done")
-
-    with m.stage("qa"):
-        qcb = plan.cb("qa")
-        report(qcb, "qa", 0.0, "QA numbers")
-        qa = atlas_qa(ws, target_arr, fused)
-        cols = write_qa_csv(qa, out / "qa.csv")
-        m.add(out / "qa.csv", "table", "qa-table", name="atlas QA", columns=cols)
-        m.set("atlases", [{"id": r["id"], "qa": {k: v for k, v in r.items() if k != "id"}} for r in qa])
-        if opts.qa_picture:
-            report(qcb, "qa", 0.4, "QA picture")
-            try:
-                qa_picture(out / "qa.png", target_arr, fused.labels, ws, qa,
-                           f"{image_stem(target_path)}: {opts.prereg}, refine {opts.refine}, {opts.fusion}")
-                m.add(out / "qa.png", "picture", "qa-picture", name="QA montage")
-            except ImportError:
-                log.warning("matplotlib is not installed: no QA picture (pip install matplotlib)")
-        metrics = None
-        if truth:
-            report(qcb, "qa", 0.8, "metrics against the reference")
-            metrics = _write_metrics(out, fused.labels, grid, ref, str(truth), aset.label_table, m, groups)
-        report(qcb, "qa", 1.0, "done")
-
+    ws, fused = run.warped, run.fused
     summary = {"target": target_path, "atlases": len(ws.atlases), "failed": ws.failed,
-               "stage": ws.stage, "fusion": fused.info.get("method", opts.fusion), "fallbacks": fallbacks,
+               "stage": ws.stage, "fusion": fused.info.get("method", opts.fusion), "fallbacks": run.fallbacks,
                "seconds": m.stage_seconds(), "cpu_seconds": m.stage_seconds("cpu_seconds")}
-    if metrics is not None:
-        summary["metrics"] = metrics
+    if run.outputs.get("metrics") is not None:
+        summary["metrics"] = run.outputs["metrics"]
     m.set("summary", summary)
     manifest = m.write()
-    return {"manifest": str(manifest), "output_dir": str(out), "fused": str(paths["nifti"]), "summary": summary}
-
-
-def refine_stage(ws: WarpedSet, target_arr: np.ndarray, opts: SegmentOptions, segmenter, device: torch.device,
-                 progress: Optional[ProgressCallback], fallbacks: list[str]) -> WarpedSet:
-    """Registration refinement (paper Eq. 3-6), variant ``opts.refine``."""
-    kw: dict[str, Any] = {}
-    if opts.alpha is not None:
-        kw["alpha"] = float(opts.alpha)
-    if opts.gamma is not None:
-        kw["gamma"] = float(opts.gamma)
-    if opts.iterations is not None:  # the finest level's; coarser levels keep their defaults
-        kw["iterations"] = (*DEFAULT_ITERATIONS[:-1], int(opts.iterations))
-    variant = opts.refine
-    if variant == "IS" and segmenter is None:
-        fallbacks.append("refine: no segmenter available; variant I used instead of IS")
-        log.warning("no surrogate segmenter available: refinement variant I instead of IS")
-        variant = "I"
-    return refine_warped(ws, target_arr, variant, segmenter=segmenter, device=device, progress=progress, **kw)
-
-
-def votenet_model_path(aset, prereg: str | None = None, refine: str | None = None) -> Optional[Path]:
-    """The VoteNet+ model of an atlas set for a pre-registration kind (and refinement variant): the first of
-    ``models/votenet-<prereg>-<refine>.json`` (``masrefine train votenet --refine``), ``votenet-<prereg>.json``
-    and ``votenet.json`` that exists; None when there is none. ``aset``: an atlas set or its folder."""
-    models = Path(getattr(aset, "models_dir", None) or Path(aset) / "models")
-    names = ([model_name(prereg, refine)] if prereg and refine and refine != "none" else []) + \
-        ([model_name(prereg)] if prereg else []) + ["votenet"]
-    for n in names:
-        p = models / f"{n}.json"
-        if p.exists():
-            return p
-    return None
-
-
-#: surrogate-segmenter training settings per preset; the others are segmenter.py's defaults or longer.
-#: ``fast``, measured on the 64^3 phantom (6 atlases, one held out): 12 epochs x 12 steps of 32^3 patches
-#: reached validation Dice 0.67/0.28/0.31/0.24 (femur, fem. cartilage, tibia, tib. cartilage) and made
-#: refinement IS worse than I; 20 x 20 steps of 48^3 patches (lr 3e-3) reached 0.94/0.76/0.94/0.84.
-SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"epochs": 16, "steps_per_epoch": 20, "patch_size": 48, "learning_rate": 3e-3},
-    "default": {},
-    # 600 epochs: on 20 knees validation Dice 0.79 (150) -> 0.89, and IS then lifts the 8-atlas vote's
-    # cartilage by +0.026 instead of -0.002 (docs/refinement.md, "600-epoch surrogate"); ~40 CPU min for knees
-    "accurate": {"epochs": 600},
-}
-
-
-def _ensure_segmenter(aset, opts: SegmentOptions, device: torch.device, progress: Optional[ProgressCallback]):
-    path = Path(aset.models_dir) / f"{segmod.MODEL_NAME}.json"
-    if path.exists():
-        return segmod.load_segmenter(path, device)
-    if not opts.train_missing:
-        raise MASRefineError(f"{aset.models_dir}: no surrogate segmenter for refinement IS; train one with "
-                             f"'masrefine train segmenter {aset.root}' (or refinement I)")
-    log.info(f"training the surrogate segmenter on the atlas set first (once; stored in {aset.models_dir})")
-    settings = segmod.SegmenterSettings(seed=opts.seed, **SEGMENTER_PRESETS.get(opts.preset, {}))
-    return segmod.train_on_atlas_set(aset.root, settings, device=device, progress=progress)
-
-
-@dataclass
-class Models:
-    """What :func:`ensure_models` loaded: the segmenter (refinement IS) and the stored VoteNet+ model (fusion
-    votenet), each None when not needed (or, for VoteNet+, just trained: :func:`fuse_stage` then reads it)."""
-    segmenter: Any = None
-    votenet: Any = None
-
-
-def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Optional[ProgressCallback]) -> Models:
-    """The surrogate segmenter (for refinement IS) and the VoteNet+ model (fusion votenet) of the atlas
-    set: loaded from ``<atlas set>/models``, trained first when missing and ``opts.train_missing``,
-    else :class:`MASRefineError` naming the ``masrefine train`` command. Returns them (:class:`Models`; a stored
-    VoteNet+ model is loaded here, once, so a corrupt one is refused before any registration, and handed to
-    :func:`fuse_stage`)."""
-    segmenter = votenet = None
-    seg_missing = opts.refine == "IS" and not (Path(aset.models_dir) / "segmenter.json").exists()
-    vn_missing = opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None
-    split = 0.4 if seg_missing and vn_missing else (1.0 if seg_missing else 0.0)
-    if opts.refine == "IS":
-        segmenter = _ensure_segmenter(aset, opts, device, _part(progress, 0.0, split))
-    if vn_missing:  # training the segmenter above does not add a VoteNet+ model
-        cmd = f"masrefine train votenet {aset.root} --prereg {opts.prereg}"
-        if not opts.train_missing:
-            raise MASRefineError(f"{aset.models_dir}: no VoteNet+ model for {opts.prereg} pre-registration; "
-                                 f"train one with '{cmd}' (or another fusion method)")
-        log.info(f"training VoteNet+ on the atlas set first (once; stored in {aset.models_dir})")
-        # as in the paper, VoteNet+ learns from pre-registration results (one model per pre-registration);
-        # the refined variants (I), (IS) use the same model
-        train_for_atlas_set(aset, prereg=opts.prereg, refine=None, preset=opts.preset, device=device,
-                            progress=_part(progress, split, 1.0), seed=opts.seed)
-    elif opts.fusion == "votenet":
-        # a stored model is loaded now, so a corrupt or malformed one is refused before any registration
-        votenet = VoteNetModel.load(votenet_model_path(aset, opts.prereg, opts.refine))
-    return Models(segmenter, votenet)
+    return {"manifest": str(manifest), "output_dir": str(out), "fused": str(run.outputs["fused"]), "summary": summary}
 
 
 def _write_metrics(out: Path, fused: np.ndarray, grid: Grid, ref: sitk.Image, truth: str, table: LabelTable,

@@ -15,10 +15,11 @@ from MASRefineLib.fusion import fuse
 from MASRefineLib.fusion.common import consensus, weighted_vote
 from MASRefineLib.fusion.jlf import joint_label_fusion, search_offsets
 from MASRefineLib.fusion.staple import staple_em
-from MASRefineLib.fusion.votenet import (Pair, VoteNetModel, band_mask, fit_platt, reliability, train_votenet)
+from MASRefineLib.fusion.votenet import VoteNetModel
 from MASRefineLib.geometry import Grid
 from MASRefineLib.imageio import normalize_intensity
 from MASRefineLib.labels import LabelTable
+from MASRefineLib.training import Pair, band_mask, fit_platt, reliability, train_votenet
 from MASRefineLib.warp import affine_to_field, warp, warp_labels
 from MASRefineLib.warped import WarpedAtlas, WarpedSet
 

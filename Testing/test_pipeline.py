@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MASRefineLib import jobs, sampledata
+from MASRefineLib import sampledata
+from MASRefineLib.protocol import jobs
 from MASRefineLib.cli import main as cli_main
 from MASRefineLib.errors import Cancelled
 from MASRefineLib.labels import read_seg_nrrd
-from MASRefineLib.loadplan import load_plan, qa_rows
+from MASRefineLib.protocol.loadplan import load_plan, qa_rows
 from MASRefineLib.manifest import MANIFEST_NAME, read_manifest
 from MASRefineLib.pipeline import SegmentOptions, segment
 from cancelling import cancel_after
@@ -104,6 +105,26 @@ def test_segment_job_through_worker(sample, tmp_path):
         load_plan(r.result["manifest"], atlases=["nope"])
 
 
+def test_segment_is_the_stage_list_plus_its_outputs(sample, tmp_path):
+    """The stages the options ask for, in order; run by hand (as experiment and VoteNet+ training do), they give
+    the labels ``segment`` writes, and ``segment`` times exactly its list (computing stages, then Write and QA)."""
+    from MASRefineLib.device import resolve_device
+    from MASRefineLib.stages import Run, compute_stages, run_stages
+
+    assert [s.name for s in compute_stages(SegmentOptions(refine="IS", fusion="votenet"))] == \
+        ["load", "models", "register", "refine", "fuse"]
+    opts = SegmentOptions(prereg="affine", refine="none", fusion="pv", preset="fast", threads=1, qa_picture=False,
+                          save_atlases=False)
+    stages = compute_stages(opts)
+    assert [s.name for s in stages] == ["load", "register", "fuse"]
+    run = run_stages(stages, Run(opts, resolve_device(opts.device), target_path=sample["target"],
+                                 atlas_dir=sample["atlas_dir"]))
+    r = segment(sample["target"], sample["atlas_dir"], tmp_path / "out", opts)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(r["fused"])), run.fused.labels)
+    assert r["summary"]["stage"] == run.warped.stage == "affine" and run.unrefined is None
+    assert [s["name"] for s in read_manifest(r["manifest"])["stages"]] == ["load", "register", "fuse", "write", "qa"]
+
+
 def test_cancel_leaves_no_manifest(sample, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -150,8 +171,7 @@ def test_train_votenet_command_stores_a_model_that_segment_uses(sample, tmp_path
     """``masrefine train votenet`` (leave-one-out registrations of the set to itself, refined with I here)
     stores ``votenet-affine-I``, with its calibration report; ``segment --refine I --fusion votenet`` then
     finds and uses it without training."""
-    from MASRefineLib.fusion.votenet import VoteNetModel
-    from MASRefineLib.pipeline import votenet_model_path
+    from MASRefineLib.fusion.votenet import VoteNetModel, votenet_model_path
 
     atlas_dir = Path(sample["atlas_dir"])
     for args, why in ((["--refine", "IS"], f"train one with 'masrefine train segmenter {atlas_dir}'"),

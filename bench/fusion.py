@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(a.threads)
     from bench import datasets
-    from MASRefineLib.fusion.votenet import train_for_atlas_set
+    from MASRefineLib.training import train_for_atlas_set
 
     methods = [m for m in a.methods.split(",") if m]
     bad = set(methods) - set(METHODS)

@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     aset = datasets.make_atlas_set(a.dataset, atlas_ids)
     if "masrefine-paper" in methods:
         from MASRefineLib.device import resolve_device
-        from MASRefineLib.pipeline import ensure_models, SegmentOptions
+        from MASRefineLib.pipeline import SegmentOptions
+        from MASRefineLib.training import ensure_models
         t0 = time.perf_counter()
         ensure_models(aset, SegmentOptions(refine="IS", fusion="votenet", device="cpu", threads=a.threads),
                       resolve_device("cpu"), datasets.progress_printer(60.0))

@@ -74,7 +74,7 @@ def _run_segmenter(args: argparse.Namespace) -> int:
 
 
 def _add_votenet(sub) -> argparse.ArgumentParser:
-    from ..fusion.votenet import TRAIN_PRESETS
+    from ..training import TRAIN_PRESETS
     p = sub.add_parser(
         "votenet", help="VoteNet+ for label fusion (leave-one-out registrations of the atlas set to itself)",
         description="Register the atlases of the set to each other (leave-one-out: each chosen atlas is a target, "
@@ -110,8 +110,9 @@ def _add_votenet(sub) -> argparse.ArgumentParser:
 def _run_votenet(args: argparse.Namespace) -> int:
     from ..atlas import AtlasSet
     from ..errors import MASRefineError
-    from ..fusion.votenet import VoteNetModel, train_for_atlas_set
+    from ..fusion.votenet import VoteNetModel
     from ..progress import tqdm_progress
+    from ..training import train_for_atlas_set
 
     if args.targets is not None and args.targets < 2:
         raise MASRefineError("--targets must be at least 2 (one target is held out to calibrate)")
