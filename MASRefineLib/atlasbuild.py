@@ -9,7 +9,7 @@ reference geometry and the segments' extent: a larger box on the same grid is cu
 labelled lies outside it). The files are copied into ``<set>/images`` and ``<set>/labels`` (the exported ones are
 temporary); no existing file is replaced, and ``atlas.json`` is written last, atomically.
 
-As a worker job (``pipeline: "atlas"``, :func:`MASRefineLib.jobs.make_atlas_job`): ``inputs.cases`` names a JSON file
+As a worker job (``pipeline: "atlas"``, :func:`MASRefineLib.protocol.jobs.make_atlas_job`): ``inputs.cases`` names a JSON file
 ``{"cases": [{"id", "image", "segmentation"}, ...]}`` (absolute paths), ``inputs.atlas_dir`` the atlas set,
 ``parameters.mode`` ``"new"`` or ``"add"``.
 """

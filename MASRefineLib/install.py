@@ -27,7 +27,8 @@ import tempfile
 from importlib import metadata
 from typing import Optional
 
-from .worker import EXIT_DONE, EXIT_ERROR, EventWriter
+from .protocol.events import EXIT_DONE, EXIT_ERROR
+from .worker import EventWriter
 
 LIGHT_THE_TORCH = "light-the-torch>=0.5"
 

@@ -71,7 +71,7 @@ class JobRunner:
                  env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
                  cancel_file: str | os.PathLike | None = None, command: Sequence[str] | None = None):
         """``job_path``: the job.json to run (its ``cancel_file`` is read from it unless given, and used only
-        when it lies inside the job's ``output_dir``: :func:`MASRefineLib.jobs.cancel_file_inside`; the worker
+        when it lies inside the job's ``output_dir``: :func:`MASRefineLib.protocol.jobs.cancel_file_inside`; the worker
         refuses such a job as invalid). ``env``: extra environment variables for the worker. ``command``
         replaces the whole command line (tests, other front ends)."""
         if job_path is None and command is None:

@@ -34,7 +34,7 @@ The pipeline is a function ``fn(job: dict, progress: ProgressCallback) -> dict``
 (a cohort on Dask: progress events of stage ``batch`` with ``data`` done / failed / running / skipped / total /
 eta_s; its ``result`` names ``summary``, ``cohort`` and ``counts``), ``"atlas"`` -> :func:`MASRefineLib.atlasbuild.run_job`
 (an atlas set from segmented cases, new or added to; its ``result`` names ``atlas_dir``, ``added``, ``notes``);
-nothing else is imported (:data:`MASRefineLib.jobs.PIPELINES`, :func:`MASRefineLib.jobs.pipeline_target`).
+nothing else is imported (:data:`MASRefineLib.protocol.jobs.PIPELINES`, :func:`MASRefineLib.protocol.jobs.pipeline_target`).
 - **Unreadable jobs**: a job file that is missing, not UTF-8, not JSON (or pathological: nested too deeply,
   numbers beyond the parser) or not a valid job is answered with one ``error`` event of kind ``invalid-job``
   and exit code 2, before anything is written.
@@ -165,7 +165,7 @@ class _EventLogHandler(logging.Handler):
 
 
 def load_pipeline(name: str) -> Callable[..., dict]:
-    """The pipeline function for a job's ``pipeline`` field (only what :func:`MASRefineLib.jobs.pipeline_target`
+    """The pipeline function for a job's ``pipeline`` field (only what :func:`MASRefineLib.protocol.jobs.pipeline_target`
     allows is imported; anything else is a ValueError)."""
     from .errors import MASRefineError
     from .protocol.jobs import pipeline_target

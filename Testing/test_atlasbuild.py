@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MASRefineLib import atlasbuild, jobs, terminology
+from MASRefineLib import atlasbuild, terminology
+from MASRefineLib.protocol import jobs
 from MASRefineLib.atlas import AtlasSet, inspect_atlas_set
 from MASRefineLib.errors import MASRefineError
 from MASRefineLib.labels import Label, LabelTable, write_seg_nrrd

@@ -18,7 +18,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MASRefineLib import batch, jobs, sampledata
+from MASRefineLib import batch, sampledata
+from MASRefineLib.protocol import jobs
 from MASRefineLib.cli import main as cli_main
 from MASRefineLib.errors import MASRefineError
 from MASRefineLib.manifest import read_manifest

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from MASRefineLib import jobs, sampledata
+from MASRefineLib import sampledata
+from MASRefineLib.protocol import jobs
 from MASRefineLib.cli import main
 from MASRefineLib.errors import MASRefineError
 from MASRefineLib.outputs import MARKER, prepare_output_dir

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MASRefineLib import jobs, sampledata, validate
+from MASRefineLib import sampledata, validate
+from MASRefineLib.protocol import jobs
 from MASRefineLib.atlas import AtlasSet, check_atlas_set, init_atlas_set
 from MASRefineLib.cli import main
 from MASRefineLib.errors import MASRefineError

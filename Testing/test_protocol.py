@@ -30,7 +30,7 @@ def library_modules_the_slicer_module_imports() -> list[str]:
                 out |= {a.name for a in node.names if a.name.startswith("MASRefineLib")}
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("MASRefineLib"):
                 out.add(node.module)
-                # "from MASRefineLib import jobs" / "from MASRefineLib.protocol import loadplan": submodules
+                # "from MASRefineLib.protocol import loadplan": submodules
                 out |= {f"{node.module}.{a.name}" for a in node.names
                         if (ROOT / node.module.replace(".", "/") / f"{a.name}.py").exists()}
     return sorted(out)

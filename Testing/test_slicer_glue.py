@@ -2,7 +2,7 @@
 
 MASRefine/MASRefine.py is imported against stand-ins for Slicer's Python modules (Testing/
 slicer_stubs.py); everything else is real: ``MASRefineLogic.start`` exports the target, writes job.json
-with ``MASRefineLib.jobs``, runs ``MASRefineLib.runner.JobRunner`` (a real subprocess running
+with ``MASRefineLib.protocol.jobs``, runs ``MASRefineLib.runner.JobRunner`` (a real subprocess running
 ``python -m MASRefineLib.worker``), ``MASRefineJob`` pumps its events, and the results go through the
 real manifest and load plan. The worker runs the small pipelines of Testing/worker_pipelines.py (the
 segmentation pipeline itself is tested elsewhere): the runner factory swaps the job's pipeline.
@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 import slicer_stubs
 import worker_launcher
-from MASRefineLib import jobs
+from MASRefineLib.protocol import jobs
 from MASRefineLib.runner import JobRunner
 
 HERE = Path(__file__).resolve().parent

@@ -15,7 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 import slicer_stubs
-from MASRefineLib import jobs, terminology
+from MASRefineLib import terminology
+from MASRefineLib.protocol import jobs
 from MASRefineLib.atlas import AtlasSet
 from MASRefineLib.labels import Label, LabelTable, read_seg_nrrd
 from MASRefineLib.runner import JobRunner

@@ -1,7 +1,7 @@
 """Start the real worker (:func:`MASRefineLib.worker.main`) with the protocol tests' small pipelines added.
 
 ``python Testing/worker_launcher.py job.json``: registers every pipeline of ``Testing/worker_pipelines.py`` in
-``MASRefineLib.jobs.PIPELINES`` (as ``worker_pipelines:<name>``) in this process only, then runs the worker. The
+``MASRefineLib.protocol.jobs.PIPELINES`` (as ``worker_pipelines:<name>``) in this process only, then runs the worker. The
 library itself runs only its own pipelines: no environment variable or job field adds any.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def command(job_path) -> list[str]:
 
 
 def register() -> None:
-    from MASRefineLib import jobs
+    from MASRefineLib.protocol import jobs
     for name in NAMES:
         jobs.PIPELINES[f"worker_pipelines:{name}"] = f"worker_pipelines:{name}"
 

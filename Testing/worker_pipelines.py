@@ -2,7 +2,7 @@
 
 Each is ``fn(job, progress) -> dict`` like MASRefineLib.pipeline.run_job; jobs name them as
 ``worker_pipelines:<name>``, which only a worker started through Testing/worker_launcher.py runs (it adds them to
-MASRefineLib.jobs.PIPELINES in its own process).
+MASRefineLib.protocol.jobs.PIPELINES in its own process).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A finished run's outputs as nodes: the load plan (``MASRefineLib.loadplan``) decides files, names,
+"""A finished run's outputs as nodes: the load plan (``MASRefineLib.protocol.loadplan``) decides files, names,
 colours, folders and references; each function here turns one of its items into a node, or shows one
 atlas over the target for quality assurance."""
 import os
@@ -19,7 +19,7 @@ COLORMAPS = {"Grey": "vtkMRMLColorTableNodeGrey", "Viridis": "vtkMRMLColorTableN
 
 
 def loadJobResults(job: MASRefineJob) -> None:
-    """Turn the job's manifest into nodes with the load plan (``MASRefineLib.loadplan``): the run-level
+    """Turn the job's manifest into nodes with the load plan (``MASRefineLib.protocol.loadplan``): the run-level
     outputs now (fused segmentation, QA table), per-atlas outputs on demand (:meth:`loadAtlas`)."""
     ensureLibraryImportable()
     from MASRefineLib.protocol import loadplan
