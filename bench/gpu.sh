@@ -5,9 +5,10 @@
 # (gpu-results.json), the log, the two manifests and the tests' output, all in $OUT.
 #
 # Prepare first, here: bench/gpu_prepare.sh (wheels + data into .gpu/, carried to the device machine).
-# Usage:  bash bench/gpu.sh [--device cuda|cpu] [--quick] [--budget-s S] [--knee-cache DIR]
-#   --quick: tiny sizes (2 atlases, fast preset, a few steps): the dry run on CPU that checks the script
-#   (PYTHON=.venv/bin/python nice -n 19 bash bench/gpu.sh --device cpu --quick --budget-s 1500).
+# Usage:  bash bench/gpu.sh [--device cuda|cpu] [--quick] [--budget-s S] [--knee-cache DIR] [--limit-scale F]
+#   --quick: tiny sizes (2 atlases, fast preset, a few steps): the dry run on CPU that checks the script:
+#   PYTHON=.venv/bin/python nice -n 19 bash bench/gpu.sh --device cpu --quick --budget-s 2400 --limit-scale 4 \
+#       --knee-cache .cache/knee
 set -uo pipefail
 START=$(date +%s)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +19,8 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --quick) QUICK=(--quick); shift ;;
     --budget-s) BUDGET=$2; shift 2 ;;
-    --knee-cache) EXTRA=(--knee-cache "$2"); shift 2 ;;
+    --knee-cache) EXTRA+=(--knee-cache "$2"); shift 2 ;;
+    --limit-scale) EXTRA+=(--limit-scale "$2"); shift 2 ;;
     *) echo "gpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done

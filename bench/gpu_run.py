@@ -99,6 +99,7 @@ def prepare(gpu_dir: Path, budget_mib: float) -> None:
     plan = {"knee": {"atlases": knee_atlases, "target": knee_targets[0]},
             "ixi": {"atlases": ixi_atlases, "target": ixi_targets[0], "extra_atlases": extra,
                     "test_subjects": test_ids},
+            "code": _git_head(),
             "split": "bench.datasets.benchmark_split(dataset, 'tuning'): atlases and the first tuning target; "
                      "extra IXI atlases from training_pool without the tuning targets"}
     used = set(knee_ids) | set(ixi_atlases) | {ixi_targets[0]} | set(extra) | set(test_ids)
@@ -120,6 +121,11 @@ def _plan() -> dict:
     from bench.datasets import shared_dir
 
     return json.loads((shared_dir() / "plan.json").read_text())
+
+
+def _data(args) -> dict:
+    """What the ``data`` part made (atlas sets, target paths)."""
+    return json.loads((Path(args.work) / "part-data.json").read_text())["result"]
 
 
 def _sync(device: str) -> None:
@@ -221,7 +227,7 @@ def part_segment(args, which: str) -> dict:
     from MASRefineLib.cli import main as cli_main
 
     size = QUICK if args.quick else FULL
-    data = json.loads((Path(args.out) / "part-data.json").read_text())["result"]
+    data = _data(args)
     atlas_set = {"knee": data["knee_set"], "brain": data["brain_set"], "brain-all": data["brain_all_set"]}[which]
     image, truth = data["knee_target" if which == "knee" else "brain_target"]
     out = Path(args.work) / f"segment-{which}"
@@ -263,7 +269,7 @@ def part_train_unet(args) -> dict:
     from MASRefineLib.segmenter import (SegmenterSettings, auto_loss, build_unet, head_width, train_segmenter)
 
     size = QUICK if args.quick else FULL
-    data = json.loads((Path(args.out) / "part-data.json").read_text())["result"]
+    data = _data(args)
     aset = AtlasSet.load(data["knee_set"])
     images, labels = zip(*(aset.read(a) for a in aset.ids))
     s = SegmenterSettings(epochs=size["unet_epochs"], steps_per_epoch=size["unet_steps"])
@@ -326,7 +332,7 @@ def part_train_votenet(args) -> dict:
     from MASRefineLib.warped import WarpedSet
 
     size = QUICK if args.quick else FULL
-    data = json.loads((Path(args.out) / "part-data.json").read_text())["result"]
+    data = _data(args)
     image, truth = data["knee_target"]
     timg, tlab = read_image(image), read_label(truth)
     tarr = normalize_intensity(sitk.GetArrayFromImage(timg)).astype(np.float32)
@@ -367,7 +373,8 @@ def part_train_votenet(args) -> dict:
 
 
 def run_part(args) -> int:
-    """One part in this process; its result (or error) as ``<out>/part-<name>.json``."""
+    """One part in this process; its result (or error) as ``<work>/part-<name>.json`` (not in ``<out>``: at most
+    8 files come back from the device machine)."""
     t = time.perf_counter()
     fn = {"env": part_env, "data": part_data, "cuda-tests": part_cuda_tests, "train-unet": part_train_unet,
           "train-votenet": part_train_votenet, "segment-knee": lambda a: part_segment(a, "knee"),
@@ -382,7 +389,7 @@ def run_part(args) -> int:
 
         traceback.print_exc()
         res, status = {"error": f"{type(e).__name__}: {e}"}, "failed"
-    (Path(args.out) / f"part-{args.name}.json").write_text(json.dumps(
+    (Path(args.work) / f"part-{args.name}.json").write_text(json.dumps(
         {"status": status, "seconds": round(time.perf_counter() - t, 1), "result": res}, indent=1, default=str) + "\n")
     return 0 if status == "ok" else 1
 
@@ -397,15 +404,15 @@ def run_all(args) -> int:
     for i, name in enumerate(PARTS):
         left = deadline - time.time()
         reserve = sum(MIN_S[p] for p in PARTS[i + 1:])
-        limit = min(LIMIT_S[name], left - reserve)
-        if name == "segment-brain-all" and limit < OPTIONAL_MIN_S:
+        limit = min(LIMIT_S[name] * args.limit_scale, left - reserve * args.limit_scale)
+        if name == "segment-brain-all" and limit < OPTIONAL_MIN_S * args.limit_scale:
             results[name] = {"status": "not run", "seconds": 0, "result": {"why": f"{left:.0f} s left"}}
             continue
         if limit < 5:
             results[name] = {"status": "not run", "seconds": 0, "result": {"why": "overall deadline"}}
             continue
         print(f"\n=== {name} (limit {limit:.0f} s, {left:.0f} s left) ===", flush=True)
-        (out / f"part-{name}.json").unlink(missing_ok=True)
+        (Path(args.work) / f"part-{name}.json").unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "part", name, "--out", str(out), "--work", args.work,
                "--device", args.device] + (["--quick"] if args.quick else []) + (
                    ["--knee-cache", args.knee_cache] if args.knee_cache else [])
@@ -416,10 +423,9 @@ def run_all(args) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)  # its own session: the part's children go too
             p.wait()
-        f = out / f"part-{name}.json"
+        f = Path(args.work) / f"part-{name}.json"
         if f.exists():
             results[name] = json.loads(f.read_text())
-            f.unlink()
         else:
             results[name] = {"status": "timed out" if time.perf_counter() - t >= limit - 1 else f"crashed ({p.returncode})",
                              "seconds": round(time.perf_counter() - t, 1), "result": {}}
@@ -434,10 +440,18 @@ def run_all(args) -> int:
 
 
 def _git_head() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes); on the device machine, whose copy of the
+    tree has no .git, the one ``prepare`` recorded in plan.json."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        head = ""
+    if head:
+        return head
+    try:
+        return f"{_plan()['code']} (at prepare)"
+    except (OSError, KeyError, ValueError):
         return "unknown"
 
 
@@ -450,7 +464,10 @@ def render(doc: dict) -> str:
     head = (f"GPU run (issue 22): device {doc['device']}{' (--quick dry run)' if doc['quick'] else ''}, "
             f"{env.get('gpu', 'no GPU')}, torch {env.get('torch', '?')}, code {doc['code']}, {doc['created']}"
             + (f", total {doc['total_s']} s" if doc.get("total_s") is not None else ""))
-    cols = ["part", "status", "s", *STAGES, "steps/s", "GPU peak MiB", "mean Dice", "note"]
+    # the stages the runs recorded (pipeline.py names them; new ones get a column too), in the usual order
+    seen = [n for r in doc["parts"].values() for n in (r.get("result") or {}).get("stages_s", {})]
+    stages = [n for n in STAGES if n in seen] + [n for n in dict.fromkeys(seen) if n not in STAGES] or STAGES
+    cols = ["part", "status", "s", *stages, "steps/s", "GPU peak MiB", "mean Dice", "note"]
     rows = []
     for name, r in doc["parts"].items():
         res = r.get("result", {})
@@ -459,7 +476,7 @@ def render(doc: dict) -> str:
         if name == "env":
             note = ", ".join(f"{k} {env.get(k)}" for k in ("cuda", "cpu_count", "SimpleITK", "monai") if k in env)
         elif name == "data":
-            note = (f"{res.get('knees')} knees synthesized in {res.get('knee_synthesis_s')} s"
+            note = (f"{res.get('knees')} knees ready (synthesized where missing) in {res.get('knee_synthesis_s')} s"
                     if "knees" in res else "")
         elif name == "cuda-tests":
             note = f"{', '.join(res.get('files', []))}: {res.get('summary', '')}"
@@ -482,7 +499,7 @@ def render(doc: dict) -> str:
             note = (note + " " if note else "") + "error: " + res["error"][:160]
         if "why" in res:
             note = res["why"]
-        rows.append([name, r.get("status", "?"), f(r.get("seconds")), *[f(st.get(s), 2) for s in STAGES],
+        rows.append([name, r.get("status", "?"), f(r.get("seconds")), *[f(st.get(s), 2) for s in stages],
                      f(steps, 2), f(res.get("gpu_peak_mib"), 0), f(res.get("mean_dice"), 4),
                      note.replace("|", "/")])
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -510,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--knee-cache", default=None, help="folder of synthesized knees (default: <work>/knee)")
         q.add_argument("--deadline", type=float, default=None, help="epoch seconds by which the run must end")
         q.add_argument("--budget", type=float, default=470, help="seconds of the whole run (for the total)")
+        q.add_argument("--limit-scale", type=float, default=1.0,
+                       help="multiplies every part's limit (the CPU dry run is far slower than a GPU)")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         prepare(Path(args.gpu_dir), args.budget_mib)
