@@ -56,9 +56,11 @@ def resample_linear(x: torch.Tensor, grid: Grid, to_grid: Grid) -> torch.Tensor:
     """``x`` (Z, Y, X) on ``grid`` linearly resampled onto ``to_grid`` (identity transform, physical space) with
     ITK's edge rule, so that it reproduces ``sitk.Resample(..., sitk.sitkLinear, 0)``: a point within half a voxel
     outside the outermost voxel centres takes the edge value (ITK's buffer is the voxels' extent, its linear
-    interpolator clamps to the edge), a point further out is 0. The torch warp (grid_sample, border padding) with
-    that mask. When the two grids' axes are parallel (every working grid of an image), index maps axis by axis and
-    the sample points and the mask are built from three 1D ramps (3x faster than from every point's LPS mm)."""
+    interpolator clamps to the edge), a point further out is 0. In general the torch warp (grid_sample, border
+    padding) with that mask; when the two grids' axes are parallel (every working grid of an image: index maps axis
+    by axis), trilinear interpolation is three 1D linear interpolations, done so (the same numbers, with float64
+    weights; several times faster than grid_sample on one CPU thread, which brings the pyramid to SimpleITK's
+    speed: docs/volume.md)."""
     m = grid.physical_to_index() @ to_grid.index_to_physical()  # to_grid's (i, j, k, 1) -> grid's continuous index
     if not np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])), atol=1e-9 * max(1.0, float(np.abs(m).max()))):
         pts = grid_points(to_grid, x.device, torch.float64)
@@ -68,17 +70,21 @@ def resample_linear(x: torch.Tensor, grid: Grid, to_grid: Grid) -> torch.Tensor:
         n = torch.as_tensor(grid.size, dtype=torch.float64, device=x.device)
         inside = ((idx >= -0.5) & (idx < n - 0.5)).all(-1)
         return torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    norm, keep = [], []
-    for a in range(3):  # i, j, k
+    out = x
+    inside = None
+    for a in range(3):  # i, j, k: tensor dims 2, 1, 0; one 1D linear interpolation per axis (separable)
+        n, dim = grid.size[a], 2 - a
         idx = torch.arange(to_grid.size[a], dtype=torch.float64, device=x.device) * m[a, a] + m[a, 3]
-        n = grid.size[a]
-        norm.append((idx * (2.0 / (n - 1)) - 1.0) if n > 1 else torch.zeros_like(idx))  # align_corners=True
-        keep.append((idx >= -0.5) & (idx < n - 0.5))
-    nz, ny, nx = to_grid.shape
-    g = torch.stack([norm[0].view(1, 1, nx).expand(nz, ny, nx), norm[1].view(1, ny, 1).expand(nz, ny, nx),
-                     norm[2].view(nz, 1, 1).expand(nz, ny, nx)], -1).to(x.dtype)
-    out = F.grid_sample(x[None, None], g[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
-    inside = keep[2].view(nz, 1, 1) & keep[1].view(1, ny, 1) & keep[0].view(1, 1, nx)
+        keep = (idx >= -0.5) & (idx < n - 0.5)
+        c = idx.clamp(0, n - 1)  # border: the edge value up to half a voxel out (masked beyond)
+        i0 = c.floor().long().clamp(max=max(n - 2, 0))
+        w = (c - i0).to(x.dtype)
+        i1 = (i0 + 1).clamp(max=n - 1)
+        shape = [1, 1, 1]
+        shape[dim] = -1
+        out = out.index_select(dim, i0) * (1 - w).view(shape) + out.index_select(dim, i1) * w.view(shape)
+        k = keep.view(shape)
+        inside = k if inside is None else inside & k
     return torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
