@@ -40,10 +40,11 @@ if str(ROOT) not in sys.path:
 
 # -- sizes of the run ---------------------------------------------------------------------------------------
 #: (full, --quick): atlases per segment run, U-Net epochs x steps, VoteNet+ iterations
+#: atlases / pairs the training parts read: a step's cost does not depend on them, reading them (CPU) does
 FULL = {"knee_atlases": 10, "brain_atlases": 10, "preset": "default", "unet_epochs": 4, "unet_steps": 25,
-        "unet_compute_steps": 30, "votenet_iterations": 200}
+        "unet_atlases": 6, "unet_compute_steps": 30, "votenet_iterations": 200, "votenet_train_pairs": 4}
 QUICK = {"knee_atlases": 2, "brain_atlases": 2, "preset": "fast", "unet_epochs": 2, "unet_steps": 2,
-         "unet_compute_steps": 3, "votenet_iterations": 12}
+         "unet_atlases": 2, "unet_compute_steps": 3, "votenet_iterations": 12, "votenet_train_pairs": 1}
 #: seconds each part may take at most (further capped by the overall deadline, keeping MIN_S for each later part)
 LIMIT_S = {"env": 60, "data": 120, "cuda-tests": 120, "segment-knee": 150, "segment-brain": 120, "train-unet": 60,
            "train-votenet": 60, "segment-brain-all": 150}
@@ -271,7 +272,8 @@ def part_train_unet(args) -> dict:
     size = QUICK if args.quick else FULL
     data = _data(args)
     aset = AtlasSet.load(data["knee_set"])
-    images, labels = zip(*(aset.read(a) for a in aset.ids))
+    ids = aset.ids[:size["unet_atlases"]]
+    images, labels = zip(*(aset.read(a) for a in ids))
     s = SegmenterSettings(epochs=size["unet_epochs"], steps_per_epoch=size["unet_steps"])
     ends: list[float] = []
 
@@ -283,12 +285,12 @@ def part_train_unet(args) -> dict:
     if models.exists():
         shutil.rmtree(models)
     t = time.perf_counter()
-    seg = train_segmenter(images, labels, aset.label_table, models, s, ids=aset.ids, device=args.device,
+    seg = train_segmenter(images, labels, aset.label_table, models, s, ids=ids, device=args.device,
                           progress=progress, resume=False)
     wall = time.perf_counter() - t
     steady = (len(ends) - 1) * s.steps_per_epoch / (ends[-1] - ends[0]) if len(ends) >= 2 else None
     r: dict[str, Any] = {"loop": {"epochs": s.epochs, "steps_per_epoch": s.steps_per_epoch, "batch": s.batch_size,
-                                  "patch": s.patch_size, "spacing_mm": seg.spacing_mm, "loss": seg.settings.loss,
+                                  "patch": s.patch_size, "atlases": len(ids), "spacing_mm": seg.spacing_mm, "loss": seg.settings.loss,
                                   "steps_per_s_after_epoch_1": round(steady, 2) if steady else None,
                                   "wall_s": round(wall, 1)}}
     # compute alone: knee classes and brain classes (148 structures: the head is wider)
@@ -360,13 +362,14 @@ def part_train_votenet(args) -> dict:
 
     n = size["votenet_iterations"]
     t = time.perf_counter()
-    model = train_votenet(pairs[1:], pairs[:1], iterations=n, device=args.device, progress=progress)
+    train = pairs[1:1 + size["votenet_train_pairs"]]
+    model = train_votenet(train, pairs[:1], iterations=n, device=args.device, progress=progress)
     wall = time.perf_counter() - t
     its = sorted(marks)
     first = next((i for i in its if i >= 11), its[0])
     rate = (its[-1] - first) / (marks[its[-1]] - marks[first]) if its[-1] > first else None
     tr = model.meta["training"]
-    return {"pairs": source, "train_pairs": len(pairs) - 1, "iterations": n, "batch": tr["batch"], "patch": tr["patch"],
+    return {"pairs": source, "train_pairs": len(train), "iterations": n, "batch": tr["batch"], "patch": tr["patch"],
             "steps_per_s": round(rate, 2) if rate else None, "steps_timed": its[-1] - first,
             "training_s": tr["seconds"], "wall_s_with_calibration": round(wall, 1),
             "gpu_peak_mib": _gpu_peak_mib(args.device)}
