@@ -60,8 +60,9 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9,
     ``window`` is the side of the cubic window in voxels. Loss: ``1 - lncc``. ``b_moments``: the fixed
     image's local moments, :func:`box_moments` of ``b`` (computed once per level instead of at every
     iteration for every atlas; the same numbers). ``eps`` is added to the product of the local
-    variances (intensity units to the 4th power; see :data:`LNCC_EPS`). Ours, not MONAI's ``LocalNormalizedCrossCorrelationLoss`` (zeros outside the image counted, a clamp per
-    variance instead of ``eps``): 1e-2 to 5e-2 off on a real image, 1.6-2.9x slower (docs/numerics.md).
+    variances (intensity units to the 4th power; see :data:`LNCC_EPS`). Ours, not MONAI's
+    ``LocalNormalizedCrossCorrelationLoss`` (zeros outside the image counted, a clamp per variance instead of
+    ``eps``): 1e-2 to 5e-2 off on a real image, 1.3-2.2x slower (docs/numerics.md).
     """
     cov, va, vb = _local_moments(a, b, window, b_moments)
     cc = cov * cov / (va * vb + float(eps))
@@ -302,8 +303,8 @@ def bending_energy(field: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.
     counted twice, as d2/dxdy and d2/dydx appear twice in the Frobenius norm), each averaged over the
     voxels where it is defined. Ours, not MONAI's ``BendingEnergyLoss``, whose wide mixed stencil (1.6) is
     blind to a checkerboard's mixed terms (before 1.6 to the whole checkerboard), which skips border voxels,
-    has no spacing and took 2.7x the time (tested; docs/numerics.md). The gradient is computed by hand (:class:`_BendingEnergy`;
-    tested against autograd of the same sum); second derivatives through it are not supported.
+    has no spacing and took 2.5x the time (tested; docs/numerics.md). The gradient is computed by hand
+    (:class:`_BendingEnergy`; tested against autograd of the same sum); no second derivatives through it.
     """
     return _BendingEnergy.apply(field, tuple(float(s) for s in spacing))
 
