@@ -179,7 +179,6 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
     import torch
     from .device import resolve_device
     from .fusion.votenet import votenet_model_path
-    from .geometry import Grid
     from .stages import Fuse, Load, Models, Refine, Register, Run, SegmentOptions
     from .training import ensure_segmenter
 
@@ -231,7 +230,7 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
             # the pipeline's stages: Load, then (per pre-registration) Models and Register once, Refine once per
             # variant and Fuse once per row
             base = Load().run(Run(SegmentOptions(), dev, target_path=t.image, atlas_dir=str(aset.root)), None)
-            grid = Grid.from_image(base.target)
+            grid = base.target.grid
             if prereg == "unet":
                 t0 = time.perf_counter()
                 seg = ensure_segmenter(base.atlas_set, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)

@@ -237,7 +237,7 @@ class Write:
 
     def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
         out, m, fused, aset = self.output.folder, self.output.manifest, run.fused, run.atlas_set
-        grid = Grid.from_image(run.target)
+        grid = run.target.grid
         m.set("labels", aset.label_table.to_json_dict())
         m.set("target_grid", grid.to_json())
         report(progress, "write", 0.0, "fused labels")
@@ -290,7 +290,7 @@ class QA:
         metrics = None
         if self.output.truth:
             report(progress, "qa", 0.8, "metrics against the reference")
-            metrics = _write_metrics(out, fused.labels, Grid.from_image(run.target), self.output.reference,
+            metrics = _write_metrics(out, fused.labels, run.target.grid, self.output.reference,
                                      str(self.output.truth), run.atlas_set.label_table, m, self.output.groups)
         report(progress, "qa", 1.0, "done")
         return run.replace(outputs={**run.outputs, "metrics": metrics})

@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from .errors import MASRefineError
 from .progress import ProgressCallback, ProgressEvent, report
 from .protocol.jobs import PARAMETERS
+from .volume import Volume
 
 log = logging.getLogger("MASRefineLib.stages")
 
@@ -98,8 +98,8 @@ class Run:
     atlas_set: Any = None                    # atlas.AtlasSet (Load)
     atlas_ids: Optional[list[str]] = None    # the atlases Register registers (None: all of the set)
     preloaded: Optional[Preloaded] = None    # models loaded once by the caller (Models uses them when complete)
-    target: Optional[sitk.Image] = None      # the target image as read, LPS mm (Load)
-    target_array: Optional[np.ndarray] = None  # (Z, Y, X) float32, intensities normalised to [0, 1] (Load)
+    target: Optional[Volume] = None          # the target: intensities normalised to [0, 1] on its LPS grid (Load)
+    target_array: Optional[np.ndarray] = None  # (Z, Y, X) float32 numpy view of ``target`` (QA, the segmenter)
     segmenter: Any = None                    # the surrogate segmenter for refinement IS (Models)
     votenet: Any = None                      # a loaded VoteNet+ model (Models; None: Fuse reads the stored one)
     warped: Any = None                       # warped.WarpedSet: registered (Register), then refined (Refine)
@@ -133,19 +133,19 @@ class _Fixed:
 
 
 class Load(_Fixed):
-    """Read the target image (normalised once to [0, 1]) and the atlas set, with the checks a user needs."""
+    """Read the target image (validated and normalised to [0, 1], once: :func:`MASRefineLib.volume.read_image`; the
+    later stages take this volume as it is) and the atlas set, with the checks a user needs."""
     name, share = "load", 0.03
 
     def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
         from .atlas import AtlasSet
-        from .imageio import normalize_intensity, read_image
+        from .volume import read_image
         report(progress, "load", 0.0, "reading inputs")
         target = read_image(run.target_path)
         aset = run.atlas_set if run.atlas_set is not None else AtlasSet.load(run.atlas_dir)
         if len(aset) == 0:
             raise MASRefineError(f"{aset.json_path}: the atlas set has no atlases")
-        run = run.replace(target=target, target_array=normalize_intensity(sitk.GetArrayFromImage(target)),
-                          atlas_set=aset)
+        run = run.replace(target=target, target_array=target.numpy(), atlas_set=aset)
         report(progress, "load", 1.0, f"{len(aset)} atlases")
         return run
 
@@ -211,7 +211,7 @@ class Refine(_Fixed):
             fallbacks = [*fallbacks, "refine: no segmenter available; variant I used instead of IS"]
             log.warning("no surrogate segmenter available: refinement variant I instead of IS")
             variant = "I"
-        ws = refine(run.warped, run.target_array, variant, segmenter=run.segmenter, device=run.device,
+        ws = refine(run.warped, run.target, variant, segmenter=run.segmenter, device=run.device,
                     progress=progress, **kw)
         return run.replace(warped=ws, unrefined=run.warped, fallbacks=fallbacks)
 
@@ -230,7 +230,7 @@ class Fuse(_Fixed):
         if opts.fusion == "votenet":
             kw["model"] = run.votenet if run.votenet is not None else \
                 votenet_model_path(run.atlas_set, opts.prereg, opts.refine)
-        r = fuse(run.warped, run.target_array, method=opts.fusion, device=run.device, progress=progress, **kw)
+        r = fuse(run.warped, run.target, method=opts.fusion, device=run.device, progress=progress, **kw)
         fused = Fused(np.asarray(r.labels, np.uint16), [int(v) for v in r.posteriors.values],
                       lambda v, P=r.posteriors: P.map(int(v)), r.weights,
                       {"method": r.method, "params": r.params, "seconds": r.seconds, **(r.info or {})})

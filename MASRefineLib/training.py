@@ -302,18 +302,17 @@ def loo_pairs(aset, register_fn=None, *, prereg: str = "deformable", preset: str
 def stage_register(aset, prereg: str, preset: str, refine: str | None, segmenter, device):
     """``register_fn`` of :func:`loo_pairs` by the pipeline's stages: Register (``prereg``, the registration
     preset ``preset`` with its own seed), then Refine (variant ``refine``, refine.py's defaults) when given."""
-    import SimpleITK as sitk
-
     from .device import resolve_device
-    from .imageio import normalize_intensity
     from .registration import get_params
+    from .volume import Volume
 
     opts = SegmentOptions(prereg=prereg, refine=refine or "none", preset=preset, seed=get_params(preset).seed)
     dev = resolve_device(device)
 
     def fn(image, tid: str, others: list[str]):
-        run = Run(opts, dev, atlas_set=aset, atlas_ids=others, target=image, segmenter=segmenter,
-                  target_array=normalize_intensity(sitk.GetArrayFromImage(image)))
+        target = Volume.from_image(image)  # normalised once, as Load does for a file
+        run = Run(opts, dev, atlas_set=aset, atlas_ids=others, target=target, target_array=target.numpy(),
+                  segmenter=segmenter)
         run = Register().run(run, None)
         if refine:
             run = Refine().run(run, None)
