@@ -58,7 +58,7 @@ def compact_labels(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq by identity: comparing tensors element-wise is not a volume's equality
 class Volume:
     """A (Z, Y, X) tensor on ``grid``: normalised float32 intensities or integer label values (module doc).
     ``path``: the file it was read from, for messages."""
