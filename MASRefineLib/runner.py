@@ -38,7 +38,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .protocol.events import EVENT_PREFIX, EXIT_CANCELLED, EXIT_DONE, EXIT_ERROR, EXIT_INVALID, STATUS  # noqa: F401
+from .protocol.events import EVENT_PREFIX, EXIT_DONE, STATUS
 
 _LIVE: "weakref.WeakSet[JobRunner]" = weakref.WeakSet()
 

@@ -10,7 +10,8 @@ before it left in the :class:`Run` and adds its own. ``masrefine segment`` (:fun
 this list plus its output stages, so also the worker, ``masrefine batch`` and the Slicer job), ``masrefine
 experiment`` (the list up to registration once, then Refine and Fuse per row of the table) and the VoteNet+
 training data (:func:`MASRefineLib.training.loo_pairs`: Register and Refine on each atlas left out) all run
-these objects; nothing else calls registration, refinement or fusion for a run.
+these objects (only the one-stage commands ``register``, ``refine`` and ``fuse`` call their engines directly, with
+their own options).
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class Fused:
 class Run:
     """What flows through the stages of one run: each stage reads what the stages before it set and sets its own
     (``target_path`` and ``atlas_set`` may be given instead of loaded; the output stages of
-    :mod:`MASRefineLib.pipeline` add the output folder and the manifest)."""
+    :mod:`MASRefineLib.pipeline` record what they wrote in ``outputs``)."""
     options: SegmentOptions
     device: torch.device
     target_path: Optional[str] = None        # absolute path of the target image (None: ``target`` given in memory)
@@ -158,7 +159,7 @@ class Models:
 
     def weight(self, run: Run) -> float:
         from .training import training_weight
-        return training_weight(run.atlas_dir, run.options)
+        return training_weight(run.atlas_set if run.atlas_set is not None else run.atlas_dir, run.options)
 
     def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
         opts, pre = run.options, run.preloaded
@@ -296,6 +297,3 @@ def run_stages(stages: list[Stage], run: Run, progress: Optional[ProgressCallbac
             run = s.run(run, plan.cb(s.name))
     return run
 
-
-__all__ = ["SegmentOptions", "Preloaded", "Fused", "Run", "Stage", "Load", "Models", "Register", "Refine", "Fuse",
-           "compute_stages", "run_stages", "Plan", "part", "PREREGS", "REFINES", "FUSIONS", "PRESETS"]

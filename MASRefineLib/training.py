@@ -427,12 +427,13 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
     return segmenter, votenet
 
 
-def training_weight(atlas_dir, opts: SegmentOptions) -> float:
-    """Share of a run's overall progress for training models (when they are missing and will be trained)."""
-    models = Path(atlas_dir) / "models"
+def training_weight(aset, opts: SegmentOptions) -> float:
+    """Share of a run's overall progress for training models (when they are missing and will be trained);
+    ``aset``: an atlas set or its folder."""
+    models = Path(getattr(aset, "models_dir", None) or Path(aset) / "models")
     w = 0.0
     if opts.train_missing and opts.refine == "IS" and not (models / "segmenter.json").exists():
         w += 0.5
-    if opts.train_missing and opts.fusion == "votenet" and votenet_model_path(atlas_dir, opts.prereg, opts.refine) is None:
+    if opts.train_missing and opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None:
         w += 0.7
     return w
