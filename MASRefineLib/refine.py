@@ -1,59 +1,25 @@
-"""VoteNet++ registration refinement (paper Eq. 3-6), batched over atlases.
+"""VoteNet++ registration refinement (paper Eq. 3-6), batched over atlases (docs/refinement.md).
 
-After pre-registration every atlas is already warped onto the target grid (a :class:`WarpedSet`).
-Refinement optimises, per atlas, one more smooth displacement field ``f`` (phi^-1(x) = x + f(x)) that
+Per atlas of a pre-registered :class:`WarpedSet`, one more smooth displacement ``f`` (phi^-1(x) = x + f(x))
 minimises (Eq. 3)::
 
     L(f) = [1 - NCC(A~_I o phi^-1, T_I)] + alpha * L_seg(S_src o phi^-1, S_tar) + gamma * L_reg(f)
 
-- ``A~_I``: the warped atlas image, ``T_I``: the target image (both normalised to [0, 1]). The paper's NCC
-  is global; by default we use local NCC (``similarity="lncc"``, measured in docs/refinement.md).
-- ``L_seg`` (Eq. 5): soft multi-class Dice (:func:`losses.soft_dice_loss`, structures only) between the
-  surrogate segmenter's class probabilities of the warped atlas image, ``S_src``, warped by ``f``, and
-  of the target, ``S_tar``. Both are predicted once, before the optimisation. Variant ``"I"`` drops
-  this term; variant ``"IS"`` keeps it. Beyond the paper, the structures the surrogate segments poorly
-  (stored validation Dice below ``seg_min_dice``, default 0.5) are left out of the Dice: with many
-  structures and few training subjects (IXI, 148 structures) a CPU-trained U-Net gets most of them wrong,
-  and their Dice pulls atlases away from a good registration (:func:`surrogate_structures`). On IXI this
-  was not enough: IS still lowered the Dice with a 0.45 surrogate (docs/refinement.md, docs/pipeline.md).
-- ``L_reg`` (Eq. 6): bending energy, mean over voxels of sum_i ||H(f_i)||_F^2
-  (:func:`losses.bending_energy`, compact stencils including the mixed terms).
+``L_seg`` (Eq. 5): soft Dice of the surrogate segmenter's probabilities (variant ``IS``; ``I`` drops it), over
+the structures it segments with validation Dice >= ``seg_min_dice`` (:func:`surrogate_structures`). ``L_reg``
+(Eq. 6): bending energy (:func:`losses.bending_energy`). The image term is local NCC by default (``"ncc"``:
+global, the paper).
 
-Units (this module's convention)
---------------------------------
-* ``f`` is a displacement in **LPS millimetres** (the project's field convention, :mod:`warp`), and its
-  Hessian is taken per millimetre, so ``L_reg`` is in **mm^-2** (mm / mm^2, squared) and ``gamma`` is in
-  **mm^2**; ``gamma * L_reg`` is dimensionless like the two data terms. Because the energy is in
-  physical units it does not change with the working grid: the same ``gamma`` means the same
-  smoothness at every level of the pyramid and for any image spacing.
-* The paper's ``gamma = 20000`` belongs to the authors' code, where displacements are in normalised
-  image coordinates and derivatives are taken per voxel: there the same field has a very different
-  energy. :func:`gamma_from_paper` converts (knee grid 0.7 mm, 160 x 200 x 200: 20000 -> about 0.4 mm^2);
-  see its docstring and ``docs/refinement.md``.
-* The default ``gamma`` (:data:`DEFAULT_GAMMA`, 40 mm^2) is about 100x the converted paper value, chosen by
-  measurement on real knees after deformable pre-registration (table in ``docs/refinement.md``): this module
-  optimises one pair to convergence, where the paper regularises a network's prediction, and with 0.4 mm^2
-  the optimiser over-fits the image term (1 - NCC 0.41 -> 0.07, moves of 33 mm, the refinement field
-  itself folded on 8 % of the voxels, bone Dice -0.056). From about 40 mm^2 on the refinement field has
-  no folded voxel; the composed field's folding is then the pre-registration's.
+Units: ``f`` is in **LPS millimetres** and its Hessian per millimetre, so ``L_reg`` is in **mm^-2** and
+``gamma`` in **mm^2** (the same smoothness on every working grid and spacing). The paper's ``gamma = 20000``
+is in the authors' normalised per-voxel units: :func:`gamma_from_paper` converts (about 0.4 mm^2 on the knee
+grid); the default :data:`DEFAULT_GAMMA` (40 mm^2) was measured (docs/refinement.md).
 
-Optimisation: ``f`` lives on a working grid over the target's field of view, coarse to fine
-(``spacings_mm``; default :func:`default_spacings`: the finest level is the target's own spacing when its
-grid has at most :data:`DEFAULT_MAX_VOXELS` voxels, else 2x, 4x, ... that, and the coarse level twice the
-finest: 2.8 / 1.4 mm on 0.7 mm knees, 4 / 2 mm on 2 mm brains). On each level ``f = f_coarser + U(p)``:
-``p`` is a displacement on a control grid ``control`` voxels apart, ``U`` trilinear upsampling (a smooth
-parameterisation that spreads each edge's pull over its neighbourhood and halves the unknowns; the energy
-is always evaluated on ``f`` itself, on the level grid), optimised with
-L-BFGS and a strong-Wolfe line search (scale-aware, so a large ``gamma`` really keeps ``f`` small; a
-normalised-step method such as Adam moves flat background as fast as edges and oscillates under a stiff
-bending term). Beyond Eq. 3 the loss has a folding barrier (:func:`folding_barrier`, weight
-``folding_weight``, 0 = Eq. 3 exactly) on the control nodes: zero unless a cell's Jacobian determinant
-drops below 0.2. The atlases of a batch share one L-BFGS run on the sum of their losses (the losses
-are separable, so each atlas's gradient is its own; only the line-search step is shared).
-
-The result is resampled to the target grid and composed with the pre-registration
-(:func:`warp.compose`): one total field per atlas, from the original atlas to the target, which warps
-the *original* atlas image and label map once (one interpolation; labels one-hot trilinear + argmax).
+Optimisation: ``f`` on working grids coarse to fine (:func:`default_spacings`), ``f = f_coarser + U(p)`` with
+``p`` on a control grid ``control`` voxels apart and ``U`` trilinear upsampling, L-BFGS with a strong-Wolfe
+line search, plus a folding barrier (weight ``folding_weight``, 0 = Eq. 3 exactly); the atlases of a batch
+share one L-BFGS run on the sum of their (separable) losses. The result is composed with the pre-registration
+(:func:`warp.compose`) and warps the *original* atlas image and label map once.
 """
 from __future__ import annotations
 
@@ -84,32 +50,23 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("I", "IS")
 DEFAULT_ALPHA: float = REFINE_DEFAULTS["alpha"]
-#: gamma in mm^2 (see the module docstring); chosen by measurement, evidence in docs/refinement.md
-#: (the paper's 20000 converts to ~0.4 mm^2, which folds the refinement field on real knees)
+#: gamma in mm^2 (module docstring; measured, docs/refinement.md)
 DEFAULT_GAMMA: float = REFINE_DEFAULTS["gamma"]
-#: voxels of the finest working grid at most (:func:`default_spacings`). 1.5 M keeps the 0.7 mm knee
-#: (6.4 M voxels) at 2x its spacing, the cost the iterations below were tuned for, and refines 2 mm brains
-#: (1.3 M) at their own resolution: measured on 5 IXI targets (docs/refinement.md, "Working grids by voxel
-#: budget"), 8 / 4 mm working grids (the old fixed 4x / 2x) could add nothing to the registration's own 4 mm
-#: level (vote -0.002), 4 / 2 mm grids lift the vote by ~+0.02.
+#: voxels of the finest working grid at most (:func:`default_spacings`; docs/refinement.md, "Working grids by
+#: voxel budget")
 DEFAULT_MAX_VOXELS = 1_500_000
-#: L-BFGS iterations per level (coarse to fine). The fine level costs ~6x the coarse one per iteration;
-#: measured on 4 knee targets x 8 atlases (IS): (80, 20) against (80, 40) -0.004 cartilage Dice (atlas and
-#: vote) for -32 % CPU (26.8 vs 39.3 s per atlas); evidence in docs/refinement.md
+#: L-BFGS iterations per level, coarse to fine (docs/refinement.md, "Iterations")
 DEFAULT_ITERATIONS: tuple[int, ...] = REFINE_DEFAULTS["iterations"]
 #: control-point spacing of the field's parameterisation, in voxels of each level
 DEFAULT_CONTROL = 2
 #: weight of the folding barrier (dimensionless; 0 = Eq. 3 exactly), see :func:`folding_barrier`
 DEFAULT_FOLDING_WEIGHT = 10.0
-#: image similarity of Eq. 4: "lncc" (local NCC over LNCC_WINDOW voxels of each level, default) or "ncc" (global,
-#: the paper). Measured (docs/refinement.md, "The LNCC floor"): with an unbiased variance floor (losses.LNCC_EPS)
-#: lncc undoes the test crop's known misalignment better than ncc (0.17 vs 0.27 mm), keeps an exactly aligned atlas
-#: in place, and on real pairs gives I >= none on the knee majority vote (ncc lost bone) and I level with none on
-#: brains (-0.0014 over 5 IXI targets, where ncc lost 0.035)
+#: image similarity of Eq. 4: "lncc" (local NCC over LNCC_WINDOW voxels of each level, default) or "ncc"
+#: (global, the paper); docs/refinement.md, "The LNCC floor"
 SIMILARITIES = ("ncc", "lncc")
 DEFAULT_SIMILARITY = "lncc"
 LNCC_WINDOW = 5
-#: atlases per L-BFGS run; measured on one CPU thread (knee, 4 atlases): batch 2 took 22 CPU s per atlas, batch 4 took 41
+#: atlases per L-BFGS run (measured on one CPU thread, docs/refinement.md)
 DEFAULT_BATCH = 2
 
 
@@ -130,46 +87,17 @@ class Segmenter(Protocol):
 _ISOTROPIC_WIDE_MIXED_RATIO = 7.0
 
 
-def normalized_displacement(field_mm: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """The same field in the authors' units: (B, 3, Z, Y, X) displacements along the index axes
-    (i, j, k) in ``grid_sample`` normalised coordinates (align_corners: -1 and +1 are the centres of the
-    first and last voxel), i.e. component ``c`` divided by the half-extent ``(n_c - 1) * s_c / 2`` mm."""
-    d = torch.as_tensor(grid.direction_matrix, dtype=field_mm.dtype, device=field_mm.device)
-    along = torch.einsum("ac,bazyx->bczyx", d, field_mm)  # LPS -> index-axis components, still mm
-    half = torch.as_tensor([(n - 1) * s / 2.0 for n, s in zip(grid.size, grid.spacing)], dtype=field_mm.dtype,
-                           device=field_mm.device)
-    return along / half.view(1, 3, 1, 1, 1)
-
-
 def gamma_from_paper(gamma_paper: float, grid: Grid) -> float:
-    """Our ``gamma`` (mm^2) equivalent to the paper's ``gamma`` on the paper's image ``grid``.
-
-    The authors' code (the smoothness term of DeepAtlas, ref. [12] of the paper, which VoteNet++ reuses)
-    works on displacements ``v_c = u_c / L_c`` in normalised coordinates (``L_c = (n_c - 1) s_c / 2`` mm,
-    :func:`normalized_displacement`) with second differences per voxel (h = 1). Per squared second
-    derivative this scales our mm energy by ``s^4 / L_c^2`` (isotropic spacing ``s``): Eq. 6 taken literally
-    on that field (sum over components, mean over voxels, our compact stencils) would be
-    ``gamma_mm = gamma_paper * s^4 * mean_c(1 / L_c^2)``, exact for fields whose energy is spread evenly over
-    the components (tested). The authors' code further divides by 27 (a mean over the 3 components and a
-    division by 9), takes the mixed terms with the wide central stencil (4x the compact one, so 16x the
-    energy), and weights component ``c`` by ``(n_c / min n)^2``. For a smooth field with no preferred
-    direction the wide mixed stencil makes the energy 7x larger, so
-    ``gamma_mm = gamma_paper * (7 / 27) * s^4 * mean_c((n_c / min n)^2 / L_c^2)``.
-
-    On the paper's knee grid (0.7 mm, 160 x 200 x 200) ``gamma_paper = 20000`` gives about 0.40 mm^2
-    (1.5 mm^2 by Eq. 6 taken literally). Anisotropic grids use the geometric mean spacing for ``s``.
-    """
+    """Our ``gamma`` (mm^2) equivalent to the paper's ``gamma`` on the paper's image ``grid``:
+    ``gamma_paper * (7 / 27) * s^4 * mean_c((n_c / min n)^2 / L_c^2)`` with ``s`` the (geometric mean) spacing
+    and ``L_c = (n_c - 1) s_c / 2`` mm (derivation: docs/refinement.md, "Units of f and gamma"). On the knee
+    grid (0.7 mm, 160 x 200 x 200) 20000 gives about 0.40 mm^2."""
     n = np.asarray(grid.size, dtype=np.float64)
     sp = np.asarray(grid.spacing, dtype=np.float64)
     s = float(np.prod(sp) ** (1.0 / 3.0))
     half = (n - 1.0) * sp / 2.0
     w = (n / n.min()) ** 2
     return float(gamma_paper * _ISOTROPIC_WIDE_MIXED_RATIO / 27.0 * s ** 4 * np.mean(w / half ** 2))
-
-
-def gamma_to_paper(gamma_mm: float, grid: Grid) -> float:
-    """Inverse of :func:`gamma_from_paper`."""
-    return float(gamma_mm / gamma_from_paper(1.0, grid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,12 +358,8 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
     return f.detach(), terms
 
 
-#: validation Dice of the surrogate U-Net below which IS refinement is expected to hurt. Measured: knee
-#: segmenters at 0.62 and 0.78 improved the warped atlases' cartilage (docs/refinement.md); an IXI one at
-#: 0.11 (148 structures, 40 epochs on the CPU) lowered the pipeline's IXI Dice from 0.70 to 0.60
-#: (docs/pipeline.md, session 4). The same threshold, per structure, decides which structures enter
-#: L_seg (:func:`surrogate_structures`); refine() logs the warning, so the pipeline, the worker's events
-#: and 'masrefine refine' all show it
+#: validation Dice of the surrogate U-Net below which IS refinement is expected to hurt (docs/refinement.md);
+#: per structure it decides which structures enter L_seg (:func:`surrogate_structures`)
 SURROGATE_MIN_DICE = 0.5
 
 
@@ -530,30 +454,20 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
         a file path (resampled onto the grid if needed and normalised: :func:`warped.target_tensor`).
     variant: ``"I"`` (image term + bending) or ``"IS"`` (+ alpha x soft Dice of the segmenter's predictions).
     alpha: weight of the segmentation term (dimensionless; paper 3).
-    gamma: weight of the bending energy, in **mm^2** (the energy is in mm^-2 of a displacement in mm);
-        :func:`gamma_from_paper` converts the paper's value.
+    gamma: weight of the bending energy, in **mm^2** (:func:`gamma_from_paper` converts the paper's value).
     iterations: L-BFGS iterations per working grid (coarse to fine), or one number for every level.
-    spacings_mm: working-grid spacings (mm), coarse to fine; default :func:`default_spacings` (the target's own
-        spacing when its grid has at most 1.5 M voxels, else 2x, 4x, ..., with a coarse level at twice that).
-    control: control-point spacing (voxels of each level) of the parameterisation ``f = U(p)``, trilinear
-        upsampling (preconditions the optimisation and halves the unknowns per axis; the energy minimised
-        is Eq. 3 on ``f``); 1 = one displacement per voxel.
-    folding_weight: weight of the folding barrier (:func:`folding_barrier`, dimensionless) added to Eq. 3: zero
-        while every voxel of ``f`` keeps a Jacobian determinant above 0.2, so it only acts where the
-        optimiser would fold the field; 0 = Eq. 3 exactly.
-    segmenter: needed for ``"IS"``: anything with ``predict(images, grid, out_grid)`` returning class
-        probabilities (:class:`MASRefineLib.segmenter.UNetSegmenter`).
+    spacings_mm: working-grid spacings (mm), coarse to fine; default :func:`default_spacings`.
+    control: control-point spacing (voxels of each level) of ``f = U(p)``; 1 = one displacement per voxel.
+    folding_weight: weight of the folding barrier (:func:`folding_barrier`, dimensionless; 0 = Eq. 3 exactly).
+    segmenter: needed for ``"IS"``: anything with ``predict(images, grid, out_grid)`` (:class:`Segmenter`).
     batch_size: atlases optimised together (memory grows linearly with it).
     progress: callback; may raise :class:`Cancelled` (checked every 10 iterations and between atlases).
-    similarity: Eq. 4's image term: ``"lncc"`` (default: local NCC over :data:`LNCC_WINDOW` voxels of each
-        working grid, with the unbiased floor :data:`MASRefineLib.losses.LNCC_EPS`) or ``"ncc"`` (global
-        normalised cross-correlation, the paper).
+    similarity: Eq. 4's image term, ``"lncc"`` (over :data:`LNCC_WINDOW` voxels) or ``"ncc"`` (global, the paper).
     seg_min_dice: IS takes L_seg over the structures the segmenter segments with at least this validation
-        Dice (stored with the model; :func:`surrogate_structures`); 0 = all structures, as the paper.
+        Dice (:func:`surrogate_structures`); 0 = all structures, as the paper.
 
-    Each atlas's original files (``source_image``/``source_label``) are warped with the composed field (one
-    interpolation); atlases without readable sources are re-warped from their warped image/labels instead (two
-    interpolations; noted in their info).
+    Each atlas's original files are warped with the composed field (one interpolation); without readable
+    sources its warped image/labels are warped again (two interpolations; noted in its info).
 
     Each output atlas's ``info`` holds ``folding_fraction`` (of the composed field), ``seconds`` (wall clock
     of refinement per atlas: its share of the batch's optimisation plus its own re-warp) and
@@ -658,18 +572,3 @@ def _rewarp(a: WarpedAtlas, total: torch.Tensor, f_t: torch.Tensor, grid: Grid, 
         label = warp_labels(a.label_tensor[None, None].to(dev), grid, f_t, grid, values=values)
         how = "pre-registered (two interpolations: original atlas files unavailable)"
     return image[0, 0], label[0, 0], how
-
-
-def refinement_field_error(total: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Mean Euclidean distance (mm) between two fields (B, 3, ...), optionally within a mask (B or 1, ...)."""
-    d = (total - truth).norm(dim=1)
-    if mask is not None:
-        m = mask.to(d.dtype).expand_as(d)
-        return float((d * m).sum() / m.sum().clamp(min=1))
-    return float(d.mean())
-
-
-__all__ = ["refine", "optimise_field", "working_grids", "gamma_from_paper", "gamma_to_paper",
-           "normalized_displacement", "RefineSettings", "resolve_settings", "Segmenter", "VARIANTS", "DEFAULT_ALPHA", "DEFAULT_GAMMA",
-           "DEFAULT_ITERATIONS", "DEFAULT_MAX_VOXELS", "default_spacings", "DEFAULT_CONTROL", "DEFAULT_FOLDING_WEIGHT", "refinement_field_error",
-           "SURROGATE_MIN_DICE", "surrogate_structures", "surrogate_warning", "SIMILARITIES", "DEFAULT_SIMILARITY", "LNCC_WINDOW"]
