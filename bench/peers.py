@@ -21,9 +21,14 @@ One place for them, so no benchmark runs a peer its own way:
 - **greedy** (``picsl-greedy``, :func:`greedy_register`, the registration ASHS uses for multi-atlas
   segmentation): the two commands of greedy's documentation for MRI, affine then deformable, each with the
   NCC metric, radius 2x2x2 voxels, 100x50x10 iterations: ``-a -dof 12 -ia moments.mat`` initialised by
-  ``-moments 2 -det 1`` (matching second-order moments of inertia, as the issue asks, with greedy's option
-  that forbids a reflection: without it greedy mirrored an IXI head left-right, Dice 0.06 instead of 0.58,
-  Testing/test_bench.py; this build refuses the documented one-step ``-ia-moments 2`` as an unknown
+  ``-moments 1`` (matching the centres of intensity mass: the moments initialisation the issue asks for, at first
+  order). Second order (``-moments 2 -det 1``, principal axes, reflections forbidden) picked a wrong axis pairing on
+  the elongated knee volumes: on the knee *tuning* target ZIB-UQ_9036770 the affine alone gave atlas ZIB-UQ_9017909
+  bones Dice 0.350 against 0.882 with ``-moments 1`` (``bench/greedy_init.py``, docs/results/greedy-init.txt), and
+  after the deformable stage 5 of 10 (first knee) and up to all 10 atlases per target failed, a broken run that
+  fused below plurality vote of ANTs. Without ``-det 1`` greedy mirrored an IXI head left-right under ``-moments 2``
+  (Dice 0.06 instead of 0.58, Testing/test_bench.py). This build refuses the documented one-step
+  ``-ia-moments 2`` as an unknown
   parameter), then ``-it affine.mat`` with greedy's default
   smoothing (``-s 1.732vox 0.7071vox``); images resliced linearly, labels with ``-ri LABEL 0.2vox``
   (greedy's label interpolation). Fused with our JLF (the speed-minded user's pipeline).
@@ -50,7 +55,7 @@ import numpy as np  # noqa: E402
 
 ANTS_SYN = {"type_of_transform": "SyN"}  # antspyx defaults otherwise (stages in the module docstring)
 ANTS_JLF = {"alpha": 0.1, "beta": 2.0, "patch_radius": 2, "search_radius": 3, "metric": "PC", "intensity_scale": 255.0}
-GREEDY = {"moments": "-moments 2 -det 1",
+GREEDY = {"moments": "-moments 1",
           "affine": "-a -dof 12 -m NCC 2x2x2 -n 100x50x10",
           "deformable": "-m NCC 2x2x2 -n 100x50x10 -s 1.732vox 0.7071vox",
           "label_interp": "LABEL 0.2vox"}

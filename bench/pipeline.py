@@ -93,7 +93,8 @@ def commit() -> str:
 # rerun with --rerun-stale (not by default: a change elsewhere, e.g. to input validation, keeps the rows).
 NUMERIC_CODE = ("MASRefineLib/registration", "MASRefineLib/fusion", "MASRefineLib/refine.py", "MASRefineLib/warp.py",
                 "MASRefineLib/fields.py", "MASRefineLib/losses.py", "MASRefineLib/segmenter.py",
-                "MASRefineLib/metrics.py", "MASRefineLib/imageio.py", "MASRefineLib/pipeline.py", "bench/peers.py")
+                "MASRefineLib/metrics.py", "MASRefineLib/imageio.py", "MASRefineLib/pipeline.py",
+                "MASRefineLib/stages.py", "MASRefineLib/training.py", "MASRefineLib/volume.py", "bench/peers.py")
 
 
 def code_digest() -> str:
