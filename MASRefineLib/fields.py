@@ -67,18 +67,6 @@ def read_field(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
     return np.moveaxis(arr, -1, 0).copy(), Grid.from_image(img)
 
 
-def field_to_sitk(field, grid: Grid) -> sitk.Image:
-    """A field (3, Z, Y, X) as a SimpleITK vector image (float64), ready for DisplacementFieldTransform."""
-    f = _as_numpy(field).astype(np.float64)
-    img = sitk.GetImageFromArray(np.moveaxis(f, 0, -1), isVector=True)
-    return grid.apply_to(img)
-
-
-def field_to_transform(field, grid: Grid) -> sitk.DisplacementFieldTransform:
-    """The ITK transform equivalent to warping with ``field`` (for ``sitk.Resample``)."""
-    return sitk.DisplacementFieldTransform(field_to_sitk(field, grid))
-
-
 def gradient_columns(field: torch.Tensor, grid: Grid) -> list[torch.Tensor]:
     """The columns of :func:`spatial_gradient` unstacked: ``[du/dx, du/dy, du/dz]``, each (B, 3, Z, Y, X)
     (component a in channel a), without the (B, 3, 3, ...) copy (for callers that use the entries one by one)."""

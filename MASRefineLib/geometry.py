@@ -35,10 +35,6 @@ class Grid:
         return (self.size[2], self.size[1], self.size[0])
 
     @property
-    def num_voxels(self) -> int:
-        return int(np.prod(self.size))
-
-    @property
     def direction_matrix(self) -> np.ndarray:
         return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
 

@@ -67,11 +67,8 @@ class SegmenterSettings:
     learning_rate: float = 2e-3
     foreground_fraction: float = 0.7    # patches centred on a labelled voxel
     # that voxel: "class", of a structure drawn uniformly, or "foreground", any labelled one; and the loss:
-    # "dice_ce", cross entropy + soft Dice of the structures in the batch, "ce", or "auto": dice_ce up to
-    # AUTO_DICE_MAX_STRUCTURES structures, else ce (resolved when training starts). Measured (docs/refinement.md,
-    # "Surrogate training recipe"): knees (4 structures), 100 epochs: 0.743 (ce/foreground) -> 0.817 (ce/class) ->
-    # 0.835 (dice_ce/class) at the same cost; brains (148), where the Dice doubles the cost of an epoch, at ~2400-2800
-    # CPU s: ce/class 0.475, ce/foreground 0.470, dice_ce/class 0.434
+    # "dice_ce" (cross entropy + soft Dice of the structures in the batch), "ce", or "auto": dice_ce up to
+    # AUTO_DICE_MAX_STRUCTURES structures, else ce (measured: docs/refinement.md, "Surrogate training recipe")
     sampling: str = "class"
     loss: str = "auto"
     validation_fraction: float = 0.2    # held-out atlases (none when fewer than 3 atlases)
@@ -101,9 +98,7 @@ class SegmenterSettings:
                 self.sampling, self.loss)
 
 
-#: structures up to which loss "auto" adds the soft Dice: its softmax over every class costs ~1 % of a training
-#: step with 4 knee structures and doubles it with 148 brain structures, where per CPU second it lost
-#: (docs/refinement.md, "Surrogate training recipe")
+#: structures up to which loss "auto" adds the soft Dice (docs/refinement.md, "Surrogate training recipe")
 AUTO_DICE_MAX_STRUCTURES = 32
 
 
@@ -115,9 +110,8 @@ def auto_loss(n_structures: int) -> str:
 def head_width(out_channels: int, channels: Sequence[int]) -> int | None:
     """Width of the U-Net's last layer when a 1x1x1 convolution maps it to the classes, or None (the U-Net
     outputs the classes itself). MONAI's U-Net ends with a full-resolution 3x3x3 convolution from
-    ``out_channels`` to ``out_channels``: with ~150 brain structures that one layer cost 20 of the 22 CPU s
-    of a training step (48^3 patches, batch 2; 0.24 s with the knee's 5 classes). Above twice the first
-    feature width the U-Net therefore ends at that width and a 1x1x1 head gives the classes."""
+    ``out_channels`` to ``out_channels``, which dominates a training step with ~150 brain structures: above
+    twice the first feature width the U-Net ends at that width and a 1x1x1 head gives the classes."""
     w = 2 * int(channels[0])
     return w if int(out_channels) > w else None
 
@@ -293,8 +287,6 @@ class UNetSegmenter:
         seg = cls(net, label_values, table, spacing, settings, extra)
         seg.path = p
         return seg.to(device)
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,6 +581,3 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """:meth:`UNetSegmenter.load` (a models folder, an atlas-set folder or the JSON file)."""
     return UNetSegmenter.load(path, resolve_device(device))
 
-
-__all__ = ["auto_loss", "SegmenterSettings", "UNetSegmenter", "train_segmenter", "train_on_atlas_set", "load_segmenter",
-           "build_unet", "head_width", "auto_spacing", "dice_per_class", "MODEL_NAME"]

@@ -43,14 +43,6 @@ class Posteriors:
         out.reshape(-1)[self.index[sel]] = self.prob[sel]
         return out
 
-    def max_prob(self) -> np.ndarray:
-        """(Z, Y, X) float32: the largest posterior at each voxel (1 where the atlases agree)."""
-        out = np.ones(self.shape, dtype=np.float32)
-        flat = out.reshape(-1)
-        flat[self.uncertain.reshape(-1)] = 0.0
-        np.maximum.at(flat, self.index, self.prob)
-        return out
-
 
 def consensus(labels: torch.Tensor, radius: int = 0) -> torch.Tensor:
     """(Z, Y, X) bool: voxels whose fused label is fixed because every atlas holds the same single label
