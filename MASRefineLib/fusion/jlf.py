@@ -1,39 +1,20 @@
 """Joint label fusion (Wang et al., PAMI 2013), vectorised in torch, solved only where it can matter.
 
-The formulation is the one of ANTs' ``antsJointFusion`` (``itk::WeightedVotingFusionImageFilter``),
-so results are comparable on identical inputs:
+The formulation of ANTs' ``antsJointFusion`` (``itk::WeightedVotingFusionImageFilter``); docs/fusion.md
+describes it, the speed-ups and the two deliberate border differences from ANTs:
 
-1. **Search** (radius ``search_radius`` voxels): for every centre voxel c and atlas i, the offset o in
-   the search cube whose atlas patch best matches the target patch by Pearson correlation
-   (``-sign(s) s^2 / var_X`` with ``s = sum_p X(c+o+p) (T(c+p) - mean T)``), offsets visited in order of
-   physical distance, the first strict minimum kept (so flat regions keep offset 0).
-2. **Dependency matrix**: patches (radius ``patch_radius``) normalised to zero mean and unit standard
-   deviation, the standard deviation floored at ``std_floor`` (ANTs floors it at 1 intensity unit;
-   our images are normalised to [0, 1], so the default 1/255 is that floor for 8-bit-range data),
-   ``d_i = |X_i - T|``, ``M_ij = (sum_p d_i d_j / (P - 1))^beta``, ``W = (M + alpha I)^-1 1``, negative
-   weights set to 0, normalised to sum 1.
-3. **Patch voting**: every centre votes with ``W_i`` for each voxel x of its patch, for the label atlas i
-   holds at ``x + o_i``; posteriors are the votes normalised by their sum.
-
-The speed comes from (a) voxels whose label cannot change are never solved: where every atlas holds the
-same single label over the whole search cube (``consensus(labels, search_radius)``) the vote is
-unanimous, and weights are only computed at centres within ``patch_radius`` of the other voxels;
-(b) the search runs as box filters over blocks (one product and one separable box sum per offset, for
-all atlases and centres at once) instead of one patch comparison per voxel, offset and atlas.
+1. **Search** (radius ``search_radius`` voxels): per centre voxel and atlas, the offset whose atlas patch
+   best matches the target patch by ANTs' Pearson measure, offsets visited by physical distance, the first
+   strict optimum kept (flat regions keep offset 0).
+2. **Dependency matrix**: patches (radius ``patch_radius``) normalised to zero mean and unit standard deviation
+   (floored at ``std_floor``, 1/255 of our [0, 1] intensities), ``d_i = |X_i - T|``,
+   ``M_ij = (sum_p d_i d_j / (P - 1))^beta``, ``W = (M + alpha I)^-1 1``, negatives set to 0, normalised.
+3. **Patch voting**: every centre votes with ``W_i`` for each voxel of its patch, for atlas i's label at the
+   searched position; posteriors are the votes normalised by their sum.
 
 VoteNet+ (``error_probs`` given): ``d_i(p)`` is the calibrated probability that atlas i's label is wrong
-at ``c + o_i + p``, with ``M_ij = (mean_p d_i d_j)^beta`` (``fuse`` uses search radius 0 for VoteNet+
-by default: the network judges the atlas where it is).
-
-Borders (within ``search_radius + patch_radius`` voxels of the image edge; real images are usually
-background there): search offsets whose centre leaves the image are not considered and votes from
-outside are dropped, as in ANTs. Two deliberate differences: the search correlation runs over the patch
-positions inside the image for *both* patches with the target mean taken over those same positions (ANTs
-takes the target mean over a different set of positions there, so a shifted patch can beat a perfect
-match and an atlas identical to the target does not give its labels back at the border); and the patch
-differences use the in-image positions (ANTs sets the whole dependency entry to 0 when one is outside,
-which hands a large weight to that atlas). Away from the border the result is ANTs' exactly (tested
-against a direct implementation).
+at ``c + o_i + p``, with ``M_ij = (mean_p d_i d_j)^beta``. Away from the border the result is ANTs' exactly
+(tested against a direct implementation).
 """
 from __future__ import annotations
 
