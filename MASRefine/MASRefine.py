@@ -39,10 +39,6 @@ from MASRefineModule.Sample import registerSampleData
 from MASRefineModule.SceneAtlas import SceneAtlasSection
 from MASRefineModule.Test import MASRefineTest  # noqa: F401 (Slicer looks it up here)
 
-#
-# MASRefine
-#
-
 
 class MASRefine(ScriptedLoadableModule):
     """Uses ScriptedLoadableModule base class, available at:
@@ -68,13 +64,7 @@ Implements the method of "VoteNet++: Registration Refinement for Multi-Atlas Seg
 Uses PyTorch (installed with light-the-torch), MONAI, SimpleITK and slicerio; licensed Apache-2.0.
 """)
 
-        # Additional initialization step after application startup is complete
         slicer.app.connect("startupCompleted()", registerSampleData)
-
-
-#
-# MASRefineWidget
-#
 
 
 class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -101,18 +91,12 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the user opens the module the first time and the widget is initialized."""
         ScriptedLoadableModuleWidget.setup(self)
 
-        # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MASRefine.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
 
-        # Set scene in MRML widgets. In Qt designer the top-level qMRMLWidget's
-        # "mrmlSceneChanged(vtkMRMLScene*)" signal is connected to each MRML widget's
-        # "setMRMLScene(vtkMRMLScene*)" slot.
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
-        # Create logic class. Logic implements all computations that should be possible to run
-        # in batch mode, without a graphical user interface.
         self.logic = MASRefineLogic()
 
         self.ui.atlasDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
@@ -123,13 +107,9 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._flickerTimer.setInterval(500)
         self._flickerTimer.connect("timeout()", self.onFlickerTimeout)
 
-        # Connections
-
-        # These connections ensure that we update parameter node when scene is closed
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        # Buttons
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.sampleDataButton.connect("clicked(bool)", self.onSampleDataButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependenciesButton)
@@ -139,7 +119,6 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.qaFlickerButton.connect("toggled(bool)", self.onQaFlickerToggled)
         self.ui.qaSideBySideButton.connect("toggled(bool)", self.onQaSideBySideToggled)
 
-        # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
         self._updateRunState()
         self._updateDependencies()
@@ -164,12 +143,10 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
-        # Make sure parameter node exists and observed
         self.initializeParameterNode()
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
-        # Do not react to parameter node changes (GUI will be updated when the user enters into the module)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -179,7 +156,6 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
-        # Parameter node will be reset, do not use it anymore
         self.setParameterNode(None)
         # The worker is stopped by stopSceneJobs (observer installed by launching a job); forget its results.
         self._job = None
@@ -190,17 +166,13 @@ class MASRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
         self._runFoldersShown = None  # measured again: closing the scene may have removed run folders
-        # If this module is shown while the scene is closed then recreate a new parameter node immediately
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
         """Ensure parameter node exists and observed."""
-        # Parameter node stores all user choices in parameter values, node selections, etc.
-        # so that when the scene is saved and reloaded, these settings are restored.
         self.setParameterNode(self.logic.getParameterNode())
 
-        # Select default input nodes if nothing is selected yet to save a few clicks for the user
         if not self._parameterNode.targetVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
