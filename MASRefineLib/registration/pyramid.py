@@ -17,17 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Grid
-from ..imageio import normalize_intensity
 from ..volume import Volume, as_image_volume
 from ..warp import grid_points, sample, sample_mapped
-
-
-def normalized(image: sitk.Image) -> sitk.Image:
-    """The image with intensities clipped to percentiles and scaled to [0, 1] (the project's convention).
-    Kept for callers holding ``sitk.Image`` s; the stages take a normalised :class:`Volume` instead."""
-    out = sitk.GetImageFromArray(normalize_intensity(sitk.GetArrayViewFromImage(image)))
-    out.CopyInformation(image)
-    return out
 
 
 def working_grid(grid: Grid, spacing_mm: float) -> Grid:
