@@ -73,7 +73,7 @@ class AtlasSet:
     def load(cls, path: str | os.PathLike) -> "AtlasSet":
         """Load ``<path>/atlas.json`` (or ``path`` itself if it is the json file). Raises
         :class:`MASRefineError` (one line naming atlas.json) on a bad schema; files are not checked here
-        (see :func:`check_atlas_set`)."""
+        (see :func:`inspect_atlas_set`)."""
         root, json_path = _locate(path)
         data, problems = _parse_atlas_json(json_path)
         errors = [p for p in problems if p.level == "error"]
@@ -147,9 +147,7 @@ class AtlasSet:
         return f"AtlasSet({str(self.root)!r}, {len(self)} atlases, {len(self.label_table)} labels)"
 
 
-# ---------------------------------------------------------------------------------------------
-# problems
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- problems
 class Problem(str):
     """One line naming the file: ``"<path>: <message>"`` (errors) or ``"<path>: warning: <message>"``."""
 
@@ -179,7 +177,7 @@ def _count(n: int, one: str, many: str) -> str:
 
 @dataclass
 class CheckReport:
-    """What :func:`check_atlas_set` found: problems plus a summary of the valid atlases."""
+    """What :func:`inspect_atlas_set` found: problems plus a summary of the valid atlases."""
     path: Path
     problems: list[Problem] = field(default_factory=list)
     n_atlases: int = 0
@@ -219,14 +217,9 @@ class CheckReport:
         return f"{self.path}: " + ", ".join(parts) + f": {status}"
 
 
-def check_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None = None) -> list[Problem]:
-    """Validate an atlas set; returns one-line problems (``Problem``, a ``str`` with ``.level`` "error" or
-    "warning"), each naming the file. Empty list: the set is valid and consistent."""
-    return inspect_atlas_set(path, progress).problems
-
-
 def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None = None) -> CheckReport:
-    """Read every atlas of a set and report problems and a summary (see :func:`check_atlas_set`).
+    """Read every atlas of a set and report problems (one line each, naming the file; none: the set is valid and
+    consistent) and a summary.
 
     Errors: bad atlas.json schema, duplicate ids, missing/unreadable files, non-3D or NaN/inf or
     constant images, empty or non-integer label maps, label grid != image grid, label values not in the
@@ -301,9 +294,7 @@ def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None
     return rep
 
 
-# ---------------------------------------------------------------------------------------------
-# building an atlas set
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------- building an atlas set
 def init_atlas_set(out: str | os.PathLike, images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
                    label_table: str | os.PathLike | LabelTable | None = None, *, mode: str = "reference",
                    ids: Iterable[str] | None = None, overwrite: bool = False,
@@ -386,9 +377,7 @@ def init_atlas_set(out: str | os.PathLike, images_dir: str | os.PathLike, labels
     return aset
 
 
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- helpers
 def _locate(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     if p.name == ATLAS_JSON and p.is_file():

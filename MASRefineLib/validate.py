@@ -72,29 +72,16 @@ def check_atlas_id(value: object, where: str | os.PathLike) -> str:
     return value  # type: ignore[return-value]
 
 
-def duplicate_atlas_ids(ids) -> list[str]:
-    """The ids of ``ids`` that repeat an earlier one, compared case-insensitively (``casefold``): ids become file
-    names, and ``A1`` and ``a1`` name the same file on macOS and Windows file systems."""
-    seen: set[str] = set()
-    dups = []
+def check_unique_atlas_ids(ids, where: str | os.PathLike) -> None:
+    """One line naming ``where`` when two of ``ids`` are equal or differ only by case (``casefold``): ids become
+    file names, and ``A1`` and ``a1`` name the same file on macOS and Windows file systems."""
+    firsts: dict[str, str] = {}
     for i in ids:
         key = i.casefold()
-        if key in seen:
-            dups.append(i)
-        seen.add(key)
-    return dups
-
-
-def check_unique_atlas_ids(ids, where: str | os.PathLike) -> None:
-    """One line naming ``where`` when two of ``ids`` differ only by case, or are equal."""
-    dups = duplicate_atlas_ids(ids)
-    if dups:
-        firsts = {}
-        for i in ids:
-            firsts.setdefault(i.casefold(), i)
-        same = firsts[dups[0].casefold()]
-        how = "repeated" if same == dups[0] else f"same as {same!r} on a case-insensitive file system"
-        raise MASRefineError(f"{where}: duplicate atlas id {dups[0]!r} ({how})")
+        if key in firsts:
+            how = "repeated" if firsts[key] == i else f"same as {firsts[key]!r} on a case-insensitive file system"
+            raise MASRefineError(f"{where}: duplicate atlas id {i!r} ({how})")
+        firsts[key] = i
 
 
 # ------------------------------------------------------------------------------------------------ geometry

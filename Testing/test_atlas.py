@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MASRefineLib.atlas import AtlasSet, check_atlas_set, init_atlas_set, inspect_atlas_set
+from MASRefineLib.atlas import AtlasSet, init_atlas_set, inspect_atlas_set
 from MASRefineLib.cli import main
 from MASRefineLib.errors import MASRefineError
 from MASRefineLib.geometry import Grid
@@ -100,7 +100,7 @@ def test_symlink_and_copy_never_overwrite(crops, tmp_path):
     s = init_atlas_set(tmp_path / "linked", crops / "images", crops / "labels", mode="symlink")
     c = init_atlas_set(tmp_path / "copied", crops / "images", crops / "labels", mode="copy")
     for aset in (s, c):
-        assert [p for p in check_atlas_set(aset.root) if p.level == "error"] == []
+        assert [p for p in inspect_atlas_set(aset.root).problems if p.level == "error"] == []
         for a in aset:
             assert a.image == f"images/{a.id}.nii.gz" and a.label == f"labels/{a.id}.nii.gz"
             assert os.path.samefile(aset.image_path(a.id), crops / "images" / f"{a.id}.nii.gz") == (aset is s)
@@ -180,9 +180,9 @@ KINDS = ["nan image", "2d image", "empty label", "grid mismatch", "unknown label
 def test_validation_errors_one_line_naming_the_file(crops, tmp_path):
     for kind in KINDS:
         aset = init_atlas_set(tmp_path / kind.replace(" ", "-"), crops / "images", crops / "labels", mode="copy")
-        assert [p for p in check_atlas_set(aset.root) if p.level == "error"] == [], kind
+        assert [p for p in inspect_atlas_set(aset.root).problems if p.level == "error"] == [], kind
         bad = _break(kind, aset)
-        errors = [p for p in check_atlas_set(aset.root) if p.level == "error"]
+        errors = [p for p in inspect_atlas_set(aset.root).problems if p.level == "error"]
         assert len(errors) == 1, (kind, errors)
         assert "\n" not in errors[0] and errors[0].startswith(str(bad)), (kind, errors[0])
         if kind in ("duplicate id", "bad schema"):
@@ -207,7 +207,7 @@ def test_differing_label_sets_warn(tmp_path, ixi_dir, ixi_ids):
         sitk.WriteImage(img, str(data / "images" / f"{name}.nii.gz"))
         sitk.WriteImage(l, str(data / "labels" / f"{name}.nii.gz"))
     aset = init_atlas_set(tmp_path / "set", data / "images", data / "labels")
-    problems = check_atlas_set(aset.root)
+    problems = inspect_atlas_set(aset.root).problems
     assert len(problems) == 1 and problems[0].level == "warning"
     assert problems[0].startswith(str(data / "labels" / "c.nii.gz")) and str(dropped) in problems[0]
 

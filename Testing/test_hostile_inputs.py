@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from MASRefineLib import sampledata, validate
 from MASRefineLib.protocol import jobs
-from MASRefineLib.atlas import AtlasSet, check_atlas_set, init_atlas_set
+from MASRefineLib.atlas import AtlasSet, init_atlas_set, inspect_atlas_set
 from MASRefineLib.cli import main
 from MASRefineLib.errors import MASRefineError
 from MASRefineLib.imageio import read_grid, read_image, read_label
@@ -82,7 +82,7 @@ def test_atlas_ids_that_are_paths_are_refused_when_a_set_is_read(sample, tmp_pat
     with pytest.raises(MASRefineError, match=r"atlas.json: atlas entry 1") as e:
         AtlasSet.load(aset)
     assert "\n" not in str(e.value)
-    assert any("atlas entry 1" in p and p.level == "error" for p in check_atlas_set(aset))
+    assert any("atlas entry 1" in p and p.level == "error" for p in inspect_atlas_set(aset).problems)
 
 
 def test_segment_with_a_path_id_writes_nothing_outside_out(sample, tmp_path, capsys):
@@ -280,7 +280,7 @@ def test_atlas_check_reports_a_truncated_atlas(sample, tmp_path, capsys):
     d2 = json.loads((s / "atlas.json").read_text())
     d2["atlases"][1]["image"] = str(tmp_path / "cut.nii")
     (s / "atlas.json").write_text(json.dumps(d2))
-    errors = [p for p in check_atlas_set(s) if p.level == "error"]
+    errors = [p for p in inspect_atlas_set(s).problems if p.level == "error"]
     assert len(errors) == 1 and "cut.nii: truncated file" in errors[0] and f"(atlas {aset.ids[1]})" in errors[0], errors
     rc, _ = cli(["atlas", "check", s], capsys)
     assert rc != 0
@@ -494,7 +494,7 @@ def test_a_folder_given_as_the_target_is_named_as_such(sample, tmp_path, capsys)
 
 def test_a_bad_label_table_is_reported_once(sample, tmp_path):
     s = copy_set(sample, tmp_path / "set", labels={"one": {"name": "x", "color": [1, 2, 3]}})
-    errors = [p for p in check_atlas_set(s) if p.level == "error"]
+    errors = [p for p in inspect_atlas_set(s).problems if p.level == "error"]
     assert len(errors) == 1 and "atlas.json" in errors[0], errors
 
 

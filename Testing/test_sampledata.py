@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from MASRefineLib import sampledata
-from MASRefineLib.atlas import AtlasSet, check_atlas_set
+from MASRefineLib.atlas import AtlasSet, inspect_atlas_set
 from MASRefineLib.geometry import Grid
 from MASRefineLib.imageio import read_image, read_label
 
@@ -26,7 +26,7 @@ def _arr(p):
 
 
 def test_atlas_set_is_valid_and_complete(sample):
-    assert check_atlas_set(sample["atlas_dir"]) == []
+    assert inspect_atlas_set(sample["atlas_dir"]).problems == []
     aset = AtlasSet.load(sample["atlas_dir"])
     assert len(aset) == 3
     assert {k: v.name for k, v in aset.label_table.items()} == {1: "femur", 2: "femoral cartilage", 3: "tibia",
