@@ -9,25 +9,12 @@ into ``OUT/<target id>/``, exactly as ``segment`` writes it. The output folder::
     OUT/cohort_metrics.csv     with truth: mean and sd over the targets of every metric per label group
     OUT/.masrefine-output      the marker of a batch output folder (outputs.py)
 
-How it runs (docs/batch.md):
-
-- **Cluster**: a :class:`distributed.LocalCluster` on 127.0.0.1 sized from the machine (:func:`plan_local_cluster`),
-  or an existing scheduler (``--scheduler``: SLURM/PBS through dask-jobqueue, machines started by hand).
-- **Loaded once per worker**: a worker process keeps the atlas set's images and label maps in memory
-  (:class:`MemoryAtlasSet`) and the models the options need (:func:`worker_preloaded`, keyed by the files' sizes and
-  modification times) and hands them to ``segment`` (:class:`MASRefineLib.pipeline.Preloaded`). Models the options
-  need are trained before any task starts, where the batch runs (:func:`MASRefineLib.training.ensure_models`);
-  tasks never train (``train_missing`` off).
-- **Resumable**: a target whose folder holds a complete ``manifest.json`` of the same settings is skipped; one of
-  other settings stops the batch before anything runs (a finished result is never replaced by accident).
-- **Fault isolation**: a task catches its target's error and returns it; a failed target is submitted once more,
-  preferably on another worker, then reported with its one-line error. A worker that dies mid-target (killed, out
-  of memory) loses that attempt only: Dask runs the task again on another worker, and ``segment`` writes
-  ``manifest.json`` last, so the dead attempt's folder is never listed as a result. On the local cluster a target
-  that kills two workers is reported failed (``allowed-failures`` 1).
-- **Cancel**: Ctrl-C (or the worker protocol's cancel) sets a Dask :class:`distributed.Event` that every task checks
-  at its progress reports, cancels what is queued, writes ``summary.csv`` (unfinished targets ``cancelled``) and
-  closes the local cluster.
+How it runs (docs/batch.md): a :class:`distributed.LocalCluster` on 127.0.0.1 sized from the machine
+(:func:`plan_local_cluster`) or an existing ``--scheduler``; each worker keeps the atlas set and the models in memory
+(:func:`worker_preloaded`; models are trained before any task starts, tasks never train); a target with a complete
+``manifest.json`` of the same settings is skipped (of other settings: the batch stops before anything runs); a failed
+target is tried once more, preferably on another worker; Ctrl-C or the worker protocol's cancel sets a Dask
+:class:`distributed.Event` that every task checks at its progress reports.
 """
 from __future__ import annotations
 
@@ -240,10 +227,6 @@ class MemoryAtlasSet:
             img, lab = self._data[atlas_id]
         return sitk.Image(img), sitk.Image(lab)
 
-    def nbytes(self) -> int:
-        """Bytes of the images and label maps kept so far."""
-        return sum(i.GetNumberOfPixels() * i.GetSizeOfPixelComponent() for pair in self._data.values() for i in pair)
-
 
 _CACHE: dict[str, tuple[tuple, Any]] = {}  # atlas set root -> (fingerprint, Preloaded), one set per root
 _CACHE_LOCK = threading.Lock()
@@ -409,11 +392,9 @@ def _worker_name() -> str:
 
 
 # ------------------------------------------------------------------------------------------ cluster
-#: The memory model of one target in a worker (bytes; docs/batch.md, "Sizing the local cluster"): a process with
-#: Python, torch, SimpleITK and distributed, plus per target voxel a constant, a share per atlas (warped image,
-#: labels, fields, weights) and one per label (posteriors, JLF's one-hots). Fitted to peak RSS of segment with its
-#: defaults, one thread: phantom 48^3 with 3 / 6 atlases 606 / 765 MB (model 660 / 681), IXI 120x120x90 with
-#: 10 atlases and 145 labels 2418 MB (bench/pipeline.py; model 2700). The peaks a batch measures replace it.
+#: The memory model of one target in a worker (bytes): a process base, plus per target voxel a constant, a share per
+#: atlas and one per label; fitted to segment's peak RSS (docs/batch.md, "Sizing the local cluster"). The peaks a
+#: batch measures replace it.
 WORKER_BASE_BYTES = 600 * 2 ** 20
 BYTES_PER_VOXEL = 64
 BYTES_PER_VOXEL_ATLAS = 64
@@ -558,9 +539,6 @@ class _LocalWorkerSetup(_WorkerPlugin):
             except (TypeError, ValueError):
                 n = 0
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(n % self.gpus))
-
-    def teardown(self, worker) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------------------ the batch
