@@ -18,12 +18,9 @@ import torch.nn.functional as F
 from .geometry import Grid
 
 _EPS = 1e-5
-#: floor added to the product of the local variances in :func:`lncc`. The variances are *means* over a
-#: window of images normalised to [0, 1], so low-contrast tissue has va * vb ~ 1e-5..1e-4: a floor of 1e-5
-#: (this code until 2026-12-02) made identical images score far below 1 there, and the optimum moved
-#: *away* from the identity towards higher local variance (a test crop aligned exactly drifted 1.5 mm).
-#: VoxelMorph's 1e-5 is added to window *sums*, ~(window^3)^2 larger: 1e-5 / 125^2 = 6e-10 for a 5-voxel
-#: window. 1e-9 keeps only truly flat windows (std < ~0.006) out (docs/refinement.md, "The LNCC floor").
+#: floor added to the product of the local variances in :func:`lncc` (window *means* of [0, 1] images, so
+#: low-contrast tissue has va * vb ~ 1e-5..1e-4): 1e-9 keeps only truly flat windows (std < ~0.006) out; a larger
+#: floor moves the optimum away from the identity (docs/refinement.md, "The LNCC floor")
 LNCC_EPS = 1e-9
 #: Jacobian determinant below which :func:`folding_barrier` starts (a voxel may shrink to 20 % of its volume freely)
 FOLDING_MARGIN = 0.2

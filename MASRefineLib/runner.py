@@ -91,7 +91,6 @@ class JobRunner:
         self.result: Optional[dict[str, Any]] = None
         self.error: Optional[dict[str, Any]] = None
         self.cancel_requested = False
-        self.started_at: Optional[float] = None
         self._readers: list[threading.Thread] = []
         self._finished = threading.Event()
         self._kill_timer: Optional[threading.Timer] = None
@@ -130,7 +129,6 @@ class JobRunner:
             kwargs["start_new_session"] = True
         self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=self.cwd, env=env, **kwargs)
-        self.started_at = time.time()
         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
             t = threading.Thread(target=self._read, args=(stream, name), name=f"runner-{name}", daemon=True)
             t.start()
