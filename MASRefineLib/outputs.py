@@ -224,16 +224,11 @@ def _check_inputs(out: Path, inputs: Iterable[Input], option: str) -> None:
         ip = Path(inp)
         for o in outs:
             for i in _forms(ip):
-                if ip.is_dir():
-                    if o == i:
-                        raise MASRefineError(f"{out}: is the {what}; choose another {option}")
-                    if i in o.parents:
-                        raise MASRefineError(f"{out}: lies inside the {what} {ip}; choose another {option}")
-                    if o in i.parents:
-                        raise MASRefineError(f"{out}: contains the {what} {ip}; choose another {option}")
-                elif o == i:
+                if o == i:
                     raise MASRefineError(f"{out}: is the {what}; choose another {option}")
-                elif o in i.parents:
+                if i in o.parents and ip.is_dir():
+                    raise MASRefineError(f"{out}: lies inside the {what} {ip}; choose another {option}")
+                if o in i.parents:
                     raise MASRefineError(f"{out}: contains the {what} {ip}; choose another {option}")
         _check_identity(out, ip, what, option)
 

@@ -79,9 +79,7 @@ class Segmenter(Protocol):
         ...
 
 
-# ---------------------------------------------------------------------------------------------
-# units: the paper's gamma
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------- units: the paper's gamma
 #: for a smooth field with no preferred direction, (pure + 32 x mixed) / (pure + 2 x mixed) of the
 #: squared second derivatives: <n_a^4> = 1/5, <n_a^2 n_b^2> = 1/15 over directions -> (9 + 96) / (9 + 6)
 _ISOTROPIC_WIDE_MIXED_RATIO = 7.0
@@ -100,9 +98,7 @@ def gamma_from_paper(gamma_paper: float, grid: Grid) -> float:
     return float(gamma_paper * _ISOTROPIC_WIDE_MIXED_RATIO / 27.0 * s ** 4 * np.mean(w / half ** 2))
 
 
-# ---------------------------------------------------------------------------------------------
-# settings
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class RefineSettings:
     """Everything that decides a refinement (stored in the output's report)."""
@@ -201,9 +197,7 @@ def _chunks(n: int, size: int):
         yield list(range(s, min(n, s + size)))
 
 
-# ---------------------------------------------------------------------------------------------
-# the optimisation
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------- the optimisation
 @dataclass
 class _Terms:
     similarity: torch.Tensor  # 1 - LNCC or 1 - NCC, (B,)
@@ -433,9 +427,7 @@ def resolve_settings(grid: Grid, variant: str = "IS", *, alpha: float = DEFAULT_
     return settings, levels, structures
 
 
-# ---------------------------------------------------------------------------------------------
-# the public entry point
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- the public entry point
 def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float = DEFAULT_ALPHA,
            gamma: float = DEFAULT_GAMMA, iterations: Sequence[int] | int | None = None,
            spacings_mm: Sequence[float] | None = None, control: int = DEFAULT_CONTROL,
