@@ -289,9 +289,7 @@ class UNetSegmenter:
         return seg.to(device)
 
 
-# ---------------------------------------------------------------------------------------------
-# training data
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- training data
 @dataclass
 class _Volume:
     id: str
@@ -375,9 +373,7 @@ def _batch(vols: Sequence[_Volume], rng: np.random.Generator, s: SegmenterSettin
     return torch.from_numpy(np.stack(xs)[:, None].astype(np.float32)), torch.from_numpy(np.stack(ys))
 
 
-# ---------------------------------------------------------------------------------------------
-# checkpoints (safetensors + JSON: never pickle)
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------- checkpoints (safetensors + JSON: never pickle)
 def _ckpt_paths(models_dir: Path, name: str) -> tuple[Path, Path]:
     return models_dir / f"{name}.checkpoint.safetensors", models_dir / f"{name}.checkpoint.json"
 
@@ -415,9 +411,7 @@ def _load_checkpoint(models_dir: Path, name: str) -> tuple[dict, dict, dict] | N
     return model, {"state": state, "param_groups": info.pop("param_groups")}, info
 
 
-# ---------------------------------------------------------------------------------------------
-# training
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- training
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float | None]:
     """Volume Dice of classes 1..K (None where a class is in neither map)."""
     out = []

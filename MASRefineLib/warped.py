@@ -147,10 +147,6 @@ class WarpedSet:
         """(B, 1, Z, Y, X) int64 label values."""
         return torch.stack([a.label_tensor.to(device=device, dtype=torch.int64) for a in self.atlases]).unsqueeze(1)
 
-    def fields(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(B, 3, Z, Y, X) float32 mm."""
-        return torch.stack([a.field_tensor for a in self.atlases]).to(device)
-
     def files(self, atlas_id: str) -> dict[str, str]:
         return {"image": f"{atlas_id}_image.nrrd", "label": f"{atlas_id}_label.nii.gz",
                 "segmentation": f"{atlas_id}_label.seg.nrrd", "field": f"{atlas_id}_field.nrrd"}

@@ -1,22 +1,11 @@
 """Multi-label STAPLE (Warfield et al. 2004; Rohlfing et al. 2004), our own EM in torch.
 
-Why not SimpleITK's ``MultiLabelSTAPLE`` as is: it sizes its confusion matrices by the largest label
-*value* (65535 for uint16 maps: 65536^2 entries per atlas), it labels undecided voxels with max + 1 (a
-label that exists in no atlas), and single-precision accumulation loses counts beyond 2^24 voxels.
-Here:
-
-- labels are mapped to compact indices of the values present in the atlases and mapped back, so any
-  value 0..65535 works, the output holds only those values, and memory scales with the number of labels;
-- voxels are grouped by their vector of atlas decisions (consensus voxels by label, the others by
-  ``torch.unique`` over rows): the EM runs on unique rows weighted by int64 counts, with float64
-  accumulation, so counts beyond 2^24 (and 2^31) are exact;
-- ties in the posterior go to the smallest label value (never an invented label).
-
-As ITK: priors are the labels' relative frequencies over all atlases (fixed), confusion matrices start
-from the plurality-vote posteriors, and EM stops when no confusion-matrix entry changes by more than
-``tol``; in addition it stops when the log-likelihood (non-decreasing under EM) improves by less than
-``ll_tol`` relative (with ~150 labels the columns of rare labels keep moving long after the fused map
-has settled), or after ``max_iter`` iterations.
+Not SimpleITK's ``MultiLabelSTAPLE``, whose pitfalls docs/fusion.md lists: labels are compact indices of the
+values present (any value 0..65535, memory by the number of labels), the EM runs on unique rows of atlas
+decisions with int64 counts and float64 accumulation (exact beyond 2^24 voxels), ties go to the smallest label
+value. As ITK: fixed priors (the labels' frequencies), confusion matrices started from the plurality vote, and a
+stop when no confusion-matrix entry changes by more than ``tol``; also when the log-likelihood gains less than
+``ll_tol`` relative (rare labels' columns keep moving after the map has settled), or after ``max_iter``.
 """
 from __future__ import annotations
 
