@@ -326,13 +326,12 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
                     long_rows.append({"row": key, "prereg": prereg or "", "refine": refine, "method": c.get("method"),
                                       "target": c["target"], "group": g, "metric": m,
                                       "value": c["metrics"]["groups"][g][m]})
+    done = [r for r in rows if summary[r[0]]["n"]]  # the rows with finished cells
     # Markdown
     head = ["Pre-registration", "Method"] + [f"{lab} {g}" for _, lab, _, _ in METRICS for g in gnames]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, prereg, refine, fusion, name in rows:
+    for key, prereg, refine, fusion, name in done:
         s = summary[key]
-        if not s["n"]:
-            continue
         shown = name
         if fusion == "votenet" and s["methods"] and "votenet" not in s["methods"]:
             shown = f"{name.replace('VoteNet+', s['methods'][0].upper())} (VoteNet+ unavailable)"
@@ -345,10 +344,8 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
           "Hausdorff distance; VD: volume Dice.", ""] + lines
     md += ["", "## Seconds per target", "", "| Pre-registration | Method | register | refine | fuse / segment |",
            "|---|---|---|---|---|"]
-    for key, prereg, refine, fusion, name in rows:
+    for key, prereg, refine, fusion, name in done:
         s = summary[key]
-        if not s["n"]:
-            continue
         f = lambda k: f"{s[('seconds', k)]:.1f}" if ("seconds", k) in s else "–"
         md.append(f"| {prereg or '–'} | {name} | {f('register')} | {f('refine')} | "
                   f"{f('fuse') if ('seconds', 'fuse') in s else f('segment')} |")
@@ -362,10 +359,8 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
         w.writerow(["row", "prereg", "method", "n"] + [f"{m}_{g}_{k}" for m, *_ in METRICS for g in gnames
                                                       for k in ("mean", "sd")] +
                    ["seconds_register", "seconds_refine", "seconds_fuse", "seconds_segment"])
-        for key, prereg, refine, fusion, name in rows:
+        for key, prereg, refine, fusion, name in done:
             s = summary[key]
-            if not s["n"]:
-                continue
             w.writerow([key, prereg or "", name, s["n"]] + [v for m, *_ in METRICS for g in gnames for v in s[(g, m)]] +
                        [s.get(("seconds", k), "") for k in ("register", "refine", "fuse", "segment")])
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as fh:

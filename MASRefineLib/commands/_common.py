@@ -19,36 +19,22 @@ def _number(text: str, kind: type) -> Any:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (counts: threads, iterations, windows, batch sizes)."""
-    v = _number(text, int)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return v
+def _checked(kind: type, ok, rule: str):
+    """An argparse type: ``text`` as ``kind`` when ``ok(value)``, else argparse's one line ``<rule>, got <text>``."""
+    def check(text: str):
+        v = _number(text, kind)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return v
+    return check
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (seeds, radii)."""
-    v = _number(text, int)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return v
-
-
-def finite_nonneg_float(text: str) -> float:
-    """argparse type: a finite number >= 0 (loss weights, exponents, tolerances); nan and inf are refused."""
-    v = _number(text, float)
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (spacings in mm, learning rates)."""
-    v = _number(text, float)
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
+#: counts (threads, iterations, windows, batch sizes); seeds and radii
+positive_int = _checked(int, lambda v: v >= 1, "must be at least 1")
+nonnegative_int = _checked(int, lambda v: v >= 0, "must be 0 or more")
+#: loss weights, exponents, tolerances (nan and inf are refused); spacings in mm, learning rates
+finite_nonneg_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
 
 
 def groups_option(value: str | None, option: str = "--groups") -> dict[str, list[int]] | None:
