@@ -103,7 +103,6 @@ def _json_default(o: Any):
         return repr(o)
 
 
-
 class EventWriter:
     """Writes protocol events to a private copy of the original stdout (thread-safe)."""
 

@@ -92,8 +92,6 @@ class FusionResult:
         return atomic_write_text(json.dumps(doc, indent=1, default=json_default) + "\n", out / "fusion.json")
 
 
-
-
 def _complete_table(table: LabelTable, values) -> LabelTable:
     """The table, plus generated entries for values it lacks (so outputs never fail on a missing name)."""
     missing = [int(v) for v in values if int(v) > 0 and int(v) not in table]

@@ -44,7 +44,6 @@ def build_network(arch: dict | None = None) -> torch.nn.Module:
                 strides=tuple(a["strides"]), num_res_units=int(a["num_res_units"]), norm=a["norm"])
 
 
-
 # ---------------------------------------------------------------------------------------------- the model
 
 @dataclass
