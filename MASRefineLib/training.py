@@ -373,14 +373,12 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
 # ---------------------------------------------------------------------------------------------- a run's models
 
 #: surrogate-segmenter training settings per preset; the others are segmenter.py's defaults or longer.
-#: ``fast``, measured on the 64^3 phantom (6 atlases, one held out): 12 epochs x 12 steps of 32^3 patches
-#: reached validation Dice 0.67/0.28/0.31/0.24 (femur, fem. cartilage, tibia, tib. cartilage) and made
-#: refinement IS worse than I; 20 x 20 steps of 48^3 patches (lr 3e-3) reached 0.94/0.76/0.94/0.84.
+#: ``fast``: on the 64^3 phantom, shorter runs of smaller patches left the cartilages below Dice 0.35 and made
+#: IS worse than I; ``accurate``: 600 epochs lift the knee surrogate's Dice from 0.79 to 0.89 and let IS help
+#: the vote (docs/refinement.md, "600-epoch surrogate")
 SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"epochs": 16, "steps_per_epoch": 20, "patch_size": 48, "learning_rate": 3e-3},
     "default": {},
-    # 600 epochs: on 20 knees validation Dice 0.79 (150) -> 0.89, and IS then lifts the 8-atlas vote's
-    # cartilage by +0.026 instead of -0.002 (docs/refinement.md, "600-epoch surrogate"); ~40 CPU min for knees
     "accurate": {"epochs": 600},
 }
 
