@@ -223,6 +223,32 @@ def test_jlf_matches_a_direct_implementation_of_ants_algorithm(ixi_small):
     assert set(np.unique(fused)) <= set(np.unique(labs))
 
 
+@pytest.mark.parametrize("offset", [0, 300, 40000])  # compact uint8, int16 and int32 label maps
+def test_jlf_on_per_atlas_compact_labels_equals_the_int64_stack(ixi_small, offset):
+    """#22: fusion hands JLF each atlas's compact tensors (no (B, ...) int64 stack); the result is the same,
+    bit for bit, as from the stacked int64 labels, in both the search and the VoteNet+ modes."""
+    from MASRefineLib.volume import compact_labels
+    grid, arr, truth, images, labels = ixi_small
+    sl = (slice(4, 20), slice(6, 22), slice(6, 22))
+    tgt = torch.from_numpy(arr[sl].copy())
+    imgs = torch.from_numpy(np.stack([im[sl] for im in images[:4]]))
+    labs = torch.from_numpy(np.stack([la[sl] for la in labels[:4]]).astype(np.int64))
+    labs = torch.where(labs > 0, labs + offset, labs)
+    compact = [compact_labels(la) for la in labs]
+    assert compact[0].dtype == {0: torch.uint8, 300: torch.int16, 40000: torch.int32}[offset]
+    err = torch.from_numpy(np.random.default_rng(0).random(labs.shape, dtype=np.float32))
+    for kw in ({"patch_radius": 1, "search_radius": 1}, {"patch_radius": 1, "search_radius": 0, "error_probs": err}):
+        a = joint_label_fusion(imgs, tgt, labs, block=6, **kw)
+        b = joint_label_fusion(list(imgs), tgt, compact, block=6, **kw)
+        assert a[1].uncertain.sum() > 100
+        for x, y in [(a[0], b[0]), (a[2], b[2]), (a[1].index, b[1].index), (a[1].label, b[1].label),
+                     (a[1].prob, b[1].prob), (a[1].uncertain, b[1].uncertain)]:
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+        assert a[3] == b[3]
+    for r in (0, 1, 2):
+        assert torch.equal(consensus(labs, r), consensus(torch.stack(compact), r))
+
+
 def test_jlf_weights_sum_to_one_and_a_copy_of_the_target_takes_the_weight(ixi_small):
     grid, arr, truth, images, labels = ixi_small
     ws = _set(labels + [truth], images + [arr], grid)

@@ -129,7 +129,10 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
     t0 = time.time()
     grid = warped.target_grid
     report(progress, "fuse", 0.0, f"{method}: {len(warped.atlases)} atlases")
-    labels = warped.labels(dev)[:, 0]                                   # (B, Z, Y, X) int64
+    # JLF and VoteNet+ take the atlases one by one, labels compact (no full-size int64 (B, ...) stack: #22);
+    # the voting methods the (B, Z, Y, X) int64 stack
+    labels = warped.labels(dev)[:, 0] if method in ("pv", "wv", "staple") else None
+    labels_list = [a.label_tensor.to(dev) for a in warped.atlases] if labels is None else None
     info: dict[str, Any] = {}
     spacing = grid.spacing
     single = intra_op_threads(1) if dev.type == "cpu" else contextlib.nullcontext()
@@ -153,7 +156,7 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
         p = _check_params(method, params, {**JLF_DEFAULTS, "block": 40})
         tgt = torch.from_numpy(target_array(target_image, grid)).to(dev)
         fused, post, w, info = joint_label_fusion(
-            warped.images(dev)[:, 0], tgt, labels, alpha=float(p["alpha"]), beta=float(p["beta"]),
+            [a.image_tensor.to(dev) for a in warped.atlases], tgt, labels_list, alpha=float(p["alpha"]), beta=float(p["beta"]),
             patch_radius=int(p["patch_radius"]), search_radius=int(p["search_radius"]), spacing_xyz=spacing,
             std_floor=float(p["std_floor"]), block=int(p["block"]), progress=progress)
     elif method == "staple":
@@ -174,12 +177,13 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
         p = _check_params(method, params, {"alpha": 0.01, "beta": 2.0, "patch_radius": 1, "search_radius": 0,
                                            **vm.meta.get("jlf", {}), "block": 40})
         tgt = torch.from_numpy(target_array(target_image, grid))
-        roi = dilate(~consensus(labels.cpu(), int(p["search_radius"])), int(p["patch_radius"]) + int(p["search_radius"]))
+        roi = dilate(~consensus(torch.stack([a.label_tensor for a in warped.atlases]), int(p["search_radius"])),
+                     int(p["patch_radius"]) + int(p["search_radius"]))
         imgs = warped.images("cpu")[:, 0]
         z = vm.logits(imgs, tgt, roi=roi, device=dev, progress=progress)
         q = (1.0 - vm.calibrate(z)).to(dev)
         fused, post, w, info = joint_label_fusion(
-            imgs.to(dev), tgt.to(dev), labels, alpha=float(p["alpha"]), beta=float(p["beta"]),
+            imgs.to(dev), tgt.to(dev), labels_list, alpha=float(p["alpha"]), beta=float(p["beta"]),
             patch_radius=int(p["patch_radius"]), search_radius=int(p["search_radius"]), spacing_xyz=spacing,
             error_probs=q, block=int(p["block"]), progress=progress)
         info["model"] = {"platt": {"a": vm.a, "b": vm.b}, "source": str(model) if not isinstance(model, VoteNetModel) else vm.source,

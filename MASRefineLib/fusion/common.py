@@ -48,14 +48,15 @@ def consensus(labels: torch.Tensor, radius: int = 0) -> torch.Tensor:
     """(Z, Y, X) bool: voxels whose fused label is fixed because every atlas holds the same single label
     value over the whole cube of ``radius`` voxels around them (radius 0: the atlases agree at the voxel).
 
-    ``labels`` is (B, Z, Y, X) int64. With radius r, methods that may take a label from up to r voxels
+    ``labels`` is (B, Z, Y, X) of any integer type. With radius r, methods that may take a label from up to r voxels
     away (JLF's search) cannot change such a voxel's label.
     """
     if radius <= 0:
         return (labels == labels[:1]).all(0)
-    x = labels.to(torch.float32).unsqueeze(1)  # values up to 65535 are exact in float32
-    mx = _max_filter(x.amax(0, keepdim=True), radius)[0, 0]
-    mn = -_max_filter(-x.amin(0, keepdim=True), radius)[0, 0]
+    # max / min over the atlases first, in the labels' own type: no (B, Z, Y, X) float copy (#22);
+    # values up to 65535 are exact in float32
+    mx = _max_filter(labels.amax(0)[None, None].to(torch.float32), radius)[0, 0]
+    mn = -_max_filter(-labels.amin(0)[None, None].to(torch.float32), radius)[0, 0]
     return mx == mn
 
 

@@ -101,7 +101,8 @@ def _solve_weights(m: torch.Tensor, alpha: float) -> torch.Tensor:
     return w.to(torch.float32)
 
 
-def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, *,
+def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
+                       labels: torch.Tensor | Sequence[torch.Tensor], *,
                        alpha: float = 0.1, beta: float = 2.0, patch_radius: int = 2, search_radius: int = 3,
                        spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0), std_floor: float = 1.0 / 255.0,
                        error_probs: torch.Tensor | None = None, block: int = 40, workers: int | None = None,
@@ -110,24 +111,23 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
     """Joint label fusion on one target grid.
 
     ``images`` (B, Z, Y, X) warped atlas intensities, ``target`` (Z, Y, X) (both normalised to [0, 1]),
-    ``labels`` (B, Z, Y, X) int64 label values; radii in voxels; ``spacing_xyz`` (mm) only orders the
-    search. ``error_probs`` (B, Z, Y, X): VoteNet+ mode (see the module docstring).
+    ``labels`` (B, Z, Y, X) integer label values (any integer dtype: the compact ones of a
+    :class:`~MASRefineLib.warped.WarpedSet` are taken as they are); ``images`` and ``labels`` may also be
+    sequences of B (Z, Y, X) tensors, which are copied straight into the padded working stacks (no
+    full-size (B, ...) stack of them, nor an int64 one, is made: #22). Radii in voxels; ``spacing_xyz`` (mm) only
+    orders the search. ``error_probs`` (B, Z, Y, X): VoteNet+ mode (see the module docstring).
     Returns (fused uint16 (Z, Y, X), posteriors, per-atlas weights (B, Z, Y, X) float32, info).
     At voxels where the vote is unanimous the weights are 1/B (any weights give the same label).
     Blocks of about ``block`` voxels per side run in ``workers`` threads (default: torch's intra-op
     thread count on the CPU), each torch op single-threaded (see :func:`.common.intra_op_threads`).
     """
-    dev = images.device
-    b = images.shape[0]
-    shape = tuple(int(s) for s in labels.shape[1:])
+    dev = images[0].device
+    b = len(images)
+    shape = tuple(int(s) for s in labels[0].shape)
     rp = int(patch_radius)
     rs = int(search_radius)
     big_r = rs + rp
     n_patch = (2 * rp + 1) ** 3
-
-    fixed = consensus(labels, rs)
-    unc = ~fixed
-    centres = dilate(unc, rp)
 
     # pad so that every block's centre box (block grown by rp, unclipped) grown by big_r is inside
     pw = big_r + rp
@@ -136,10 +136,21 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
     def padded(x: torch.Tensor, value: float) -> torch.Tensor:
         return torch.nn.functional.pad(x, pad, value=value)
 
-    img_p = padded(images.to(torch.float32), 0.0)
+    # The atlases' padded stacks, filled atlas by atlas: the values F.pad gives, without a second full-size
+    # (B, ...) copy (the caller's stack) or int64 labels (8x uint8) alive next to them (#22). Labels are held
+    # in the smallest signed type holding their values and the -1 of outside (int64 only inside a block).
+    small = (torch.uint8, torch.int8, torch.int16)
+    lab_dt = torch.int16 if all(x.dtype in small for x in labels) else \
+        torch.int32 if all(x.dtype in (*small, torch.int32) for x in labels) else torch.int64
+    img_p = _padded_stack(images, pw, 0.0, torch.float32, dev)
+    lab_p = _padded_stack(labels, pw, -1, lab_dt, dev)
+    labels = lab_p[(slice(None),) + (slice(pw, pw + shape[0]), slice(pw, pw + shape[1]), slice(pw, pw + shape[2]))]
+    fixed = consensus(labels, rs)
+    unc = ~fixed
+    centres = dilate(unc, rp)
+
     tgt_p = padded(target.to(torch.float32)[None], 0.0)[0]
     val_p = padded(torch.ones(shape, dtype=torch.float32, device=dev)[None], 0.0)[0]
-    lab_p = padded(labels.to(torch.int64), -1)
     cen_p = padded(centres[None].to(torch.float32), 0.0)[0] > 0
     inner = torch.zeros(shape, dtype=torch.bool, device=dev)
     if all(n > 2 * big_r for n in shape):
@@ -152,7 +163,7 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
     pz, py, px = torch.meshgrid(rng, rng, rng, indexing="ij")
     patch = torch.stack([pz.reshape(-1), py.reshape(-1), px.reshape(-1)], 1)  # (P, 3)
 
-    fused = labels[0].clone().reshape(-1)
+    fused = labels[0].to(torch.int64, copy=True).reshape(-1)
     wmaps = torch.full((b, *shape), 1.0 / b, dtype=torch.float32, device=dev).reshape(b, -1)
     sp_idx, sp_lab, sp_prob = [], [], []
     sizes = [-(-n // max(1, round(n / block))) for n in shape]        # near-equal blocks of about `block`
@@ -175,7 +186,7 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
         a_d = img_p[(slice(None),) + dsl].contiguous()                  # contiguous: ~4x faster box sums
         t_d = tgt_p[dsl].contiguous()
         v_d = val_p[dsl].contiguous()
-        l_d = lab_p[(slice(None),) + dsl].contiguous()
+        l_d = lab_p[(slice(None),) + dsl].to(torch.int64).contiguous()
         csl = tuple(slice(s0 + big_r, s0 + big_r + d) for s0, d in zip((z0, y0, x0), cdim))
         cidx = cen_p[csl].nonzero()                                    # (M, 3) centre-box coords
         c_lin = _lin(cidx, cdim)
@@ -295,6 +306,17 @@ def joint_label_fusion(images: torch.Tensor, target: torch.Tensor, labels: torch
                       cat(sp_prob, np.float32).astype(np.float32))
     info = {"uncertain_voxels": int(unc.sum()), "solved_centres": n_solved, "voxels": int(np.prod(shape))}
     return fused_np, post, wmaps.reshape(b, *shape).cpu().numpy(), info
+
+
+def _padded_stack(xs: torch.Tensor | Sequence[torch.Tensor], pw: int, value: float, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """(B, Z + 2 pw, Y + 2 pw, X + 2 pw) of ``dtype``: each (Z, Y, X) ``xs[i]`` in the middle, ``value`` around
+    (what ``F.pad(stack(xs), [pw] * 6, value=value)`` gives, one atlas copied at a time)."""
+    z, y, x = (int(n) for n in xs[0].shape[-3:])
+    out = torch.full((len(xs), z + 2 * pw, y + 2 * pw, x + 2 * pw), value, dtype=dtype, device=device)
+    for i in range(len(xs)):
+        out[i, pw:pw + z, pw:pw + y, pw:pw + x] = xs[i]
+    return out
 
 
 class _BoxSum:
