@@ -104,7 +104,8 @@ class Run:
     segmenter: Any = None                    # the surrogate segmenter for refinement IS (Models)
     votenet: Any = None                      # a loaded VoteNet+ model (Models; None: Fuse reads the stored one)
     warped: Any = None                       # warped.WarpedSet: registered (Register), then refined (Refine)
-    unrefined: Any = None                    # the registered WarpedSet, kept by Refine for comparison
+    unrefined: Any = None                    # the registered WarpedSet's images and labels, kept by Refine for the
+                                             # *_unrefined outputs (its fields are dropped: empty tensors, #22)
     fused: Optional[Fused] = None            # Fuse
     fallbacks: list[str] = field(default_factory=list)   # what ran otherwise than asked, one line each
     outputs: dict[str, Any] = field(default_factory=dict)  # what the output stages wrote or computed
@@ -214,7 +215,17 @@ class Refine(_Fixed):
             variant = "I"
         ws = refine(run.warped, run.target, variant, segmenter=run.segmenter, device=run.device,
                     progress=progress, **kw)
-        return run.replace(warped=ws, unrefined=run.warped, fallbacks=fallbacks)
+        return run.replace(warped=ws, unrefined=_without_fields(run.warped), fallbacks=fallbacks)
+
+
+def _without_fields(ws: Any) -> Any:
+    """``ws`` (a WarpedSet) sharing its images and labels, each field an empty tensor: what is left of the registered
+    set once Refine has composed its fields. Only the registered images and labels are written later (Write's
+    ``*_unrefined`` files); a field is three float32 per voxel, 70 % of a warped atlas's memory (#22)."""
+    from .warped import WarpedAtlas
+    return dataclasses.replace(ws, atlases=[
+        WarpedAtlas(a.id, a.image_tensor, a.label_tensor, torch.empty(0), a.source_image, a.source_label, a.info)
+        for a in ws.atlases])
 
 
 class Fuse(_Fixed):
