@@ -140,7 +140,7 @@ def compare(a: Path, b: Path) -> list[str]:
         elif not np.array_equal(xa, xb):
             d = float(np.abs(xa.astype(np.float64) - xb.astype(np.float64)).max())
             problems.append(f"{rel}: arrays differ (max |diff| {d:.3g}, {int((xa != xb).sum())} voxels)")
-    for f in ("qa.csv", "metrics.csv", "metrics.json"):
+    for f in ("qa.csv", "metrics.csv", "metrics.json", "atlases/report.json"):
         if (a / f).exists() != (b / f).exists():
             problems.append(f"{f} in one folder only")
         elif (a / f).exists() and _table(a / f) != _table(b / f):
@@ -162,11 +162,14 @@ def _table(path: Path):
 
 
 def _strip(x):
-    """A manifest part without timings and paths (which differ between any two runs)."""
+    """A manifest part without timings and output paths (which differ between any two runs); input paths from the
+    repository's .cache on (a run from a copy of the tree sees them under the copy)."""
     if isinstance(x, dict):
-        return {k: _strip(v) for k, v in x.items() if not any(w in k for w in ("second", "time", "path", "dir"))}
+        return {k: _strip(v) for k, v in x.items() if not any(w in k for w in ("second", "time", "timing", "path", "dir"))}
     if isinstance(x, list):
         return [_strip(v) for v in x]
+    if isinstance(x, str) and "/.cache/" in x:  # an input under the cache, as seen from the run's (copied) tree
+        return x[x.index("/.cache/"):]
     return x
 
 
@@ -200,8 +203,16 @@ def main(argv=None) -> int:
     ap.add_argument("--render", action="store_true", help="render docs/results/memory/*.json into docs/memory.md")
     a = ap.parse_args(argv)
     if a.compare:
-        problems = compare(Path(a.compare[0]), Path(a.compare[1]))
-        print("\n".join(problems) if problems else "identical: every image array bitwise, QA and metrics equal")
+        pa, pb = (Path(x).resolve() for x in a.compare)
+        problems = compare(pa, pb)
+        n = sum(1 for p in pa.rglob("*") if p.name.endswith((".nii.gz", ".nrrd")))
+        text = (f"{pa.parent.name} vs {pb.parent.name}: " +
+                ("; ".join(problems) if problems else
+                 f"identical: {n} image files (.nii.gz/.nrrd) bitwise with equal grids; qa.csv, metrics.csv/.json, "
+                 f"atlases/report.json and the manifest's labels, grid, per-atlas QA, summary and output list equal (timings left out)"))
+        print(text)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"compare-{pa.parent.name}-{pb.parent.name}.txt").write_text(text + "\n")
         return 1 if problems else 0
     if a.render:
         write_doc()
