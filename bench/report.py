@@ -15,6 +15,7 @@ the same targets.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -32,11 +33,16 @@ def _current(method: dict) -> bool:
     measured with withdrawn parameters (greedy's ``-moments 2`` initialisation, which failed on knees) is never
     rendered, and is replaced when bench/pipeline.py runs the peer again."""
     key = method.get("key") or {}
-    if "peer" not in key:
-        return True
-    sys.path.insert(0, str(ROOT / "bench"))
+    return "peer" not in key or key.get("params") == _peer_params(key["peer"])
+
+
+@functools.lru_cache(maxsize=None)
+def _peer_params(peer: str):
+    """bench/peers.py's parameters of ``peer`` as they read back from a result file (JSON types)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     import peers
-    return key.get("params") == json.loads(json.dumps(peers.params(key["peer"])))
+    return json.loads(json.dumps(peers.params(peer)))
 
 
 def _load(dataset: str, split: str) -> list[dict]:
