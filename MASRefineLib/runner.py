@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import json
 import os
 import queue
 import signal
@@ -68,9 +67,8 @@ class JobRunner:
     """One background worker process and its event stream."""
 
     def __init__(self, job_path: str | os.PathLike | None = None, python: str | None = None,
-                 env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
-                 cancel_file: str | os.PathLike | None = None, command: Sequence[str] | None = None):
-        """``job_path``: the job.json to run (its ``cancel_file`` is read from it unless given, and used only
+                 env: dict[str, str] | None = None, command: Sequence[str] | None = None):
+        """``job_path``: the job.json to run (its ``cancel_file`` is read from it, and used only
         when it lies inside the job's ``output_dir``: :func:`MASRefineLib.protocol.jobs.cancel_file_inside`; the worker
         refuses such a job as invalid). ``env``: extra environment variables for the worker. ``command``
         replaces the whole command line (tests, other front ends)."""
@@ -79,9 +77,7 @@ class JobRunner:
         self.job_path = Path(job_path) if job_path is not None else None
         self.command = list(command) if command is not None else worker_command(self.job_path, python)
         self.extra_env = dict(env or {})
-        self.cwd = str(cwd) if cwd is not None else None
-        if cancel_file is None and self.job_path is not None:
-            cancel_file = self._job_cancel_file(self.job_path)
+        cancel_file = self._job_cancel_file(self.job_path) if self.job_path is not None else None
         self.cancel_file = Path(cancel_file) if cancel_file else None
         self.proc: Optional[subprocess.Popen] = None
         self.queue: "queue.Queue[dict[str, Any]]" = queue.Queue()
@@ -128,7 +124,7 @@ class JobRunner:
         else:
             kwargs["start_new_session"] = True
         self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=self.cwd, env=env, **kwargs)
+                                     stderr=subprocess.PIPE, env=env, **kwargs)
         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
             t = threading.Thread(target=self._read, args=(stream, name), name=f"runner-{name}", daemon=True)
             t.start()
@@ -270,26 +266,6 @@ class JobRunner:
         if self.running:
             self.kill()
             self.wait(10)
-
-    def __enter__(self) -> "JobRunner":
-        return self if self.proc is not None else self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def run_job(job_path: str | os.PathLike, python: str | None = None, on_event=None,
-            timeout: float | None = None, env: dict[str, str] | None = None) -> JobRunner:
-    """Run a job to completion in a worker (blocking), calling ``on_event(ev)`` for each event."""
-    r = JobRunner(job_path, python=python, env=env).start()
-    try:
-        for ev in r.events(timeout):
-            if on_event:
-                on_event(ev)
-    except BaseException:
-        r.close()
-        raise
-    return r
 
 
 @atexit.register
