@@ -251,6 +251,12 @@ class Worker:
             self.events.emit("progress", **fields)
 
     # -- run -----------------------------------------------------------------------------------
+    def _missing(self, names: list[str]) -> int:
+        """The ``missing-dependency`` error event for ``names`` (the first one's install hint); exit code 2."""
+        self.events.emit("error", kind="missing-dependency",
+                         message=f"missing Python package {names[0]}: {install_hint(names[0])}", missing=names)
+        return EXIT_INVALID
+
     def run(self) -> int:
         """Read, check and run the job file (see the module doc)."""
         from .errors import MASRefineError
@@ -270,16 +276,12 @@ class Worker:
             return EXIT_INVALID
         missing = missing_dependencies()
         if missing:
-            self.events.emit("error", kind="missing-dependency",
-                             message=f"missing Python package {missing[0]}: {install_hint(missing[0])}", missing=missing)
-            return EXIT_INVALID
+            return self._missing(missing)
         name = job.get("pipeline", "segment")
         try:
             fn = load_pipeline(name)
         except ModuleNotFoundError as e:
-            self.events.emit("error", kind="missing-dependency",
-                             message=f"missing Python package {e.name}: {install_hint(e.name)}", missing=[e.name])
-            return EXIT_INVALID
+            return self._missing([e.name])
         except (ImportError, ValueError) as e:
             self.events.emit("error", kind="invalid-job", message=f"{self.job_path}: pipeline {name!r}: {e}")
             return EXIT_INVALID
@@ -311,9 +313,7 @@ class Worker:
             self.events.emit("error", kind="input", message=str(e))
             return EXIT_ERROR
         except ModuleNotFoundError as e:
-            self.events.emit("error", kind="missing-dependency",
-                             message=f"missing Python package {e.name}: {install_hint(e.name)}", missing=[e.name])
-            return EXIT_INVALID
+            return self._missing([e.name])
         except MemoryError:
             self.events.emit("error", kind="internal", message="out of memory (try a smaller preset, fewer atlases "
                              "or --device cpu)", traceback=traceback.format_exc())
