@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import atomic_path, image_stem, is_image_file, require_file, write_image
+from .imageio import array_to_image, atomic_path, image_stem, is_image_file, require_file, write_image
 
 
 @dataclass(frozen=True)
@@ -169,16 +169,8 @@ def label_values(labels) -> list[int]:
     writes): 7-20x faster than the sort behind ``np.unique`` / ``torch.unique`` on a knee volume
     (6.4 M voxels, 0.02-0.05 s instead of 0.17-0.36 s); other maps fall back to the sort.
     """
-    import torch
-    if isinstance(labels, torch.Tensor):
-        t = labels.detach().reshape(-1)
-        if t.numel() == 0:
-            return []
-        if t.is_floating_point():
-            raise ValueError("label_values needs an integer label map")
-        if int(t.min()) >= 0 and int(t.max()) < 1 << 16:
-            return torch.bincount(t.long()).nonzero().flatten().tolist()
-        return torch.unique(t).tolist()
+    if hasattr(labels, "detach"):  # a torch tensor (on any device): counted as its numpy copy
+        labels = labels.detach().cpu().numpy()
     a = np.asarray(labels).reshape(-1)
     if a.size == 0:
         return []
@@ -205,7 +197,7 @@ def write_label_outputs(label: sitk.Image | np.ndarray, table: LabelTable, path_
     if isinstance(label, np.ndarray):
         if grid is None:
             raise ValueError("grid is required for an array label map")
-        label = grid.apply_to(sitk.GetImageFromArray(label.astype(np.uint16)))
+        label = array_to_image(label.astype(np.uint16), grid)
     stem = Path(path_stem)
     if is_image_file(stem):
         stem = stem.with_name(image_stem(stem))
@@ -284,11 +276,9 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, LabelTable]:
     out = np.where(np.isin(vox, values), vox, 0).astype(np.uint16)  # voxels of no segment -> background
     ijk = np.asarray(seg["ijkToLPS"], dtype=np.float64)
     spacing = np.linalg.norm(ijk[:3, :3], axis=0)
-    direction = ijk[:3, :3] / spacing
-    img = sitk.GetImageFromArray(np.ascontiguousarray(out.transpose(2, 1, 0)))
-    img.SetSpacing(tuple(float(s) for s in spacing))
-    img.SetOrigin(tuple(float(o) for o in ijk[:3, 3]))
-    img.SetDirection(tuple(float(d) for d in direction.ravel()))
+    grid = Grid(tuple(int(n) for n in out.shape), tuple(float(s) for s in spacing), tuple(float(o) for o in ijk[:3, 3]),
+                tuple(float(d) for d in (ijk[:3, :3] / spacing).ravel()))
+    img = grid.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(out.transpose(2, 1, 0))))
     return img, LabelTable.from_json_dict(table, str(path))
 
 
