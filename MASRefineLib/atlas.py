@@ -24,6 +24,7 @@ Label values are kept as they are in the label maps (never renumbered); value 0 
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -539,7 +540,7 @@ def _materialize(src: Path, dest: Path, mode: str) -> Path:
                 return dest
         except OSError:
             pass
-        if mode == "copy" and dest.is_file() and not dest.is_symlink() and _same_content(src, dest):
+        if mode == "copy" and dest.is_file() and not dest.is_symlink() and filecmp.cmp(src, dest, shallow=False):
             return dest
         raise MASRefineError(f"{dest}: already exists and is not {src}; not overwritten")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -550,18 +551,6 @@ def _materialize(src: Path, dest: Path, mode: str) -> Path:
         shutil.copy2(src, tmp)
         os.replace(tmp, dest)
     return dest
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 20), fb.read(1 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def _short(values: Sequence, n: int = 8) -> str:
