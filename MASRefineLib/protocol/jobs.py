@@ -21,13 +21,12 @@ job.json``) validates the job with :func:`validate_job` and refuses an invalid o
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import MASRefineError
-from .atomic import atomic_write_text
+from ..jsonio import write_json
 from .files import is_image_file
 
 SCHEMA_VERSION = 1
@@ -98,28 +97,39 @@ ATLAS_PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
 }
 
 
-def _is_batch(job: dict[str, Any]) -> bool:
-    return job.get("pipeline") in ("batch", PIPELINES["batch"])
+#: the parameters each of :data:`PIPELINES` takes (a job naming another pipeline, as the tests do, is not checked)
+_TABLES: dict[str, dict[str, tuple[type, Any, Any, str]]] = {
+    "segment": PARAMETERS, "batch": {**PARAMETERS, **BATCH_PARAMETERS}, "atlas": ATLAS_PARAMETERS}
 
 
-def _is_atlas(job: dict[str, Any]) -> bool:
-    return job.get("pipeline") in ("atlas", PIPELINES["atlas"])
+def _kind(pipeline: Any) -> str | None:
+    """``"segment"``, ``"batch"`` or ``"atlas"`` for a ``pipeline`` field naming one (by name or as its
+    ``"module:function"``), else None."""
+    return next((n for n in _TABLES if pipeline in (n, PIPELINES[n])), None)
+
+
+def _path(p: str | os.PathLike) -> str:
+    return str(Path(p).expanduser().resolve())
+
+
+def _job(pipeline: str, inputs: dict[str, Any], out_dir: str | os.PathLike, cancel_file: str | os.PathLike | None,
+         parameters: dict[str, Any]) -> dict[str, Any]:
+    """A job dict: ``inputs`` (paths) made absolute; ``cancel_file`` defaults to ``<out_dir>/.cancel``."""
+    out = Path(_path(out_dir))
+    return {"schema_version": SCHEMA_VERSION, "pipeline": pipeline, "inputs": {k: _path(v) for k, v in inputs.items()},
+            "parameters": parameters, "output_dir": str(out),
+            "cancel_file": _path(cancel_file) if cancel_file else str(out / CANCEL_FILE_NAME)}
 
 
 def make_atlas_job(cases: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    mode: str = "new", cancel_file: str | os.PathLike | None = None) -> dict[str, Any]:
     """An ``atlas`` job: the cases file ``{"cases": [{id, image, segmentation}]}`` made into a new atlas set in
     ``atlas_dir`` (``mode="new"``) or added to it (``"add"``); ``out_dir`` holds only the job's cancel file."""
-    out = Path(out_dir).expanduser().resolve()
-    return {"schema_version": SCHEMA_VERSION, "pipeline": "atlas",
-            "inputs": {"cases": str(Path(cases).expanduser().resolve()),
-                       "atlas_dir": str(Path(atlas_dir).expanduser().resolve())},
-            "parameters": {"mode": mode}, "output_dir": str(out),
-            "cancel_file": str(Path(cancel_file).expanduser().resolve() if cancel_file else out / CANCEL_FILE_NAME)}
+    return _job("atlas", {"cases": cases, "atlas_dir": atlas_dir}, out_dir, cancel_file, {"mode": mode})
 
 
 def default_parameters(pipeline: str = "segment") -> dict[str, Any]:
-    table = {**PARAMETERS, **BATCH_PARAMETERS} if pipeline in ("batch", PIPELINES["batch"]) else PARAMETERS
+    table = _TABLES["batch"] if _kind(pipeline) == "batch" else PARAMETERS
     return {k: v[2] for k, v in table.items()}
 
 
@@ -129,36 +139,21 @@ def make_job(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_d
 
     ``cancel_file`` defaults to ``<out_dir>/.cancel``. Nothing is written or checked here (see
     :func:`validate_job`, :func:`write_job`)."""
-    out = Path(out_dir).expanduser().resolve()
     p = default_parameters() if pipeline == "segment" else {}
-    p.update(params)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "pipeline": pipeline,
-        "inputs": {"target": str(Path(target_path).expanduser().resolve()),
-                   "atlas_dir": str(Path(atlas_dir).expanduser().resolve())},
-        "parameters": p,
-        "output_dir": str(out),
-        "cancel_file": str(Path(cancel_file).expanduser().resolve() if cancel_file else out / CANCEL_FILE_NAME),
-    }
+    return _job(pipeline, {"target": target_path, "atlas_dir": atlas_dir}, out_dir, cancel_file, {**p, **params})
 
 
 def make_batch_job(targets: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    truth: str | os.PathLike | None = None, cancel_file: str | os.PathLike | None = None,
                    **params: Any) -> dict[str, Any]:
     """A ``batch`` job (see the module doc) with absolute paths and every parameter (defaults filled in)."""
-    out = Path(out_dir).expanduser().resolve()
-    inputs = {"targets": str(Path(targets).expanduser().resolve()), "atlas_dir": str(Path(atlas_dir).expanduser().resolve())}
-    if truth is not None:
-        inputs["truth"] = str(Path(truth).expanduser().resolve())
-    return {"schema_version": SCHEMA_VERSION, "pipeline": "batch", "inputs": inputs,
-            "parameters": {**default_parameters("batch"), **params}, "output_dir": str(out),
-            "cancel_file": str(Path(cancel_file).expanduser().resolve() if cancel_file else out / CANCEL_FILE_NAME)}
+    inputs = {"targets": targets, "atlas_dir": atlas_dir, **({"truth": truth} if truth is not None else {})}
+    return _job("batch", inputs, out_dir, cancel_file, {**default_parameters("batch"), **params})
 
 
 def write_job(job: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``job`` as JSON, atomically. Returns the path."""
-    return atomic_write_text(json.dumps(job, indent=1) + "\n", Path(path))
+    return write_json(job, Path(path))
 
 
 def read_job(path: str | os.PathLike) -> dict[str, Any]:
@@ -229,7 +224,8 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     except MASRefineError as e:
         problems.append(str(e))
     inputs = job.get("inputs")
-    batch, atlas = _is_batch(job), _is_atlas(job)
+    kind = _kind(pipeline)
+    batch, atlas = kind == "batch", kind == "atlas"
     first = "targets" if batch else "cases" if atlas else "target"
     new_atlas = atlas and isinstance(job.get("parameters"), dict) and job["parameters"].get("mode", "new") == "new"
     if not isinstance(inputs, dict):
@@ -269,8 +265,8 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
     params = job.get("parameters", {})
     if not isinstance(params, dict):
         problems.append("'parameters' must be an object")
-    elif pipeline in ("segment", PIPELINES["segment"]) or batch or atlas:
-        table = {**PARAMETERS, **BATCH_PARAMETERS} if batch else ATLAS_PARAMETERS if atlas else PARAMETERS
+    elif kind:
+        table = _TABLES[kind]
         for name, value in params.items():
             if name not in table:
                 problems.append(f"unknown parameter '{name}' (known: {', '.join(table)})")
