@@ -124,16 +124,10 @@ class AtlasSet:
         Raises :class:`MASRefineError` naming the file for unreadable, non-3D, NaN or empty data, for
         a label map whose grid differs from its image's and for label values not in the label table."""
         img_p, lab_p = self.image_path(atlas_id), self.label_path(atlas_id)
-        img = read_image(img_p)
-        lab = read_label(lab_p)
-        gi, gl = Grid.from_image(img), Grid.from_image(lab)
-        if not gi.isclose(gl):
-            raise MASRefineError(f"{lab_p}: label grid does not match the image grid of {img_p} "
-                                 f"({gl.difference(gi)})")
-        unknown = sorted(set(foreground_values(lab)) - set(self.label_table))
-        if unknown:
-            raise MASRefineError(f"{lab_p}: label values {_short(unknown)} are not in the label table of "
-                                 f"{self.json_path}")
+        img, lab = read_image(img_p), read_label(lab_p)
+        problems = _label_map_problems(img_p, img, lab, foreground_values(lab), self.label_table, self.json_path)
+        if problems:
+            raise MASRefineError(f"{lab_p}: {problems[0]}")
         return img, lab
 
     def to_json_dict(self) -> dict:
@@ -257,19 +251,13 @@ def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None
         except MASRefineError as e:
             rep.problems.append(Problem.from_error(e, where))
         if lab is not None:
-            values = foreground_values(lab)
-            unknown = sorted(set(values) - known)
-            if unknown and table:  # a missing or bad table is reported once (above), not once per atlas
-                rep.problems.append(Problem(lab_p, f"label values {_short(unknown)} are not in the label table "
-                                                   f"of {json_path}{where}"))
-            sets[a.id] = (str(lab_p), frozenset(values))
-        if img is not None and lab is not None:
-            gi, gl = Grid.from_image(img), Grid.from_image(lab)
-            if not gi.isclose(gl):
-                rep.problems.append(Problem(lab_p, f"label grid does not match the image grid of {img_p} "
-                                                   f"({gl.difference(gi)}){where}"))
-            else:
-                rep.grids[gi] += 1
+            values = frozenset(foreground_values(lab))
+            sets[a.id] = (str(lab_p), values)
+            # a missing or bad table is reported once (above), not once per atlas
+            problems = _label_map_problems(img_p, img, lab, values if table else (), table, json_path)
+            rep.problems.extend(Problem(lab_p, p + where) for p in problems)
+            if img is not None and Grid.from_image(img).isclose(Grid.from_image(lab)):
+                rep.grids[Grid.from_image(img)] += 1
                 rep.n_atlases += 1
     report(progress, "check", 1.0, "done")
     for _, vals in sets.values():
@@ -379,6 +367,15 @@ def init_atlas_set(out: str | os.PathLike, images_dir: str | os.PathLike, labels
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _label_map_problems(img_p: Path, img: sitk.Image | None, lab: sitk.Image, values: Iterable[int], table: LabelTable,
+                        json_path: Path) -> list[str]:
+    """An atlas label map's values not in the set's label table, its grid if not its image's (``img`` None: unread)."""
+    unknown, gi, gl = sorted(set(values) - set(table)), img is not None and Grid.from_image(img), Grid.from_image(lab)
+    return ([f"label values {_short(unknown)} are not in the label table of {json_path}"] if unknown else []) + \
+        ([f"label grid does not match the image grid of {img_p} ({gl.difference(gi)})"]
+         if gi and not gi.isclose(gl) else [])
+
+
 def _locate(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     if p.name == ATLAS_JSON and p.is_file():
