@@ -236,7 +236,7 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
                 seg = ensure_segmenter(base.atlas_set, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)
                 training.setdefault("segmenter", round(time.perf_counter() - t0, 1))
                 t0 = time.perf_counter()
-                labels = seg.predict_labels(base.target_array, grid)
+                labels = seg.predict_labels(base.target.numpy(), grid)
                 secs = {"segment": round(time.perf_counter() - t0, 2)}
                 _save_cell(out, "unet", t.id, {"row": "unet", "target": t.id, "method": "unet", "seconds": secs,
                                                "metrics": _evaluate(labels, t.label, grid, groups, table)})

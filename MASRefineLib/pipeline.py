@@ -223,17 +223,14 @@ class Output:
     groups: Any = None
 
 
-class Write:
+class Write(Stage):
     """The fused labels (.nii.gz + .seg.nrrd), a posterior map per label and, with ``options.save_atlases``, every
     atlas's refined and unrefined image, labels, field, Jacobian and fusion weights (module doc); each file is
     listed in the manifest, with the run's label table and target grid."""
-    name = "write"
+    name, share = "write", 0.1
 
     def __init__(self, output: Output):
         self.output = output
-
-    def weight(self, run: Run) -> float:
-        return 0.1
 
     def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
         out, m, fused, aset = self.output.folder, self.output.manifest, run.fused, run.atlas_set
@@ -261,28 +258,25 @@ class Write:
         return run.replace(outputs={**run.outputs, "fused": paths["nifti"]})
 
 
-class QA:
+class QA(Stage):
     """Per-atlas QA numbers (qa.csv, and in the manifest), the QA montage (``options.qa_picture``) and, with a
     reference label map, the metrics (metrics.csv, metrics.json)."""
-    name = "qa"
+    name, share = "qa", 0.05
 
     def __init__(self, output: Output):
         self.output = output
 
-    def weight(self, run: Run) -> float:
-        return 0.05
-
     def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
         out, m, opts, ws, fused = self.output.folder, self.output.manifest, run.options, run.warped, run.fused
         report(progress, "qa", 0.0, "QA numbers")
-        qa = atlas_qa(ws, run.target_array, fused)
+        qa = atlas_qa(ws, run.target.numpy(), fused)
         cols = write_qa_csv(qa, out / "qa.csv")
         m.add(out / "qa.csv", "table", "qa-table", name="atlas QA", columns=cols)
         m.set("atlases", [{"id": r["id"], "qa": {k: v for k, v in r.items() if k != "id"}} for r in qa])
         if opts.qa_picture:
             report(progress, "qa", 0.4, "QA picture")
             try:
-                qa_picture(out / "qa.png", run.target_array, fused.labels, ws, qa,
+                qa_picture(out / "qa.png", run.target.numpy(), fused.labels, ws, qa,
                            f"{image_stem(run.target_path)}: {opts.prereg}, refine {opts.refine}, {opts.fusion}")
                 m.add(out / "qa.png", "picture", "qa-picture", name="QA montage")
             except ImportError:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -100,7 +100,6 @@ class Run:
     atlas_ids: Optional[list[str]] = None    # the atlases Register registers (None: all of the set)
     preloaded: Optional[Preloaded] = None    # models loaded once by the caller (Models uses them when complete)
     target: Optional[Volume] = None          # the target: intensities normalised to [0, 1] on its LPS grid (Load)
-    target_array: Optional[np.ndarray] = None  # (Z, Y, X) float32 numpy view of ``target`` (QA, the segmenter)
     segmenter: Any = None                    # the surrogate segmenter for refinement IS (Models)
     votenet: Any = None                      # a loaded VoteNet+ model (Models; None: Fuse reads the stored one)
     warped: Any = None                       # warped.WarpedSet: registered (Register), then refined (Refine)
@@ -115,26 +114,21 @@ class Run:
         return dataclasses.replace(self, **changes)
 
 
-class Stage(Protocol):
+class Stage:
     """One step of a run: ``name`` (manifest stage and progress ``stage``), ``weight(run)`` (share of the overall
-    progress, relative to the other stages of the list) and ``run(run, progress) -> Run``."""
-    name: str
-
-    def weight(self, run: Run) -> float: ...
-
-    def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run: ...
-
-
-class _Fixed:
-    """A stage whose share of the overall progress does not depend on the run."""
+    progress, relative to the other stages of the list: ``share`` unless the stage computes it) and
+    ``run(run, progress) -> Run``."""
     name = ""
     share = 0.0
 
     def weight(self, run: Run) -> float:
         return self.share
 
+    def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
+        raise NotImplementedError
 
-class Load(_Fixed):
+
+class Load(Stage):
     """Read the target image (validated and normalised to [0, 1], once: :func:`MASRefineLib.volume.read_image`; the
     later stages take this volume as it is) and the atlas set, with the checks a user needs."""
     name, share = "load", 0.03
@@ -147,12 +141,12 @@ class Load(_Fixed):
         aset = run.atlas_set if run.atlas_set is not None else AtlasSet.load(run.atlas_dir)
         if len(aset) == 0:
             raise MASRefineError(f"{aset.json_path}: the atlas set has no atlases")
-        run = run.replace(target=target, target_array=target.numpy(), atlas_set=aset)
+        run = run.replace(target=target, atlas_set=aset)
         report(progress, "load", 1.0, f"{len(aset)} atlases")
         return run
 
 
-class Models:
+class Models(Stage):
     """The surrogate segmenter (refinement IS) and the VoteNet+ model (fusion votenet): the caller's
     (:class:`Preloaded`) when it has every one needed, else :func:`MASRefineLib.training.ensure_models` (loaded
     from the atlas set's ``models/``, or trained first)."""
@@ -172,7 +166,7 @@ class Models:
         return run.replace(segmenter=segmenter, votenet=votenet)
 
 
-class Register(_Fixed):
+class Register(Stage):
     """Pre-registration (``options.prereg``, preset ``options.preset``) of the atlases (``atlas_ids``, default all)
     to the target, by the registration engine; skipped atlases are warned about by
     :func:`MASRefineLib.registration.register` (once); none left is an error."""
@@ -192,7 +186,7 @@ class Register(_Fixed):
         return run.replace(warped=ws)
 
 
-class Refine(_Fixed):
+class Refine(Stage):
     """Registration refinement (paper Eq. 3-6), variant ``options.refine`` (alpha, gamma and the finest level's
     iterations from the options when given, else refine.py's defaults). Variant IS without a segmenter falls back
     to I, with a warning and a line in ``fallbacks``."""
@@ -228,7 +222,7 @@ def _without_fields(ws: Any) -> Any:
         for a in ws.atlases])
 
 
-class Fuse(_Fixed):
+class Fuse(Stage):
     """Label fusion (``options.fusion``, :func:`MASRefineLib.fusion.fuse`); VoteNet+ with the model of the run
     (Models), else the atlas set's stored one for this pre-registration and refinement."""
     name, share = "fuse", 0.12

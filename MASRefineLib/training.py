@@ -311,8 +311,7 @@ def stage_register(aset, prereg: str, preset: str, refine: str | None, segmenter
 
     def fn(image, tid: str, others: list[str]):
         target = Volume.from_image(image)  # normalised once, as Load does for a file
-        run = Run(opts, dev, atlas_set=aset, atlas_ids=others, target=target, target_array=target.numpy(),
-                  segmenter=segmenter)
+        run = Run(opts, dev, atlas_set=aset, atlas_ids=others, target=target, segmenter=segmenter)
         run = Register().run(run, None)
         if refine:
             run = Refine().run(run, None)
