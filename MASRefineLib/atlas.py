@@ -147,7 +147,6 @@ class Problem(str):
     """One line naming the file: ``"<path>: <message>"`` (errors) or ``"<path>: warning: <message>"``."""
 
     level: str
-    path: str
 
     def __new__(cls, path: str | os.PathLike, message: str, level: str = "error") -> "Problem":
         if level not in ("error", "warning"):
@@ -155,7 +154,6 @@ class Problem(str):
         text = f"{path}: {message}" if level == "error" else f"{path}: warning: {message}"
         obj = super().__new__(cls, " ".join(text.split("\n")))
         obj.level = level
-        obj.path = str(path)
         return obj
 
     @classmethod
@@ -178,7 +176,6 @@ class CheckReport:
     n_atlases: int = 0
     label_table: LabelTable = field(default_factory=LabelTable)
     grids: Counter = field(default_factory=Counter)        # Grid -> number of atlases
-    values: Counter = field(default_factory=Counter)       # label value -> number of atlases containing it
 
     @property
     def errors(self) -> list[Problem]:
@@ -206,9 +203,9 @@ class CheckReport:
         elif shapes:
             g, n = shapes.most_common(1)[0]
             parts.append(f"{len(shapes)} different grids (most common {g}, {n} atlases)")
-        status = "ok" if self.ok else f"{len(self.errors)} error{'s' if len(self.errors) != 1 else ''}"
+        status = "ok" if self.ok else _count(len(self.errors), "error", "errors")
         if self.warnings:
-            status += f", {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}"
+            status += ", " + _count(len(self.warnings), "warning", "warnings")
         return f"{self.path}: " + ", ".join(parts) + f": {status}"
 
 
@@ -234,7 +231,6 @@ def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None
         return rep
     table: LabelTable = data["table"]
     rep.label_table = table
-    known = set(table)
     sets: dict[str, tuple[str, frozenset]] = {}
     atlases: list[Atlas] = data["atlases"]
     for n, a in enumerate(atlases):
@@ -260,8 +256,6 @@ def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None
                 rep.grids[Grid.from_image(img)] += 1
                 rep.n_atlases += 1
     report(progress, "check", 1.0, "done")
-    for _, vals in sets.values():
-        rep.values.update(vals)
     # consistency warnings
     if len(sets) > 1:
         common, _ = Counter(v for _, v in sets.values()).most_common(1)[0]
@@ -277,7 +271,7 @@ def inspect_atlas_set(path: str | os.PathLike, progress: ProgressCallback | None
             rep.problems.append(Problem(lab_p, " and ".join(msg) + f" compared with most atlases (atlas {aid})",
                                         "warning"))
     if sets:
-        unused = sorted(known - set(rep.values))
+        unused = sorted(set(table).difference(*(vals for _, vals in sets.values())))
         if unused:
             rep.problems.append(Problem(json_path, f"label table entries {_short(unused)} appear in no atlas", "warning"))
     return rep
