@@ -252,34 +252,6 @@ def compute_stages(opts: SegmentOptions) -> list[Stage]:
 
 
 # ------------------------------------------------------------------------------------------ progress
-class Plan:
-    """Maps each stage's 0..1 onto the whole run (``data["overall"]`` of progress events), by the stages' weights."""
-
-    def __init__(self, progress: Optional[ProgressCallback], weights: dict[str, float]):
-        self.progress = progress
-        total = sum(weights.values()) or 1.0
-        self.start: dict[str, float] = {}
-        self.width: dict[str, float] = {}
-        acc = 0.0
-        self.overall = 0.0
-        for k, w in weights.items():
-            self.start[k], self.width[k] = acc / total, w / total
-            acc += w
-
-    def cb(self, stage: str) -> Optional[ProgressCallback]:
-        if self.progress is None:
-            return None
-        s, w = self.start.get(stage, 0.0), self.width.get(stage, 0.0)
-
-        def f(ev: ProgressEvent) -> None:
-            data = dict(ev.data)
-            part = data.pop("_part", ev.fraction)  # see part(): a sub-task's share of this stage
-            # never backwards (a stage may restart its own fraction for a second pass)
-            self.overall = max(self.overall, min(s + w * part, s + w))
-            self.progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**data, "overall": self.overall}))
-        return f
-
-
 def part(progress: Optional[ProgressCallback], lo: float, hi: float) -> Optional[ProgressCallback]:
     """A sub-task's callback covering lo..hi of its stage's share of the overall progress (its own
     stage fraction is passed on unchanged)."""
@@ -293,12 +265,25 @@ def part(progress: Optional[ProgressCallback], lo: float, hi: float) -> Optional
 
 def run_stages(stages: list[Stage], run: Run, progress: Optional[ProgressCallback] = None,
                timer: Optional[Callable[[str], Any]] = None) -> Run:
-    """Run ``stages`` in order, each with its share of ``progress`` (:class:`Plan`); ``timer(name)``: a context
-    manager around each stage (the manifest's :meth:`~MASRefineLib.manifest.Manifest.stage`)."""
+    """Run ``stages`` in order, each stage's 0..1 mapped onto its share of the whole run by the stages' weights
+    (``data["overall"]`` of progress events); ``timer(name)``: a context manager around each stage (the manifest's
+    :meth:`~MASRefineLib.manifest.Manifest.stage`)."""
     import contextlib
-    plan = Plan(progress, {s.name: s.weight(run) for s in stages})
-    for s in stages:
-        with (timer(s.name) if timer is not None else contextlib.nullcontext()):
-            run = s.run(run, plan.cb(s.name))
-    return run
+    weights = [s.weight(run) for s in stages]  # before any stage runs
+    total, acc, overall = sum(weights) or 1.0, 0.0, 0.0
 
+    def scaled(s: float, w: float) -> Optional[ProgressCallback]:
+        def f(ev: ProgressEvent) -> None:
+            nonlocal overall
+            data = dict(ev.data)
+            p = data.pop("_part", ev.fraction)  # see part(): a sub-task's share of this stage
+            # never backwards (a stage may restart its own fraction for a second pass)
+            overall = max(overall, min(s + w * p, s + w))
+            progress(ProgressEvent(ev.stage, ev.fraction, ev.message, {**data, "overall": overall}))
+        return f if progress is not None else None
+
+    for stage, w in zip(stages, weights):
+        with (timer(stage.name) if timer is not None else contextlib.nullcontext()):
+            run = stage.run(run, scaled(acc / total, w / total))
+        acc += w
+    return run
