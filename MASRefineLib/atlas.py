@@ -43,7 +43,7 @@ from .labels import Label, LabelTable, default_color, foreground_values
 from .progress import ProgressCallback, report
 from .terminology import TERMINOLOGY_JSON
 from .terminology import load_file as load_terminology
-from .validate import atlas_id_problem, check_unique_atlas_ids
+from .validate import atlas_id_problem, duplicate_id_problem
 
 SCHEMA_VERSION = 1
 ATLAS_JSON = "atlas.json"
@@ -329,11 +329,13 @@ def init_atlas_set(out: str | os.PathLike, images_dir: str | os.PathLike, labels
                          f"({_short(only_lab)})")
     if not common:
         raise MASRefineError(f"{labels_dir}: no label map matches an image of {images_dir} by file name")
-    for sid in common:  # the id is the file stem and becomes output file names: checked before anything is written
+    for n, sid in enumerate(common):  # the id is the file stem and becomes output file names: checked first
         problem = atlas_id_problem(sid)
         if problem:
             raise MASRefineError(f"{images[sid]}: {problem}; rename the image and its label map")
-    check_unique_atlas_ids(common, images_dir)
+        problem = duplicate_id_problem(sid, common[:n])
+        if problem:
+            raise MASRefineError(f"{images_dir}: {problem}")
 
     # read the label maps: validates them and collects the values present
     present: set[int] = set()
@@ -425,7 +427,6 @@ def _parse_atlas_json(json_path: Path) -> tuple[dict | None, list[Problem]]:
     if not isinstance(entries, list) or not entries:
         problems.append(Problem(json_path, "'atlases' must be a non-empty list of {id, image, label}"))
         return None, problems
-    seen: dict[str, str] = {}
     for n, e in enumerate(entries):
         if not isinstance(e, dict) or not all(isinstance(e.get(k), str) and e.get(k) for k in ("id", "image", "label")):
             problems.append(Problem(json_path, f"atlas entry {n + 1} must have non-empty string fields id, image, label"))
@@ -434,13 +435,10 @@ def _parse_atlas_json(json_path: Path) -> tuple[dict | None, list[Problem]]:
         if id_problem:  # ids become output file names: refused here, before anything is written
             problems.append(Problem(json_path, f"atlas entry {n + 1}: {id_problem}"))
             continue
-        key = e["id"].casefold()  # ids become file names: 'A1' and 'a1' collide on macOS and Windows
-        if key in seen:
-            same = seen[key]
-            how = "" if same == e["id"] else f" (same as {same!r} on a case-insensitive file system)"
-            problems.append(Problem(json_path, f"duplicate atlas id {e['id']!r}{how}"))
+        duplicate = duplicate_id_problem(e["id"], (a.id for a in atlases))
+        if duplicate:
+            problems.append(Problem(json_path, duplicate))
             continue
-        seen[key] = e["id"]
         atlases.append(Atlas(e["id"], e["image"], e["label"]))
     return {"table": table, "atlases": atlases}, problems
 

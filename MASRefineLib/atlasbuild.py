@@ -29,7 +29,7 @@ from .imageio import read_image, write_image
 from .labels import Label, LabelTable, read_seg_nrrd
 from .progress import ProgressCallback, report
 from .terminology import for_name
-from .validate import atlas_id_problem
+from .validate import atlas_id_problem, duplicate_id_problem
 
 MODES = ("new", "add")
 
@@ -96,8 +96,7 @@ def _new_id(wanted: str, taken: set[str]) -> str:
     if not base[0].isalnum():
         base = "case" + base
     new, n = base, 1
-    taken = {t.casefold() for t in taken}  # ids become file names: 'A1' and 'a1' collide on macOS and Windows
-    while new.casefold() in taken:
+    while duplicate_id_problem(new, taken):
         n += 1
         new = f"{base}-{n}"
     problem = atlas_id_problem(new)

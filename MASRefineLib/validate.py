@@ -22,7 +22,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -64,24 +64,14 @@ def atlas_id_problem(value: object) -> Optional[str]:
     return None
 
 
-def check_atlas_id(value: object, where: str | os.PathLike) -> str:
-    """``value`` if it is a valid atlas id (:func:`atlas_id_problem`), else one line naming ``where``."""
-    problem = atlas_id_problem(value)
-    if problem:
-        raise MASRefineError(f"{where}: {problem}")
-    return value  # type: ignore[return-value]
-
-
-def check_unique_atlas_ids(ids, where: str | os.PathLike) -> None:
-    """One line naming ``where`` when two of ``ids`` are equal or differ only by case (``casefold``): ids become
-    file names, and ``A1`` and ``a1`` name the same file on macOS and Windows file systems."""
-    firsts: dict[str, str] = {}
-    for i in ids:
-        key = i.casefold()
-        if key in firsts:
-            how = "repeated" if firsts[key] == i else f"same as {firsts[key]!r} on a case-insensitive file system"
-            raise MASRefineError(f"{where}: duplicate atlas id {i!r} ({how})")
-        firsts[key] = i
+def duplicate_id_problem(new: str, taken: Iterable[str]) -> Optional[str]:
+    """Why ``new`` cannot join the ids ``taken`` (None: it can): it equals one or differs only by case
+    (``casefold``): ids become file names, and ``A1`` and ``a1`` name the same file on macOS and Windows."""
+    same = next((t for t in taken if t.casefold() == new.casefold()), None)
+    if same is None:
+        return None
+    how = "" if same == new else f" (same as {same!r} on a case-insensitive file system)"
+    return f"duplicate atlas id {new!r}{how}"
 
 
 # ------------------------------------------------------------------------------------------------ geometry

@@ -204,8 +204,10 @@ class WarpedSet:
             f = e.get("files") if isinstance(e, dict) else None
             if not isinstance(f, dict):
                 raise MASRefineError(f"{rp}: atlas entry {n + 1} must be an object with id and files")
-            aid = validate.check_atlas_id(e.get("id"), rp)
-            validate.check_unique_atlas_ids([a.id for a in atlases] + [aid], rp)  # equal or differing only by case
+            aid = e.get("id")
+            problem = validate.atlas_id_problem(aid) or validate.duplicate_id_problem(aid, (a.id for a in atlases))
+            if problem:
+                raise MASRefineError(f"{rp}: {problem}")
             paths = {key: inside(out, f.get(key)) for key in ("image", "label", "field")}  # names, never paths
             for p in paths.values():
                 if not p.exists():
