@@ -31,8 +31,6 @@ from .progress import ProgressCallback, report
 from .terminology import for_name
 from .validate import atlas_id_problem, duplicate_id_problem
 
-MODES = ("new", "add")
-
 
 def read_case(image_path: str | os.PathLike, seg_path: str | os.PathLike) -> tuple[sitk.Image, sitk.Image, LabelTable]:
     """(image float32, label map on the image's grid keyed by the segmentation's label values, its table)."""

@@ -7,7 +7,7 @@ The terminal uses :func:`tqdm_progress`; the Slicer module receives the same eve
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .errors import Cancelled
@@ -19,9 +19,6 @@ class ProgressEvent:
     fraction: float                 # 0..1 within the stage
     message: str = ""
     data: dict[str, Any] = field(default_factory=dict)  # e.g. per-atlas loss terms
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
