@@ -271,21 +271,22 @@ class _Scan:
             self.bad = int(base // self.item + np.argmin(finite))
 
 
-def _text_header(path: Path, terminator: Optional[re.Pattern[bytes]], limit: int = 1 << 20) -> tuple[bytes, int]:
-    """The header text of a NRRD/MetaImage file and the offset where its data begin (``terminator`` ends the
-    header; None: the whole file up to ``limit`` is header, a detached header)."""
-    with open(path, "rb") as fh:
-        head = fh.read(limit)
-    if terminator is None:
-        return head, len(head)
-    m = terminator.search(head)
-    if m is None:
-        return head, -1
-    return head[:m.start()], m.end()
+def _data_file(path: Path, name: str) -> Optional[Path]:
+    """The detached data file ``name`` of the header ``path`` (None: a list or pattern of files, which ITK checks);
+    a missing one is a one-line error naming it."""
+    if name.upper().startswith("LIST") or "%" in name or len(name.split()) > 1:
+        return None
+    target = Path(name) if os.path.isabs(name) else path.parent / name
+    if not target.is_file():
+        raise MASRefineError(f"{target}: data file of {path} not found")
+    return target
 
 
 def _check_nrrd(path: Path) -> None:
-    head, data_at = _text_header(path, re.compile(rb"\r?\n\r?\n"))
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 20)
+    end = re.search(rb"\r?\n\r?\n", head)  # the blank line after the header; none: a detached header, or cut
+    head, data_at = (head, -1) if end is None else (head[:end.start()], end.end())
     if not head.startswith(b"NRRD"):
         return
     fields: dict[str, str] = {}
@@ -306,12 +307,8 @@ def _check_nrrd(path: Path) -> None:
     need = count * size
     data_file = fields.get("data file") or fields.get("datafile")
     if data_file:
-        if data_file.startswith("LIST") or "%" in data_file or len(data_file.split()) > 1:
-            return  # several data files: ITK checks them
-        target = (path.parent / data_file) if not os.path.isabs(data_file) else Path(data_file)
-        if not target.is_file():
-            raise MASRefineError(f"{target}: data file of {path} not found")
-        _check_payload(target, 0 if byte_skip < 0 else byte_skip, need, enc != "raw", byte_skip < 0, path)
+        if target := _data_file(path, data_file):
+            _check_payload(target, 0 if byte_skip < 0 else byte_skip, need, enc != "raw", byte_skip < 0, path)
     else:
         if data_at < 0:
             raise MASRefineError(f"{path}: truncated file (the header has no end, no voxel data)")
@@ -319,7 +316,8 @@ def _check_nrrd(path: Path) -> None:
 
 
 def _check_metaimage(path: Path) -> None:
-    head, _ = _text_header(path, None, 1 << 16)
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
     fields: dict[str, str] = {}
     data_at = -1
     pos = 0
@@ -346,10 +344,7 @@ def _check_metaimage(path: Path) -> None:
     data_file = fields["elementdatafile"]
     if data_file.upper() == "LOCAL":
         _check_payload(path, min(data_at, path.stat().st_size), need, compressed)
-    elif not (data_file.upper().startswith("LIST") or "%" in data_file or len(data_file.split()) > 1):
-        target = (path.parent / data_file) if not os.path.isabs(data_file) else Path(data_file)
-        if not target.is_file():
-            raise MASRefineError(f"{target}: data file of {path} not found")
+    elif target := _data_file(path, data_file):
         _check_payload(target, max(0, header_size), need, compressed, header_size < 0, path)
 
 
