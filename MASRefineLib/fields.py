@@ -23,7 +23,8 @@ import torch
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import read_any, write_image
+from . import validate
+from .imageio import _itk_error, require_file, write_image
 
 
 def _as_numpy(field) -> np.ndarray:
@@ -57,8 +58,14 @@ def write_field(field, grid: Grid, path: str | os.PathLike) -> Path:
 
 
 def read_field(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
-    """Read a displacement field NRRD (as written by :func:`write_field` or Slicer) -> ((3, Z, Y, X) mm, grid)."""
-    img = read_any(path)
+    """Read a displacement field NRRD (as written by :func:`write_field` or Slicer) -> ((3, Z, Y, X) mm, grid),
+    after the file checks of :func:`validate.check_image_file` (no truncated or corrupt data); errors name the file."""
+    path = require_file(path)
+    validate.check_image_file(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise _itk_error(path, e) from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
         raise MASRefineError(f"{path}: not a 3D displacement field (3-vector per voxel)")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (Z, Y, X, 3)

@@ -59,21 +59,9 @@ def _header_grid(path: Path, r: sitk.ImageFileReader) -> Grid:
     """The validated grid of a 3D header (:func:`validate.check_grid`): refused before any voxel is read."""
     if r.GetDimension() != 3:
         raise MASRefineError(f"{path}: expected a 3D image, got {r.GetDimension()}D")
-    grid = Grid(tuple(int(s) for s in r.GetSize()), tuple(float(s) for s in r.GetSpacing()),
-                tuple(float(o) for o in r.GetOrigin()), tuple(float(d) for d in r.GetDirection()))
+    grid = Grid.from_image(r)  # the reader has an image's geometry getters
     validate.check_grid(path, grid)
     return grid
-
-
-def read_any(path: str | os.PathLike) -> sitk.Image:
-    """Read any SimpleITK-readable file as is (no dimension, pixel or geometry checks) after the file checks of
-    :func:`validate.check_image_file` (no truncated or corrupt data); errors name the file."""
-    path = require_file(path)
-    validate.check_image_file(path)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise _itk_error(path, e) from None
 
 
 def _read(path: str | os.PathLike, pixel_id: int) -> sitk.Image:
