@@ -101,9 +101,9 @@ class Volume:
     def from_image(cls, image: sitk.Image, normalise: bool = True, path: str | None = None) -> "Volume":
         """An intensity ``sitk.Image`` as a volume: float32, normalised to [0, 1] unless ``normalise=False`` (the
         adapter for callers that hold images; readers use :func:`read_image`)."""
-        arr = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-        if normalise:
-            arr = imageio.normalize_intensity(arr)
+        # normalising makes a new array, so it may read the image's buffer in place
+        arr = (imageio.normalize_intensity(sitk.GetArrayViewFromImage(image)) if normalise
+               else sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
         return cls(torch.from_numpy(arr), Grid.from_image(image), path)
 
     @classmethod
@@ -122,16 +122,12 @@ ImageLike = Union[Volume, sitk.Image, str, os.PathLike]
 
 def read_image(path: str | os.PathLike, device: torch.device | str = "cpu") -> Volume:
     """Read an intensity image (:func:`imageio.read_image`: validated, float32) and normalise it, once."""
-    img = imageio.read_image(path)
-    arr = imageio.normalize_intensity(sitk.GetArrayViewFromImage(img))
-    return Volume(torch.from_numpy(arr).to(device), Grid.from_image(img), str(path))
+    return Volume.from_image(imageio.read_image(path), path=str(path)).to(device)
 
 
 def read_label(path: str | os.PathLike, device: torch.device | str = "cpu", allow_empty: bool = False) -> Volume:
     """Read a label map (:func:`imageio.read_label`: validated values) as compact integer values."""
-    lab = imageio.read_label(path, allow_empty=allow_empty)
-    return Volume(compact_labels(sitk.GetArrayFromImage(lab)).to(device),
-                  Grid.from_image(lab), str(path))
+    return Volume.from_label(imageio.read_label(path, allow_empty=allow_empty), str(path)).to(device)
 
 
 def as_image_volume(image: ImageLike, device: torch.device | str | None = None) -> Volume:
@@ -140,8 +136,7 @@ def as_image_volume(image: ImageLike, device: torch.device | str | None = None) 
     if isinstance(image, Volume):
         vol = image
     elif isinstance(image, sitk.Image):
-        vol = Volume.from_image(sitk.Cast(image, sitk.sitkFloat32) if image.GetPixelID() != sitk.sitkFloat32
-                                else image)
+        vol = Volume.from_image(image)
     elif isinstance(image, (str, os.PathLike)):
         vol = read_image(image)
     else:
