@@ -19,14 +19,13 @@ Errors are :class:`MASRefineError` with one line naming the path, the problem an
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
 from .errors import MASRefineError
-from .jsonio import read_json
+from .jsonio import read_json, write_json
 
 #: the marker file of an output folder: JSON ``{"masrefine_output": 1, "command": "segment"}``
 MARKER = ".masrefine-output"
@@ -83,7 +82,7 @@ def prepare_output_dir(out: PathLike | None, *, inputs: Iterable[Input] = (), co
     try:
         p.mkdir(parents=True, exist_ok=True)
         if _marked_command(p) != command:
-            (p / MARKER).write_text(json.dumps({"masrefine_output": 1, "command": command}) + "\n", encoding="utf-8")
+            write_json({"masrefine_output": 1, "command": command}, p / MARKER, indent=None)
     except OSError as e:
         raise MASRefineError(f"{p}: cannot create the output folder ({e.strerror or e})") from None
     return p
@@ -208,10 +207,10 @@ def _forms(p: Path) -> set[Path]:
 
 
 def _same(a: Path, b: Path) -> bool:
-    if _forms(a) & _forms(b):
-        return True
+    """One file or folder: the same path (as given or with links resolved) or the same object on disk (hard links,
+    bind mounts, a case-insensitive file system); a path that does not exist is only its own path."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+        return bool(_forms(a) & _forms(b)) or os.path.samefile(a, b)
     except OSError:
         return False
 
@@ -239,13 +238,6 @@ def _existing_chain(p: Path) -> list[Path]:
     return [q for q in (a, *a.parents) if q.exists()]
 
 
-def _same_object(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _check_identity(out: Path, ip: Path, what: str, option: str) -> None:
     """The checks of :func:`_check_inputs` by file identity (device and inode, ``os.path.samefile``) instead of
     path strings: on a case-insensitive file system (macOS, Windows) ``/Data/Atlas/x`` lies inside ``/data/atlas``,
@@ -255,14 +247,14 @@ def _check_identity(out: Path, ip: Path, what: str, option: str) -> None:
     outs = _existing_chain(out)
     o_abs = Path(os.path.abspath(out))
     for q in outs:
-        if _same_object(q, ip):
+        if _same(q, ip):
             if q == o_abs:
                 raise MASRefineError(f"{out}: is the {what}; choose another {option}")
             if ip.is_dir():
                 raise MASRefineError(f"{out}: lies inside the {what} {ip}; choose another {option}")
     if outs and outs[0] == o_abs and o_abs.is_dir():
         for q in _existing_chain(ip)[1:]:
-            if _same_object(q, o_abs):
+            if _same(q, o_abs):
                 raise MASRefineError(f"{out}: contains the {what} {ip}; choose another {option}")
 
 
