@@ -8,9 +8,8 @@ gave is ever overwritten:
 
 1. the path is not empty and, if it exists, is a folder (an output file: not a folder);
 2. an existing, non-empty folder must have been prepared by the same MASRefine command before: the
-   folder holds :data:`MARKER` (written when the folder is first prepared) naming that command. Folders
-   written before the marker existed are recognised by the file their command writes last
-   (:data:`LEGACY_RESULTS`) and get the marker;
+   folder holds :data:`MARKER` (written when the folder is first prepared) naming that command (a folder
+   written before the marker existed is refused like any other);
 3. the folder is not, does not contain and does not lie inside an input folder (the atlas set and the
    folders of its images and label maps, a ``--registered`` folder, ...), and contains no input file;
    an output file is none of the inputs.
@@ -22,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Iterable, Union
 
 from .errors import MASRefineError
 from .jsonio import read_json, write_json
@@ -34,20 +33,6 @@ PathLike = Union[str, os.PathLike]
 #: an input of a command: ``(what it is, path)``, e.g. ``("--atlases folder", "/data/set")``; folders and
 #: files are told apart on disk (a path that does not exist is taken as a file)
 Input = tuple[str, PathLike]
-
-_MANIFEST_KEYS = {"schema_version", "status", "created", "software", "inputs", "parameters", "labels", "target_grid",
-                  "stages", "seconds_total", "atlases", "summary", "outputs"}
-
-#: command -> (the JSON file it writes last, a test of that file's content): a folder holding such a file
-#: was written by that command before output folders were marked (read by :func:`_legacy_command`)
-LEGACY_RESULTS: dict[str, tuple[str, Callable[[dict[str, Any]], bool]]] = {
-    # a manifest holds only the keys of its schema (manifest.py); a stale or empty one ({}) counts too
-    "segment": ("manifest.json", lambda d: set(d) <= _MANIFEST_KEYS),
-    "register": ("report.json", lambda d: "grid" in d and d.get("stage") in ("affine", "deformable")),
-    "refine": ("report.json", lambda d: "grid" in d and str(d.get("stage")).startswith("refined")),
-    "fuse": ("fusion.json", lambda d: all(k in d for k in ("method", "grid", "files"))),
-}
-
 
 def check_folder_path(path: PathLike | None, option: str = "--out") -> Path:
     """``path`` as an absolute Path after rule 1 (not empty; an existing path, and every existing folder
@@ -73,7 +58,7 @@ def prepare_output_dir(out: PathLike | None, *, inputs: Iterable[Input] = (), co
     p = check_folder_path(out, option)
     _check_inputs(p, inputs, option)
     if p.is_dir() and any(e != MARKER for e in os.listdir(p)):  # an empty folder (or only a marker) is new
-        owner = _marked_command(p) or _legacy_command(p, command) or _legacy_owner(p)
+        owner = _marked_command(p)
         if owner is None:
             raise MASRefineError(f"{p}: not empty and not a MASRefine output folder; choose another {option}")
         if owner != command:
@@ -265,24 +250,6 @@ def _marked_command(folder: Path) -> str | None:
     except MASRefineError:  # missing, unreadable, not UTF-8, not JSON, nested too deeply: no marker
         return None
     return doc.get("command") if isinstance(doc, dict) and isinstance(doc.get("command"), str) else None
-
-
-def _legacy_command(folder: Path, command: str) -> str | None:
-    """``command`` if ``folder`` holds the file that command writes last, as written before output folders
-    were marked (:data:`LEGACY_RESULTS`); None otherwise."""
-    if command not in LEGACY_RESULTS:
-        return None
-    name, written_by = LEGACY_RESULTS[command]
-    try:
-        doc = read_json(folder / name, allow_nan=True)  # a report or manifest the project wrote (NaN allowed)
-    except MASRefineError:
-        return None
-    return command if isinstance(doc, dict) and written_by(doc) else None
-
-
-def _legacy_owner(folder: Path) -> str | None:
-    """The command whose unmarked output ``folder`` is (:data:`LEGACY_RESULTS`), to name it in the refusal."""
-    return next((c for c in LEGACY_RESULTS if _legacy_command(folder, c)), None)
 
 
 def _unique(items: list[Input]) -> list[Input]:

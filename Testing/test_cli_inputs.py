@@ -121,26 +121,16 @@ def test_foreign_folder_is_refused_and_own_folder_rerun(sample, tmp_path, capsys
     assert snapshot(tmp_path / "fz") == fused
 
 
-def test_unmarked_output_of_an_earlier_version_is_rerun(tmp_path):
-    """Folders written before the marker existed are recognised by their last file (and marked)."""
-    seg = tmp_path / "seg"
-    seg.mkdir()
-    (seg / "manifest.json").write_text("{}")  # a stale manifest of an earlier run
-    (seg / "fused_labels.nii.gz").write_bytes(b"old")
-    assert prepare_output_dir(seg, command="segment") == seg
-    assert json.loads((seg / MARKER).read_text())["command"] == "segment"
-    web = tmp_path / "web"
-    web.mkdir()
-    (web / "manifest.json").write_text('{"name": "my web app", "icons": []}')
-    with pytest.raises(MASRefineError, match="not a MASRefine output folder"):
-        prepare_output_dir(web, command="segment")
-    assert not (web / MARKER).exists()
-    # an unmarked folder of another command is named as such
+def test_unmarked_output_of_an_earlier_version_is_refused(tmp_path):
+    """A folder written before the marker existed is refused like any foreign folder, and left as it was."""
     reg = tmp_path / "reg"
     reg.mkdir()
     (reg / "report.json").write_text('{"grid": {}, "stage": "deformable"}')
-    with pytest.raises(MASRefineError, match="output folder of 'masrefine register', not of 'refine'"):
-        prepare_output_dir(reg, command="refine")
+    before = snapshot(reg)
+    for command in ("register", "refine"):
+        with pytest.raises(MASRefineError, match="not empty and not a MASRefine output folder"):
+            prepare_output_dir(reg, command=command)
+    assert snapshot(reg) == before and not (reg / MARKER).exists()
 
 
 # ------------------------------------------------------------------------------ A3: inputs are never outputs

@@ -326,7 +326,7 @@ def test_unreadable_atlas_json_is_one_line(sample, tmp_path, kind, capsys):
 
 @pytest.mark.parametrize("kind", sorted(PATHOLOGICAL_JSON))
 def test_manifests_markers_and_groups_go_through_the_one_json_reader(tmp_path, kind):
-    """Manifests, output-folder markers, legacy results and --groups files: one line whatever the bytes (not a
+    """Manifests, output-folder markers and --groups files: one line whatever the bytes (not a
     UnicodeDecodeError or RecursionError), and a batch rerun treats a corrupt manifest as no result."""
     from MASRefineLib.batch import Target, finished_result
     from MASRefineLib.manifest import read_manifest
@@ -339,9 +339,8 @@ def test_manifests_markers_and_groups_go_through_the_one_json_reader(tmp_path, k
     with pytest.raises(MASRefineError, match=r"manifest.json: "):
         read_manifest(run)
     assert finished_result(run, Target("t1", str(tmp_path / "t1.nii.gz")), tmp_path / "set", {}) is None
-    if kind != "nan":  # NaN is allowed in a manifest the project wrote: that one reads as an earlier segment output
-        with pytest.raises(MASRefineError, match=r"not empty and not a MASRefine output folder"):  # legacy manifest
-            prepare_output_dir(run, command="segment")
+    with pytest.raises(MASRefineError, match=r"not empty and not a MASRefine output folder"):  # no marker
+        prepare_output_dir(run, command="segment")
     marked = tmp_path / "marked"
     marked.mkdir()
     (marked / MARKER).write_bytes(bad)
