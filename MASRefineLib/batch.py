@@ -228,7 +228,7 @@ class MemoryAtlasSet:
         return sitk.Image(img), sitk.Image(lab)
 
 
-_CACHE: dict[str, tuple[tuple, Any]] = {}  # atlas set root -> (fingerprint, Preloaded), one set per root
+_CACHE: dict[str, tuple[tuple, Any]] = {}  # atlas set root -> (fingerprint, (atlas set, segmenter, votenet))
 _CACHE_LOCK = threading.Lock()
 
 
@@ -243,14 +243,14 @@ def _fingerprint(paths: Sequence[Path]) -> tuple:
     return tuple(out)
 
 
-def worker_preloaded(atlas_dir: str | os.PathLike, options, device):
-    """This process's :class:`~MASRefineLib.pipeline.Preloaded` for an atlas set and options: the atlas set with its
+def worker_preloaded(atlas_dir: str | os.PathLike, options, device) -> tuple[Any, Any, Any]:
+    """This process's ``(atlas_set, segmenter, votenet)`` (``preloaded`` of :func:`~MASRefineLib.pipeline.segment`)
+    for an atlas set and options: the atlas set with its
     images kept in memory and the models ``options`` need (surrogate segmenter for refinement IS, VoteNet+ for fusion
     votenet), loaded the first time and reused while ``atlas.json``, the atlas files and the model files keep their
     sizes and modification times (an edited set is loaded again). Models must exist (trained before the batch)."""
     from .atlas import AtlasSet
     from .fusion.votenet import votenet_model_path
-    from .pipeline import Preloaded
     root = Path(atlas_dir).resolve()
     aset = AtlasSet.load(root)
     files = [aset.json_path] + [p for aid in aset.ids for p in (aset.image_path(aid), aset.label_path(aid))]
@@ -271,7 +271,7 @@ def worker_preloaded(atlas_dir: str | os.PathLike, options, device):
         if vn_path is not None:
             from .fusion.votenet import VoteNetModel
             votenet = VoteNetModel.load(vn_path)
-        pre = Preloaded(MemoryAtlasSet(aset), segmenter, votenet)
+        pre = (MemoryAtlasSet(aset), segmenter, votenet)
         _CACHE[str(root)] = (key, pre)  # replaces an older copy of this set: its memory is freed
         return pre
 

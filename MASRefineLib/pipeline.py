@@ -22,7 +22,7 @@ Per-atlas QA numbers: ``similarity`` (global NCC of the warped atlas image with 
 ``folding_fraction`` (fraction of voxels with Jacobian determinant <= 0 of its total field),
 ``mean_weight`` (its mean fusion weight where any atlas has a label), and the seconds spent on it.
 
-The run is a list of stage objects (:mod:`MASRefineLib.stages`; :func:`stages_for`): Load, Models (refinement IS
+The run is a list of stage objects (:mod:`MASRefineLib.stages`, listed by :func:`segment`): Load, Models (refinement IS
 or fusion votenet), Register, Refine (unless ``none``), Fuse, then this module's output stages Write and QA;
 :func:`segment` prepares the output folder, runs the list (each stage timed in the manifest, with its share of the
 overall progress) and writes the manifest. When a stage cannot run as asked (Refine: variant IS handed no
@@ -51,12 +51,12 @@ from .labels import LabelTable, write_label_outputs
 from .manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, inside, prepare_output_dir
 from .progress import ProgressCallback, report
-from .stages import Fused, Preloaded, Run, SegmentOptions, Stage, compute_stages, run_stages
+from .stages import Fused, Run, SegmentOptions, Stage, compute_stages, run_stages
 from .warped import WarpedSet
 
 log = logging.getLogger("MASRefineLib.pipeline")
 
-__all__ = ["segment", "SegmentOptions", "Preloaded", "stages_for", "Output", "Write", "QA", "run_job"]
+__all__ = ["segment", "SegmentOptions", "Output", "Write", "QA", "run_job"]
 
 
 # ------------------------------------------------------------------------------------------ QA
@@ -290,20 +290,15 @@ class QA(Stage):
         return run.replace(outputs={**run.outputs, "metrics": metrics})
 
 
-def stages_for(opts: SegmentOptions, output: Output) -> list[Stage]:
-    """The stages of a ``segment`` run, in order: :func:`MASRefineLib.stages.compute_stages` (Load, Models,
-    Register, Refine, Fuse as ``opts`` asks), then :class:`Write` and :class:`QA` into ``output``."""
-    return [*compute_stages(opts), Write(output), QA(output)]
-
-
 def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_dir: str | os.PathLike,
             options: SegmentOptions | None = None, progress: Optional[ProgressCallback] = None,
             truth: str | os.PathLike | None = None, groups=None, out_option: str = "out_dir", atlas_option: str = "atlas_dir",
-            preloaded: Optional[Preloaded] = None) -> dict[str, Any]:
+            preloaded: Optional[tuple[Any, Any, Any]] = None) -> dict[str, Any]:
     """Segment ``target_path`` with the atlas set at ``atlas_dir`` into ``out_dir`` (layout: module doc).
 
-    ``preloaded``: the atlas set of ``atlas_dir`` and its models, already loaded by the caller (a batch worker
-    segmenting many targets: :mod:`MASRefineLib.batch`); the results are the same as without it.
+    ``preloaded``: ``(atlas_set, segmenter, votenet)``, the atlas set of ``atlas_dir`` and its models (None: not
+    loaded), already loaded by the caller (a batch worker segmenting many targets: :mod:`MASRefineLib.batch`); the
+    results are the same as without it.
 
     ``out_dir`` must be new or empty, or an earlier ``segment`` output, and apart from every input
     (:func:`MASRefineLib.outputs.prepare_output_dir`; its errors name ``out_option``, e.g. the CLI's ``--out``,
@@ -317,8 +312,9 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
     """
     from .device import resolve_device
     opts = options or SegmentOptions()
-    if preloaded is not None and Path(preloaded.atlas_set.root).resolve() != Path(atlas_dir).resolve():
-        raise ValueError(f"preloaded atlas set {preloaded.atlas_set.root} is not the atlas set {atlas_dir}")
+    aset, segmenter, votenet = preloaded or (None, None, None)
+    if aset is not None and Path(aset.root).resolve() != Path(atlas_dir).resolve():
+        raise ValueError(f"preloaded atlas set {aset.root} is not the atlas set {atlas_dir}")
     if opts.threads:
         torch.set_num_threads(int(opts.threads))
     torch.manual_seed(opts.seed)
@@ -340,10 +336,10 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
     out = begin_output(out.resolve())
     m = Manifest(out, {"target": target_path, "atlas_dir": str(Path(atlas_dir).resolve()),
                        **({"truth": str(Path(truth).resolve())} if truth else {})}, opts.to_json())
-    run = Run(opts, device, target_path=target_path, atlas_dir=str(atlas_dir), preloaded=preloaded,
-              atlas_set=preloaded.atlas_set if preloaded is not None else None)
+    run = Run(opts, device, target_path=target_path, atlas_dir=str(atlas_dir), atlas_set=aset, segmenter=segmenter,
+              votenet=votenet)
     output = Output(out, m, str(truth) if truth else None, ref, groups)
-    run = run_stages(stages_for(opts, output), run, progress, timer=m.stage)
+    run = run_stages([*compute_stages(opts), Write(output), QA(output)], run, progress, timer=m.stage)
 
     ws, fused = run.warped, run.fused
     summary = {"target": target_path, "atlases": len(ws.atlases), "failed": ws.failed,

@@ -67,17 +67,6 @@ class SegmentOptions:
 
 
 @dataclass
-class Preloaded:
-    """What a long-lived process (a ``masrefine batch`` worker) loads once and hands to every
-    :func:`~MASRefineLib.pipeline.segment` call, so that a cohort does not re-read the atlas set and the models per
-    target: the atlas set (of the same folder as ``segment``'s ``atlas_dir``; e.g. one that keeps its images in
-    memory) and the models the options need (None: loaded from the atlas set's ``models/`` as usual)."""
-    atlas_set: Any                      # an atlas.AtlasSet
-    segmenter: Any = None               # the surrogate segmenter (refinement IS)
-    votenet: Any = None                 # the VoteNet+ model (fusion votenet): fusion.votenet.VoteNetModel
-
-
-@dataclass
 class Fused:
     """The Fuse stage's result, on the target grid."""
     labels: np.ndarray                                   # (Z, Y, X) uint16 label values of the atlas set
@@ -98,10 +87,10 @@ class Run:
     atlas_dir: Optional[str] = None          # the atlas set's folder (Load reads it unless ``atlas_set`` is given)
     atlas_set: Any = None                    # atlas.AtlasSet (Load)
     atlas_ids: Optional[list[str]] = None    # the atlases Register registers (None: all of the set)
-    preloaded: Optional[Preloaded] = None    # models loaded once by the caller (Models uses them when complete)
     target: Optional[Volume] = None          # the target: intensities normalised to [0, 1] on its LPS grid (Load)
-    segmenter: Any = None                    # the surrogate segmenter for refinement IS (Models)
-    votenet: Any = None                      # a loaded VoteNet+ model (Models; None: Fuse reads the stored one)
+    segmenter: Any = None                    # the surrogate segmenter for refinement IS (Models, or the caller)
+    votenet: Any = None                      # a loaded VoteNet+ model (Models, or the caller; None: Fuse reads the
+                                             # stored one)
     warped: Any = None                       # warped.WarpedSet: registered (Register), then refined (Refine)
     unrefined: Any = None                    # the registered WarpedSet's images and labels, kept by Refine for the
                                              # *_unrefined outputs (its fields are dropped: empty tensors, #22)
@@ -147,8 +136,8 @@ class Load(Stage):
 
 
 class Models(Stage):
-    """The surrogate segmenter (refinement IS) and the VoteNet+ model (fusion votenet): the caller's
-    (:class:`Preloaded`) when it has every one needed, else :func:`MASRefineLib.training.ensure_models` (loaded
+    """The surrogate segmenter (refinement IS) and the VoteNet+ model (fusion votenet): the run's own when the caller
+    set every one needed (a batch worker loads them once), else :func:`MASRefineLib.training.ensure_models` (loaded
     from the atlas set's ``models/``, or trained first)."""
     name = "models"
 
@@ -157,10 +146,9 @@ class Models(Stage):
         return training_weight(run.atlas_set if run.atlas_set is not None else run.atlas_dir, run.options)
 
     def run(self, run: Run, progress: Optional[ProgressCallback]) -> Run:
-        opts, pre = run.options, run.preloaded
-        if pre is not None and (opts.refine != "IS" or pre.segmenter is not None) and \
-                (opts.fusion != "votenet" or pre.votenet is not None):
-            return run.replace(segmenter=pre.segmenter, votenet=pre.votenet)  # loaded once by the caller
+        opts = run.options
+        if (opts.refine != "IS" or run.segmenter is not None) and (opts.fusion != "votenet" or run.votenet is not None):
+            return run  # loaded once by the caller
         from .training import ensure_models
         segmenter, votenet = ensure_models(run.atlas_set, opts, run.device, progress)
         return run.replace(segmenter=segmenter, votenet=votenet)
