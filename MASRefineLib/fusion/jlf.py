@@ -319,25 +319,6 @@ def _padded_stack(xs: torch.Tensor | Sequence[torch.Tensor], pw: int, value: flo
     return out
 
 
-class _BoxSum:
-    """Box sums of radius 2 (5^3) into preallocated buffers: no allocation (and no page faults) per call."""
-
-    def __init__(self, shape: tuple[int, ...], device, dtype):
-        b, n0, n1, n2 = shape
-        e = lambda *d: torch.empty(d, device=device, dtype=dtype)  # noqa: E731
-        self.s2 = (e(b, n0 - 1, n1, n2), e(b, n0 - 4, n1 - 1, n2), e(b, n0 - 4, n1 - 4, n2 - 1))
-        self.s4 = (e(b, n0 - 4, n1, n2), e(b, n0 - 4, n1 - 4, n2), e(b, n0 - 4, n1 - 4, n2 - 4))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        for d, s2, s4 in zip((1, 2, 3), self.s2, self.s4):
-            n = x.shape[d]
-            torch.add(x.narrow(d, 0, n - 1), x.narrow(d, 1, n - 1), out=s2)
-            torch.add(s2.narrow(d, 0, n - 4), s2.narrow(d, 2, n - 4), out=s4)
-            s4.add_(x.narrow(d, 4, n - 4))
-            x = s4
-        return x
-
-
 def _search(a_d: torch.Tensor, t_d: torch.Tensor, v_d: torch.Tensor, cdim: tuple[int, int, int], rs: int, rp: int,
             offs: torch.Tensor, exact_border: bool = False) -> torch.Tensor:
     """Best search offset index per atlas and centre: (B, cz, cy, cx) int64 (see module docstring).
@@ -360,7 +341,6 @@ def _search(a_d: torch.Tensor, t_d: torch.Tensor, v_d: torch.Tensor, cdim: tuple
     reg = (slice(big_r - rp, big_r + cz + rp), slice(big_r - rp, big_r + cy + rp), slice(big_r - rp, big_r + cx + rp))
     t_reg = t_d[reg].contiguous()
     valid_c = v_d[rp:rp + cz + 2 * rs, rp:rp + cy + 2 * rs, rp:rp + cx + 2 * rs] > 0  # centre + offset in the image
-    fast = not exact_border and rp == 2
     if not exact_border:
         sa = _box_sum(a_d, rp)                                            # (B, cz+2rs, ...): atlas sums at c + o
         sa2 = _box_sum(a_d * a_d, rp)
@@ -372,9 +352,6 @@ def _search(a_d: torch.Tensor, t_d: torch.Tensor, v_d: torch.Tensor, cdim: tuple
         del sa2, n_g
     else:
         vt_reg = v_d[reg]
-    if fast:
-        prod = torch.empty((b, cz + 2 * rp, cy + 2 * rp, cx + 2 * rp), device=dev, dtype=dt)
-        box5 = _BoxSum(tuple(prod.shape), dev, dt)
     best = torch.full((b, cz, cy, cx), -float("inf"), device=dev, dtype=dt)
     arg = torch.zeros((b, cz, cy, cx), dtype=torch.int16, device=dev)
     score = torch.empty((b, cz, cy, cx), device=dev, dtype=dt)
@@ -384,11 +361,7 @@ def _search(a_d: torch.Tensor, t_d: torch.Tensor, v_d: torch.Tensor, cdim: tuple
         a_o = a_d[:, z:z + cz + 2 * rp, y:y + cy + 2 * rp, x:x + cx + 2 * rp]
         sh = (slice(None), slice(rs + dz, rs + dz + cz), slice(rs + dy, rs + dy + cy), slice(rs + dx, rs + dx + cx))
         if not exact_border:
-            if fast:
-                torch.mul(a_o, t_reg, out=prod)
-                sxy = box5(prod).addcmul_(mt, sa[sh], value=-1.0)
-            else:
-                sxy = torch.addcmul(_box_sum(a_o * t_reg, rp), mt, sa[sh], value=-1.0)
+            sxy = _box_sum(a_o * t_reg, rp).addcmul_(mt, sa[sh], value=-1.0)
             torch.mul(sxy, inv_std[sh], out=score)
             if penalty is not None:
                 score += penalty[sh[1:]]
