@@ -39,8 +39,8 @@ from scipy import ndimage
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import atomic_write_text, write_image
-from .jsonio import read_json
+from .imageio import write_image
+from .jsonio import read_json, write_json
 from .progress import ProgressCallback, report
 from .terminology import KNEE as KNEE_TERMINOLOGY
 
@@ -322,9 +322,8 @@ def make_sample(out_dir: str | os.PathLike, n_atlases: int = 6, seed: int = 0, n
             write_image(img, tgt_dir / f"{name}.nii.gz")
             write_image(lab, truth_dir / f"{name}.nii.gz")
     atlas_json = {"schema_version": 1, "name": "MASRefine knee phantom", "labels": LABELS, "atlases": entries}
-    atomic_write_text(json.dumps(atlas_json, indent=1), atlas_dir / "atlas.json")
-    atomic_write_text(json.dumps({"settings": settings, **{k: result[k] for k in ("atlas_dir", "targets", "truths")}},
-                                 indent=1), stamp)
+    write_json(atlas_json, atlas_dir / "atlas.json")
+    write_json({"settings": settings, **{k: result[k] for k in ("atlas_dir", "targets", "truths")}}, stamp)
     report(progress, "sample-data", 1.0, "done")
     return result
 
