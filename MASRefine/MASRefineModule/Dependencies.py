@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import slicer
 from slicer.i18n import tr as _
 
-from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable, readRequirements, workerEnvironment
+from MASRefineModule.Environment import pythonSlicerExecutable, readRequirements, workerEnvironment
 from MASRefineModule.Job import MASRefineJob, launch
 
 # torch is installed with light-the-torch (as the PyTorch extension's installer does); numpy and SimpleITK are Slicer's.
@@ -24,7 +24,6 @@ def requirements() -> list:
 
 def _install():
     """MASRefineLib.install, the one reading of requirements (standard library only: safe in Slicer's process)."""
-    ensureLibraryImportable()
     from MASRefineLib import install
 
     return install
@@ -93,7 +92,6 @@ def restartNeeded(result: Optional[dict]) -> bool:
 def startInstall(upgrade: bool = False, onEvent: Optional[Callable] = None,
                  onFinished: Optional[Callable] = None) -> MASRefineJob:
     """Install (or upgrade) in the background; returns the job (``wait()``, ``cancel()``, ``result``)."""
-    ensureLibraryImportable()
     from MASRefineLib.runner import JobRunner
 
     command = installCommand(upgrade)

@@ -22,6 +22,8 @@ def libraryParentDir() -> str:
 
 
 def ensureLibraryImportable() -> None:
+    """Put MASRefineLib on sys.path; Parameters.py calls it at import, which every use of the module comes after
+    (MASRefine.py imports the logic, the logic Parameters), so the functions that import MASRefineLib need not."""
     parent = libraryParentDir()
     if parent not in sys.path:
         sys.path.insert(0, parent)

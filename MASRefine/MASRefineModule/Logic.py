@@ -10,7 +10,7 @@ from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from MASRefineModule import Dependencies, Results, Sample, SceneAtlas
-from MASRefineModule.Environment import ensureLibraryImportable, pythonSlicerExecutable
+from MASRefineModule.Environment import pythonSlicerExecutable
 from MASRefineModule.Job import POLL_INTERVAL_MS, MASRefineJob, activeJobs, launch, removeOnClose
 from MASRefineModule.Parameters import (Device, Fusion, MASRefineParameterNode, PreRegistration, Preset, Refinement,
                                         Retention, pathIsSet)
@@ -94,7 +94,6 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
 
     def runFoldersText(self, outDir=None) -> str:
         """One line: the run folders in :meth:`runsFolder` and their size (MASRefineLib.runs.describe)."""
-        ensureLibraryImportable()
         from MASRefineLib import runs
 
         return runs.describe(self.runsFolder(outDir))
@@ -139,7 +138,6 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
     def startInstall(self, upgrade: bool = False, onEvent: Optional[Callable] = None,
                      onFinished: Optional[Callable] = None) -> MASRefineJob:
         """Install (``upgrade``: upgrade) the worker's packages in a background PythonSlicer process."""
-        ensureLibraryImportable()
         return Dependencies.startInstall(upgrade, onEvent=onEvent, onFinished=onFinished)
 
     # Running
@@ -171,7 +169,6 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
         if problem:
             raise ValueError(problem)
         jobParams = self.jobParameters(**params)
-        ensureLibraryImportable()
         from MASRefineLib import runs
         from MASRefineLib.protocol import jobs
 

@@ -9,7 +9,6 @@ import vtk
 import slicer
 from slicer.i18n import tr as _
 
-from MASRefineModule.Environment import ensureLibraryImportable
 from MASRefineModule.Job import MASRefineJob
 
 
@@ -21,7 +20,6 @@ COLORMAPS = {"Grey": "vtkMRMLColorTableNodeGrey", "Viridis": "vtkMRMLColorTableN
 def loadJobResults(job: MASRefineJob) -> None:
     """Turn the job's manifest into nodes with the load plan (``MASRefineLib.protocol.loadplan``): the run-level
     outputs now (fused segmentation, QA table), per-atlas outputs on demand (:meth:`loadAtlas`)."""
-    ensureLibraryImportable()
     from MASRefineLib.protocol import loadplan
 
     for item in loadplan.load_plan(job.manifestPath):
@@ -128,7 +126,6 @@ def loadAtlas(job: MASRefineJob, atlasId) -> dict:
     cached = job.atlasNodes.get(atlasId)
     if cached is not None and len(liveNodes(cached)) == len(cached):
         return cached
-    ensureLibraryImportable()
     from MASRefineLib.protocol import loadplan
 
     nodes = liveNodes(cached or {})

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import slicer
 from slicer.i18n import tr as _
 
-from MASRefineModule.Environment import ensureLibraryImportable, moduleDir, pythonSlicerExecutable, workerEnvironment
+from MASRefineModule.Environment import moduleDir, pythonSlicerExecutable, workerEnvironment
 from MASRefineModule.Job import MASRefineJob, launch
 from MASRefineModule.Results import loadSegmentation
 
@@ -68,7 +68,6 @@ def _loadSample(job: MASRefineJob) -> None:
 def startSample(outDir: Optional[str] = None, onEvent: Optional[Callable] = None,
                 onFinished: Optional[Callable] = None) -> MASRefineJob:
     """Make (or reuse) the phantom in the background and load it; returns the job (``job.sample``)."""
-    ensureLibraryImportable()
     from MASRefineLib.runner import JobRunner
 
     outDir = str(outDir or sampleDir())

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 import slicer
 from slicer.i18n import tr as _
 
-from MASRefineModule.Environment import ensureLibraryImportable
 from MASRefineModule.Job import MASRefineJob, launch, removeOnClose
 
 
@@ -40,7 +39,6 @@ def casePairs(segmentationNodes) -> list:
 def startAtlasJob(logic, pairs, atlasDir, mode: str, onEvent: Optional[Callable] = None,
                   onFinished: Optional[Callable] = None) -> MASRefineJob:
     """Export ``pairs`` and start the worker's atlas job: ``mode`` "new" (a new set in ``atlasDir``) or "add"."""
-    ensureLibraryImportable()
     from MASRefineLib import runs
     from MASRefineLib.protocol import jobs
 

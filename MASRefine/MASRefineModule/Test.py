@@ -12,7 +12,6 @@ import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 from MASRefineModule import Dependencies
-from MASRefineModule.Environment import ensureLibraryImportable
 from MASRefineModule.Logic import MASRefineLogic
 from MASRefineModule.Parameters import Preset, Refinement
 
@@ -133,7 +132,6 @@ class MASRefineTest(ScriptedLoadableModuleTest):
         self.assertTrue(dices and float(np.mean(dices)) > 0.5, dices)
 
         # QA table: one row per atlas; selecting an atlas loads its outputs into the run's folder.
-        ensureLibraryImportable()
         from MASRefineLib.protocol import loadplan, manifest
 
         atlasIds = loadplan.atlas_ids(manifest.read_manifest(job.manifestPath))
