@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import slicer
 from slicer.i18n import tr as _
 
-from MASRefineModule.Environment import pythonSlicerExecutable, readRequirements, workerEnvironment
+from MASRefineModule.Environment import pythonSlicerExecutable, readRequirements
 from MASRefineModule.Job import MASRefineJob, launch
 
 # torch is installed with light-the-torch (as the PyTorch extension's installer does); numpy and SimpleITK are Slicer's.
@@ -95,6 +95,6 @@ def startInstall(upgrade: bool = False, onEvent: Optional[Callable] = None,
     from MASRefineLib.runner import JobRunner
 
     command = installCommand(upgrade)
-    runner = JobRunner(command=command, env=workerEnvironment())
+    runner = JobRunner(command=command)
     return launch(MASRefineJob(runner, slicer.app.temporaryPath, slicer.app.temporaryPath,
                                onEvent=onEvent, onFinished=onFinished, stopWithScene=False))

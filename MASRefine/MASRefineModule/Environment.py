@@ -34,15 +34,6 @@ def pythonSlicerExecutable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-def workerEnvironment() -> dict:
-    """The worker's environment: Slicer's, with MASRefineLib importable."""
-    env = dict(os.environ)
-    parent = libraryParentDir()
-    env["PYTHONPATH"] = os.pathsep.join([parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
 def readRequirements(path: Optional[str] = None) -> list:
     """Requirement strings of Resources/requirements.txt (never torch, numpy or SimpleITK: see the file)."""
     path = path or os.path.join(moduleDir(), "Resources", "requirements.txt")

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import slicer
 from slicer.i18n import tr as _
 
-from MASRefineModule.Environment import moduleDir, pythonSlicerExecutable, workerEnvironment
+from MASRefineModule.Environment import moduleDir, pythonSlicerExecutable
 from MASRefineModule.Job import MASRefineJob, launch
 from MASRefineModule.Results import loadSegmentation
 
@@ -72,7 +72,7 @@ def startSample(outDir: Optional[str] = None, onEvent: Optional[Callable] = None
 
     outDir = str(outDir or sampleDir())
     command = [pythonSlicerExecutable(), "-m", "MASRefineLib.sampledata", "--out", outDir, "--events"]
-    runner = JobRunner(command=command, env=workerEnvironment())
+    runner = JobRunner(command=command)
     return launch(MASRefineJob(runner, outDir, outDir, loadResults=_loadSample, onEvent=onEvent, onFinished=onFinished,
                                stopWithScene=False))  # no run folder: the scene's closing does not stop it
 
