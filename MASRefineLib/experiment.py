@@ -179,7 +179,7 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
     import torch
     from .device import resolve_device
     from .fusion.votenet import votenet_model_path
-    from .stages import Fuse, Load, Models, Refine, Register, Run, SegmentOptions
+    from .pipeline import Fuse, Load, Models, Refine, Register, Run, SegmentOptions
     from .training import ensure_segmenter
 
     out = Path(out_dir).resolve()

@@ -3,8 +3,8 @@
 - The surrogate segmenter (refinement IS): :func:`ensure_segmenter` (:func:`MASRefineLib.segmenter.train_on_atlas_set`
   with the settings of :data:`SEGMENTER_PRESETS`).
 - VoteNet+ (fusion ``votenet``): its training data are leave-one-out pairs of the atlas set (:func:`loo_pairs`:
-  each chosen atlas is a target and the others go through the pipeline's :class:`~MASRefineLib.stages.Register`
-  and :class:`~MASRefineLib.stages.Refine` stages), then :func:`train_votenet` (binary cross-entropy, Adam) and
+  each chosen atlas is a target and the others go through the pipeline's :class:`~MASRefineLib.pipeline.Register`
+  and :class:`~MASRefineLib.pipeline.Refine` stages), then :func:`train_votenet` (binary cross-entropy, Adam) and
   Platt calibration on held-out targets (:func:`fit_platt`, :func:`reliability`); :func:`train_for_atlas_set`
   does it all and stores the model (:class:`MASRefineLib.fusion.votenet.VoteNetModel`, which only loads and applies).
 - :func:`ensure_models`: what a run needs, loaded, or trained first when missing and allowed (the Models stage).
@@ -27,7 +27,7 @@ from . import segmenter as segmod
 from .errors import MASRefineError
 from .fusion.votenet import DEFAULT_ARCH, DEFAULT_JLF, VoteNetModel, build_network, model_name, votenet_model_path
 from .progress import ProgressCallback, report, scaled
-from .stages import Refine, Register, Run, SegmentOptions, part
+from .pipeline import Refine, Register, Run, SegmentOptions, part
 
 log = logging.getLogger("MASRefineLib.training")
 

@@ -109,7 +109,7 @@ def test_segment_is_the_stage_list_plus_its_outputs(sample, tmp_path):
     """The stages the options ask for, in order; run by hand (as experiment and VoteNet+ training do), they give
     the labels ``segment`` writes, and ``segment`` times exactly its list (computing stages, then Write and QA)."""
     from MASRefineLib.device import resolve_device
-    from MASRefineLib.stages import Run, compute_stages, run_stages
+    from MASRefineLib.pipeline import Run, compute_stages, run_stages
 
     assert [s.name for s in compute_stages(SegmentOptions(refine="IS", fusion="votenet"))] == \
         ["load", "models", "register", "refine", "fuse"]
@@ -126,8 +126,8 @@ def test_segment_is_the_stage_list_plus_its_outputs(sample, tmp_path):
 
 
 def test_cancel_leaves_no_manifest(sample, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
+    from MASRefineLib.outputs import prepare_output_dir
+    out = prepare_output_dir(tmp_path / "run", command="segment")  # an earlier segment output with its manifest
     (out / MANIFEST_NAME).write_text("{}")
     with pytest.raises(Cancelled):
         segment(sample["target"], sample["atlas_dir"], out,
@@ -224,7 +224,8 @@ def test_a_reference_on_another_grid_is_refused_before_any_work(sample, tmp_path
     ref = sitk.ReadImage(sample["truth"])
     ref.SetOrigin(tuple(o + 30.0 for o in ref.GetOrigin()))
     sitk.WriteImage(ref, str(tmp_path / "shifted.nii.gz"))
-    (tmp_path / "o").mkdir()
+    from MASRefineLib.outputs import prepare_output_dir
+    prepare_output_dir(tmp_path / "o", command="segment")
     (tmp_path / "o" / MANIFEST_NAME).write_text('{"schema_version": 1}')  # an earlier run's result
     with pytest.raises(MASRefineError, match=r"shifted.nii.gz: reference label map and target .* different grids "
                                              r"\(origin"):

@@ -94,7 +94,7 @@ def commit() -> str:
 NUMERIC_CODE = ("MASRefineLib/registration", "MASRefineLib/fusion", "MASRefineLib/refine.py", "MASRefineLib/warp.py",
                 "MASRefineLib/fields.py", "MASRefineLib/losses.py", "MASRefineLib/segmenter.py",
                 "MASRefineLib/metrics.py", "MASRefineLib/imageio.py", "MASRefineLib/pipeline.py",
-                "MASRefineLib/stages.py", "MASRefineLib/training.py", "MASRefineLib/volume.py", "bench/peers.py")
+                "MASRefineLib/training.py", "MASRefineLib/volume.py", "bench/peers.py")
 
 
 def code_digest() -> str:
