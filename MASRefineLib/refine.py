@@ -28,7 +28,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from .protocol.jobs import REFINE_DEFAULTS
 from .volume import read_image, read_label
 from .warp import compose, grid_points, resample_field, sample, warp, warp_labels
 from .warped import WarpedAtlas, WarpedSet, target_tensor
+
+if TYPE_CHECKING:
+    from .segmenter import UNetSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +71,6 @@ DEFAULT_SIMILARITY = "lncc"
 LNCC_WINDOW = 5
 #: atlases per L-BFGS run (measured on one CPU thread, docs/refinement.md)
 DEFAULT_BATCH = 2
-
-
-class Segmenter(Protocol):
-    """What refinement needs of a surrogate segmenter (see :class:`MASRefineLib.segmenter.UNetSegmenter`)."""
-
-    def predict(self, images: torch.Tensor, grid: Grid, out_grid: Grid | None = None) -> torch.Tensor:
-        """Class probabilities (B, K+1, *out_grid.shape), channel 0 background, of normalised images
-        (B, 1, *grid.shape)."""
-        ...
 
 
 # ----------------------------------------------------------------------------------- units: the paper's gamma
@@ -191,12 +185,6 @@ def staggered(grid: Grid) -> Grid:
     return Grid(grid.size, grid.spacing, tuple(float(o) for o in origin), grid.direction)
 
 
-def _chunks(n: int, size: int):
-    size = max(1, int(size))
-    for s in range(0, n, size):
-        yield list(range(s, min(n, s + size)))
-
-
 # ------------------------------------------------------------------------------------------- the optimisation
 @dataclass
 class _Terms:
@@ -259,12 +247,9 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
     on every level; ``moving_seg`` (B, K+1, ...) on ``seg_grid`` and ``target_seg`` (1, K+1, ...) per level:
     the segmenter's probabilities (None: variant I). ``gamma`` in mm^2. Per level the moving maps are
     resampled onto the :func:`staggered` level grid.
-    Returns the per-atlas loss terms before and after (finest level) as lists of floats.
+    Returns the per-atlas loss terms before and after (finest level) as lists of floats. The arguments are
+    :func:`resolve_settings`'s (checked there: one iteration count per level, at least one level).
     """
-    if len(iterations) != len(levels):
-        raise MASRefineError(f"{len(iterations)} iteration counts for {len(levels)} working grids")
-    if not levels:
-        raise MASRefineError("refinement needs at least one working grid")
     use_seg = moving_seg is not None
     b = moving.shape[0]
 
@@ -391,7 +376,7 @@ def resolve_settings(grid: Grid, variant: str = "IS", *, alpha: float = DEFAULT_
                      iterations: Sequence[int] | int | None = None, spacings_mm: Sequence[float] | None = None,
                      control: int = DEFAULT_CONTROL, batch_size: int = DEFAULT_BATCH,
                      folding_weight: float = DEFAULT_FOLDING_WEIGHT, similarity: str = DEFAULT_SIMILARITY,
-                     segmenter: Segmenter | None = None, seg_min_dice: float = SURROGATE_MIN_DICE,
+                     segmenter: UNetSegmenter | None = None, seg_min_dice: float = SURROGATE_MIN_DICE,
                      ) -> tuple[RefineSettings, list[Grid], list[int] | None]:
     """:func:`refine`'s arguments checked and its defaults resolved on the target ``grid``: the settings it
     records (``RefineSettings``, spacings in mm as resolved), its working grids (coarse to fine) and the
@@ -428,15 +413,12 @@ def resolve_settings(grid: Grid, variant: str = "IS", *, alpha: float = DEFAULT_
 
 
 # ------------------------------------------------------------------------------------- the public entry point
-def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float = DEFAULT_ALPHA,
-           gamma: float = DEFAULT_GAMMA, iterations: Sequence[int] | int | None = None,
-           spacings_mm: Sequence[float] | None = None, control: int = DEFAULT_CONTROL,
-           folding_weight: float = DEFAULT_FOLDING_WEIGHT, segmenter: Segmenter | None = None, device: str | torch.device = "auto",
-           batch_size: int = DEFAULT_BATCH, progress: ProgressCallback | None = None,
-           seg_min_dice: float = SURROGATE_MIN_DICE,
-           similarity: str = DEFAULT_SIMILARITY) -> WarpedSet:
+def refine(warped: WarpedSet, target_image, variant: str = "IS", *, segmenter: UNetSegmenter | None = None,
+           device: str | torch.device = "auto", progress: ProgressCallback | None = None,
+           **settings: Any) -> WarpedSet:
     """Refine every atlas of ``warped`` towards ``target_image``; returns a new :class:`WarpedSet`
-    (stage ``refined-I`` / ``refined-IS``).
+    (stage ``refined-I`` / ``refined-IS``). ``settings``: :func:`resolve_settings`'s keyword arguments
+    (``alpha`` ... ``seg_min_dice`` below), its defaults where left out.
 
     Parameters
     ----------
@@ -451,7 +433,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     spacings_mm: working-grid spacings (mm), coarse to fine; default :func:`default_spacings`.
     control: control-point spacing (voxels of each level) of ``f = U(p)``; 1 = one displacement per voxel.
     folding_weight: weight of the folding barrier (:func:`folding_barrier`, dimensionless; 0 = Eq. 3 exactly).
-    segmenter: needed for ``"IS"``: anything with ``predict(images, grid, out_grid)`` (:class:`Segmenter`).
+    segmenter: needed for ``"IS"``: anything with ``predict(images, grid, out_grid)`` giving class probabilities
+        (B, K+1, *out_grid.shape), channel 0 background (:class:`~MASRefineLib.segmenter.UNetSegmenter`).
     batch_size: atlases optimised together (memory grows linearly with it).
     progress: callback; may raise :class:`Cancelled` (checked every 10 iterations and between atlases).
     similarity: Eq. 4's image term, ``"lncc"`` (over :data:`LNCC_WINDOW` voxels) or ``"ncc"`` (global, the paper).
@@ -467,10 +450,7 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     (on the finest working grid), its largest displacement (mm), ``cpu_seconds`` (as ``seconds``, in CPU
     time of this process).
     """
-    settings, levels, structures = resolve_settings(
-        warped.target_grid, variant, alpha=alpha, gamma=gamma, iterations=iterations, spacings_mm=spacings_mm,
-        control=control, batch_size=batch_size, folding_weight=folding_weight, similarity=similarity,
-        segmenter=segmenter, seg_min_dice=seg_min_dice)
+    settings, levels, structures = resolve_settings(warped.target_grid, variant, segmenter=segmenter, **settings)
     variant = settings.variant
     if variant == "IS" and (msg := surrogate_warning(segmenter, structures)):
         log.warning(msg)
@@ -479,7 +459,6 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     dev = resolve_device(device)
     grid = warped.target_grid
     use_seg = variant == "IS" and structures != []
-    alpha, gamma, iterations = settings.alpha, settings.gamma, list(settings.iterations)
 
     def kept(p: torch.Tensor) -> torch.Tensor:
         """Background and the structures of L_seg (fewer channels to resample and sample, too)."""
@@ -498,7 +477,8 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
     n = len(warped.atlases)
     out_atlases: list[WarpedAtlas] = []
     failed = list(warped.failed)
-    for chunk in _chunks(n, batch_size):
+    for s0 in range(0, n, max(1, settings.batch_size)):
+        chunk = list(range(s0, min(n, s0 + max(1, settings.batch_size))))
         t0, c0 = time.perf_counter(), time.process_time()
         frac = (chunk[0] / n, (chunk[-1] + 1) / n)
         ids = [warped.atlases[i].id for i in chunk]
@@ -507,10 +487,9 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, alpha: float
             images = torch.stack([warped.atlases[i].image_tensor for i in chunk]).unsqueeze(1).to(dev)
             seg_grid = staggered(fine)
             mseg = kept(segmenter.predict(images, grid, seg_grid)).to(dev) if use_seg else None
-        f, terms = optimise_field(images, grid, target_levels, levels, mseg, seg_grid, tseg_levels, alpha, gamma,
-                                  iterations, control, folding_weight=folding_weight, similarity=similarity,
-                                  progress=progress,
-                                  stage="refine", fraction=frac, ids=ids)
+        f, terms = optimise_field(images, grid, target_levels, levels, mseg, seg_grid, tseg_levels, settings.alpha,
+                                  settings.gamma, settings.iterations, settings.control, settings.folding_weight,
+                                  settings.similarity, progress, "refine", frac, ids)
         del images, mseg
         t_opt, c_opt = time.perf_counter() - t0, time.process_time() - c0
         for j, i in enumerate(chunk):
