@@ -10,7 +10,7 @@ import slicer
 from slicer.i18n import tr as _
 
 from MASRefineModule.Environment import pythonSlicerExecutable, readRequirements
-from MASRefineModule.Job import MASRefineJob, launch
+from MASRefineModule.Job import MASRefineJob, launchCommand
 
 # torch is installed with light-the-torch (as the PyTorch extension's installer does); numpy and SimpleITK are Slicer's.
 TORCH_REQUIREMENT = "torch>=2.1"
@@ -22,16 +22,10 @@ def requirements() -> list:
     return [TORCH_REQUIREMENT] + readRequirements()
 
 
-def _install():
-    """MASRefineLib.install, the one reading of requirements (standard library only: safe in Slicer's process)."""
-    from MASRefineLib import install
-
-    return install
-
-
 def status() -> list:
     """One dict per requirement: ``name``, ``requirement``, installed ``version`` (None: missing), ``ok``."""
-    install = _install()
+    from MASRefineLib import install  # the one reading of requirements (standard library only)
+
     rows = []
     for requirement in requirements():
         name = install.requirement_name(requirement)
@@ -63,7 +57,7 @@ def installCommand(upgrade: bool = False) -> list:
     """The background installer's command line for what is missing (``upgrade``: every requirement). numpy,
     SimpleITK and torch are pinned by the installer at the versions installed when its pip step starts, after
     its torch step (``--pin``), so pip never replaces them and resolves the rest against the torch just installed."""
-    reqName = _install().requirement_name
+    from MASRefineLib.install import requirement_name as reqName
     wanted = requirements() if upgrade else missing()
     torch = next((r for r in wanted if reqName(r) == "torch"), None)
     others = [r for r in wanted if reqName(r) != "torch"]
@@ -92,9 +86,4 @@ def restartNeeded(result: Optional[dict]) -> bool:
 def startInstall(upgrade: bool = False, onEvent: Optional[Callable] = None,
                  onFinished: Optional[Callable] = None) -> MASRefineJob:
     """Install (or upgrade) in the background; returns the job (``wait()``, ``cancel()``, ``result``)."""
-    from MASRefineLib.runner import JobRunner
-
-    command = installCommand(upgrade)
-    runner = JobRunner(command=command)
-    return launch(MASRefineJob(runner, slicer.app.temporaryPath, slicer.app.temporaryPath,
-                               onEvent=onEvent, onFinished=onFinished, stopWithScene=False))
+    return launchCommand(installCommand(upgrade), slicer.app.temporaryPath, onEvent=onEvent, onFinished=onFinished)

@@ -244,3 +244,11 @@ def launch(job: MASRefineJob) -> MASRefineJob:
     job.timer.connect("timeout()", job.poll)
     job.timer.start()
     return job
+
+
+def launchCommand(command: list, folder: str, **kw) -> MASRefineJob:
+    """Start ``command`` (``PythonSlicer -m MASRefineLib.<module> --events``, no job file: the installer, the sample)
+    as a job whose run and output folder is ``folder`` (``kw``: :class:`MASRefineJob`'s); stopped only at exit."""
+    from MASRefineLib.runner import JobRunner
+
+    return launch(MASRefineJob(JobRunner(command=command), folder, folder, stopWithScene=False, **kw))

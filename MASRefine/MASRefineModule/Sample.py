@@ -12,7 +12,7 @@ import slicer
 from slicer.i18n import tr as _
 
 from MASRefineModule.Environment import moduleDir, pythonSlicerExecutable
-from MASRefineModule.Job import MASRefineJob, launch
+from MASRefineModule.Job import MASRefineJob, launchCommand
 from MASRefineModule.Results import loadSegmentation
 
 SAMPLE_NAME = "MASRefinePhantom"
@@ -67,14 +67,11 @@ def _loadSample(job: MASRefineJob) -> None:
 
 def startSample(outDir: Optional[str] = None, onEvent: Optional[Callable] = None,
                 onFinished: Optional[Callable] = None) -> MASRefineJob:
-    """Make (or reuse) the phantom in the background and load it; returns the job (``job.sample``)."""
-    from MASRefineLib.runner import JobRunner
-
+    """Make (or reuse) the phantom in the background and load it; returns the job (``job.sample``). No run folder:
+    the scene's closing does not stop it."""
     outDir = str(outDir or sampleDir())
     command = [pythonSlicerExecutable(), "-m", "MASRefineLib.sampledata", "--out", outDir, "--events"]
-    runner = JobRunner(command=command)
-    return launch(MASRefineJob(runner, outDir, outDir, loadResults=_loadSample, onEvent=onEvent, onFinished=onFinished,
-                               stopWithScene=False))  # no run folder: the scene's closing does not stop it
+    return launchCommand(command, outDir, loadResults=_loadSample, onEvent=onEvent, onFinished=onFinished)
 
 
 def loadSampleData(outDir: Optional[str] = None, timeout: Optional[float] = 900) -> dict:
