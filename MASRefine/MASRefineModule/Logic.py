@@ -125,7 +125,7 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
                     packages="\n".join(wanted)),
                 _("MASRefine - Install Python packages")):
             raise RuntimeError(_("MASRefine needs {packages}; installation was declined.").format(packages=", ".join(wanted)))
-        job = self.startInstall()
+        job = Dependencies.startInstall()
         job.wait(timeout, processEvents=slicer.app.processEvents)
         still = Dependencies.missing()
         if still:
@@ -134,11 +134,7 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
     missingDependencies = staticmethod(Dependencies.missing)
     dependenciesText = staticmethod(Dependencies.statusText)
     restartNeeded = staticmethod(Dependencies.restartNeeded)
-
-    def startInstall(self, upgrade: bool = False, onEvent: Optional[Callable] = None,
-                     onFinished: Optional[Callable] = None) -> MASRefineJob:
-        """Install (``upgrade``: upgrade) the worker's packages in a background PythonSlicer process."""
-        return Dependencies.startInstall(upgrade, onEvent=onEvent, onFinished=onFinished)
+    startInstall = staticmethod(Dependencies.startInstall)  # in a background PythonSlicer process
 
     # Running
 
@@ -212,7 +208,6 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
 
     COLORMAPS = Results.COLORMAPS
     loadJobResults = staticmethod(Results.loadJobResults)
-    loadItem = staticmethod(Results.loadItem)
     loadAtlas = staticmethod(Results.loadAtlas)
     showAtlas = staticmethod(Results.showAtlas)
     showAtlasSideBySide = staticmethod(Results.showAtlasSideBySide)
@@ -242,11 +237,7 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
         return SceneAtlas.startAtlasJob(self, [(volumeNode, segmentationNode)], job.atlasDir, "add",
                                         onEvent=onEvent, onFinished=onFinished)
 
-    def loadSampleData(self, outDir: Optional[str] = None) -> dict:
-        """The built-in phantom atlas set, made or reused, with its target loaded (waits; MASRefineModule.Sample)."""
-        return Sample.loadSampleData(outDir)
-
-    def startSample(self, outDir: Optional[str] = None, onEvent: Optional[Callable] = None,
-                    onFinished: Optional[Callable] = None) -> MASRefineJob:
-        """Make (or reuse) the phantom in the background; ``job.sample`` once completed."""
-        return Sample.startSample(outDir, onEvent=onEvent, onFinished=onFinished)
+    # The built-in phantom atlas set (MASRefineModule.Sample): made or reused, with its target loaded (waits), or
+    # in the background (``job.sample`` once completed)
+    loadSampleData = staticmethod(Sample.loadSampleData)
+    startSample = staticmethod(Sample.startSample)
