@@ -32,9 +32,8 @@ from slicer.util import VTKObservationMixin
 # Re-exported for the Python console and other modules (``from MASRefine import Refinement``).
 from MASRefineModule.Job import MASRefineJob, stopAllJobs, stopJobs  # noqa: F401
 from MASRefineModule.Logic import MASRefineLogic
-from MASRefineModule.Parameters import (DEFAULT_ALPHA, DEFAULT_GAMMA, DEFAULT_ITERATIONS, Device, Fusion,
-                                        MASRefineParameterNode, PreRegistration, Preset, Refinement, Retention,
-                                        pathIsSet)  # noqa: F401
+from MASRefineModule.Parameters import (Device, Fusion, MASRefineParameterNode, PreRegistration, Preset, Refinement,
+                                        Retention, pathIsSet)  # noqa: F401
 from MASRefineModule.Sample import registerSampleData
 from MASRefineModule.SceneAtlas import SceneAtlasSection
 from MASRefineModule.Test import MASRefineTest  # noqa: F401 (Slicer looks it up here)

@@ -106,7 +106,6 @@ class MASRefineJob:
         self.message = ""
         self.stageFraction = 0.0  # 0..1 within the current stage
         self.overall = None  # 0..1 of the whole job, once the worker reports it
-        self.messages = []
         self.error = None
         self.manifestPath = None
         self.result = None  # the worker's result event (a sample's or an installation's paths and versions)
@@ -157,10 +156,8 @@ class MASRefineJob:
                         setattr(self, attr, min(max(float(ev[key]), 0.0), 1.0))
                     except (TypeError, ValueError):
                         pass
-        elif kind in ("log", "warning", "started", "output"):
-            self.messages.append((kind, str(ev.get("message", ev.get("line", "")))))
-            if kind == "warning":
-                logging.warning(f"MASRefine: {ev.get('message', '')}")
+        elif kind == "warning":
+            logging.warning(f"MASRefine: {ev.get('message', '')}")
         elif kind == "error" and ev.get("traceback"):
             logging.error(f"MASRefine worker error:\n{ev['traceback']}")
         if self._onEvent:

@@ -17,16 +17,12 @@ from slicer.i18n import tr as _
 from MASRefineModule.Job import MASRefineJob, launch, removeOnClose
 
 
-def sourceVolume(segmentationNode):
-    """The volume a segmentation was made on: its reference-geometry node (what Segment Editor's source volume sets)."""
-    return segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
-
-
 def casePairs(segmentationNodes) -> list:
     """``[(volume, segmentation)]``; ValueError (one line) for a segmentation without a source volume."""
     pairs = []
     for seg in segmentationNodes:
-        volume = sourceVolume(seg)
+        # the volume it was made on: its reference-geometry node (what Segment Editor's source volume sets)
+        volume = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
         if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode") or volume.GetImageData() is None:
             raise ValueError(_("Segmentation {name} has no source volume; select one for it in Segment Editor").format(
                 name=seg.GetName()))
