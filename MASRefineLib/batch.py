@@ -153,7 +153,7 @@ def finished_result(folder: Path, target: Target, atlas_dir: Path, parameters: d
     """The manifest of ``folder`` when it holds a complete result of this target, atlas set and settings (the
     target is then skipped); None when there is none (no manifest, or one that lists a missing file: run it).
     A complete result of another target, atlas set, reference or settings raises :class:`MASRefineError`."""
-    from .manifest import MANIFEST_NAME, read_manifest
+    from .protocol.manifest import MANIFEST_NAME, read_manifest
     if not (folder / MANIFEST_NAME).is_file():
         return None
     try:
@@ -344,7 +344,7 @@ def run_target(target: dict[str, Any], atlas_dir: str, out_dir: str, parameters:
                 r = segment(target["image"], atlas_dir, Path(out_dir) / target["id"], opts, progress,
                             truth=target.get("truth"), groups=groups, out_option=out_option,
                             preloaded=pre)
-                from .manifest import read_manifest
+                from .protocol.manifest import read_manifest
                 row.update(status="done", **_qa_columns(read_manifest(r["manifest"])), output=r["output_dir"])
             except Cancelled:
                 row.update(status="cancelled")

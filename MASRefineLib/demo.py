@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from .metrics import evaluate, format_table
     from .pipeline import SegmentOptions, segment
     from .commands.segment import console_logging, format_rows, terminal_progress
-    from .manifest import read_manifest
+    from .protocol.manifest import read_manifest
 
     out = Path(a.out).resolve()
     if not a.quiet:

@@ -15,7 +15,7 @@ output folder::
     OUT/atlases/report.json                 the WarpedSet report (per-atlas info)
     OUT/qa.csv, OUT/qa.png                  per-atlas QA numbers and the QA montage
     OUT/metrics.csv, metrics.json           only when a reference segmentation (truth) is given
-    OUT/manifest.json                       written last, atomically (see manifest.py)
+    OUT/manifest.json                       written last, atomically (see protocol/manifest.py)
 
 Per-atlas QA numbers: ``similarity`` (global NCC of the warped atlas image with the target),
 ``agreement`` (mean Dice over labels of the atlas's warped labels with the fused result),
@@ -59,7 +59,7 @@ from .geometry import Grid
 from .imageio import (array_to_image, atomic_path, image_stem, read_grid, read_label, require_file, run_writers,
                       write_figure, write_image)
 from .labels import LabelTable, write_label_outputs
-from .manifest import Manifest, begin_output
+from .protocol.manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, inside, prepare_output_dir
 from .progress import ProgressCallback, ProgressEvent, report
 from .protocol.jobs import PARAMETERS
@@ -297,7 +297,7 @@ def run_stages(stages: list[Stage], run: Run, progress: Optional[ProgressCallbac
                timer: Optional[Callable[[str], Any]] = None) -> Run:
     """Run ``stages`` in order, each stage's 0..1 mapped onto its share of the whole run by the stages' weights
     (``data["overall"]`` of progress events); ``timer(name)``: a context manager around each stage (the manifest's
-    :meth:`~MASRefineLib.manifest.Manifest.stage`)."""
+    :meth:`~MASRefineLib.protocol.manifest.Manifest.stage`)."""
     import contextlib
     weights = [s.weight(run) for s in stages]  # before any stage runs
     total, acc, overall = sum(weights) or 1.0, 0.0, 0.0

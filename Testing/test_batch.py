@@ -22,7 +22,7 @@ from MASRefineLib import batch, sampledata
 from MASRefineLib.protocol import jobs
 from MASRefineLib.cli import main as cli_main
 from MASRefineLib.errors import MASRefineError
-from MASRefineLib.manifest import read_manifest
+from MASRefineLib.protocol.manifest import read_manifest
 from MASRefineLib.pipeline import SegmentOptions, segment
 from MASRefineLib.runner import JobRunner
 

@@ -329,7 +329,7 @@ def test_manifests_markers_and_groups_go_through_the_one_json_reader(tmp_path, k
     """Manifests, output-folder markers and --groups files: one line whatever the bytes (not a
     UnicodeDecodeError or RecursionError), and a batch rerun treats a corrupt manifest as no result."""
     from MASRefineLib.batch import Target, finished_result
-    from MASRefineLib.manifest import read_manifest
+    from MASRefineLib.protocol.manifest import read_manifest
     from MASRefineLib.metrics import parse_groups
     from MASRefineLib.outputs import MARKER
     bad = PATHOLOGICAL_JSON[kind]

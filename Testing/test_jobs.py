@@ -15,7 +15,7 @@ import pytest
 from MASRefineLib import sampledata
 from MASRefineLib.protocol import jobs
 from MASRefineLib.protocol.loadplan import load_plan, qa_rows
-from MASRefineLib.manifest import MANIFEST_NAME, read_manifest
+from MASRefineLib.protocol.manifest import MANIFEST_NAME, read_manifest
 from MASRefineLib.errors import MASRefineError
 from MASRefineLib.runner import JobRunner, parse_line
 from MASRefineLib.worker import EVENT_PREFIX
@@ -273,7 +273,7 @@ def test_worker_exits_when_parent_dies(sample, tmp_path):
 
 def test_protocol_modules_stay_light():
     """What the Slicer process imports (jobs, runner, manifest, loadplan) never pulls in torch or MONAI."""
-    code = ("import sys; import MASRefineLib.protocol.jobs, MASRefineLib.runner, MASRefineLib.manifest, MASRefineLib.protocol.loadplan; "
+    code = ("import sys; import MASRefineLib.protocol.jobs, MASRefineLib.runner, MASRefineLib.protocol.manifest, MASRefineLib.protocol.loadplan; "
             "print(sorted(m for m in ('torch', 'monai', 'matplotlib', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))

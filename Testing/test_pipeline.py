@@ -17,7 +17,7 @@ from MASRefineLib.cli import main as cli_main
 from MASRefineLib.errors import Cancelled
 from MASRefineLib.labels import read_seg_nrrd
 from MASRefineLib.protocol.loadplan import load_plan, qa_rows
-from MASRefineLib.manifest import MANIFEST_NAME, read_manifest
+from MASRefineLib.protocol.manifest import MANIFEST_NAME, read_manifest
 from MASRefineLib.pipeline import SegmentOptions, segment
 from cancelling import cancel_after
 from MASRefineLib.runner import JobRunner

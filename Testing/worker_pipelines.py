@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from MASRefineLib.imageio import read_image, write_image
-from MASRefineLib.manifest import Manifest, begin_output
+from MASRefineLib.protocol.manifest import Manifest, begin_output
 from MASRefineLib.progress import report
 
 

@@ -134,7 +134,7 @@ def worker(job_path: Path) -> int:
     res: dict = {}
     t0, c0 = time.perf_counter(), time.process_time()
     if proc.startswith("masrefine"):
-        from MASRefineLib.manifest import read_manifest
+        from MASRefineLib.protocol.manifest import read_manifest
         from MASRefineLib.pipeline import segment
         run_dir = out / f"{proc}-run"
         if run_dir.exists():

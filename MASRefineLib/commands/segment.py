@@ -118,7 +118,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..manifest import read_manifest
+    from ..protocol.manifest import read_manifest
     from ..pipeline import segment
     from ._common import groups_option
 
