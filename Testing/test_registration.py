@@ -308,7 +308,7 @@ def _sitk_level(img: sitk.Image, wg: Grid, factors) -> np.ndarray:
 def test_torch_pyramid_reproduces_simpleitk_on_oblique_anisotropic_grids(brains):
     """The working images come from the torch warp (avg-pool block average + grid_sample with ITK's edge rule):
     on a real brain re-gridded oblique and anisotropic they equal SimpleITK's BinShrink + Resample to 1e-4 of the
-    [0, 1] range, per level, and onto a rotated grid (the general, non-separable path) too."""
+    [0, 1] range, per level."""
     from MASRefineLib.registration.pyramid import bin_shrink, downsample, resample_linear, working_grid
     from MASRefineLib.volume import Volume
     # sizes that the shrink factors do not divide (BinShrink drops the remainder: ITK's 0 band at the far end)
@@ -336,11 +336,6 @@ def test_torch_pyramid_reproduces_simpleitk_on_oblique_anisotropic_grids(brains)
     slow = sample(vol.tensor[None, None], vol.grid, grid_points(wg), padding="border")[0, 0]
     kept = fast != 0
     assert kept.float().mean() > 0.5 and float((fast - slow)[kept].abs().max()) < 1e-5
-    rot = make_oblique(sitk.Image([50, 40, 30], sitk.sitkUInt8), spacing=(2.0, 2.5, 3.0), angles=(0.1, 0.4, -0.3))
-    rgrid = Grid.from_image(rot)
-    ref = sitk.GetArrayFromImage(sitk.Resample(img, rot, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-    got = resample_linear(vol.tensor, vol.grid, rgrid).numpy()
-    assert 0.1 < (ref != 0).mean() < 0.9 and np.abs(got - ref).max() < 1e-4
 
 
 def test_a_volume_target_registers_as_its_sitk_image(brains):

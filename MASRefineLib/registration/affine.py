@@ -40,30 +40,20 @@ def image_moments(image: Volume | sitk.Image, spacing_mm: Optional[float] = None
     return c, cov
 
 
-def initial_matrices(target: Volume | sitk.Image, atlases: Sequence[Volume | sitk.Image], mode: str) -> torch.Tensor:
-    """Initial target->atlas matrices (B, 4, 4) float64 (images normalised, as :class:`Volume` s).
-
-    ``moments``: the target's centre of intensity mass maps to each atlas's, with an isotropic scale
-    from the ratio of the second-moment volumes (det of the covariances)^(1/6); ``centers``: centre of
-    the target's field of view to the atlas's; ``identity``.
-    """
-    def grid_of(im):
-        return im.grid if isinstance(im, Volume) else Grid.from_image(im)
-
+def initial_matrices(target: Volume | sitk.Image, atlases: Sequence[Volume | sitk.Image]) -> torch.Tensor:
+    """Initial target->atlas matrices (B, 4, 4) float64 (images normalised, as :class:`Volume` s): the target's
+    centre of intensity mass maps to each atlas's, with an isotropic scale from the ratio of the second-moment
+    volumes (det of the covariances)^(1/6), clipped to [0.67, 1.5]."""
     mats = []
-    if mode == "moments":
-        ct, cov_t = image_moments(target)
+    ct, cov_t = image_moments(target)
     for atlas in atlases:
         m = np.eye(4)
-        if mode == "moments":
-            ca, cov_a = image_moments(atlas)
-            dt, da = np.linalg.det(cov_t), np.linalg.det(cov_a)
-            s = (da / dt) ** (1.0 / 6.0) if dt > 0 and da > 0 else 1.0
-            s = float(np.clip(s, 0.67, 1.5))
-            m[:3, :3] *= s
-            m[:3, 3] = ca - s * ct
-        elif mode == "centers":
-            m[:3, 3] = grid_of(atlas).center_mm() - grid_of(target).center_mm()
+        ca, cov_a = image_moments(atlas)
+        dt, da = np.linalg.det(cov_t), np.linalg.det(cov_a)
+        s = (da / dt) ** (1.0 / 6.0) if dt > 0 and da > 0 else 1.0
+        s = float(np.clip(s, 0.67, 1.5))
+        m[:3, :3] *= s
+        m[:3, 3] = ca - s * ct
         mats.append(m)
     return torch.as_tensor(np.stack(mats), dtype=torch.float64)
 

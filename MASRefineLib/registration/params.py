@@ -8,8 +8,9 @@ multi-resolution pyramid; tuple-valued knobs give one value per level, coarse to
 of one stage must have the same length.
 
 Affine stage (12 degrees of freedom, maps target LPS mm -> atlas LPS mm)
-    init                  "moments": centres of intensity mass + isotropic scale from second moments;
-                          "centers": centres of the fields of view; "identity": none.
+    init                  "moments" (the one initialisation; a field of the params so that reports and the
+                          benchmarks' cache keys keep it): centres of intensity mass + isotropic scale from
+                          second moments.
     affine_shrink         working-grid spacing per level, in v. The target is block-averaged and
                           resampled to a grid of this spacing over its own field of view (never finer than
                           its voxels); atlases likewise over theirs.
@@ -41,7 +42,8 @@ Deformable stage (dense displacement on a control grid, on top of the affine)
 General
     seed                  torch seed (the algorithm has no random step; the seed pins anything that might).
     max_batch             atlases optimised together (memory grows with max_batch x working-grid size).
-    label_method          "onehot" (each label's indicator interpolated trilinearly, argmax) or "nearest".
+    label_method          "onehot" (the one method, kept as init is): each label's indicator interpolated
+                          trilinearly, argmax.
 """
 from __future__ import annotations
 
@@ -95,13 +97,11 @@ class RegistrationParams:
             raise MASRefineError(f"registration parameters: {msg}")
         if self.stage not in STAGES:
             bad(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.init not in ("moments", "centers", "identity"):
-            bad(f"init must be moments, centers or identity, got {self.init!r}")
+        if self.init != "moments" or self.label_method != "onehot":
+            bad(f"init must be moments and label_method onehot, got {self.init!r} and {self.label_method!r}")
         for name in ("affine_similarity", "similarity"):
             if getattr(self, name) not in ("ncc", "lncc", "mse"):
                 bad(f"{name} must be ncc, lncc or mse, got {getattr(self, name)!r}")
-        if self.label_method not in ("onehot", "nearest"):
-            bad(f"label_method must be onehot or nearest, got {self.label_method!r}")
         if len(self.affine_shrink) != len(self.affine_iterations):
             bad("affine_shrink and affine_iterations need one value per level each")
         n = len(self.deform_shrink)

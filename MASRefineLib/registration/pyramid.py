@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..geometry import Grid
 from ..volume import Volume, as_image_volume
-from ..warp import grid_points, sample, sample_mapped
+from ..warp import sample_mapped
 
 
 def working_grid(grid: Grid, spacing_mm: float) -> Grid:
@@ -47,20 +47,13 @@ def resample_linear(x: torch.Tensor, grid: Grid, to_grid: Grid) -> torch.Tensor:
     """``x`` (Z, Y, X) on ``grid`` linearly resampled onto ``to_grid`` (identity transform, physical space) with
     ITK's edge rule, so that it reproduces ``sitk.Resample(..., sitk.sitkLinear, 0)``: a point within half a voxel
     outside the outermost voxel centres takes the edge value (ITK's buffer is the voxels' extent, its linear
-    interpolator clamps to the edge), a point further out is 0. In general the torch warp (grid_sample, border
-    padding) with that mask; when the two grids' axes are parallel (every working grid of an image: index maps axis
-    by axis), trilinear interpolation is three 1D linear interpolations, done so (the same numbers, with float64
-    weights; several times faster than grid_sample on one CPU thread, which brings the pyramid to SimpleITK's
-    speed: docs/volume.md)."""
+    interpolator clamps to the edge), a point further out is 0. The two grids' axes must be parallel (every working
+    grid of an image: index maps axis by axis), so trilinear interpolation is three 1D linear interpolations (the
+    warp's numbers, with float64 weights; several times faster than grid_sample on one CPU thread, which brings the
+    pyramid to SimpleITK's speed: docs/volume.md)."""
     m = grid.physical_to_index() @ to_grid.index_to_physical()  # to_grid's (i, j, k, 1) -> grid's continuous index
     if not np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])), atol=1e-9 * max(1.0, float(np.abs(m).max()))):
-        pts = grid_points(to_grid, x.device, torch.float64)
-        out = sample(x[None, None], grid, pts.to(x.dtype), padding="border")[0, 0]
-        mm = torch.as_tensor(grid.physical_to_index(), dtype=torch.float64, device=x.device)
-        idx = pts @ mm[:3, :3].T + mm[:3, 3]  # continuous (i, j, k)
-        n = torch.as_tensor(grid.size, dtype=torch.float64, device=x.device)
-        inside = ((idx >= -0.5) & (idx < n - 0.5)).all(-1)
-        return torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        raise ValueError("resample_linear: the grids' axes are not parallel (only working grids of one image are)")
     out = x
     inside = None
     for a in range(3):  # i, j, k: tensor dims 2, 1, 0; one 1D linear interpolation per axis (separable)

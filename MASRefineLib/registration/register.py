@@ -177,7 +177,7 @@ def register(target: Volume | sitk.Image, atlases: Sequence[AtlasInput], label_t
         t_opt = time.perf_counter()
         norms = [p[1] for p in prepared]
         apyr = AtlasPyramid(norms, spacings, dev)
-        init = initial_matrices(target_vol, norms, params.init)
+        init = initial_matrices(target_vol, norms)
 
         def tick(n: int, message: str, data: dict, _nb=nb) -> None:
             done["units"] += n * _nb
@@ -203,7 +203,7 @@ def register(target: Volume | sitk.Image, atlases: Sequence[AtlasInput], label_t
                 if not torch.isfinite(field).all():
                     raise MASRefineError(f"atlas {a.id}: registration diverged (non-finite field)")
                 img = warp(norm.batch(dev), norm.grid, field, target_grid)
-                lab = warp_labels(label.batch(dev), label.grid, field, target_grid, method=params.label_method)
+                lab = warp_labels(label.batch(dev), label.grid, field, target_grid)
                 fold = float(folding_fraction(field, target_grid)[0]) if deformable else 0.0
                 final_ncc = float(ncc(img, target_norm)[0])
             except MASRefineError as e:
