@@ -107,7 +107,7 @@ def test_reload_reexecutes_the_package_before_the_module(mod):
     logic = slicer_stubs.submodule("Logic")
     assert logic.MASRefineLogic is not before["Logic"]["MASRefineLogic"]  # re-executed
     # and in dependency order: the reloaded logic uses the reloaded choices
-    assert logic.Refinement is slicer_stubs.submodule("Parameters").Refinement is not before["Parameters"]["Refinement"]
+    assert logic.Retention is slicer_stubs.submodule("Parameters").Retention is not before["Parameters"]["Retention"]
     assert slicer_stubs.submodule("Test").MASRefineLogic is logic.MASRefineLogic
 
 

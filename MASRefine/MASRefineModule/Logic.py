@@ -12,8 +12,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from MASRefineModule import Dependencies, Results, Sample, SceneAtlas
 from MASRefineModule.Environment import pythonSlicerExecutable
 from MASRefineModule.Job import POLL_INTERVAL_MS, MASRefineJob, activeJobs, launch, removeOnClose
-from MASRefineModule.Parameters import (Device, Fusion, MASRefineParameterNode, PreRegistration, Preset, Refinement,
-                                        Retention, pathIsSet)
+from MASRefineModule.Parameters import MASRefineParameterNode, Retention, pathIsSet
 
 
 class MASRefineLogic(ScriptedLoadableModuleLogic):
@@ -46,31 +45,27 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
                       alpha=None, gamma=None, iterations=None) -> dict:
         """The worker's job parameters (``MASRefineLib.protocol.jobs.PARAMETERS``) from keyword arguments.
 
-        Choices may be given as enum members or their string values (``refine="IS"``); numbers as numbers.
-        Parameters left at None are not sent, so the library's defaults and the preset decide them.
-        Unknown values raise ValueError.
+        Choices may be given as enum members or their string values, in any case (``refine="is"``); numbers as
+        numbers or their text. Parameters left at None are not sent, so the library's defaults and the preset decide
+        them. A value the worker would refuse raises ValueError (its one line).
         """
-        def choice(enumType, value):
-            if value is None or isinstance(value, enumType):
-                return value
-            for member in enumType:
-                if str(value).lower() in (member.value.lower(), member.name.lower()):
-                    return member
-            raise ValueError(_("{value!r} is not one of {choices}").format(
-                value=value, choices=", ".join(m.value for m in enumType)))
+        from MASRefineLib.protocol.jobs import PARAMETERS, _check_value  # the worker's own check of a value
 
         params = {}
-        for name, enumType, value in (("preset", Preset, preset), ("prereg", PreRegistration, prereg),
-                                      ("refine", Refinement, refine), ("fusion", Fusion, fusion),
-                                      ("device", Device, device)):
-            member = choice(enumType, value)
-            if member is not None:
-                params[name] = member.value
-        for name, value, kind in (("alpha", alpha, float), ("gamma", gamma, float), ("iterations", iterations, int)):
-            if value is not None:
-                if kind(value) < 0 or (kind is int and kind(value) < 1):
-                    raise ValueError(_("{name} must be positive, got {value}").format(name=name, value=value))
-                params[name] = kind(value)
+        for name, value in (("preset", preset), ("prereg", prereg), ("refine", refine), ("fusion", fusion),
+                            ("device", device), ("alpha", alpha), ("gamma", gamma), ("iterations", iterations)):
+            if value is None:
+                continue
+            kind, allowed = PARAMETERS[name][:2]
+            value = getattr(value, "value", value)  # an enum member (Parameters.py's choices are made from PARAMETERS)
+            if kind is str:
+                value = next((a for a in allowed if a.lower() == str(value).lower()), value)
+            else:
+                value = kind(value)
+            problem = _check_value(name, value)
+            if problem:
+                raise ValueError(problem)
+            params[name] = value
         return params
 
     @staticmethod
