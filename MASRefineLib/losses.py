@@ -35,19 +35,12 @@ def _voxel_mean(x: torch.Tensor) -> torch.Tensor:
     return _flat(x.sum(1)).mean(1)
 
 
-def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Global normalised cross-correlation per batch item (B,), in [-1, 1]. Loss (Eq. 4): ``1 - ncc``."""
     a, b = _flat(a), _flat(b)
-    if mask is not None:
-        w = _flat(mask.to(a.dtype)).expand_as(a)
-    else:
-        w = torch.ones_like(a)
-    n = w.sum(1).clamp(min=1.0)
-    ma, mb = (w * a).sum(1) / n, (w * b).sum(1) / n
-    da, db = a - ma[:, None], b - mb[:, None]
-    cov = (w * da * db).sum(1)
-    va, vb = (w * da * da).sum(1), (w * db * db).sum(1)
-    return cov / torch.sqrt(va * vb + _EPS)
+    n = float(a.shape[1])
+    da, db = a - (a.sum(1) / n)[:, None], b - (b.sum(1) / n)[:, None]
+    return (da * db).sum(1) / torch.sqrt((da * da).sum(1) * (db * db).sum(1) + _EPS)
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9,
@@ -154,15 +147,10 @@ def local_correlation(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torc
     return (cov / torch.sqrt(va * vb + _EPS)).clamp(-1.0, 1.0)
 
 
-def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference per batch item (B,)."""
-    return _flat((a - b) ** 2).mean(1)
-
-
 def similarity_loss(kind: str, warped: torch.Tensor, target: torch.Tensor, window: int = 5,
                     moments: tuple[torch.Tensor, torch.Tensor] | None = None, lncc_eps: float = LNCC_EPS
                     ) -> torch.Tensor:
-    """Per-atlas loss (B,) to minimise for image similarity ``kind`` (ncc, lncc, mse) of ``warped`` (B, 1, ...)
+    """Per-atlas loss (B,) to minimise for image similarity ``kind`` (ncc, lncc) of ``warped`` (B, 1, ...)
     against the fixed ``target`` (1, 1, ...): the one dispatch registration and refinement share.
     ``moments``: for lncc, :func:`target_moments` of ``target`` (once per level); ``lncc_eps``: :func:`lncc`'s
     ``eps``."""
@@ -170,8 +158,6 @@ def similarity_loss(kind: str, warped: torch.Tensor, target: torch.Tensor, windo
         return 1.0 - ncc(warped, target.expand_as(warped))
     if kind == "lncc":
         return 1.0 - lncc(warped, target.expand_as(warped), window, moments, lncc_eps)
-    if kind == "mse":
-        return mse(warped, target.expand_as(warped))
     raise ValueError(f"unknown similarity {kind!r}")
 
 
@@ -180,14 +166,14 @@ def target_moments(kind: str, target: torch.Tensor, window: int) -> tuple[torch.
     return box_moments(target, window) if kind == "lncc" else None
 
 
-def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, include_background: bool = False) -> torch.Tensor:
+def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft multi-class Dice loss (paper Eq. 5) per batch item (B,), in [0, 1]: MONAI's ``DiceLoss``
-    (``smooth_nr = smooth_dr = 1e-5``) averaged over the K structures of (B, K+1, ...) class probabilities
-    (channel 0 = background, included if ``include_background``). With the factor 2 that Eq. 5 as printed lacks
-    (its minimum would be 0.5): a perfect match gives 0."""
+    (``smooth_nr = smooth_dr = 1e-5``) averaged over every channel of (B, K, ...) probabilities (refinement passes
+    the structures only, no background channel). With the factor 2 that Eq. 5 as printed lacks (its minimum would
+    be 0.5): a perfect match gives 0."""
     from monai.losses import DiceLoss  # not at import: MONAI takes seconds to import
 
-    per_class = DiceLoss(include_background=include_background, smooth_nr=_EPS, smooth_dr=_EPS, reduction="none")
+    per_class = DiceLoss(include_background=True, smooth_nr=_EPS, smooth_dr=_EPS, reduction="none")
     return per_class(pred, target).flatten(1).mean(1)
 
 

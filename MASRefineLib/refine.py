@@ -286,7 +286,7 @@ def optimise_field(moving: torch.Tensor, moving_grid: Grid, target: Sequence[tor
             seg = None
             if use_seg:
                 # channels 1.. of w are the structures (0 is the image); Eq. 5 runs over structures only
-                seg = soft_dice_loss(w[:, 1:], tseg[:, 1:].expand(b, -1, -1, -1, -1), include_background=True)
+                seg = soft_dice_loss(w[:, 1:], tseg[:, 1:].expand(b, -1, -1, -1, -1))
             fold = folding_barrier(field, g, stride=control) if folding_weight > 0 else None
             return _Terms(sim, seg, bending_energy(field, spacing), fold)
 

@@ -109,7 +109,7 @@ def optimize_affine(target: TargetPyramid, atlases: AtlasPyramid, init: torch.Te
             loss = similarity_loss(params.affine_similarity, warped, tgt, params.lncc_window, tmom, REGISTRATION_LNCC_EPS)
             loss.sum().backward()
             opt.step()
-            sim = (1.0 - loss.detach()) if params.affine_similarity != "mse" else -loss.detach()
+            sim = 1.0 - loss.detach()
             if tick is not None:
                 tick(1, f"affine level {level + 1}/{len(params.affine_shrink)} it {it + 1}/{n_it}",
                      {"similarity": sim.tolist()})

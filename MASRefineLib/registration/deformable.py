@@ -114,7 +114,7 @@ def optimize_deformable(target: TargetPyramid, atlases: AtlasPyramid, matrices: 
                 loss = loss + params.folding_weight * losses.folding_barrier(cdisp, cgrid)
             loss.sum().backward()
             opt.step()
-            sim = (1.0 - dissim.detach()) if params.similarity != "mse" else -dissim.detach()
+            sim = 1.0 - dissim.detach()
             if tick is not None:
                 tick(1, f"deformable level {level + 1}/{n_levels} it {it + 1}/{n_it}",
                      {"similarity": sim.tolist()})

@@ -17,7 +17,7 @@ Affine stage (12 degrees of freedom, maps target LPS mm -> atlas LPS mm)
     affine_iterations     Adam iterations per level.
     affine_lr             Adam step, in v: for the translation, and for the 3x3 part scaled by the target's
                           radius of gyration r (so one step moves a point at distance r by about this much).
-    affine_similarity     "ncc" (global normalised cross-correlation), "lncc" or "mse".
+    affine_similarity     "ncc" (global normalised cross-correlation) or "lncc".
 
 Deformable stage (dense displacement on a control grid, on top of the affine)
     deform_shrink         working-grid spacing per level, in v, on which images are compared.
@@ -26,7 +26,7 @@ Deformable stage (dense displacement on a control grid, on top of the affine)
                           sets the finest detail a deformation can have.
     deform_iterations     Adam iterations per level.
     deform_lr             Adam step (displacement per iteration) per level, in v; cosine decay to 5 %.
-    similarity            "lncc" (local NCC, squared, as ANTs' CC), "ncc" or "mse".
+    similarity            "lncc" (local NCC, squared, as ANTs' CC) or "ncc".
     lncc_window           side of the LNCC window, in voxels of each working grid (odd, >= 3).
     bending_weight        weight of the bending energy of the control-grid displacement measured in
                           control-grid voxels (dimensionless), against a dissimilarity in [0, 1].
@@ -100,8 +100,8 @@ class RegistrationParams:
         if self.init != "moments" or self.label_method != "onehot":
             bad(f"init must be moments and label_method onehot, got {self.init!r} and {self.label_method!r}")
         for name in ("affine_similarity", "similarity"):
-            if getattr(self, name) not in ("ncc", "lncc", "mse"):
-                bad(f"{name} must be ncc, lncc or mse, got {getattr(self, name)!r}")
+            if getattr(self, name) not in ("ncc", "lncc"):
+                bad(f"{name} must be ncc or lncc, got {getattr(self, name)!r}")
         if len(self.affine_shrink) != len(self.affine_iterations):
             bad("affine_shrink and affine_iterations need one value per level each")
         n = len(self.deform_shrink)
