@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import colorsys
 import csv
-import json
 import math
 import numbers
 import os
