@@ -198,34 +198,22 @@ def _qa_columns(manifest: dict) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ worker side
-class MemoryAtlasSet:
-    """An atlas set whose images and label maps are read once and then kept in memory (a batch worker's copy,
-    shared by the targets the worker segments). Everything else is the wrapped :class:`~MASRefineLib.atlas.AtlasSet`'s."""
+def _kept_in_memory(aset):
+    """``aset`` (an :class:`~MASRefineLib.atlas.AtlasSet`, a batch worker's copy shared by the targets it segments)
+    with :meth:`~MASRefineLib.atlas.AtlasSet.read` answered from memory after an atlas's first read: copies, so a
+    caller cannot change the kept ones (SimpleITK copies on write, so this costs no memory until then). An atlas that
+    cannot be read is not kept: each target reports it (registration skips it with a warning)."""
+    import SimpleITK as sitk
+    read, kept, lock = aset.read, {}, threading.Lock()
 
-    def __init__(self, aset):
-        self._aset = aset
-        self._data: dict[str, tuple[Any, Any]] = {}
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str):
-        return getattr(self._aset, name)
-
-    def __len__(self) -> int:
-        return len(self._aset)
-
-    def __iter__(self):
-        return iter(self._aset)
-
-    def read(self, atlas_id: str):
-        """(image, label map) as :meth:`AtlasSet.read`, from memory after the first read; copies, so a caller
-        cannot change the kept ones (SimpleITK copies on write, so this costs no memory until then). An atlas
-        that cannot be read is not kept: each target reports it (registration skips it with a warning)."""
-        import SimpleITK as sitk
-        with self._lock:  # two targets on one worker read an atlas once
-            if atlas_id not in self._data:
-                self._data[atlas_id] = self._aset.read(atlas_id)
-            img, lab = self._data[atlas_id]
+    def read_kept(atlas_id: str):
+        with lock:  # two targets on one worker read an atlas once
+            if atlas_id not in kept:
+                kept[atlas_id] = read(atlas_id)
+            img, lab = kept[atlas_id]
         return sitk.Image(img), sitk.Image(lab)
+    aset.read = read_kept
+    return aset
 
 
 _CACHE: dict[str, tuple[tuple, Any]] = {}  # atlas set root -> (fingerprint, (atlas set, segmenter, votenet))
@@ -271,7 +259,7 @@ def worker_preloaded(atlas_dir: str | os.PathLike, options, device) -> tuple[Any
         if vn_path is not None:
             from .fusion.votenet import VoteNetModel
             votenet = VoteNetModel.load(vn_path)
-        pre = (MemoryAtlasSet(aset), segmenter, votenet)
+        pre = (_kept_in_memory(aset), segmenter, votenet)
         _CACHE[str(root)] = (key, pre)  # replaces an older copy of this set: its memory is freed
         return pre
 
@@ -359,16 +347,23 @@ def run_target(target: dict[str, Any], atlas_dir: str, out_dir: str, parameters:
     return row
 
 
+def _dask_worker():
+    """The Dask worker running this task; None outside one (or without distributed)."""
+    try:
+        from distributed import get_worker
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
 def _event_is_set(name: str) -> bool:
     """Whether the scheduler's :class:`distributed.Event` ``name`` is set, asked through the worker's own connection
     (``Event(name).is_set()`` would start a client in the worker, which prints errors when the worker is closed)."""
-    try:
-        from distributed import get_worker
-        from distributed.utils import sync
-        w = get_worker()
-    except (ImportError, ValueError):
+    w = _dask_worker()
+    if w is None:
         return False  # not in a Dask worker: nothing to cancel from
     try:
+        from distributed.utils import sync
         return bool(sync(w.loop, w.scheduler.event_is_set, name=name))
     except Exception:  # noqa: BLE001 -- the scheduler is gone: the worker is closing, which stops this task too
         return False
@@ -376,19 +371,16 @@ def _event_is_set(name: str) -> bool:
 
 def _worker_threads() -> int:
     try:
-        from distributed import get_worker
-        return int(get_worker().state.nthreads)
-    except (ImportError, ValueError, AttributeError):
+        return int(_dask_worker().state.nthreads)
+    except AttributeError:  # not in a Dask worker (None)
         return 1
 
 
 def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-        w = get_worker()
-        return f"{w.name}@{w.address}" if w.name is not None else w.address
-    except (ImportError, ValueError):
+    w = _dask_worker()
+    if w is None:
         return f"pid {os.getpid()}"
+    return f"{w.name}@{w.address}" if w.name is not None else w.address
 
 
 # ------------------------------------------------------------------------------------------ cluster
@@ -746,6 +738,7 @@ def run_batch(atlas_dir: str | os.PathLike, targets: str | os.PathLike, out_dir:
                 for f in done:
                     pending.discard(f)
                     t = futures[f]
+                    killed = False
                     if f.status == "finished":
                         r = f.result()
                     else:  # the task did not return: its workers died (KilledWorker) or it could not run there
@@ -753,9 +746,10 @@ def run_batch(atlas_dir: str | os.PathLike, targets: str | os.PathLike, out_dir:
                             exc = f.exception()
                         except Exception as e:  # noqa: BLE001 -- cancelled futures raise here
                             exc = e
-                        r = {"id": t.id, "status": "failed", "error": _task_error(exc)}
+                        error, killed = _task_error(exc)
+                        r = {"id": t.id, "status": "failed", "error": error}
                     attempt = rows[t.id]["attempts"]
-                    if r["status"] == "failed" and attempt < MAX_ATTEMPTS and not _killed(f):
+                    if r["status"] == "failed" and attempt < MAX_ATTEMPTS and not killed:
                         log.info(f"target {t.id} failed on {r.get('worker', 'a worker')} ({r.get('error')}); "
                                  "trying once more")
                         pending.add(submit(t, attempt + 1, r.get("worker")))
@@ -801,24 +795,17 @@ def run_batch(atlas_dir: str | os.PathLike, targets: str | os.PathLike, out_dir:
             "seconds": round(time.monotonic() - t_start, 2)}
 
 
-def _killed(future) -> bool:
-    """True when the task ended because workers died running it (Dask tried it on another already)."""
+def _task_error(exc: BaseException | None) -> tuple[str, bool]:
+    """The one-line error of a task that did not return, and whether it ended because workers died running it
+    (KilledWorker: Dask tried it on another already, so it is not retried)."""
     try:
         from distributed.scheduler import KilledWorker
-        return future.status == "error" and isinstance(future.exception(), KilledWorker)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _task_error(exc: BaseException | None) -> str:
-    try:
-        from distributed.scheduler import KilledWorker
-        if isinstance(exc, KilledWorker):
-            return (f"the workers running it died {exc.allowed_failures + 1} times (killed, or out of memory: fewer "
-                    "workers or threads per worker)")
     except ImportError:
-        pass
-    return _one_line(exc) if exc is not None else "the task was lost"
+        KilledWorker = ()
+    if isinstance(exc, KilledWorker):
+        return (f"the workers running it died {exc.allowed_failures + 1} times (killed, or out of memory: fewer "
+                "workers or threads per worker)"), True
+    return (_one_line(exc) if exc is not None else "the task was lost"), False
 
 
 def _running(client, pending) -> int:
