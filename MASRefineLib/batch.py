@@ -19,7 +19,6 @@ target is tried once more, preferably on another worker; Ctrl-C or the worker pr
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import os
@@ -254,8 +253,8 @@ def worker_preloaded(atlas_dir: str | os.PathLike, options, device) -> tuple[Any
             return hit[1]
         segmenter = votenet = None
         if seg_path is not None and seg_path.exists():
-            from .segmenter import load_segmenter
-            segmenter = load_segmenter(seg_path, device)
+            from .segmenter import UNetSegmenter
+            segmenter = UNetSegmenter.load(seg_path, device)
         if vn_path is not None:
             from .fusion.votenet import VoteNetModel
             votenet = VoteNetModel.load(vn_path)
@@ -541,17 +540,12 @@ SUMMARY_COLUMNS = ["id", "status", "attempts", "seconds", "peak_memory_mb", "wor
 def write_summary(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """``summary.csv``: one row per target in the targets' order, the fixed columns, then metric columns, then
     ``error``, ``target`` and ``output``; written atomically."""
-    from .imageio import atomic_write_text
+    from .protocol.atomic import write_csv
     extra: list[str] = []
     for r in rows:
         extra += [k for k in r if k not in SUMMARY_COLUMNS and k not in extra and k not in ("error", "target", "output")]
-    cols = SUMMARY_COLUMNS + extra + ["error", "target", "output"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: r.get(c, "") for c in cols})
-    return atomic_write_text(buf.getvalue(), path)
+    write_csv(rows, path, SUMMARY_COLUMNS + extra + ["error", "target", "output"], lineterminator="\n")
+    return Path(path)
 
 
 def read_summary(path: Path) -> dict[str, dict[str, str]]:
@@ -584,12 +578,9 @@ def cohort_metrics(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _write_cohort(rows: list[dict[str, Any]], path: Path) -> Path:
-    from .imageio import atomic_write_text
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["group", "metric", "n", "mean", "sd"], lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return atomic_write_text(buf.getvalue(), path)
+    from .protocol.atomic import write_csv
+    write_csv(rows, path, ["group", "metric", "n", "mean", "sd"], lineterminator="\n")
+    return path
 
 
 def _gpu_count() -> int:

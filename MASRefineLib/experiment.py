@@ -26,7 +26,6 @@ all finished is not even registered again. Interrupt it at any time and run the 
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -40,9 +39,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import MASRefineError
-from .imageio import atomic_path, atomic_write_text, image_stem, is_image_file, write_figure
+from .imageio import atomic_write_text, image_stem, is_image_file, write_figure
 from .jsonio import read_json
 from .progress import ProgressCallback, report
+from .protocol.atomic import write_csv
 
 log = logging.getLogger("MASRefineLib.experiment")
 
@@ -354,19 +354,13 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
                ", ".join(f"{k} {v:.0f} s" for k, v in training.items())]
     atomic_write_text("\n".join(md) + "\n", out / "table1.md")
     # CSV (summary) and long results
-    with atomic_path(out / "table1.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["row", "prereg", "method", "n"] + [f"{m}_{g}_{k}" for m, *_ in METRICS for g in gnames
-                                                      for k in ("mean", "sd")] +
-                   ["seconds_register", "seconds_refine", "seconds_fuse", "seconds_segment"])
-        for key, prereg, refine, fusion, name in done:
-            s = summary[key]
-            w.writerow([key, prereg or "", name, s["n"]] + [v for m, *_ in METRICS for g in gnames for v in s[(g, m)]] +
-                       [s.get(("seconds", k), "") for k in ("register", "refine", "fuse", "segment")])
-    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["row", "prereg", "refine", "method", "target", "group", "metric", "value"])
-        w.writeheader()
-        w.writerows(long_rows)
+    head = ["row", "prereg", "method", "n"] + [f"{m}_{g}_{k}" for m, *_ in METRICS for g in gnames for k in ("mean", "sd")] \
+        + ["seconds_register", "seconds_refine", "seconds_fuse", "seconds_segment"]
+    write_csv([dict(zip(head, [key, prereg or "", name, summary[key]["n"]]
+                        + [v for m, *_ in METRICS for g in gnames for v in summary[key][(g, m)]]
+                        + [summary[key].get(("seconds", k), "") for k in ("register", "refine", "fuse", "segment")]))
+               for key, prereg, refine, fusion, name in done], out / "table1.csv", head)
+    write_csv(long_rows, out / "results.csv", ["row", "prereg", "refine", "method", "target", "group", "metric", "value"])
     plot = _plot(out / "table1.png", rows, summary, gnames)
     return {"table": str(out / "table1.md"), "csv": str(out / "table1.csv"), "results": str(out / "results.csv"),
             "plot": plot, "cells": sum(s["n"] for s in summary.values()), "markdown": "\n".join(md)}

@@ -41,7 +41,6 @@ and says so in a warning and in the manifest (``summary.fallbacks``).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -56,12 +55,13 @@ import torch
 
 from .errors import MASRefineError
 from .geometry import Grid
-from .imageio import (array_to_image, atomic_path, image_stem, read_grid, read_label, require_file, run_writers,
+from .imageio import (array_to_image, image_stem, read_grid, read_label, require_file, run_writers,
                       write_figure, write_image)
 from .labels import LabelTable, write_label_outputs
 from .protocol.manifest import Manifest, begin_output
 from .outputs import atlas_set_inputs, inside, prepare_output_dir
 from .progress import ProgressCallback, ProgressEvent, report
+from .protocol.atomic import write_csv
 from .protocol.jobs import PARAMETERS
 from .volume import Volume
 from .warped import WarpedSet
@@ -352,19 +352,6 @@ def atlas_qa(ws: WarpedSet, target_arr: np.ndarray, fused: Fused) -> list[dict[s
     return rows
 
 
-def write_qa_csv(rows: list[dict[str, Any]], path: Path) -> list[str]:
-    cols = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    with atomic_path(path) as tmp:  # a full disk is one line and leaves no temporary file
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            for r in rows:
-                w.writerow(r)
-    return cols
-
-
 def _best_slices(labels: np.ndarray) -> tuple[int, int, int]:
     """(z, y, x) indices of the slices with the most labelled voxels."""
     fg = labels > 0
@@ -530,7 +517,7 @@ class QA(Stage):
         out, m, opts, ws, fused = self.output.folder, self.output.manifest, run.options, run.warped, run.fused
         report(progress, "qa", 0.0, "QA numbers")
         qa = atlas_qa(ws, run.target.numpy(), fused)
-        cols = write_qa_csv(qa, out / "qa.csv")
+        cols = write_csv(qa, out / "qa.csv")
         m.add(out / "qa.csv", "table", "qa-table", name="atlas QA", columns=cols)
         m.set("atlases", [{"id": r["id"], "qa": {k: v for k, v in r.items() if k != "id"}} for r in qa])
         if opts.qa_picture:
@@ -629,7 +616,7 @@ def _write_metrics(out: Path, fused: np.ndarray, grid: Grid, ref: sitk.Image, tr
     rows += [{"label": "", "name": f"group {k}", **{x: g[x] for x in ("dice", "surface_dice", "asd_mm", "hd95_mm")}}
              for k, g in d["groups"].items()]
     rows.append({"label": "", "name": "mean", **{x: d["mean"][x] for x in ("dice", "surface_dice", "asd_mm", "hd95_mm")}})
-    write_qa_csv(rows, out / "metrics.csv")
+    write_csv(rows, out / "metrics.csv")
     m.add(out / "metrics.csv", "table", "metrics", name="metrics")
     return {"mean": d["mean"], "groups": d["groups"]}
 

@@ -423,37 +423,38 @@ def test_malformed_votenet_descriptions_are_one_line(sample, tmp_path, change, m
 
 def test_malformed_and_corrupt_segmenters_are_one_line(sample, tmp_path):
     from MASRefineLib.labels import LabelTable
-    from MASRefineLib.segmenter import SegmenterSettings, UNetSegmenter, build_unet, load_segmenter
+    from MASRefineLib.segmenter import SegmenterSettings, UNetSegmenter, build_unet
     table = AtlasSet.load(sample["atlas_dir"]).label_table
     values = [0] + sorted(table)
     seg = UNetSegmenter(build_unet(len(values)), values, table, 3.5, SegmenterSettings())
     path = seg.save(tmp_path / "models")
-    assert load_segmenter(path).label_values == values
+    assert UNetSegmenter.load(path).label_values == values
     d = json.loads(path.read_text())
     for key in ("label_values", "architecture", "spacing_mm"):
         bad = {k: v for k, v in d.items() if k != key}
         path.write_text(json.dumps(bad))
         with pytest.raises(MASRefineError, match=f"segmenter.json: malformed segmenter description \\(missing field "
                                                  f"'{key}'\\)"):
-            load_segmenter(path)
+            UNetSegmenter.load(path)
     path.write_text(json.dumps(d))
     w = tmp_path / "models" / "segmenter.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(MASRefineError, match="segmenter.safetensors: cannot load the segmenter weights"):
-        load_segmenter(path)
+        UNetSegmenter.load(path)
 
 
 def test_failed_writes_of_tables_and_pictures_are_one_line_and_leave_no_temporary_file(tmp_path, monkeypatch):
     import csv
 
     from MASRefineLib import pipeline
+    from MASRefineLib.protocol.atomic import write_csv
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(csv.DictWriter, "writerow", full)
     with pytest.raises(MASRefineError, match=r"qa.csv: could not write \(no space left on the device"):
-        pipeline.write_qa_csv([{"id": "a", "x": 1}], tmp_path / "qa.csv")
+        write_csv([{"id": "a", "x": 1}], tmp_path / "qa.csv")
     import matplotlib.figure
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
     fig_path = tmp_path / "qa.png"

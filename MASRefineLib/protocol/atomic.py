@@ -3,13 +3,14 @@ output and JSON file of the project is written); a failed write is one :class:`M
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import os
 import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import MASRefineError
 
@@ -76,3 +77,18 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def write_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike, columns: Sequence[str] | None = None,
+              lineterminator: str = "\r\n") -> list[str]:
+    """Write ``rows`` as a UTF-8 CSV file with a header, atomically: ``columns`` (default: every key of the rows, in
+    order of first appearance; a missing value is empty, a key not in ``columns`` left out). ``lineterminator``: the
+    csv module's ``\\r\\n`` unless a file has always had ``\\n``. Returns the columns."""
+    rows = list(rows)
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # a full disk: one line
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator=lineterminator)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return columns
