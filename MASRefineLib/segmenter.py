@@ -38,10 +38,10 @@ from .device import resolve_device
 from .errors import MASRefineError
 from .geometry import Grid
 from .imageio import atomic_write_bytes, atomic_write_text, normalize_intensity
-from .jsonio import field_error, json_default, read_json
+from .jsonio import json_default, read_json
 from .labels import LabelTable
 from .losses import soft_dice_loss_labels
-from .modelio import find_description, load_weights, save_model, weights_path
+from .modelio import ceil_to, load_model, save_model
 from .progress import ProgressCallback, report
 from .warp import image_tensor, warp, warp_labels
 
@@ -138,10 +138,6 @@ def _architecture(out_channels: int, s: SegmenterSettings) -> dict:
     return arch
 
 
-def _multiple(n: int, m: int) -> int:
-    return int(math.ceil(n / m) * m)
-
-
 class UNetSegmenter:
     """A trained surrogate segmenter: class probabilities of normalised images on any grid."""
 
@@ -168,16 +164,13 @@ class UNetSegmenter:
         self.net.to(resolve_device(device))
         return self
 
-    def working_grid(self, grid: Grid) -> Grid:
-        return grid.with_spacing(self.spacing_mm)
-
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, K+1, ...) of normalised images on the working grid, by sliding windows."""
         from monai.inferers import sliding_window_inference
         m = int(np.prod(self.settings.strides))
-        roi = [min(_multiple(s, m), _multiple(2 * self.settings.patch_size, m)) for s in x.shape[2:]]
+        roi = [min(ceil_to(s, m), ceil_to(2 * self.settings.patch_size, m)) for s in x.shape[2:]]
         return sliding_window_inference(x, roi, 1, self.net, overlap=0.25, mode="gaussian")
 
     @torch.no_grad()
@@ -190,7 +183,7 @@ class UNetSegmenter:
             images = image_tensor(np.asarray(images, dtype=np.float32))
         dev = self.device
         x = images.to(dev, torch.float32)
-        wg = self.working_grid(grid)
+        wg = grid.with_spacing(self.spacing_mm)  # the working grid over grid's field of view
         out_grid = out_grid or grid
         probs = []
         for b in range(x.shape[0]):  # one at a time: bounded memory
@@ -214,7 +207,7 @@ class UNetSegmenter:
         if not isinstance(image, torch.Tensor):
             image = image_tensor(np.asarray(image, dtype=np.float32))
         x = image.to(self.device, torch.float32).reshape(1, 1, *grid.shape)
-        wg = self.working_grid(grid)
+        wg = grid.with_spacing(self.spacing_mm)
         p = torch.softmax(self._logits(warp(x, grid, None, wg, padding="border")), 1)
         best = best_idx = None
         for s in range(0, p.shape[1], chunk):
@@ -246,45 +239,29 @@ class UNetSegmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", name: str = MODEL_NAME) -> "UNetSegmenter":
-        """Load from a models folder, an atlas-set folder (its ``models/``), or the JSON file itself.
-        The weights are read with ``safetensors`` only (no pickle)."""
-        p = Path(path)
-        if p.is_dir():
-            found = find_description(p, name)
-            if found is None:
-                # name the atlas set to train on: p itself, or the set holding this models/ folder
-                aset = p.parent if p.name == "models" and (p.parent / "atlas.json").is_file() else p
-                hint = aset if (aset / "atlas.json").is_file() else "ATLAS_DIR"
-                raise MASRefineError(f"{p}: no trained segmenter ({name}.json) here or in {p / 'models'}; "
-                                     f"train one with 'masrefine train segmenter {hint}'")
-            p = found
-        if not p.is_file():
-            raise MASRefineError(f"{p}: segmenter description not found")
-        meta = read_json(p, "segmenter description", allow_nan=True)  # written by save(): NaN Dice allowed
-        if not isinstance(meta, dict):
-            raise MASRefineError(f"{p}: not a MASRefine segmenter description (not a JSON object)")
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise MASRefineError(f"{p}: not a MASRefine segmenter description (format {meta.get('format')!r} "
-                                 f"version {meta.get('format_version')!r})")
-        try:  # a description edited by hand or cut short: one line naming the field
-            arch = meta["architecture"]
-            settings = SegmenterSettings.from_json(meta.get("settings", {}))
-            wpath = weights_path(p, meta, name)
+        """Load from a models folder, an atlas-set folder (its ``models/``), or the JSON file itself
+        (:func:`modelio.load_model`: the weights read with ``safetensors`` only, no pickle)."""
+        def missing(p: Path) -> str:  # name the atlas set to train on: p itself, or the set holding this models/
+            aset = p.parent if p.name == "models" and (p.parent / "atlas.json").is_file() else p
+            hint = aset if (aset / "atlas.json").is_file() else "ATLAS_DIR"
+            return (f"{p}: no trained segmenter ({name}.json) here or in {p / 'models'}; "
+                    f"train one with 'masrefine train segmenter {hint}'")
+
+        def build(p: Path, meta: dict) -> tuple[torch.nn.Module, UNetSegmenter]:
+            arch, spacing = meta["architecture"], float(meta["spacing_mm"])
             label_values = [int(v) for v in meta["label_values"]]
-            table = LabelTable.from_json_dict(meta["labels"], str(p))
-            spacing = float(meta["spacing_mm"])
+            if not (math.isfinite(spacing) and spacing > 0) or len(label_values) != int(arch["out_channels"]):
+                raise ValueError(f"spacing_mm {spacing!r}, {len(label_values)} classes for {arch['out_channels']} "
+                                 f"output channels")
             net = build_unet(int(arch["out_channels"]), arch["channels"], arch["strides"], int(arch["num_res_units"]),
                              head=(arch.get("head") or {}).get("width"))
-        except (KeyError, TypeError, ValueError, AttributeError, AssertionError, RuntimeError) as e:
-            raise MASRefineError(f"{p}: malformed segmenter description ({field_error(e)})") from None
-        if not (math.isfinite(spacing) and spacing > 0) or len(label_values) != int(arch["out_channels"]):
-            raise MASRefineError(f"{p}: malformed segmenter description (spacing_mm {spacing!r}, "
-                                 f"{len(label_values)} classes for {arch['out_channels']} output channels)")
-        load_weights(net, wpath, p, "segmenter")
-        extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "architecture", "label_values",
-                                                             "labels", "spacing_mm", "normalisation", "settings",
-                                                             "weights")}
-        seg = cls(net, label_values, table, spacing, settings, extra)
+            extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "architecture",
+                                                                 "label_values", "labels", "spacing_mm",
+                                                                 "normalisation", "settings", "weights")}
+            return net, cls(net, label_values, LabelTable.from_json_dict(meta["labels"], str(p)), spacing,
+                            SegmenterSettings.from_json(meta.get("settings", {})), extra)
+
+        p, seg = load_model(path, name, "segmenter", FORMAT, build, missing, FORMAT_VERSION)
         seg.path = p
         return seg.to(device)
 
@@ -570,8 +547,4 @@ def train_on_atlas_set(atlas_dir: str | os.PathLike, settings: SegmenterSettings
     return train_segmenter(images, labels, aset.label_table, aset.models_dir, settings, aset.ids, device, progress,
                            resume, source=str(aset.root))
 
-
-def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") -> UNetSegmenter:
-    """:meth:`UNetSegmenter.load` (a models folder, an atlas-set folder or the JSON file)."""
-    return UNetSegmenter.load(path, resolve_device(device))
 

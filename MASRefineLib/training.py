@@ -387,7 +387,7 @@ def ensure_segmenter(aset, opts: SegmentOptions, device: torch.device, progress:
     of ``opts.preset``), else :class:`MASRefineError` naming the ``masrefine train`` command."""
     path = Path(aset.models_dir) / f"{segmod.MODEL_NAME}.json"
     if path.exists():
-        return segmod.load_segmenter(path, device)
+        return segmod.UNetSegmenter.load(path, device)
     if not opts.train_missing:
         raise MASRefineError(f"{aset.models_dir}: no surrogate segmenter for refinement IS; train one with "
                              f"'masrefine train segmenter {aset.root}' (or refinement I)")

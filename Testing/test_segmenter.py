@@ -14,7 +14,7 @@ from MASRefineLib.errors import Cancelled, MASRefineError
 from MASRefineLib.geometry import Grid
 from MASRefineLib.imageio import normalize_intensity
 from MASRefineLib.labels import LabelTable
-from MASRefineLib.segmenter import SegmenterSettings, UNetSegmenter, load_segmenter, train_segmenter
+from MASRefineLib.segmenter import SegmenterSettings, UNetSegmenter, train_segmenter
 from MASRefineLib.warp import image_tensor
 
 TINY = dict(spacing_mm=2.0, patch_size=24, channels=(4, 8, 16), strides=(2, 2), num_res_units=0, batch_size=2,
@@ -74,7 +74,7 @@ def test_reloads_without_pickle_to_identical_predictions(trained, data, monkeypa
     monkeypatch.setattr(pickle, "load", no_pickle)
     monkeypatch.setattr(pickle, "loads", no_pickle)
     monkeypatch.setattr(torch, "load", no_pickle)
-    back = load_segmenter(d, "cpu")
+    back = UNetSegmenter.load(d, "cpu")
     p2 = back.predict(x, grid)
     assert torch.equal(p1, p2)
     assert p1.shape == (1, 4, *grid.shape)
@@ -148,7 +148,7 @@ def test_many_labels_get_a_1x1_head_that_saves_and_reloads(ixi_crop, tmp_path):
     grid = Grid.from_image(img)
     x = image_tensor(normalize_intensity(sitk.GetArrayFromImage(img)))
     p1 = seg.predict(x, grid)
-    p2 = load_segmenter(tmp_path, "cpu").predict(x, grid)
+    p2 = UNetSegmenter.load(tmp_path, "cpu").predict(x, grid)
     assert p1.shape == (1, 13, *grid.shape) and torch.equal(p1, p2)
     # few classes: MONAI's U-Net as it is (the knee and phantom models stay loadable unchanged)
     from MASRefineLib.segmenter import build_unet, head_width
@@ -193,7 +193,7 @@ def test_both_models_are_stored_by_one_helper_byte_for_byte_as_before(tmp_path):
     from safetensors.torch import save
     from MASRefineLib.fusion.votenet import DEFAULT_ARCH, FORMAT, VoteNetModel, build_network
     from MASRefineLib.jsonio import json_default
-    from MASRefineLib.segmenter import build_unet, load_segmenter
+    from MASRefineLib.segmenter import build_unet
 
     def state(net):
         return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -204,7 +204,7 @@ def test_both_models_are_stored_by_one_helper_byte_for_byte_as_before(tmp_path):
     meta = {**seg.metadata(), "weights": "segmenter.safetensors"}
     assert path.read_text() == json.dumps(meta, indent=1, default=json_default) + "\n"
     assert (tmp_path / "seg" / "segmenter.safetensors").read_bytes() == save(state(seg.net))
-    back = load_segmenter(path)
+    back = UNetSegmenter.load(path)
     assert all(torch.equal(v, back.net.state_dict()[k]) for k, v in seg.net.state_dict().items())
 
     vn = VoteNetModel(build_network(dict(DEFAULT_ARCH)), dict(DEFAULT_ARCH), 1.5, -0.25, {"note": "test"})

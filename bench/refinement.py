@@ -95,11 +95,11 @@ def segmenter_for(dataset: str, train_ids: list[str], name: str, device: str, fr
     """The surrogate U-Net trained on ``train_ids`` for ``epochs`` (``masrefine train segmenter``'s other
     defaults), kept in ``.cache/atlas-sets/<name>`` and reused."""
     from bench.datasets import make_atlas_set, progress_printer
-    from MASRefineLib.segmenter import SegmenterSettings, load_segmenter, train_on_atlas_set
+    from MASRefineLib.segmenter import SegmenterSettings, UNetSegmenter, train_on_atlas_set
     aset = make_atlas_set(dataset, train_ids, name=name)
     path = aset.models_dir / "segmenter.json"
     if path.exists() and not fresh:
-        return load_segmenter(path, device)
+        return UNetSegmenter.load(path, device)
     print(f"training the surrogate U-Net on {len(train_ids)} {dataset} subjects ({aset.root})", file=sys.stderr)
     return train_on_atlas_set(aset.root, SegmenterSettings(epochs=epochs), device=device,
                               progress=progress_printer(0.0))

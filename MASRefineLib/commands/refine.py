@@ -57,7 +57,7 @@ def _find_segmenter(args, warped):
     from pathlib import Path
 
     from ..errors import MASRefineError
-    from ..segmenter import load_segmenter
+    from ..segmenter import UNetSegmenter
     cands = [args.segmenter] if args.segmenter else []
     if not cands:
         for key in ("atlas_set", "atlases", "atlas_dir"):
@@ -68,7 +68,7 @@ def _find_segmenter(args, warped):
         raise MASRefineError(f"{args.registered}: variant IS needs a trained segmenter: pass --segmenter (an atlas set "
                              "with models/segmenter.json; train one with 'masrefine train segmenter ATLAS_DIR'), "
                              "or use --variant I")
-    return load_segmenter(Path(cands[0]), args.device)
+    return UNetSegmenter.load(Path(cands[0]), args.device)
 
 
 def run(args: argparse.Namespace) -> int:

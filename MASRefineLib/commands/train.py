@@ -123,8 +123,8 @@ def _run_votenet(args: argparse.Namespace) -> int:
     refine = None if args.refine == "none" else args.refine
     segmenter = None
     if refine == "IS":
-        from ..segmenter import load_segmenter
-        segmenter = load_segmenter(aset.root, args.device)  # a missing one: its error names the command to train it
+        from ..segmenter import UNetSegmenter
+        segmenter = UNetSegmenter.load(aset.root, args.device)  # a missing one: its error names the command to train it
     with tqdm_progress(disable=args.quiet) as bar:  # stored as votenet.model_name(prereg, refine)
         path = train_for_atlas_set(aset, prereg=args.prereg, refine=refine, preset=args.preset, device=args.device,
                                    progress=bar, segmenter=segmenter, targets=args.targets,

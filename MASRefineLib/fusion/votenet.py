@@ -23,9 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import MASRefineError
-from ..jsonio import field_error, read_json
-from ..modelio import find_description, load_weights, save_model, weights_path
+from ..modelio import ceil_to, load_model, save_model
 from ..progress import ProgressCallback, report
 
 FORMAT = "masrefine-votenet+"
@@ -77,7 +75,7 @@ class VoteNetModel:
         sl = tuple(slice(l, h) for l, h in zip(lo, hi))
         net = self.net.to(device).eval()
         tgt = target[sl].to(device, torch.float32)
-        roi_size = tuple(min(window, _ceil_to(h - l, 4)) for l, h in zip(lo, hi))
+        roi_size = tuple(min(window, ceil_to(h - l, 4)) for l, h in zip(lo, hi))
         with torch.no_grad():
             for i in range(b):
                 report(progress, stage, i / b, f"VoteNet+ atlas {i + 1}/{b}")
@@ -104,36 +102,19 @@ class VoteNetModel:
 
     @classmethod
     def load(cls, path: str | Path, name: str = "votenet") -> "VoteNetModel":
-        """Load from a ``.json`` file, or a folder (``models/``, or an atlas set whose ``models/`` has it)."""
-        p = Path(path)
-        if p.is_dir():
-            found = find_description(p, name)
-            if found is None:
-                raise MASRefineError(f"{path}: no {name}.json here or in its models/ folder "
-                                     f"(train one with 'masrefine train votenet')")
-            p = found
-        if not p.exists():
-            raise MASRefineError(f"{p}: VoteNet+ model not found")
-        doc = read_json(p, "VoteNet+ model", allow_nan=True)  # written by save()
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise MASRefineError(f"{p}: not a VoteNet+ model (format "
-                                 f"{doc.get('format') if isinstance(doc, dict) else None!r})")
-        try:  # a description edited by hand or cut short: one line naming the field
-            wpath = weights_path(p, doc, name)
+        """Load from a ``.json`` file, or a folder (``models/``, or an atlas set whose ``models/`` has it):
+        :func:`modelio.load_model`."""
+        def build(p: Path, doc: dict) -> tuple[torch.nn.Module, VoteNetModel]:
             arch = {k: doc["architecture"][k] for k in DEFAULT_ARCH if k in doc["architecture"]}
             a, b = float(doc["platt"]["a"]), float(doc["platt"]["b"])
             if not (math.isfinite(a) and math.isfinite(b)):
                 raise ValueError(f"platt a={a}, b={b} must be finite")
             net = build_network(arch)
-        except (KeyError, TypeError, ValueError, AttributeError, AssertionError, RuntimeError) as e:
-            raise MASRefineError(f"{p}: malformed VoteNet+ model description ({field_error(e)})") from None
-        load_weights(net, wpath, p, "VoteNet+")
-        meta = {k: v for k, v in doc.items() if k not in ("architecture", "platt")}
-        return cls(net, arch, a, b, meta, str(p))
+            return net, cls(net, arch, a, b, {k: v for k, v in doc.items() if k not in ("architecture", "platt")},
+                            str(p))
 
-
-def _ceil_to(n: int, m: int) -> int:
-    return int(math.ceil(n / m) * m)
+        return load_model(path, name, "VoteNet+", FORMAT, build, lambda p: (
+            f"{p}: no {name}.json here or in its models/ folder (train one with 'masrefine train votenet')"))[1]
 
 
 def model_name(prereg: str = "deformable", refine: str | None = None) -> str:
