@@ -311,19 +311,19 @@ def _prepare(atlas_id: str, image: sitk.Image, label: sitk.Image, spacing: float
                    np.argsort(flat, kind="stable").astype(np.int32), start)
 
 
-def _patch(v: _Volume, centre: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A (size^3) patch around ``centre`` (zero image / background outside the volume)."""
-    img = np.zeros((size,) * 3, np.float32)
-    cls = np.zeros((size,) * 3, np.int64)
-    lo = np.asarray(centre) - size // 2
-    src, dst = [], []
-    for a in range(3):
-        s0, s1 = max(0, lo[a]), min(v.image.shape[a], lo[a] + size)
-        src.append(slice(s0, s1))
-        dst.append(slice(s0 - lo[a], s1 - lo[a]))
-    img[tuple(dst)] = v.image[tuple(src)]
-    cls[tuple(dst)] = v.classes[tuple(src)]
-    return img, cls
+def crop_patch(arrays: Sequence[torch.Tensor], centre: Sequence[int], size: int) -> list[torch.Tensor]:
+    """Crops of ``size``^3 voxels around ``centre`` ((z, y, x) voxel index) from (Z, Y, X) tensors of one shape,
+    zero outside them (the training patches of the segmenter and of VoteNet+)."""
+    shape = arrays[0].shape
+    lo = [int(c) - size // 2 for c in centre]
+    src = tuple(slice(max(l, 0), min(l + size, s)) for l, s in zip(lo, shape))
+    dst = tuple(slice(max(l, 0) - l, min(l + size, s) - l) for l, s in zip(lo, shape))
+    out = []
+    for a in arrays:
+        crop = torch.zeros((size, size, size), dtype=a.dtype)
+        crop[dst] = a[src]
+        out.append(crop)
+    return out
 
 
 def _batch(vols: Sequence[_Volume], rng: np.random.Generator, s: SegmenterSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +343,8 @@ def _batch(vols: Sequence[_Volume], rng: np.random.Generator, s: SegmenterSettin
             c = np.array(np.unravel_index(int(vox[int(rng.integers(len(vox)))]), v.image.shape))
         else:
             c = np.array([rng.integers(n) for n in v.image.shape])
-        img, cls = _patch(v, c, s.patch_size)
+        img, cls = (t.numpy() for t in crop_patch([torch.from_numpy(v.image), torch.from_numpy(v.classes)], c,
+                                                  s.patch_size))
         img = np.clip(img * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05), 0.0, 1.0)  # intensity jitter
         xs.append(img)
         ys.append(cls)
@@ -390,13 +391,10 @@ def _load_checkpoint(models_dir: Path, name: str) -> tuple[dict, dict, dict] | N
 
 # --------------------------------------------------------------------------------------------------- training
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float | None]:
-    """Volume Dice of classes 1..K (None where a class is in neither map)."""
-    out = []
-    for c in range(1, n_classes):
-        p, r = pred == c, ref == c
-        den = int(p.sum()) + int(r.sum())
-        out.append(None if den == 0 else 2.0 * int((p & r).sum()) / den)
-    return out
+    """Volume Dice of classes 1..K (None where a class is in neither map), from integer voxel counts."""
+    n_p, n_r = np.bincount(pred.ravel(), minlength=n_classes), np.bincount(ref.ravel(), minlength=n_classes)
+    both = np.bincount(pred[pred == ref], minlength=n_classes)
+    return [None if n_p[c] + n_r[c] == 0 else 2.0 * int(both[c]) / int(n_p[c] + n_r[c]) for c in range(1, n_classes)]
 
 
 def train_segmenter(images: Sequence[sitk.Image], labels: Sequence[sitk.Image], label_table: LabelTable,

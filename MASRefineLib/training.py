@@ -116,20 +116,6 @@ def reliability(p: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, bins
 
 # ---------------------------------------------------------------------------------------------- training
 
-def _patch(arrays: Sequence[torch.Tensor], centre: Sequence[int], size: int) -> list[torch.Tensor]:
-    """Crops of ``size``^3 around ``centre`` from (Z, Y, X) tensors, zero-padded outside."""
-    shape = arrays[0].shape
-    lo = [c - size // 2 for c in centre]
-    out = []
-    for a in arrays:
-        crop = torch.zeros((size, size, size), dtype=a.dtype)
-        src = tuple(slice(max(l, 0), min(l + size, s)) for l, s in zip(lo, shape))
-        dst = tuple(slice(max(l, 0) - l, min(l + size, s) - l) for l, s in zip(lo, shape))
-        crop[dst] = a[src]
-        out.append(crop)
-    return out
-
-
 class _PairData:
     def __init__(self, pair: Pair, band_radius: int):
         self.img = torch.as_tensor(pair.warped_image, dtype=torch.float32)
@@ -196,7 +182,7 @@ def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, a
                 c = d.band_idx[rng.integers(d.band_idx.shape[0])].tolist()
             else:
                 c = [int(rng.integers(s)) for s in d.img.shape]
-            img, tgt, y, m = _patch([d.img, d.tgt, d.y.float(), d.band.float()], c, patch)
+            img, tgt, y, m = segmod.crop_patch([d.img, d.tgt, d.y.float(), d.band.float()], c, patch)
             xs.append(torch.stack([img, tgt]))
             ys.append(y[None])
             ms.append(m[None])
