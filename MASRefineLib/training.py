@@ -145,8 +145,7 @@ def _band_samples(model: VoteNetModel, data: Sequence[_PairData], device, max_vo
 
 def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, arch: dict | None = None,
                   patch: int = 32, batch: int = 4, iterations: int = 400, lr: float = 1e-3, band_radius: int = 2,
-                  band_fraction: float = 0.4, wrong_fraction: float = 0.4, band_loss: bool = True,
-                  seed: int = 0, device: torch.device | str = "cpu",
+                  band_fraction: float = 0.4, wrong_fraction: float = 0.4, seed: int = 0, device: torch.device | str = "cpu",
                   max_calib_voxels: int = 400_000, progress: ProgressCallback | None = None,
                   stage: str = "train-votenet") -> VoteNetModel:
     """Train VoteNet+ on ``train_pairs`` (binary cross-entropy on p(atlas label == target label), Adam) and
@@ -154,8 +153,8 @@ def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, a
     pairs give the reliability report (ECE before/after); with a single calibration pair its band voxels
     are split at random instead. Patches of ``patch``^3 voxels: a fraction ``wrong_fraction`` centred
     where the atlas label is wrong, ``band_fraction`` in the band (labels differ or within ``band_radius``
-    voxels of a boundary), the rest anywhere; with ``band_loss`` the loss counts band voxels only (deep
-    inside a structure the answer is trivially "right" and would dominate). The returned model's ``meta``
+    voxels of a boundary), the rest anywhere; the loss counts band voxels only (deep inside a structure the
+    answer is trivially "right" and would dominate). The returned model's ``meta``
     holds the loss curve, timings and the reliability report."""
     if not train_pairs:
         raise MASRefineError("VoteNet+ training needs at least one training pair")
@@ -188,11 +187,8 @@ def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, a
             ms.append(m[None])
         x = torch.stack(xs).to(device)
         y = torch.stack(ys).to(device)
-        if band_loss:
-            m = torch.stack(ms).to(device)
-            loss = (F.binary_cross_entropy_with_logits(net(x), y, reduction="none") * m).sum() / m.sum().clamp(min=1)
-        else:
-            loss = F.binary_cross_entropy_with_logits(net(x), y)
+        m = torch.stack(ms).to(device)
+        loss = (F.binary_cross_entropy_with_logits(net(x), y, reduction="none") * m).sum() / m.sum().clamp(min=1)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -220,7 +216,7 @@ def train_votenet(train_pairs: Sequence[Pair], calib_pairs: Sequence[Pair], *, a
     model.meta = {
         "training": {"iterations": iterations, "batch": batch, "patch": patch, "lr": lr, "optimizer": "Adam",
                      "loss": "binary cross-entropy", "seed": seed, "band_radius": band_radius,
-                     "band_fraction": band_fraction, "wrong_fraction": wrong_fraction, "band_loss": band_loss,
+                     "band_fraction": band_fraction, "wrong_fraction": wrong_fraction,
                      "seconds": round(train_s, 1),
                      "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
                      "loss_curve": [round(float(np.mean(losses[i:i + 10])), 5) for i in range(0, len(losses), 10)],
@@ -249,25 +245,27 @@ def split_by_target(pairs: Sequence[Pair], calib_fraction: float = 0.3, seed: in
 
 # ---------------------------------------------------------------------------------------------- atlas sets
 
-def loo_pairs(aset, register_fn=None, *, prereg: str = "deformable", preset: str = "default", refine: str | None = None,
+def loo_pairs(aset, *, prereg: str = "deformable", preset: str = "default", refine: str | None = None,
               segmenter=None, targets: Sequence[str] | None = None, device: torch.device | str = "auto",
               progress: ProgressCallback | None = None, stage: str = "train-votenet",
               cache: str | Path | None = None) -> list[Pair]:
     """Leave-one-out pairs of an atlas set: each atlas in ``targets`` (default: all) is a target, every
-    other atlas is registered to it (``register_fn(target_image, target_id, atlas_ids) -> WarpedSet``;
-    default: the pipeline's Register stage with ``preset`` and ``prereg``, then its Refine stage with variant
-    ``refine`` when given: :func:`stage_register`), and each warped atlas with the target's image (normalised to
-    [0, 1]) and label map is a pair. ``cache``: a folder keeping each target's registrations
+    other atlas is registered to it by the pipeline's Register stage (``prereg``, the registration preset
+    ``preset`` with its own seed), then its Refine stage (variant ``refine``, refine.py's defaults) when given, and
+    each warped atlas with the target's image (normalised to [0, 1]) and label map is a pair. ``cache``: a folder keeping each target's registrations
     (``<cache>/<target id>/``, the folder ``masrefine register`` writes), reused when present."""
     import SimpleITK as sitk
 
+    from .device import resolve_device
     from .imageio import normalize_intensity
+    from .registration import get_params
+    from .volume import Volume
     from .warped import WarpedSet
 
     ids = list(aset.ids)
     targets = list(targets) if targets is not None else ids
-    if register_fn is None:
-        register_fn = stage_register(aset, prereg, preset, refine, segmenter, device)
+    opts = SegmentOptions(prereg=prereg, refine=refine or "none", preset=preset, seed=get_params(preset).seed)
+    dev = resolve_device(device)
     pairs: list[Pair] = []
     for k, tid in enumerate(targets):
         report(progress, stage, 0.3 * k / len(targets), f"leave-one-out registration to {tid} ({k + 1}/{len(targets)})")
@@ -277,32 +275,15 @@ def loo_pairs(aset, register_fn=None, *, prereg: str = "deformable", preset: str
         if folder is not None and (folder / "report.json").exists():
             ws = WarpedSet.load(folder)
         else:
-            ws = register_fn(image, tid, others)
+            run = Run(opts, dev, atlas_set=aset, atlas_ids=others, target=Volume.from_image(image),
+                      segmenter=segmenter)  # the target normalised once, as Load does for a file
+            run = Register().run(run, None)
+            ws = (Refine().run(run, None) if refine else run).warped
             if folder is not None:
                 ws.save(folder)
         tarr = normalize_intensity(sitk.GetArrayFromImage(image))
         pairs += pairs_from_warped(ws, tarr, sitk.GetArrayFromImage(label).astype(np.int64), tid)
     return pairs
-
-
-def stage_register(aset, prereg: str, preset: str, refine: str | None, segmenter, device):
-    """``register_fn`` of :func:`loo_pairs` by the pipeline's stages: Register (``prereg``, the registration
-    preset ``preset`` with its own seed), then Refine (variant ``refine``, refine.py's defaults) when given."""
-    from .device import resolve_device
-    from .registration import get_params
-    from .volume import Volume
-
-    opts = SegmentOptions(prereg=prereg, refine=refine or "none", preset=preset, seed=get_params(preset).seed)
-    dev = resolve_device(device)
-
-    def fn(image, tid: str, others: list[str]):
-        target = Volume.from_image(image)  # normalised once, as Load does for a file
-        run = Run(opts, dev, atlas_set=aset, atlas_ids=others, target=target, segmenter=segmenter)
-        run = Register().run(run, None)
-        if refine:
-            run = Refine().run(run, None)
-        return run.warped
-    return fn
 
 
 #: training settings per preset (``fast`` trains in a few minutes on 2 CPU cores)
@@ -315,7 +296,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None = None, preset: str = "default",
                         device: torch.device | str = "auto", progress: ProgressCallback | None = None,
-                        segmenter=None, register_fn=None, targets: Sequence[str] | int | None = None,
+                        segmenter=None, targets: Sequence[str] | int | None = None,
                         iterations: int | None = None, name: str | None = None, seed: int = 0,
                         cache: str | Path | None = None, **train_kw) -> Path:
     """Train VoteNet+ on an atlas set alone (leave-one-out registrations of its atlases to each other) and
@@ -342,7 +323,7 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
         n = len(aset.ids) if targets is None else max(2, min(int(targets), len(aset.ids)))
         targets = sorted(np.random.default_rng(seed).choice(aset.ids, n, replace=False).tolist())
     t0 = time.time()
-    pairs = loo_pairs(aset, register_fn, prereg=prereg, preset=preset, refine=refine, segmenter=segmenter,
+    pairs = loo_pairs(aset, prereg=prereg, preset=preset, refine=refine, segmenter=segmenter,
                       targets=targets, device=dev, progress=progress, cache=cache)
     reg_s = time.time() - t0
     train, calib = split_by_target(pairs, seed=seed)
@@ -351,7 +332,7 @@ def train_for_atlas_set(aset, *, prereg: str = "deformable", refine: str | None 
                           progress=scaled(progress, 0.3, 1.0), **train_kw)  # 0..0.3: the registrations
     model.meta["atlas_set"] = str(aset.root)
     model.meta["registration"] = {"prereg": prereg, "refine": refine, "preset": preset, "targets": list(targets),
-                                  "seconds": round(reg_s, 1), "custom": register_fn is not None}
+                                  "seconds": round(reg_s, 1)}
     return model.save(aset.models_dir, name or model_name(prereg, refine))
 
 
@@ -389,8 +370,7 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
     None when not needed; a stored VoteNet+ model is loaded here, once, so a corrupt one is refused before any
     registration, and handed to the Fuse stage (a model just trained is not: Fuse reads it)."""
     segmenter = votenet = None
-    seg_missing = opts.refine == "IS" and not (Path(aset.models_dir) / "segmenter.json").exists()
-    vn_missing = opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None
+    seg_missing, vn_missing = _missing(aset, opts)
     split = 0.4 if seg_missing and vn_missing else (1.0 if seg_missing else 0.0)
     if opts.refine == "IS":
         segmenter = ensure_segmenter(aset, opts, device, part(progress, 0.0, split))
@@ -410,13 +390,16 @@ def ensure_models(aset, opts: SegmentOptions, device: torch.device, progress: Op
     return segmenter, votenet
 
 
+def _missing(aset, opts: SegmentOptions) -> tuple[bool, bool]:
+    """(the surrogate segmenter refinement IS needs is missing, the VoteNet+ model fusion votenet needs is missing);
+    ``aset``: an atlas set or its folder."""
+    models = Path(getattr(aset, "models_dir", None) or Path(aset) / "models")
+    return (opts.refine == "IS" and not (models / f"{segmod.MODEL_NAME}.json").exists(),
+            opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None)
+
+
 def training_weight(aset, opts: SegmentOptions) -> float:
     """Share of a run's overall progress for training models (when they are missing and will be trained);
     ``aset``: an atlas set or its folder."""
-    models = Path(getattr(aset, "models_dir", None) or Path(aset) / "models")
-    w = 0.0
-    if opts.train_missing and opts.refine == "IS" and not (models / "segmenter.json").exists():
-        w += 0.5
-    if opts.train_missing and opts.fusion == "votenet" and votenet_model_path(aset, opts.prereg, opts.refine) is None:
-        w += 0.7
-    return w
+    seg_missing, vn_missing = _missing(aset, opts)
+    return 0.5 * seg_missing + 0.7 * vn_missing if opts.train_missing else 0.0
