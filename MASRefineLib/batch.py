@@ -557,10 +557,19 @@ def read_summary(path: Path) -> dict[str, dict[str, str]]:
         return {}
 
 
+def mean_sd(values: Sequence[Any]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for one value) of the finite numbers among ``values`` (None, text and
+    NaN left out); NaN, NaN when there is none."""
+    import numpy as np
+    v = [float(x) for x in values if _is_number(x)]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
 def cohort_metrics(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample standard deviation over the targets with metrics, per label group (and ``mean``, the mean
     over labels) and metric: rows ``{group, metric, n, mean, sd}``."""
-    import numpy as np
     out = []
     keys = []
     for r in rows:
@@ -569,11 +578,11 @@ def cohort_metrics(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for k in keys:
             if not k.startswith(metric + "_"):  # ("surface_dice_x" does not start with "dice_")
                 continue
-            group = k[len(metric) + 1:]
-            vals = np.array([float(r[k]) for r in rows if r.get("status") in ("done", "skipped") and _is_number(r.get(k))])
-            if len(vals):
-                out.append({"group": group, "metric": metric, "n": len(vals), "mean": round(float(vals.mean()), 6),
-                            "sd": round(float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, 6)})
+            vals = [r.get(k) for r in rows if r.get("status") in ("done", "skipped") and _is_number(r.get(k))]
+            if vals:
+                m, sd = mean_sd(vals)
+                out.append({"group": k[len(metric) + 1:], "metric": metric, "n": len(vals), "mean": round(m, 6),
+                            "sd": round(sd, 6)})
     return out
 
 

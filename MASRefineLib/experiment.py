@@ -26,7 +26,8 @@ all finished is not even registered again. Interrupt it at any time and run the 
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -38,9 +39,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .batch import mean_sd
 from .errors import MASRefineError
 from .imageio import atomic_write_text, image_stem, is_image_file, write_figure
-from .jsonio import read_json
+from .jsonio import read_json, write_json
 from .progress import ProgressCallback, report
 from .protocol.atomic import write_csv
 
@@ -142,6 +144,7 @@ def _evaluate(labels: np.ndarray, truth_path: str, grid, groups, table) -> dict[
     return ev.to_json_dict({v: lab.name for v, lab in table.items()})
 
 
+@functools.lru_cache(maxsize=None)
 def code_version() -> str:
     """The package version and, in a git checkout, the commit (provenance of every cell)."""
     from . import __version__
@@ -156,16 +159,8 @@ def code_version() -> str:
     return __version__
 
 
-_VERSION: list[str] = []
-
-
 def _save_cell(out: Path, row: str, target: str, doc: dict) -> None:
-    if not _VERSION:
-        _VERSION.append(code_version())
-    doc = {**doc, "code": _VERSION[0]}
-    p = _cell_path(out, row, target)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(doc, indent=1) + "\n", p)
+    write_json({**doc, "code": code_version()}, _cell_path(out, row, target))
 
 
 def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, out_dir: str | os.PathLike, *,
@@ -195,7 +190,7 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
             raise MASRefineError(f"{sp}: this folder holds an experiment with another data set, split or preset; "
                                  f"use another --out (or delete it)")
     else:
-        atomic_write_text(json.dumps(split, indent=1) + "\n", sp)
+        write_json(split, sp)
     groups = groups or default_groups(table)
     aset = write_atlas_set(out / "atlas-set", atlases, table)
     dev = resolve_device(device)
@@ -213,9 +208,6 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
         if not isinstance(training, dict):
             raise MASRefineError(f"{tpath}: must hold a JSON object (training seconds per model); delete it")
 
-    def missing(rkeys, tid):
-        return [k for k in rkeys if not _cell_path(out, k, tid).exists()]
-
     n_units = len(targets) * (len(preregs) + (1 if unet else 0))
     unit = 0
     for t in targets:
@@ -223,7 +215,7 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
             frac0 = unit / max(1, n_units)
             unit += 1
             rkeys = [r[0] for r in rows if (r[1] == prereg) or (prereg == "unet" and r[1] is None)]
-            todo = missing(rkeys, t.id)
+            todo = [k for k in rkeys if not _cell_path(out, k, t.id).exists()]
             if not todo:
                 continue
             report(progress, "experiment", frac0, f"{t.id}: {prereg} ({len(todo)} cells)")
@@ -263,12 +255,12 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
                 secs = {"register": round(t_reg, 2)}
                 if refine not in cache:
                     t0 = time.perf_counter()
-                    o = SegmentOptions(prereg=prereg, refine=refine, fusion="pv", device=str(dev), preset=preset)
+                    o = dataclasses.replace(opts, refine=refine, fusion="pv")
                     cache[refine] = Refine().run(registered.replace(options=o), None)
                     cache[f"t-{refine}"] = time.perf_counter() - t0
                 if refine != "none":
                     secs["refine"] = round(cache[f"t-{refine}"], 2)
-                o = SegmentOptions(prereg=prereg, refine=refine, fusion=fusion, device=str(dev), preset=preset)
+                o = dataclasses.replace(opts, refine=refine, fusion=fusion)
                 t0 = time.perf_counter()
                 fused = Fuse().run(cache[refine].replace(options=o), None).fused
                 secs["fuse"] = round(time.perf_counter() - t0, 2)
@@ -279,19 +271,12 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
             del cache, registered, base
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    atomic_write_text(json.dumps(training, indent=1) + "\n", tpath)
+    write_json(training, tpath)
     report(progress, "experiment", 1.0, "writing the table")
     return write_table(out, rows, [t.id for t in targets], groups, training)
 
 
 # ----------------------------------------------------------------------------------------------- table
-def _mean_sd(vals: list[float]) -> tuple[float, float]:
-    v = [x for x in vals if x is not None and math.isfinite(x)]
-    if not v:
-        return float("nan"), float("nan")
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-
-
 def _fmt(m: float, s: float, digits: int) -> str:
     return "–" if not math.isfinite(m) else f"{m:.{digits}f} ({s:.{digits}f})"
 
@@ -314,7 +299,7 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
         for g in gnames:
             for m, *_ in METRICS:
                 vals = [c["metrics"]["groups"][g][m] for c in cs]
-                s[(g, m)] = _mean_sd([v if v is not None else float("nan") for v in vals])
+                s[(g, m)] = mean_sd(vals)
         for st in ("register", "refine", "fuse", "segment"):
             vals = [c["seconds"][st] for c in cs if st in c.get("seconds", {})]
             if vals:
