@@ -25,7 +25,6 @@ come on demand (``atlases="all"`` or a list of ids) and posteriors with ``poster
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -34,11 +33,11 @@ from .files import image_stem
 from .manifest import read_manifest
 
 LOADABLE = ("segmentation", "volume", "transform", "table")
-_ATLAS_ORDER = ("atlas-image", "atlas-labels", "atlas-field", "atlas-jacobian", "atlas-image-unrefined",
-                "atlas-labels-unrefined", "atlas-weights")
-_ATLAS_NAMES = {"atlas-image": "image", "atlas-image-unrefined": "image (unrefined)", "atlas-labels": "labels",
-                "atlas-labels-unrefined": "labels (unrefined)", "atlas-field": "transform",
-                "atlas-jacobian": "Jacobian", "atlas-weights": "weights"}
+#: an atlas's outputs in loading order -> the name after its id
+_ATLAS_NAMES = {"atlas-image": "image", "atlas-labels": "labels", "atlas-field": "transform",
+                "atlas-jacobian": "Jacobian", "atlas-image-unrefined": "image (unrefined)",
+                "atlas-labels-unrefined": "labels (unrefined)", "atlas-weights": "weights"}
+_ATLAS_ORDER = tuple(_ATLAS_NAMES)
 
 
 def run_name(manifest: dict[str, Any]) -> str:
@@ -101,15 +100,10 @@ def load_plan(manifest_path: str | os.PathLike, atlases: Union[str, Sequence[str
     top = f"MASRefine {run_name(m)}"
     label_names = {int(k): v.get("name", str(k)) for k, v in (m.get("labels") or {}).items()}
     plan: list[dict[str, Any]] = []
-    for e in entries:
-        if e["role"] == "fused-labels":
-            plan.append(_item(e, m, [top], f"{run_name(m)} MASRefine", True))
-    for e in entries:
-        if e["role"] == "qa-table":
-            plan.append(_item(e, m, [top], f"{run_name(m)} atlas QA", False))
-    for e in entries:
-        if e["role"] == "metrics" and e["kind"] == "table":
-            plan.append(_item(e, m, [top], f"{run_name(m)} metrics", False))
+    for role, kinds, name, show in (("fused-labels", LOADABLE, "MASRefine", True),
+                                    ("qa-table", LOADABLE, "atlas QA", False), ("metrics", ("table",), "metrics", False)):
+        plan += [_item(e, m, [top], f"{run_name(m)} {name}", show)
+                 for e in entries if e["role"] == role and e["kind"] in kinds]
     if posteriors:
         for e in entries:
             if e["role"] == "posterior":
@@ -155,20 +149,4 @@ def qa_rows(manifest_path: str | os.PathLike) -> list[dict[str, Any]]:
     for a in m.get("atlases", []):
         if isinstance(a, dict) and "id" in a:
             rows.append({"id": a["id"], **(a.get("qa") or {})})
-    if rows:
-        return rows
-    table = next((e for e in m["outputs"] if e["role"] == "qa-table" and e.get("format") == "csv"), None)
-    if table is None:
-        return []
-    with open(table["abs_path"], newline="", encoding="utf-8") as f:
-        out = []
-        for r in csv.DictReader(f):
-            out.append({k: _num(v) for k, v in r.items()})
-        return out
-
-
-def _num(v: str) -> Any:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
+    return rows
