@@ -102,7 +102,8 @@ def test_ants_joint_fusion_equals_ours_on_identical_warps_and_beats_plurality_vo
     pytest.importorskip("ants")
     pytest.importorskip("picsl_greedy")
     from bench import peers
-    from MASRefineLib.fusion import fuse, target_array
+    from MASRefineLib.fusion import fuse
+    from MASRefineLib.warped import target_array
     from MASRefineLib.geometry import Grid
     from MASRefineLib.imageio import read_image, read_label
     from MASRefineLib.labels import LabelTable

@@ -63,7 +63,8 @@ def worker(job: dict) -> dict:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import torch
     torch.set_num_threads(threads)
-    from MASRefineLib.fusion import fuse, target_array
+    from MASRefineLib.fusion import fuse
+    from MASRefineLib.warped import target_array
     from MASRefineLib.imageio import array_to_image, read_image, write_image
     from MASRefineLib.warped import WarpedSet
 

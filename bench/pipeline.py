@@ -154,7 +154,8 @@ def worker(job_path: Path) -> int:
                      "cpu_stages": summary.get("cpu_seconds", {}), "fallbacks": summary.get("fallbacks", []),
                      "per_atlas_dice": per_atlas}
     else:
-        from MASRefineLib.fusion import fuse, target_array
+        from MASRefineLib.fusion import fuse
+        from MASRefineLib.warped import target_array
         timg = read_image(target)
         grid = Grid.from_image(timg)
         register = peers.ants_register if proc == "ants" else peers.greedy_register

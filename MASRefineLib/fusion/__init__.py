@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..device import resolve_device
@@ -36,18 +35,18 @@ from ..geometry import Grid
 from ..outputs import inside
 from ..imageio import array_to_image, atomic_write_text, write_image
 from ..jsonio import json_default
-from ..labels import Label, LabelTable, default_color, write_label_outputs
+from ..labels import LabelTable, write_label_outputs
 from ..progress import ProgressCallback, report
 from .common import Posteriors, consensus, dilate, intra_op_threads, vote_fusion, weighted_vote
-from ..warped import target_array  # noqa: F401 - part of this package's API (bench/fusion.py)
+from .votenet import DEFAULT_JLF
+from ..warped import target_array
 
 METHODS = ("pv", "wv", "jlf", "staple", "votenet")
 JLF_DEFAULTS = {"alpha": 0.1, "beta": 2.0, "patch_radius": 2, "search_radius": 3, "std_floor": 1.0 / 255.0}
 WV_DEFAULTS = {"window": 5, "power": 4.0}
 STAPLE_DEFAULTS = {"max_iter": 50, "tol": 1e-5}
 
-__all__ = ["fuse", "FusionResult", "Posteriors", "METHODS", "target_array", "consensus", "dilate",
-           "weighted_vote"]
+__all__ = ["fuse", "FusionResult", "Posteriors", "METHODS", "consensus", "dilate", "weighted_vote"]
 
 
 @dataclass
@@ -69,7 +68,9 @@ class FusionResult:
         ``weights/<atlas id>.nii.gz`` (float32) and ``fusion.json`` (last, atomically); returns its path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        table = _complete_table(self.label_table, np.unique(self.labels))
+        table = self.label_table  # plus generated entries for values it lacks (outputs never fail on a name)
+        if extra := LabelTable.from_values(v for v in np.unique(self.labels) if int(v) not in table):
+            table = LabelTable(sorted({**table, **extra}.items()))
         files: dict[str, Any] = {k: str(p.name) for k, p in
                                  write_label_outputs(self.labels, table, out / name, self.grid).items()}
         if posteriors:
@@ -90,17 +91,6 @@ class FusionResult:
                "labels": table.to_json_dict(), "label_values": sorted(int(v) for v in np.unique(self.labels)),
                "info": self.info, **(extra or {})}
         return atomic_write_text(json.dumps(doc, indent=1, default=json_default) + "\n", out / "fusion.json")
-
-
-def _complete_table(table: LabelTable, values) -> LabelTable:
-    """The table, plus generated entries for values it lacks (so outputs never fail on a missing name)."""
-    missing = [int(v) for v in values if int(v) > 0 and int(v) not in table]
-    if not missing:
-        return table
-    t = dict(table)
-    for v in missing:
-        t[v] = Label(f"label {v}", default_color(v))
-    return LabelTable(sorted(t.items()))
 
 
 def _check_params(method: str, params: dict, allowed: dict) -> dict:
@@ -174,8 +164,7 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
             raise MASRefineError("method 'votenet' needs a trained VoteNet+ model (train one with "
                                  "'masrefine train votenet ATLAS_DIR')")
         vm = model if isinstance(model, VoteNetModel) else VoteNetModel.load(model)
-        p = _check_params(method, params, {"alpha": 0.01, "beta": 2.0, "patch_radius": 1, "search_radius": 0,
-                                           **vm.meta.get("jlf", {}), "block": 40})
+        p = _check_params(method, params, {**DEFAULT_JLF, "search_radius": 0, **vm.meta.get("jlf", {}), "block": 40})
         tgt = torch.from_numpy(target_array(target_image, grid))
         roi = dilate(~consensus(torch.stack([a.label_tensor for a in warped.atlases]), int(p["search_radius"])),
                      int(p["patch_radius"]) + int(p["search_radius"]))

@@ -16,26 +16,23 @@ from ..progress import ProgressCallback, report
 from .common import Posteriors
 
 
-def staple_em(rows: torch.Tensor, counts: torch.Tensor, n_labels: int, prior: torch.Tensor | None = None,
-              max_iter: int = 50, tol: float = 1e-5, init: torch.Tensor | None = None, chunk: int = 16384,
-              ll_tol: float = 1e-5,
+def staple_em(rows: torch.Tensor, counts: torch.Tensor, n_labels: int, max_iter: int = 50, tol: float = 1e-5,
+              init: torch.Tensor | None = None, chunk: int = 16384, ll_tol: float = 1e-5,
               progress: ProgressCallback | None = None, stage: str = "fuse") -> tuple[torch.Tensor, torch.Tensor, int]:
     """EM on unique decision rows.
 
     ``rows`` (U, B) int64 compact label indices (0..n_labels-1) chosen by each of B raters; ``counts`` (U,)
-    int64 voxels having that row; ``prior`` (L,) label priors (default: relative frequencies of all
-    decisions). ``init`` (U, L): initial posteriors (default: the rows' vote fractions).
+    int64 voxels having that row. Label priors: the relative frequencies of all decisions. ``init`` (U, L): initial posteriors (default: the rows' vote fractions).
     Returns (posteriors W (U, L) float64, confusion matrices theta (B, L, L) with
     ``theta[i, d, k] = P(rater i says d | truth k)``, iterations).
     """
     u, b = rows.shape
     lcount = int(n_labels)
     c = counts.to(torch.float64)
-    if prior is None:
-        prior = torch.zeros(lcount, dtype=torch.float64)
-        for i in range(b):
-            prior.index_add_(0, rows[:, i], c)
-        prior = prior / prior.sum()
+    prior = torch.zeros(lcount, dtype=torch.float64)
+    for i in range(b):
+        prior.index_add_(0, rows[:, i], c)
+    prior = prior / prior.sum()
     logp = prior.clamp(min=1e-300).log()
 
     flat_rows = rows + torch.arange(b)[None, :] * lcount                  # (U, B) rows of num viewed (B*L, L)
