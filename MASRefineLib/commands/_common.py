@@ -1,4 +1,4 @@
-"""What several sub-commands share: argparse ``type=`` checks of numbers, ``--groups``, the target-grid check.
+"""What several sub-commands share: argparse ``type=`` checks of numbers, the target-grid check.
 
 The number checks run while argparse parses, so a bad value is refused before anything is read or written,
 with argparse's usual one-line ``masrefine <cmd>: error: argument --x: ...`` (exit status 2).
@@ -35,16 +35,6 @@ nonnegative_int = _checked(int, lambda v: v >= 0, "must be 0 or more")
 #: loss weights, exponents, tolerances (nan and inf are refused); spacings in mm, learning rates
 finite_nonneg_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
 positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
-
-
-def groups_option(value: str | None, option: str = "--groups") -> dict[str, list[int]] | None:
-    """``--groups``: JSON text or a JSON file (None when not given). A value that is not JSON text
-    (it does not start with ``{``) names a file, so a missing one says "file not found" (:func:`parse_groups`)."""
-    from ..metrics import parse_groups
-
-    if value is None:
-        return None
-    return parse_groups(value, option)
 
 
 def check_target_grid(target_path: str | os.PathLike, target_grid, registered: str | os.PathLike, registered_grid) -> None:

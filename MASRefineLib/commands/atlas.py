@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
                                     "maps, non-3D or NaN images; warnings for atlases with differing label sets.")
     c.add_argument("dir", metavar="DIR", help="atlas-set folder (or its atlas.json)")
     c.add_argument("-q", "--quiet", action="store_true", help="print errors and the summary only (no warnings)")
-    c.set_defaults(func=run_check)
+    c.set_defaults(func=lambda args: _check(args.dir, args.quiet))
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -60,10 +60,6 @@ def run_init(args: argparse.Namespace) -> int:
     if args.no_check:
         return 0
     return _check(str(aset.root), quiet=False)
-
-
-def run_check(args: argparse.Namespace) -> int:
-    return _check(args.dir, args.quiet)
 
 
 def _check(path: str, quiet: bool) -> int:

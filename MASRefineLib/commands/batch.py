@@ -89,11 +89,12 @@ class BatchProgress:
 
 def run(args: argparse.Namespace) -> int:
     from ..batch import run_batch
-    from ._common import groups_option
-    from .segment import console_logging, format_rows, segment_options
+    from ..metrics import parse_groups
+    from ..pipeline import SegmentOptions
+    from .segment import console_logging, format_rows
 
-    groups = groups_option(args.groups)
-    opts = segment_options(args)
+    groups = parse_groups(args.groups)
+    opts = SegmentOptions.from_parameters(vars(args))
     if not args.quiet:
         console_logging()
     dashboard = None if (args.dashboard or "").lower() in ("", "none") else args.dashboard

@@ -30,15 +30,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..imageio import atomic_write_text
     from ..labels import LabelTable
-    from ..metrics import evaluate_files, format_table
+    from ..metrics import evaluate_files, format_table, parse_groups
     from ..outputs import check_output_file
-    from ._common import groups_option
 
     if args.json is not None:  # before any work: the JSON must not replace what is being evaluated
         check_output_file(args.json, option="--json",
                           inputs=[("--pred label map", args.pred), ("--ref label map", args.ref),
                                   ("--labels table", args.labels), ("--groups file", args.groups)])
-    groups = groups_option(args.groups)
+    groups = parse_groups(args.groups)
     names = None
     if args.labels:
         names = {v: lab.name for v, lab in LabelTable.load(args.labels).items()}

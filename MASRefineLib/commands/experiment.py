@@ -42,8 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..experiment import run_experiment
+    from ..metrics import parse_groups
     from ..outputs import check_folder_path
-    from ._common import groups_option
     from .segment import console_logging, terminal_progress
 
     if args.threads:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     # only rule 1 of outputs.py: an experiment folder is resumed as it is (finished cells are kept)
     check_folder_path(args.out, "--out")
-    groups = groups_option(args.groups)
+    groups = parse_groups(args.groups)
     if not args.quiet:
         console_logging()
     with terminal_progress(args.quiet) as bar:

@@ -26,7 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def add_segment_options(p: argparse.ArgumentParser) -> None:
-    """The options of the pipeline itself (``segment`` and ``batch`` share them; :func:`segment_options` reads them)."""
+    """The options of the pipeline itself (``segment`` and ``batch`` share them; read by
+    :meth:`~MASRefineLib.pipeline.SegmentOptions.from_parameters` of ``vars(args)``)."""
     from ..protocol.jobs import PARAMETERS
     for name in ("prereg", "refine", "fusion", "preset", "device"):
         typ, choices, default, hlp = PARAMETERS[name]
@@ -43,15 +44,6 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
                    help="random seed of registration, refinement and model training (default: 0)")
     p.add_argument("--threads", type=positive_int, default=0, metavar="N",
                    help="torch CPU threads, at least 1 (default: torch's choice)")
-
-
-def segment_options(args: argparse.Namespace):
-    """The :class:`~MASRefineLib.pipeline.SegmentOptions` of parsed :func:`add_segment_options` options."""
-    from ..pipeline import SegmentOptions
-    return SegmentOptions(prereg=args.prereg, refine=args.refine, fusion=args.fusion, device=args.device,
-                          preset=args.preset, alpha=args.alpha, gamma=args.gamma, iterations=args.iterations,
-                          train_missing=args.train_missing, save_atlases=args.save_atlases,
-                          qa_picture=args.qa_picture, seed=args.seed, threads=args.threads)
 
 
 class _StageLines:
@@ -119,11 +111,11 @@ def format_rows(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..protocol.manifest import read_manifest
-    from ..pipeline import segment
-    from ._common import groups_option
+    from ..metrics import parse_groups
+    from ..pipeline import SegmentOptions, segment
 
-    groups = groups_option(args.groups)
-    opts = segment_options(args)
+    groups = parse_groups(args.groups)  # JSON text or a file: a missing file is refused before any work
+    opts = SegmentOptions.from_parameters(vars(args))
     if not args.quiet:
         console_logging()
     with terminal_progress(args.quiet) as bar:

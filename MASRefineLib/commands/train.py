@@ -1,7 +1,7 @@
 """``masrefine train MODEL ATLAS_DIR``: train a model on an atlas set; stored in the set's ``models/``.
 
 One sub-command per model (``segmenter``, ``votenet``). To add one, write ``_add_<name>(sub)`` that adds its
-parser with ``set_defaults(func=...)`` and list it in :data:`MODELS`.
+parser with ``set_defaults(func=...)`` and call it in :func:`add_parser`.
 """
 from __future__ import annotations
 
@@ -140,19 +140,11 @@ def _run_votenet(args: argparse.Namespace) -> int:
     return 0
 
 
-#: model name -> function adding its sub-parser
-MODELS = {"segmenter": _add_segmenter, "votenet": _add_votenet}
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on an atlas set (stored in its models/ folder)",
                        description="Train a model on an atlas set; it is stored in ATLAS_DIR/models.")
     models = p.add_subparsers(dest="model", metavar="MODEL")
-    for add in MODELS.values():
-        add(models)
-
-    def no_model(args: argparse.Namespace) -> int:
-        p.print_help()
-        return 2
-    p.set_defaults(func=no_model)
+    _add_segmenter(models)
+    _add_votenet(models)
+    p.set_defaults(func=lambda args: p.print_help() or 2)  # no MODEL: the help, exit status 2
     return p
