@@ -38,6 +38,22 @@ Deformable stage (dense displacement on a control grid, on top of the affine)
                           (the diffeomorphic mode does not need it).
     diffeomorphic         optimise a stationary velocity field and integrate it by scaling and squaring.
     svf_steps             number of squarings (the velocity is divided by 2^svf_steps).
+    deform_optimizer      "adam" (the above: control grid, Adam, penalties) or "greedy": the greedy tool's
+                          algorithm (deformable.optimize_greedy; docs/registration.md "greedy-style
+                          optimiser"): a dense displacement on each working grid (control_shrink, deform_lr,
+                          bending/diffusion/folding weights unused; diffeomorphic must be false), per iteration
+                          the LNCC gradient smoothed, scaled to a fixed longest step, composed with the field,
+                          and the field smoothed. The greedy_* knobs below only act in this mode and are left
+                          out of to_json() otherwise (so the reports and benchmark cache keys of the Adam
+                          presets are as before).
+    greedy_step           longest update vector per iteration, in voxels of the level's working grid
+                          (greedy -e, default 1.0; every iteration's update is scaled to exactly this length).
+    greedy_sigma_pre      standard deviation, in working-grid voxels, of the Gaussian applied to the
+                          similarity gradient before scaling ("fluid" smoothing; greedy -s first value, 1.732).
+    greedy_sigma_post     standard deviation, in working-grid voxels, of the Gaussian applied to the
+                          displacement after each update ("elastic" smoothing; greedy -s second value, 0.7071).
+    greedy_lncc_eps       eps of the LNCC (losses.lncc, [0, 1]-intensity^4) in this mode; 1e-9 (losses.LNCC_EPS,
+                          unbiased) is the nearest to greedy's NCC, whose floor is negligible for its images.
 
 General
     seed                  torch seed (the algorithm has no random step; the seed pins anything that might).
@@ -55,6 +71,7 @@ from typing import Any, Mapping
 from ..errors import MASRefineError
 
 STAGES = ("affine", "deformable")
+OPTIMIZERS = ("adam", "greedy")
 #: ``eps`` of the registration's local NCC (:func:`MASRefineLib.losses.lncc`), added to the product of the
 #: local variances. Refinement uses the unbiased 1e-9 (losses.LNCC_EPS); here 1e-5, which weights windows by
 #: their contrast, stays by measurement: on 2 knee targets x 8 atlases 1e-9 lowered the majority-vote cartilage
@@ -87,6 +104,11 @@ class RegistrationParams:
     folding_weight: float = 10.0
     diffeomorphic: bool = False
     svf_steps: int = 6
+    deform_optimizer: str = "adam"
+    greedy_step: float = 1.0
+    greedy_sigma_pre: float = 1.7320508076  # greedy's defaults (GreedyParameters.cxx default_sigma_pre/post)
+    greedy_sigma_post: float = 0.7071067812
+    greedy_lncc_eps: float = 1e-9
     # general
     seed: int = 0
     max_batch: int = 16
@@ -105,7 +127,10 @@ class RegistrationParams:
         if len(self.affine_shrink) != len(self.affine_iterations):
             bad("affine_shrink and affine_iterations need one value per level each")
         n = len(self.deform_shrink)
-        for name in ("control_shrink", "deform_iterations", "deform_lr"):
+        # the greedy optimiser uses neither a control grid nor Adam's step: only its iterations are per level
+        per_level = ("deform_iterations",) if self.deform_optimizer == "greedy" else (
+            "control_shrink", "deform_iterations", "deform_lr")
+        for name in per_level:
             if len(getattr(self, name)) != n:
                 bad(f"{name} needs one value per deformable level ({n}, as deform_shrink)")
         if any(s <= 0 for s in self.affine_shrink + self.deform_shrink + self.control_shrink):
@@ -118,6 +143,12 @@ class RegistrationParams:
             bad("max_batch must be >= 1")
         if self.bending_weight < 0 or self.diffusion_weight < 0 or self.folding_weight < 0:
             bad("regularisation weights must be >= 0")
+        if self.deform_optimizer not in OPTIMIZERS:
+            bad(f"deform_optimizer must be one of {OPTIMIZERS}, got {self.deform_optimizer!r}")
+        if self.deform_optimizer == "greedy" and self.diffeomorphic:
+            bad("deform_optimizer greedy has no diffeomorphic (SVF) mode: set diffeomorphic false")
+        if self.greedy_step <= 0 or self.greedy_sigma_pre < 0 or self.greedy_sigma_post < 0 or self.greedy_lncc_eps < 0:
+            bad("greedy_step must be > 0 and greedy_sigma_pre, greedy_sigma_post, greedy_lncc_eps >= 0")
         for f in fields(self):  # NaN passes every comparison above and would silently change the result
             v = getattr(self, f.name)
             if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
@@ -125,7 +156,14 @@ class RegistrationParams:
         return self
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every knob, except the greedy optimiser's when it is not selected: they do not change an Adam
+        registration, and leaving them out keeps the Adam presets' reports and the benchmarks' cache keys
+        (bench/datasets.params_digest) as they were before the greedy optimiser existed."""
+        out = dataclasses.asdict(self)
+        if self.deform_optimizer == "adam":
+            for key in [k for k in out if k.startswith("greedy_") or k == "deform_optimizer"]:
+                del out[key]
+        return out
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "RegistrationParams":
         """A copy with some knobs changed; values may be strings as typed on a command line
@@ -166,7 +204,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 DEFAULT = RegistrationParams()
 
 #: The presets. ``default`` is the tuned setting (evidence in docs/registration.md); ``fast`` (interactive
-#: use) has one affine level and a coarse-to-mid deformable part; ``accurate`` adds a finer level and more iterations.
+#: use) has one affine level and a coarse-to-mid deformable part; ``accurate`` adds a finer level and more
+#: iterations; ``greedy`` is the greedy tool's deformable algorithm and parameters on our affine (a benchmark arm).
 PRESETS: dict[str, RegistrationParams] = {
     # fast: one affine level; the deformable part starts on a coarse 6 / 8 v level that takes up large
     # (articulated) knee misalignments the affine leaves; such large steps fold (0.46 % of knee voxels)
@@ -177,6 +216,14 @@ PRESETS: dict[str, RegistrationParams] = {
     "default": DEFAULT,
     "accurate": replace(DEFAULT, affine_iterations=(80, 60), deform_shrink=(3.0, 2.0, 1.5),
                         control_shrink=(4.0, 3.0, 2.0), deform_iterations=(80, 60, 30), deform_lr=(0.25, 0.15, 0.1)),
+    # greedy: our affine (as default), then the greedy tool's deformable algorithm with its documented MRI
+    # parameters (bench/peers.py GREEDY: -m NCC 2x2x2 -n 100x50x10 -s 1.732vox 0.7071vox, -e 1.0 by default):
+    # levels 4, 2, 1 v (greedy's pyramid factors 4x, 2x, 1x of the target's voxels), NCC radius 2 = a 5-voxel
+    # window; not tuned (docs/registration.md "greedy-style optimiser")
+    "greedy": replace(DEFAULT, deform_optimizer="greedy", deform_shrink=(4.0, 2.0, 1.0), control_shrink=(4.0, 2.0, 1.0),
+                      deform_iterations=(100, 50, 10), deform_lr=(1.0, 1.0, 1.0), lncc_window=5, greedy_step=1.0,
+                      greedy_sigma_pre=1.7320508076, greedy_sigma_post=0.7071067812, greedy_lncc_eps=1e-9,
+                      bending_weight=0.0, diffusion_weight=0.0, folding_weight=0.0),
 }
 
 
