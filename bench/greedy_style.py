@@ -1,0 +1,121 @@
+"""Greedy-style optimiser against our default and against greedy itself (issue 21), on tuning subjects only.
+
+One IXI tuning target (default IXI213-HH-1642, ``benchmark_split("ixi", "tuning")``) and the first ``--atlases``
+tuning atlases; one thread (torch and ITK); per atlas the warped-label Dice (mean over the target's labels,
+bench/scoring.py) and the CPU seconds of each method:
+
+- ``default``: our `default` preset (affine + Adam deformable), all atlases in one batched ``register`` call;
+- ``greedy-style``: our `greedy` preset (our affine + ``deform_optimizer="greedy"`` with greedy's documented MRI
+  parameters: levels 4, 2, 1 v x 100, 50, 10 iterations, 5-voxel NCC window, sigmas 1.732 / 0.7071 voxels, step
+  1 voxel), one batched call;
+- ``greedy``: the greedy tool itself (bench/peers.py ``greedy_register``: moments, affine, deformable, label
+  reslicing), one atlas at a time.
+
+For the batched calls the CPU seconds per atlas are the call's process CPU time divided by the number of atlases
+(the engine's `seconds` per atlas in the report is wall-clock and shared). Writes
+``docs/results/registration/greedy-style-<target>.json`` and prints a table.
+
+Usage: ``.venv/bin/python bench/greedy_style.py [--target IXI213-HH-1642] [--atlases 3] [--methods default,greedy-style,greedy]``
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from bench.datasets import REPORT_SUBJECTS, benchmark_split, ixi_case, make_atlas_set  # noqa: E402
+from bench.scoring import dice_per_label, summarize  # noqa: E402
+
+OUT = ROOT / "docs" / "results" / "registration"
+METHODS = ("default", "greedy-style", "greedy")
+
+
+def _ours(preset: str, target: Path, atlas_ids: list[str]) -> tuple[list[np.ndarray], list[float], dict]:
+    """Warped labels, CPU seconds per atlas (the batched call's CPU / n) and per-atlas info of our engine."""
+    from MASRefineLib.imageio import read_image
+    from MASRefineLib.registration import AtlasInput, get_params, register
+
+    aset = make_atlas_set("ixi", atlas_ids)
+    inputs = [AtlasInput(aid, load=(lambda aid=aid: aset.read(aid))) for aid in atlas_ids]
+    params = get_params(preset)
+    img = read_image(target)
+    c0 = time.process_time()
+    ws = register(img, inputs, aset.label_table, params=params, device="cpu")
+    cpu = time.process_time() - c0
+    if ws.failed:
+        raise RuntimeError(f"{preset}: failed atlases {ws.failed}")
+    info = {a.id: {k: a.info[k] for k in ("similarity", "ncc", "folding_fraction") if k in a.info} for a in ws.atlases}
+    return [np.asarray(a.label) for a in ws.atlases], [cpu / len(atlas_ids)] * len(atlas_ids), \
+        {"params": params.to_json(), "atlas_info": info, "cpu_s_call": cpu}
+
+
+def _greedy(target: Path, atlas_ids: list[str]) -> tuple[list[np.ndarray], list[float], dict]:
+    from bench.peers import GREEDY, greedy_register, versions
+
+    labels, cpus = [], []
+    for aid in atlas_ids:
+        img_p, lab_p = ixi_case(aid)
+        c0 = time.process_time()
+        _, labs, _ = greedy_register(target, [(aid, img_p, lab_p)], threads=1)
+        cpus.append(time.process_time() - c0)
+        labels.append(labs[0])
+    return labels, cpus, {"params": GREEDY, "versions": versions()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="IXI213-HH-1642")
+    ap.add_argument("--atlases", type=int, default=3, help="the first N tuning atlases")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args(argv)
+    atlases, targets = benchmark_split("ixi", "tuning")
+    if args.target in REPORT_SUBJECTS["ixi"] or args.target not in targets:
+        raise SystemExit(f"{args.target} is not an IXI tuning target ({', '.join(targets)})")
+    atlas_ids = atlases[:args.atlases]
+    methods = args.methods.split(",")
+    if set(methods) - set(METHODS):
+        raise SystemExit(f"unknown methods {set(methods) - set(METHODS)} (choose from {METHODS})")
+
+    import os
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+    import SimpleITK as sitk
+    import torch
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    from MASRefineLib.experiment import code_version
+    from MASRefineLib.jsonio import write_json
+
+    target_img, target_lab = ixi_case(args.target)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(target_lab)))
+    result = {"dataset": "ixi", "split": "tuning", "target": args.target, "atlases": atlas_ids, "threads": 1,
+              "code": code_version(), "torch": torch.__version__, "methods": {}}
+    out = OUT / f"greedy-style-{args.target}.json"
+    for m in methods:
+        print(f"{time.strftime('%H:%M:%S')} {m} ...", file=sys.stderr, flush=True)
+        labs, cpus, extra = _greedy(target_img, atlas_ids) if m == "greedy" else \
+            _ours("default" if m == "default" else "greedy", target_img, atlas_ids)
+        dices = [summarize(dice_per_label(lab, ref), None)["all"] for lab in labs]
+        result["methods"][m] = {"dice": dict(zip(atlas_ids, dices)), "cpu_s": dict(zip(atlas_ids, cpus)),
+                                "mean_dice": float(np.mean(dices)), "mean_cpu_s": float(np.mean(cpus)), **extra}
+        OUT.mkdir(parents=True, exist_ok=True)
+        write_json(result, out)  # after every method: a partial result survives a stopped run
+
+    print(f"IXI tuning target {args.target}, atlases {', '.join(atlas_ids)}, 1 thread; Dice = mean over labels")
+    print(f"| method | {' | '.join(atlas_ids)} | mean Dice | CPU s / atlas |")
+    print("|---" * (len(atlas_ids) + 3) + "|")
+    for m, r in result["methods"].items():
+        cells = " | ".join(f"{r['dice'][a]:.4f}" for a in atlas_ids)
+        print(f"| {m} | {cells} | {r['mean_dice']:.4f} | {r['mean_cpu_s']:.1f} |")
+    print(f"written {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
