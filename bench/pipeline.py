@@ -84,8 +84,12 @@ def method_key(method: str, threads: int) -> dict:
 
 
 def commit() -> str:
-    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
+    """The checked-out commit, "-dirty" when a tracked file other than the result files (which this script
+    itself writes while it runs) differs from it."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs/results")
+    return head + ("-dirty" if changed else "")
 
 
 # The code that decides the numbers of a row: registration, refinement, fusion, warps, losses, metrics, the
