@@ -4,6 +4,7 @@ identity stays identity, batching does not change results, cancellation is promp
 what it promises and skips a bad atlas."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -451,3 +452,13 @@ def test_gaussian_smoothing_of_fields():
     var_x = (out.sum((0, 1)) * x * x).sum().item()
     assert var_x == pytest.approx(1.732 ** 2, rel=0.02)
     assert gaussian_smooth(imp, 0.0) is imp
+
+
+def test_register_command_offers_every_preset():
+    """``masrefine register --preset`` lists its choices by hand (building the parser must not import torch);
+    they are the registration presets, no more, no fewer."""
+    from MASRefineLib.cli import build_parser
+    from MASRefineLib.registration import PRESETS
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    preset = next(a for a in sub.choices["register"]._actions if a.dest == "preset")
+    assert set(preset.choices) == set(PRESETS)

@@ -20,7 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--stage", choices=("affine", "deformable"), default="deformable",
                    help="stop after the affine stage, or add the deformable one (default)")
-    p.add_argument("--preset", choices=("fast", "default", "accurate"), default="default",
+    p.add_argument("--preset", choices=("fast", "default", "accurate", "greedy"), default="default",
                    help="parameter preset (default: default); see --list-params")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change one parameter of the preset, e.g. --set deform_iterations=80,40 "
