@@ -49,7 +49,7 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
         numbers or their text. Parameters left at None are not sent, so the library's defaults and the preset decide
         them. A value the worker would refuse raises ValueError (its one line).
         """
-        from MASRefineLib.protocol.jobs import PARAMETERS, _check_value  # the worker's own check of a value
+        from MASRefineLib.protocol.jobs import PARAMETERS, check_value  # the worker's own check of a value
 
         params = {}
         for name, value in (("preset", preset), ("prereg", prereg), ("refine", refine), ("fusion", fusion),
@@ -62,7 +62,7 @@ class MASRefineLogic(ScriptedLoadableModuleLogic):
                 value = next((a for a in allowed if a.lower() == str(value).lower()), value)
             else:
                 value = kind(value)
-            problem = _check_value(name, value)
+            problem = check_value(name, value)
             if problem:
                 raise ValueError(problem)
             params[name] = value

@@ -166,7 +166,7 @@ def read_job(path: str | os.PathLike) -> dict[str, Any]:
     return job
 
 
-def _check_value(name: str, value: Any, table: dict[str, tuple[type, Any, Any, str]] = PARAMETERS) -> str | None:
+def check_value(name: str, value: Any, table: dict[str, tuple[type, Any, Any, str]] = PARAMETERS) -> str | None:
     typ, allowed, _, _ = table[name]
     if value is None and table[name][2] is None:
         return None
@@ -271,7 +271,7 @@ def validate_job(job: Any, check_files: bool = True) -> list[str]:
             if name not in table:
                 problems.append(f"unknown parameter '{name}' (known: {', '.join(table)})")
                 continue
-            msg = _check_value(name, value, table)
+            msg = check_value(name, value, table)
             if msg:
                 problems.append(msg)
     known = {"schema_version", "pipeline", "inputs", "parameters", "output_dir", "cancel_file"}
