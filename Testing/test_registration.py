@@ -462,3 +462,13 @@ def test_register_command_offers_every_preset():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     preset = next(a for a in sub.choices["register"]._actions if a.dest == "preset")
     assert set(preset.choices) == set(PRESETS)
+
+
+def test_every_segment_preset_is_a_registration_preset():
+    """``segment --preset`` (protocol.jobs.PARAMETERS) names the registration preset its Register stage runs:
+    each choice must exist there, and ``greedy`` selects the greedy-style optimiser for the deformable stage."""
+    from MASRefineLib.pipeline import PRESETS as SEGMENT_PRESETS, SegmentOptions
+    assert set(SEGMENT_PRESETS) <= set(PRESETS)
+    opts = SegmentOptions(preset="greedy")
+    assert get_params(opts.preset, stage="deformable").deform_optimizer == "greedy"
+    assert get_params(SegmentOptions().preset, stage="deformable").deform_optimizer == "adam"

@@ -5,6 +5,8 @@ Methods (``--methods``, all by default but the paper configuration, whose two mo
 
 - ``masrefine``: ``segment`` with its defaults (deformable pre-registration, refinement I, JLF), as a user
   runs it (it writes every output);
+- ``masrefine-greedy``: ``segment --preset greedy`` (the greedy-style deformable optimiser, otherwise the
+  defaults), a candidate default, run on tuning targets until they decide;
 - ``masrefine-paper``: ``segment --refine IS --fusion votenet`` with models trained on the atlas set first
   (training time reported once, apart);
 - ``ants-pv`` and ``ants-jlf``: ANTs SyN per atlas, then plurality vote / ``antsJointFusion``
@@ -70,6 +72,8 @@ def segment_options(method: str, threads: int):
     from MASRefineLib.pipeline import SegmentOptions
     if method == "masrefine":
         return SegmentOptions(device="cpu", threads=threads, train_missing=False)
+    if method == "masrefine-greedy":
+        return SegmentOptions(preset="greedy", device="cpu", threads=threads, train_missing=False)
     return SegmentOptions(refine="IS", fusion="votenet", device="cpu", threads=threads, train_missing=False)
 
 

@@ -32,7 +32,8 @@ def _choices(name: str, values) -> type:
 
 # the combo box texts, by value (functions: translated when shown)
 _LABELS = {
-    "Preset": {"fast": lambda: _("Fast"), "default": lambda: _("Default"), "accurate": lambda: _("Accurate")},
+    "Preset": {"fast": lambda: _("Fast"), "default": lambda: _("Default"), "accurate": lambda: _("Accurate"),
+               "greedy": lambda: _("Greedy-style registration")},
     "PreRegistration": {"affine": lambda: _("Affine"), "deformable": lambda: _("Deformable")},
     "Refinement": {
         "none": lambda: _("None"),

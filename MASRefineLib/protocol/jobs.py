@@ -64,7 +64,9 @@ PARAMETERS: dict[str, tuple[type, Any, Any, str]] = {
     # (docs/pipeline.md, "Default fusion and refinement"); votenet stays one choice away
     "fusion": (str, ("pv", "wv", "jlf", "staple", "votenet"), "jlf", "label fusion method"),
     "device": (str, ("auto", "cpu", "cuda"), "auto", "torch device"),
-    "preset": (str, ("fast", "default", "accurate"), "default", "speed/accuracy preset of every stage"),
+    # greedy: the registration preset "greedy" (greedy-style dense-field optimiser, docs/registration.md), every
+    # other stage as default; a benchmark arm until the tuning targets decide (docs/pipeline.md)
+    "preset": (str, ("fast", "default", "accurate", "greedy"), "default", "speed/accuracy preset of every stage"),
     "alpha": (float, (0.0, 1e6), None, "refinement: weight of the segmentation loss (paper: 3)"),
     "gamma": (float, (0.0, 1e12), None, "refinement: weight of the bending energy (units: see refine.py)"),
     "iterations": (int, (1, 100000), None, "refinement: iterations at the finest level"),
