@@ -116,6 +116,25 @@ def make_split(subjects: Sequence[Subject], n_atlases: int, n_targets: int, seed
     return order[:n_atlases], order[n_atlases:n_atlases + n_targets]
 
 
+def named_split(subjects: Sequence[Subject], atlas_ids: Sequence[str],
+                target_ids: Sequence[str]) -> tuple[list[Subject], list[Subject]]:
+    """The given split (e.g. a benchmark's fixed one) instead of a random one: atlases and targets by subject id,
+    every id a subject of the data, none both an atlas and a target."""
+    by_id = {s.id: s for s in subjects}
+    unknown = [i for i in [*atlas_ids, *target_ids] if i not in by_id]
+    if unknown:
+        raise MASRefineError(f"split: no labelled subject {unknown[0]!r} in the data ({len(unknown)} unknown id(s))")
+    both = sorted(set(atlas_ids) & set(target_ids))
+    if both:
+        raise MASRefineError(f"split: {both[0]!r} is both an atlas and a target")
+    if len(set(atlas_ids)) != len(atlas_ids) or len(set(target_ids)) != len(target_ids):
+        raise MASRefineError("split: an id is listed twice")
+    if len(atlas_ids) < 2 or not target_ids:
+        raise MASRefineError("split: the experiment needs at least 2 atlases (VoteNet+ holds one out to calibrate) "
+                             "and 1 target")
+    return [by_id[i] for i in atlas_ids], [by_id[i] for i in target_ids]
+
+
 def write_atlas_set(out: Path, atlases: Sequence[Subject], table):
     """The experiment's atlas set: atlas.json in ``out`` referencing the files (relative paths)."""
     from .atlas import Atlas, AtlasSet
@@ -163,14 +182,18 @@ def _save_cell(out: Path, row: str, target: str, doc: dict) -> None:
     write_json({**doc, "code": code_version()}, _cell_path(out, row, target))
 
 
-def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, out_dir: str | os.PathLike, *,
+def run_experiment(data_dir: str | os.PathLike, n_atlases: Optional[int], n_targets: Optional[int],
+                   out_dir: str | os.PathLike, *,
                    preregs: Sequence[str] = ("affine", "deformable"), preset: str = "default", device: str = "auto",
                    seed: int = 0, groups: dict[str, list[int]] | None = None, label_table: str | None = None,
                    unet: bool = True, rows: Sequence[str] | None = None,
+                   split: Optional[tuple[Sequence[str], Sequence[str]]] = None,
                    progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
     """Compute every missing cell of Table 1 and write the table files; returns {"table", "cells", ...}.
 
-    ``rows``: only these row keys of :data:`ROWS` (default all rows of ``preregs``, and the U-Net)."""
+    ``rows``: only these row keys of :data:`ROWS` (default all rows of ``preregs``, and the U-Net).
+    ``split``: (atlas ids, target ids) to use instead of a random split of ``n_atlases`` + ``n_targets``
+    subjects (which are then ignored)."""
     import torch
     from .device import resolve_device
     from .fusion.votenet import votenet_model_path
@@ -180,7 +203,12 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: int, n_targets: int, 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     subjects, table = list_subjects(data_dir, label_table)
-    atlases, targets = make_split(subjects, n_atlases, n_targets, seed)
+    if split is not None:
+        atlases, targets = named_split(subjects, *split)
+    elif n_atlases is None or n_targets is None:
+        raise MASRefineError("the experiment needs the numbers of atlases and targets, or a split")
+    else:
+        atlases, targets = make_split(subjects, n_atlases, n_targets, seed)
     split = {"data": str(Path(data_dir).resolve()), "seed": seed, "atlases": [s.id for s in atlases],
              "targets": [s.id for s in targets], "preset": preset}
     sp = out / "split.json"

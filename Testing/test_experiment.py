@@ -75,3 +75,28 @@ def test_table_resume_and_split_guard(data, tmp_path, capsys):
     # another split in the same folder is refused
     with pytest.raises(MASRefineError, match="another data set, split or preset"):
         run_experiment(data["atlas_dir"], 2, 2, out, preregs=("affine",), preset="fast", unet=False, rows=["affine-pv"])
+
+
+def test_fixed_split_file(data, tmp_path):
+    """``--split FILE``: the atlases and targets named there, not a random draw; bad files fail in one line."""
+    sp = tmp_path / "split.json"
+    sp.write_text(json.dumps({"atlases": ["knee05", "knee01", "knee03"], "targets": ["knee02"]}))
+    out = tmp_path / "exp"
+    assert cli_main(["experiment", "--data", data["atlas_dir"], "--split", str(sp), "--out", str(out), "--no-unet",
+                     "--preset", "fast", "--prereg", "affine", "--rows", "affine-pv", "--quiet"]) == 0
+    rec = json.loads((out / "split.json").read_text())
+    assert (rec["atlases"], rec["targets"]) == (["knee05", "knee01", "knee03"], ["knee02"])
+    assert [a["id"] for a in json.loads((out / "atlas-set" / "atlas.json").read_text())["atlases"]] == rec["atlases"]
+    assert sorted(p.name for p in (out / "cells" / "affine-pv").iterdir()) == ["knee02.json"]
+    subs, _ = list_subjects(data["atlas_dir"])
+    for bad, msg in (((["knee01", "knee09"], ["knee02"]), "no labelled subject 'knee09'"),
+                     ((["knee01", "knee02"], ["knee02"]), "'knee02' is both an atlas and a target"),
+                     ((["knee01"], ["knee02"]), "at least 2 atlases")):
+        with pytest.raises(MASRefineError, match=msg):
+            run_experiment(data["atlas_dir"], None, None, tmp_path / "x", split=bad, preregs=("affine",),
+                           preset="fast", unet=False, rows=["affine-pv"])
+    sp.write_text(json.dumps({"atlases": "knee01"}))
+    assert cli_main(["experiment", "--data", data["atlas_dir"], "--split", str(sp), "--out", str(tmp_path / "y"),
+                     "--quiet"]) != 0
+    assert cli_main(["experiment", "--data", data["atlas_dir"], "--atlases", "3", "--out", str(tmp_path / "z"),
+                     "--quiet"]) != 0

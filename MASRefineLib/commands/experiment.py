@@ -16,8 +16,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "results.csv and table1.png. Finished cells are kept: run the same command again to resume.")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="an atlas set (atlas.json) or a folder with images/ and labels/ (and labels.json)")
-    p.add_argument("--atlases", type=positive_int, required=True, metavar="N", help="number of atlases")
-    p.add_argument("--targets", type=positive_int, required=True, metavar="M", help="number of targets")
+    p.add_argument("--atlases", type=positive_int, metavar="N", help="number of atlases (a random split)")
+    p.add_argument("--targets", type=positive_int, metavar="M", help="number of targets (a random split)")
+    p.add_argument("--split", metavar="FILE",
+                   help='a fixed split instead: JSON {"atlases": [ids], "targets": [ids]} (ids: the file names of '
+                        "the data's images without extension, or the atlas set's ids)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (resumes what is there)")
     p.add_argument("--prereg", nargs="+", choices=("affine", "deformable"), default=["affine", "deformable"],
                    help="pre-registrations (rows) to run (default: both)")
@@ -41,6 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import MASRefineError
     from ..experiment import run_experiment
     from ..metrics import parse_groups
     from ..outputs import check_folder_path
@@ -52,12 +56,22 @@ def run(args: argparse.Namespace) -> int:
     # only rule 1 of outputs.py: an experiment folder is resumed as it is (finished cells are kept)
     check_folder_path(args.out, "--out")
     groups = parse_groups(args.groups)
+    split = None
+    if args.split:
+        from ..jsonio import read_json
+        doc = read_json(args.split, "--split file")
+        if not (isinstance(doc, dict) and all(isinstance(doc.get(k), list) and all(isinstance(i, str) for i in doc[k])
+                                              for k in ("atlases", "targets"))):
+            raise MASRefineError(f'{args.split}: a split file must hold {{"atlases": [ids], "targets": [ids]}}')
+        split = (doc["atlases"], doc["targets"])
+    elif args.atlases is None or args.targets is None:
+        raise MASRefineError("give --atlases N and --targets M (a random split), or --split FILE")
     if not args.quiet:
         console_logging()
     with terminal_progress(args.quiet) as bar:
         r = run_experiment(args.data, args.atlases, args.targets, args.out, preregs=args.prereg, preset=args.preset,
                            device=args.device, seed=args.seed, groups=groups, label_table=args.labels,
-                           unet=args.unet, rows=args.rows, progress=bar)
+                           unet=args.unet, rows=args.rows, split=split, progress=bar)
     print(r["markdown"])
     print()
     print(f"table: {r['table']}\ncsv:   {r['csv']}\nplot:  {r['plot']}")
