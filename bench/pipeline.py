@@ -5,6 +5,7 @@ Methods (``--methods``, all by default but the paper configuration, whose two mo
 
 - ``masrefine``: ``segment`` with its defaults (deformable pre-registration, refinement I, JLF), as a user
   runs it (it writes every output);
+- ``masrefine-fast``: ``segment --preset fast`` (what it costs in accuracy: bench/speed.py);
 - ``masrefine-greedy``: ``segment --preset greedy`` (the greedy-style deformable optimiser, otherwise the
   defaults), a candidate default, run on tuning targets until they decide;
 - ``masrefine-paper``: ``segment --refine IS --fusion votenet`` with models trained on the atlas set first
@@ -72,6 +73,8 @@ def segment_options(method: str, threads: int):
     from MASRefineLib.pipeline import SegmentOptions
     if method == "masrefine":
         return SegmentOptions(device="cpu", threads=threads, train_missing=False)
+    if method == "masrefine-fast":
+        return SegmentOptions(preset="fast", device="cpu", threads=threads, train_missing=False)
     if method == "masrefine-greedy":
         return SegmentOptions(preset="greedy", device="cpu", threads=threads, train_missing=False)
     return SegmentOptions(refine="IS", fusion="votenet", device="cpu", threads=threads, train_missing=False)

@@ -55,6 +55,7 @@ def _load(dataset: str, split: str) -> list[dict]:
 # the methods, in table order, with their names in tables (bench/pipeline.py runs them)
 LABELS = {
     "masrefine": "MASRefine (default: deformable + I + JLF)",
+    "masrefine-fast": "MASRefine --preset fast (+ I + JLF)",
     "masrefine-greedy": "MASRefine, greedy-style registration (preset greedy: + I + JLF)",
     "masrefine-paper": "MASRefine paper (deformable + IS + VoteNet+)",
     "ants-pv": "ANTs SyN (antspyx defaults) + plurality vote",
