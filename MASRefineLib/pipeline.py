@@ -17,6 +17,10 @@ output folder::
     OUT/metrics.csv, metrics.json           only when a reference segmentation (truth) is given
     OUT/manifest.json                       written last, atomically (see protocol/manifest.py)
 
+Each atlas's own files (refined image, labels, field, Jacobian, unrefined image and labels) are written as soon as
+Refine has refined it (:class:`AtlasStream`), and its field is dropped then; its weights, ``atlases/report.json``
+and the manifest follow in the Write stage, so the run holds one field at a time, not one per atlas (#22).
+
 Per-atlas QA numbers: ``similarity`` (global NCC of the warped atlas image with the target),
 ``agreement`` (mean Dice over labels of the atlas's warped labels with the fused result),
 ``folding_fraction`` (fraction of voxels with Jacobian determinant <= 0 of its total field),
@@ -115,7 +119,9 @@ class Fused:
     labels: np.ndarray                                   # (Z, Y, X) uint16 label values of the atlas set
     posterior_values: list[int] = field(default_factory=list)       # label values with a posterior map
     posterior_map: Optional[Callable[[int], np.ndarray]] = None      # value -> (Z, Y, X) float32 in 0..1, on demand
-    weights: Optional[np.ndarray] = None                 # (B, Z, Y, X) float32 per-atlas weights
+    weights: Any = None                                  # per-atlas weights: weights[i] is atlas i's (Z, Y, X)
+                                                         # float32 map (an ndarray (B, Z, Y, X), or JLF's compact
+                                                         # fusion.AtlasWeights: #22); None: the method has none
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,7 +142,10 @@ class Run:
                                              # stored one)
     warped: Any = None                       # warped.WarpedSet: registered (Register), then refined (Refine)
     unrefined: Any = None                    # the registered WarpedSet's images and labels, kept by Refine for the
-                                             # *_unrefined outputs (its fields are dropped: empty tensors, #22)
+                                             # *_unrefined outputs (its fields are dropped: empty tensors, #22);
+                                             # None when ``stream`` wrote them already
+    stream: Any = None                       # AtlasStream: Refine hands it each atlas once refined (segment: the
+                                             # atlas's files written then, its field dropped; #22)
     fused: Optional[Fused] = None            # Fuse
     fallbacks: list[str] = field(default_factory=list)   # what ran otherwise than asked, one line each
     outputs: dict[str, Any] = field(default_factory=dict)  # what the output stages wrote or computed
@@ -238,9 +247,43 @@ class Refine(Stage):
             fallbacks = [*fallbacks, "refine: no segmenter available; variant I used instead of IS"]
             _stage_log.warning("no surrogate segmenter available: refinement variant I instead of IS")
             variant = "I"
+        stream = run.stream
+        if stream is not None:  # the registered set is not needed after this stage: freed atlas by atlas
+            ws = refine(run.warped, run.target, variant, segmenter=run.segmenter, device=run.device,
+                        progress=progress, on_atlas=stream.for_set(run.warped), consume=True, **kw)
+            return run.replace(warped=ws, unrefined=None, fallbacks=fallbacks)
         ws = refine(run.warped, run.target, variant, segmenter=run.segmenter, device=run.device,
                     progress=progress, **kw)
         return run.replace(warped=ws, unrefined=_without_fields(run.warped), fallbacks=fallbacks)
+
+
+class AtlasStream:
+    """Each atlas as soon as Refine has refined it, in a run that needs neither the registered set nor the
+    refined fields afterwards (:func:`segment`): with a ``folder`` (``options.save_atlases``) its files are
+    written there at once (refined image, labels, field, Jacobian; the registered image and labels as
+    ``*_unrefined``), then the atlas is kept without its field (three float32 per voxel, 70 % of a warped atlas:
+    #22). Fusion and QA need only the images, labels and info; the Write stage adds the fusion weights,
+    ``report.json`` and the manifest entries (in atlas order, as for atlases written there) from ``written``."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder = folder
+        self.written: dict[str, list[tuple[Path, str, str]]] = {}   # atlas id -> its QA maps written (path, kind,
+                                                                     # role); its image, labels, field: ws.files
+
+    def for_set(self, registered: WarpedSet) -> Callable[[Any, Any], Any]:
+        """The ``on_atlas`` callback of :func:`MASRefineLib.refine.refine` for the atlases of ``registered``."""
+        grid, table = registered.target_grid, registered.label_table
+
+        def on_atlas(refined: Any, pre: Any) -> Any:
+            if self.folder is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                sub = WarpedSet(grid, table, [refined], "")
+                maps = _atlas_maps(self.folder, refined, pre, grid)
+                done = run_writers([*sub.atlas_writers(refined, self.folder), *maps], max(1, torch.get_num_threads()))
+                self.written[refined.id] = done[-len(maps):]
+            refined.field_tensor = torch.empty(0)
+            return refined
+        return on_atlas
 
 
 def _without_fields(ws: Any) -> Any:
@@ -269,7 +312,7 @@ class Fuse(Stage):
                 votenet_model_path(run.atlas_set, opts.prereg, opts.refine)
         r = fuse(run.warped, run.target, method=opts.fusion, device=run.device, progress=progress, **kw)
         fused = Fused(np.asarray(r.labels, np.uint16), [int(v) for v in r.posteriors.values],
-                      lambda v, P=r.posteriors: P.map(int(v)), r.weights,
+                      lambda v, P=r.posteriors: P.map(int(v)), r.atlas_weights,
                       {"method": r.method, "params": r.params, "seconds": r.seconds, **(r.info or {})})
         report(progress, "fuse", 1.0, "done")
         return run.replace(fused=fused)
@@ -337,7 +380,8 @@ def atlas_qa(ws: WarpedSet, target_arr: np.ndarray, fused: Fused) -> list[dict[s
     t = torch.from_numpy(target_arr)[None, None].float()
     fg = fused.labels > 0
     if fused.weights is not None:
-        fg = fg | (np.stack([a.label for a in ws.atlases]) > 0).any(0)
+        for a in ws.atlases:  # one atlas at a time: no (B, Z, Y, X) stack (#22)
+            fg |= a.label > 0
     rows = []
     for i, a in enumerate(ws.atlases):
         sim = float(ncc(torch.from_numpy(a.image)[None, None].float(), t)[0])
@@ -411,31 +455,41 @@ def qa_picture(path: Path, target_arr: np.ndarray, fused: np.ndarray, ws: Warped
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def _write_atlases(out: Path, ws: WarpedSet, pre: Optional[WarpedSet], fused: Fused, m: Manifest,
-                   progress: Optional[ProgressCallback], workers: int = 1) -> None:
-    """Every atlas's refined image, labels and field (``ws.save``), then its QA maps (Jacobian determinant,
-    the unrefined image and labels, its fusion weights), each on ``workers`` threads; manifest entries
-    are added in atlas order once the files exist."""
+def _atlas_maps(adir: Path, a: Any, pre: Any, grid: Grid) -> list[Callable[[], tuple[Path, str, str]]]:
+    """The writers of one atlas's QA maps in ``adir``: the Jacobian determinant of its field, and with ``pre`` (the
+    atlas before refinement) the unrefined image and labels; each returns (path, manifest kind, role)."""
     from .fields import jacobian_image
+    out = [lambda: (write_image(jacobian_image(a.field, grid), inside(adir, f"{a.id}_jacobian.nrrd"), compress=False),
+                    "volume", "atlas-jacobian")]
+    if pre is not None:
+        out.append(lambda: (write_image(array_to_image(pre.image.astype(np.float32), grid),
+                                        inside(adir, f"{a.id}_image_unrefined.nrrd"), compress=False),
+                            "volume", "atlas-image-unrefined"))
+        out.append(lambda: (write_image(array_to_image(pre.label.astype(np.uint16), grid),
+                                        inside(adir, f"{a.id}_label_unrefined.nii.gz")),
+                            "segmentation", "atlas-labels-unrefined"))
+    return out
+
+
+def _write_atlases(out: Path, ws: WarpedSet, pre: Optional[WarpedSet], fused: Fused, m: Manifest,
+                   progress: Optional[ProgressCallback], workers: int = 1,
+                   streamed: Optional[dict[str, list[tuple[Path, str, str]]]] = None) -> None:
+    """Every atlas's refined image, labels and field, then its QA maps (Jacobian determinant, the unrefined image
+    and labels, its fusion weights), each on ``workers`` threads, then ``report.json``; manifest entries are added
+    in atlas order once the files exist. ``streamed``: the atlases Refine's :class:`AtlasStream` wrote already
+    (id -> its QA maps written); of those only the fusion weights are written here."""
     adir = out / "atlases"
+    streamed = streamed or {}
+    adir.mkdir(parents=True, exist_ok=True)
     report(progress, "write", 0.2, f"{len(ws.atlases)} refined atlases")
-    report_path = ws.save(adir, workers=workers)
-    m.add(report_path, "json", "report", name="atlases report")
+    run_writers([w for a in ws.atlases if a.id not in streamed for w in ws.atlas_writers(a, adir)], workers)
     unrefined = {b.id: b for b in pre.atlases} if pre is not None else {}
     grid = ws.target_grid
 
     def extras(i: int, a) -> Callable[[], list[tuple[Path, str, str]]]:
         def write() -> list[tuple[Path, str, str]]:
-            done = [(write_image(jacobian_image(a.field, grid), inside(adir, f"{a.id}_jacobian.nrrd"), compress=False),
-                     "volume", "atlas-jacobian")]
-            b = unrefined.get(a.id)
-            if b is not None:
-                done.append((write_image(array_to_image(b.image.astype(np.float32), grid),
-                                         inside(adir, f"{a.id}_image_unrefined.nrrd"), compress=False),
-                             "volume", "atlas-image-unrefined"))
-                done.append((write_image(array_to_image(b.label.astype(np.uint16), grid),
-                                         inside(adir, f"{a.id}_label_unrefined.nii.gz")),
-                             "segmentation", "atlas-labels-unrefined"))
+            done = list(streamed[a.id]) if a.id in streamed else \
+                [w() for w in _atlas_maps(adir, a, unrefined.get(a.id), grid)]
             if fused.weights is not None:
                 done.append((write_image(array_to_image(fused.weights[i].astype(np.float32), grid),
                                          inside(adir, f"{a.id}_weights.nii.gz")), "volume", "atlas-weights"))
@@ -444,6 +498,7 @@ def _write_atlases(out: Path, ws: WarpedSet, pre: Optional[WarpedSet], fused: Fu
 
     report(progress, "write", 0.6, "atlas QA maps")
     written = run_writers([extras(i, a) for i, a in enumerate(ws.atlases)], workers)
+    m.add(ws.write_report(adir), "json", "report", name="atlases report")  # last, once every atlas file exists
     for a, files in zip(ws.atlases, written):
         f = ws.files(a.id)
         m.add(inside(adir, f["image"]), "volume", "atlas-image", atlas_id=a.id)
@@ -500,7 +555,8 @@ class Write(Stage):
         for (v, nm), pp in zip(names.items(), run_writers([posterior(v, nm) for v, nm in names.items()], workers)):
             m.add(pp, "volume", "posterior", name=f"P({nm})", label=int(v))
         if run.options.save_atlases:
-            _write_atlases(out, run.warped, run.unrefined, fused, m, progress, workers)
+            _write_atlases(out, run.warped, run.unrefined, fused, m, progress, workers,
+                           run.stream.written if run.stream is not None else None)
         report(progress, "write", 1.0, "done")
         return run.replace(outputs={**run.outputs, "fused": paths["nifti"]})
 
@@ -583,8 +639,9 @@ def segment(target_path: str | os.PathLike, atlas_dir: str | os.PathLike, out_di
     out = begin_output(out.resolve())
     m = Manifest(out, {"target": target_path, "atlas_dir": str(Path(atlas_dir).resolve()),
                        **({"truth": str(Path(truth).resolve())} if truth else {})}, opts.to_json())
+    # each atlas's files are written as soon as it is refined, and its field dropped then (#22)
     run = Run(opts, device, target_path=target_path, atlas_dir=str(atlas_dir), atlas_set=aset, segmenter=segmenter,
-              votenet=votenet)
+              votenet=votenet, stream=AtlasStream(out / "atlases" if opts.save_atlases else None))
     output = Output(out, m, str(truth) if truth else None, ref, groups)
     run = run_stages([*compute_stages(opts), Write(output), QA(output)], run, progress, timer=m.stage)
 

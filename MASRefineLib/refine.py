@@ -28,7 +28,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -415,6 +415,7 @@ def resolve_settings(grid: Grid, variant: str = "IS", *, alpha: float = DEFAULT_
 # ------------------------------------------------------------------------------------- the public entry point
 def refine(warped: WarpedSet, target_image, variant: str = "IS", *, segmenter: UNetSegmenter | None = None,
            device: str | torch.device = "auto", progress: ProgressCallback | None = None,
+           on_atlas: Callable[[WarpedAtlas, WarpedAtlas], WarpedAtlas] | None = None, consume: bool = False,
            **settings: Any) -> WarpedSet:
     """Refine every atlas of ``warped`` towards ``target_image``; returns a new :class:`WarpedSet`
     (stage ``refined-I`` / ``refined-IS``). ``settings``: :func:`resolve_settings`'s keyword arguments
@@ -440,6 +441,11 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, segmenter: U
     similarity: Eq. 4's image term, ``"lncc"`` (over :data:`LNCC_WINDOW` voxels) or ``"ncc"`` (global, the paper).
     seg_min_dice: IS takes L_seg over the structures the segmenter segments with at least this validation
         Dice (:func:`surrogate_structures`); 0 = all structures, as the paper.
+    on_atlas: called as ``on_atlas(refined, registered)`` once each atlas is refined (in atlas order); what it
+        returns is kept in the result instead of ``refined``: e.g. the pipeline writes the atlas's files and keeps
+        it without its field (#22: a run then holds one field at a time, not one per atlas).
+    consume: free each atlas of ``warped`` once it is refined (its tensors become empty: the caller no longer
+        needs the registered set), so the registered and refined sets are never both held whole.
 
     Each atlas's original files are warped with the composed field (one interpolation); without readable
     sources its warped image/labels are warped again (two interpolations; noted in its info).
@@ -515,7 +521,13 @@ def refine(warped: WarpedSet, target_image, variant: str = "IS", *, segmenter: U
                                         "folding_fraction_refinement_only": fold_ref, "max_displacement_mm": max_mm,
                                         "cpu_seconds": cpu,
                                         "resampled_from": how}})
-            out_atlases.append(WarpedAtlas(a.id, image, label, total[0], a.source_image, a.source_label, info))
+            ra = WarpedAtlas(a.id, image, label, total[0], a.source_image, a.source_label, info)
+            del image, label, total
+            if on_atlas is not None:
+                ra = on_atlas(ra, a)
+            if consume:
+                a.image_tensor = a.label_tensor = a.field_tensor = torch.empty(0)
+            out_atlases.append(ra)
         report(progress, "refine", frac[1], f"done {', '.join(ids)}")
     return WarpedSet(grid, warped.label_table, out_atlases, f"refined-{variant}", warped.target_path,
                      {**warped.info, "refinement": settings.to_json(), "pre_refinement_stage": warped.stage},

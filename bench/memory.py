@@ -4,7 +4,8 @@ Runs :func:`MASRefineLib.pipeline.segment` (the defaults of ``masrefine segment`
 process while a thread samples the process's resident set size (psutil, every 0.2 s) and tags each sample with
 the stage of the latest progress event. Prints the peak RSS per stage and writes
 ``docs/results/memory/<name>.json``; ``--render`` renders every result file there into the table of
-docs/memory.md (between its markers); ``--compare A B`` checks two output folders voxel for voxel (every
+docs/memory.md (between its markers), with the per-atlas growth of each stage's peak between two runs of one commit;
+``--compare A B`` checks two output folders voxel for voxel (every
 .nii.gz / .nrrd array and the manifest's QA numbers): how a memory change is shown to change no output.
 
 The target is the split's first tuning target (bench/datasets.benchmark_split("knee", "tuning")); the atlases
@@ -33,6 +34,7 @@ RESULTS = ROOT / "docs" / "results" / "memory"
 WORK = ROOT / ".cache" / "memory"
 DOC = ROOT / "docs" / "memory.md"
 BEGIN, END = "<!-- memory table: bench/memory.py --render -->", "<!-- end memory table -->"
+SLOPE_BEGIN, SLOPE_END = "<!-- slope table: bench/memory.py --render -->", "<!-- end slope table -->"
 INTERVAL_S = 0.2
 
 
@@ -186,11 +188,36 @@ def render() -> str:
     return "\n".join(rows)
 
 
+def slopes() -> str:
+    """Per-atlas growth of each stage's peak (MB per atlas) between the runs of one commit with the fewest and the
+    most atlases: (peak at N2 - peak at N1) / (N2 - N1), per commit that has runs with two atlas counts."""
+    recs = [json.loads(p.read_text()) for p in RESULTS.glob("*.json")]
+    by: dict[str, list[dict]] = {}
+    for r in recs:
+        by.setdefault(r["commit"], []).append(r)
+    stages = list(dict.fromkeys(s["stage"] for r in recs for s in r["stages"]))
+    head = ["commit", "runs", "peak MB/atlas", *[f"{s} MB/atlas" for s in stages]]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for commit, rs in sorted(by.items()):
+        lo, hi = min(rs, key=lambda r: r["n_atlases"]), max(rs, key=lambda r: r["n_atlases"])
+        dn = hi["n_atlases"] - lo["n_atlases"]
+        if dn <= 0:
+            continue
+        pl, ph = ({s["stage"]: s["peak_mb"] for s in r["stages"]} for r in (lo, hi))
+        per = [f"{(ph[s] - pl[s]) / dn:.0f}" if s in pl and s in ph else "" for s in stages]
+        rows.append("| " + " | ".join([commit, f"{lo['name']} -> {hi['name']}",
+                                        f"{(hi['peak_mb'] - lo['peak_mb']) / dn:.0f}", *per]) + " |")
+    return "\n".join(rows)
+
+
 def write_doc() -> None:
-    table = render()
     text = DOC.read_text()
     i, j = text.index(BEGIN) + len(BEGIN), text.index(END)
-    DOC.write_text(text[:i] + "\n" + table + "\n" + text[j:])
+    text = text[:i] + "\n" + render() + "\n" + text[j:]
+    if SLOPE_BEGIN in text:
+        i, j = text.index(SLOPE_BEGIN) + len(SLOPE_BEGIN), text.index(SLOPE_END)
+        text = text[:i] + "\n" + slopes() + "\n" + text[j:]
+    DOC.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -217,6 +244,7 @@ def main(argv=None) -> int:
     if a.render:
         write_doc()
         print(render())
+        print(slopes())
         return 0
     name = a.name or f"knee-{a.atlases}"
     rec = measure(a.atlases, name, a.threads, a.commit)

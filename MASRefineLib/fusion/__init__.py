@@ -4,7 +4,8 @@ multi-label STAPLE and VoteNet+.
     result = fuse(warped, target_image, method="jlf", device="auto", progress=cb)
     result.labels        # (Z, Y, X) uint16 label values (never renumbered, never invented)
     result.posteriors    # Posteriors: .map(value) -> (Z, Y, X) float32, sparse inside
-    result.weights       # (B, Z, Y, X) float32 per-atlas weights, summing to 1 at every voxel
+    result.weights       # (B, Z, Y, X) float32 per-atlas weights, summing to 1 at every voxel (made dense on access)
+    result.atlas_weights[i]  # atlas i's weight map (Z, Y, X) float32, from the compact form JLF returns
     result.save(out_dir) # fused .nii.gz + .seg.nrrd, posteriors/, weights/, fusion.json (last)
 
 Every method decides consensus voxels (all atlases agree) without any solve; the work happens where
@@ -37,7 +38,7 @@ from ..imageio import array_to_image, atomic_write_text, write_image
 from ..jsonio import json_default
 from ..labels import LabelTable, write_label_outputs
 from ..progress import ProgressCallback, report
-from .common import Posteriors, consensus, dilate, intra_op_threads, vote_fusion, weighted_vote
+from .common import AtlasWeights, Posteriors, consensus, dilate, intra_op_threads, vote_fusion, weighted_vote
 from .votenet import DEFAULT_JLF
 from ..warped import target_array
 
@@ -46,14 +47,14 @@ JLF_DEFAULTS = {"alpha": 0.1, "beta": 2.0, "patch_radius": 2, "search_radius": 3
 WV_DEFAULTS = {"window": 5, "power": 4.0}
 STAPLE_DEFAULTS = {"max_iter": 50, "tol": 1e-5}
 
-__all__ = ["fuse", "FusionResult", "Posteriors", "METHODS", "consensus", "dilate", "weighted_vote"]
+__all__ = ["fuse", "FusionResult", "AtlasWeights", "Posteriors", "METHODS", "consensus", "dilate", "weighted_vote"]
 
 
 @dataclass
 class FusionResult:
     labels: np.ndarray                 # (Z, Y, X) uint16
     posteriors: Posteriors
-    weights: np.ndarray                # (B, Z, Y, X) float32
+    atlas_weights: np.ndarray | AtlasWeights  # (B, Z, Y, X) float32, or compact (JLF, VoteNet+: #22)
     atlas_ids: list[str]
     method: str
     params: dict[str, Any]
@@ -61,6 +62,12 @@ class FusionResult:
     label_table: LabelTable
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """(B, Z, Y, X) float32 per-atlas weights, dense (a new array from a compact ``atlas_weights``; one atlas's
+        map without the others: ``atlas_weights[i]``)."""
+        return np.asarray(self.atlas_weights, dtype=np.float32)
 
     def save(self, out_dir: str | Path, posteriors: bool = True, weights: bool = True, name: str = "fused",
              extra: dict | None = None) -> Path:
@@ -83,7 +90,7 @@ class FusionResult:
             files["weights"] = {}
             for i, aid in enumerate(self.atlas_ids):
                 rel = f"weights/{aid}.nii.gz"
-                write_image(array_to_image(self.weights[i].astype(np.float32), self.grid),
+                write_image(array_to_image(self.atlas_weights[i].astype(np.float32), self.grid),
                             inside(out / "weights", f"{aid}.nii.gz"))  # ids are names (validate.py), checked again
                 files["weights"][aid] = rel
         doc = {"method": self.method, "params": self.params, "atlases": self.atlas_ids,
@@ -148,7 +155,7 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
         fused, post, w, info = joint_label_fusion(
             [a.image_tensor.to(dev) for a in warped.atlases], tgt, labels_list, alpha=float(p["alpha"]), beta=float(p["beta"]),
             patch_radius=int(p["patch_radius"]), search_radius=int(p["search_radius"]), spacing_xyz=spacing,
-            std_floor=float(p["std_floor"]), block=int(p["block"]), progress=progress)
+            std_floor=float(p["std_floor"]), block=int(p["block"]), progress=progress, compact_weights=True)
     elif method == "staple":
         from .staple import staple_fusion
 
@@ -166,7 +173,7 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
         vm = model if isinstance(model, VoteNetModel) else VoteNetModel.load(model)
         p = _check_params(method, params, {**DEFAULT_JLF, "search_radius": 0, **vm.meta.get("jlf", {}), "block": 40})
         tgt = torch.from_numpy(target_array(target_image, grid))
-        roi = dilate(~consensus(torch.stack([a.label_tensor for a in warped.atlases]), int(p["search_radius"])),
+        roi = dilate(~consensus([a.label_tensor for a in warped.atlases], int(p["search_radius"])),
                      int(p["patch_radius"]) + int(p["search_radius"]))
         imgs = warped.images("cpu")[:, 0]
         z = vm.logits(imgs, tgt, roi=roi, device=dev, progress=progress)
@@ -174,7 +181,7 @@ def fuse(warped, target_image, method: str = "jlf", *, device: str | torch.devic
         fused, post, w, info = joint_label_fusion(
             imgs.to(dev), tgt.to(dev), labels_list, alpha=float(p["alpha"]), beta=float(p["beta"]),
             patch_radius=int(p["patch_radius"]), search_radius=int(p["search_radius"]), spacing_xyz=spacing,
-            error_probs=q, block=int(p["block"]), progress=progress)
+            error_probs=q, block=int(p["block"]), progress=progress, compact_weights=True)
         info["model"] = {"platt": {"a": vm.a, "b": vm.b}, "source": str(model) if not isinstance(model, VoteNetModel) else vm.source,
                          "ece_after": vm.meta.get("reliability", {}).get("ece_after")}
     seconds = time.time() - t0

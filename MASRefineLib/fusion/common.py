@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -44,19 +45,86 @@ class Posteriors:
         return out
 
 
-def consensus(labels: torch.Tensor, radius: int = 0) -> torch.Tensor:
+class AtlasWeights:
+    """Per-atlas fusion weight maps (B, Z, Y, X) float32, held compactly: ``fill`` (1/B, as float32) everywhere but
+    at the ``index`` voxels (flat indices into (Z, Y, X), C order), where atlas i's weight is ``values[i]``.
+
+    JLF solves weights only where the atlases disagree (a fraction of the grid) and leaves 1/B elsewhere; a dense
+    float32 stack is 4 bytes per voxel and atlas, most of them 1/B (#22). ``w[i]`` is atlas i's dense map (a new
+    (Z, Y, X) float32 array, bitwise the dense stack's row), ``np.asarray(w)`` the dense stack, ``len(w)`` B."""
+
+    def __init__(self, shape: tuple[int, int, int], fill: float, index: np.ndarray, values: np.ndarray):
+        self.shape3 = tuple(int(s) for s in shape)
+        self.fill = np.float32(fill)
+        self.index = np.asarray(index, dtype=np.int64)
+        self.values = np.asarray(values, dtype=np.float32)          # (B, N)
+        if self.values.ndim != 2 or self.values.shape[1] != self.index.shape[0]:
+            raise ValueError(f"weights {self.values.shape} do not match {self.index.shape[0]} voxel indices")
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.shape3)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.index.nbytes + self.values.nbytes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError("AtlasWeights: index with one atlas number (np.asarray(w) gives the dense stack)")
+        out = np.full(self.shape3, self.fill, dtype=np.float32)
+        out.reshape(-1)[self.index] = self.values[int(i)]
+        return out
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.full(self.shape, self.fill, dtype=np.float32)
+        out.reshape(len(self), -1)[:, self.index] = self.values
+        return out if dtype is None else out.astype(dtype)
+
+
+def consensus(labels: torch.Tensor | Sequence[torch.Tensor], radius: int = 0) -> torch.Tensor:
     """(Z, Y, X) bool: voxels whose fused label is fixed because every atlas holds the same single label
     value over the whole cube of ``radius`` voxels around them (radius 0: the atlases agree at the voxel).
 
-    ``labels`` is (B, Z, Y, X) of any integer type. With radius r, methods that may take a label from up to r voxels
-    away (JLF's search) cannot change such a voxel's label.
+    ``labels`` is (B, Z, Y, X) of any integer type, or a sequence of B (Z, Y, X) integer tensors (each atlas's
+    compact labels as a :class:`~MASRefineLib.warped.WarpedSet` holds them: no (B, ...) stack is made, #22). With
+    radius r, methods that may take a label from up to r voxels away (JLF's search) cannot change such a voxel's
+    label.
     """
+    if not isinstance(labels, torch.Tensor):
+        return _consensus_of(list(labels), radius)
     if radius <= 0:
         return (labels == labels[:1]).all(0)
     # max / min over the atlases first, in the labels' own type: no (B, Z, Y, X) float copy (#22);
     # values up to 65535 are exact in float32
     mx = _max_filter(labels.amax(0)[None, None].to(torch.float32), radius)[0, 0]
     mn = -_max_filter(-labels.amin(0)[None, None].to(torch.float32), radius)[0, 0]
+    return mx == mn
+
+
+def _consensus_of(labels: list[torch.Tensor], radius: int) -> torch.Tensor:
+    """:func:`consensus` of per-atlas (Z, Y, X) tensors, taken one atlas at a time: the maximum and minimum over
+    the atlases are accumulated in int32 (every label value, 0..65535, exact; the atlases may hold different
+    compact types), so the result equals the stacked tensor's, bit for bit."""
+    if radius <= 0:
+        out = torch.ones(labels[0].shape, dtype=torch.bool, device=labels[0].device)
+        for x in labels[1:]:
+            out &= x == labels[0]
+        return out
+    mx = labels[0].to(torch.int32, copy=True)
+    mn = mx.clone()
+    for x in labels[1:]:
+        x = x.to(torch.int32)
+        torch.maximum(mx, x, out=mx)
+        torch.minimum(mn, x, out=mn)
+    mx = _max_filter(mx[None, None].to(torch.float32), radius)[0, 0]
+    mn = -_max_filter(-mn[None, None].to(torch.float32), radius)[0, 0]
     return mx == mn
 
 

@@ -26,7 +26,7 @@ import torch
 from ..progress import ProgressCallback, report
 from concurrent.futures import ThreadPoolExecutor
 
-from .common import Posteriors, consensus, dilate, intra_op_threads
+from .common import AtlasWeights, Posteriors, consensus, dilate, intra_op_threads
 
 
 def search_offsets(radius: int, spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
@@ -106,18 +106,22 @@ def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: to
                        alpha: float = 0.1, beta: float = 2.0, patch_radius: int = 2, search_radius: int = 3,
                        spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0), std_floor: float = 1.0 / 255.0,
                        error_probs: torch.Tensor | None = None, block: int = 40, workers: int | None = None,
-                       progress: ProgressCallback | None = None, stage: str = "fuse"
-                       ) -> tuple[np.ndarray, Posteriors, np.ndarray, dict]:
+                       progress: ProgressCallback | None = None, stage: str = "fuse", compact_weights: bool = False
+                       ) -> tuple[np.ndarray, Posteriors, np.ndarray | AtlasWeights, dict]:
     """Joint label fusion on one target grid.
 
     ``images`` (B, Z, Y, X) warped atlas intensities, ``target`` (Z, Y, X) (both normalised to [0, 1]),
     ``labels`` (B, Z, Y, X) integer label values (any integer dtype: the compact ones of a
     :class:`~MASRefineLib.warped.WarpedSet` are taken as they are); ``images`` and ``labels`` may also be
-    sequences of B (Z, Y, X) tensors, which are copied straight into the padded working stacks (no
-    full-size (B, ...) stack of them, nor an int64 one, is made: #22). Radii in voxels; ``spacing_xyz`` (mm) only
-    orders the search. ``error_probs`` (B, Z, Y, X): VoteNet+ mode (see the module docstring).
-    Returns (fused uint16 (Z, Y, X), posteriors, per-atlas weights (B, Z, Y, X) float32, info).
-    At voxels where the vote is unanimous the weights are 1/B (any weights give the same label).
+    sequences of B (Z, Y, X) tensors. No full-size (B, ...) working copy of them is made (#22): each block copies
+    its data box (the block grown by the search and patch radii) out of every atlas, with the values outside the
+    image (intensity 0, label -1) that padding the whole stack would give. Radii in voxels; ``spacing_xyz`` (mm)
+    only orders the search. ``error_probs`` (B, Z, Y, X) or a sequence of B (Z, Y, X): VoteNet+ mode (see the
+    module docstring).
+    Returns (fused uint16 (Z, Y, X), posteriors, per-atlas weights (B, Z, Y, X) float32, info); with
+    ``compact_weights`` the weights are an :class:`~.common.AtlasWeights` (1/B but at the voxels solved; its
+    maps equal the dense stack's bit for bit). At voxels where the vote is unanimous the weights are 1/B (any
+    weights give the same label).
     Blocks of about ``block`` voxels per side run in ``workers`` threads (default: torch's intra-op
     thread count on the CPU), each torch op single-threaded (see :func:`.common.intra_op_threads`).
     """
@@ -136,15 +140,9 @@ def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: to
     def padded(x: torch.Tensor, value: float) -> torch.Tensor:
         return torch.nn.functional.pad(x, pad, value=value)
 
-    # The atlases' padded stacks, filled atlas by atlas: the values F.pad gives, without a second full-size
-    # (B, ...) copy (the caller's stack) or int64 labels (8x uint8) alive next to them (#22). Labels are held
-    # in the smallest signed type holding their values and the -1 of outside (int64 only inside a block).
-    small = (torch.uint8, torch.int8, torch.int16)
-    lab_dt = torch.int16 if all(x.dtype in small for x in labels) else \
-        torch.int32 if all(x.dtype in (*small, torch.int32) for x in labels) else torch.int64
-    img_p = _padded_stack(images, pw, 0.0, torch.float32, dev)
-    lab_p = _padded_stack(labels, pw, -1, lab_dt, dev)
-    labels = lab_p[(slice(None),) + (slice(pw, pw + shape[0]), slice(pw, pw + shape[1]), slice(pw, pw + shape[2]))]
+    # No padded (B, ...) stacks (#22): every block copies its data box out of the atlases' own tensors
+    # (_data_box: the values padding would give), so the per-atlas working memory is a block's, and the
+    # caller's compact labels become int64 only inside a block.
     fixed = consensus(labels, rs)
     unc = ~fixed
     centres = dilate(unc, rp)
@@ -156,7 +154,6 @@ def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: to
     if all(n > 2 * big_r for n in shape):
         inner[big_r:-big_r, big_r:-big_r, big_r:-big_r] = True
     near_border = cen_p & ~(padded(inner[None].to(torch.float32), 0.0)[0] > 0)
-    err_p = padded(error_probs.to(torch.float32), 0.0) if error_probs is not None else None
 
     offs = search_offsets(rs, spacing_xyz).to(dev)
     rng = torch.arange(-rp, rp + 1, device=dev)
@@ -164,7 +161,8 @@ def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: to
     patch = torch.stack([pz.reshape(-1), py.reshape(-1), px.reshape(-1)], 1)  # (P, 3)
 
     fused = labels[0].to(torch.int64, copy=True).reshape(-1)
-    wmaps = torch.full((b, *shape), 1.0 / b, dtype=torch.float32, device=dev).reshape(b, -1)
+    fill = float(torch.full((1,), 1.0 / b, dtype=torch.float32))       # 1/B as float32 (unanimous voxels)
+    w_idx, w_val = [], []                                              # the solved voxels' weights, per block
     sp_idx, sp_lab, sp_prob = [], [], []
     sizes = [-(-n // max(1, round(n / block))) for n in shape]        # near-equal blocks of about `block`
     starts = [list(range(0, n, sz)) for n, sz in zip(shape, sizes)]
@@ -181,12 +179,13 @@ def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: to
         bdim = (z1 - z0, y1 - y0, x1 - x0)
         cdim = tuple(d + 2 * rp for d in bdim)                        # centre box: block grown by rp
         ddim = tuple(d + 2 * big_r for d in cdim)                      # data box: centre box grown by big_r
-        # padded coords of the data box start: (z0 - rp - big_r) + pw = z0
+        # padded coords of the data box start: (z0 - rp - big_r) + pw = z0 (image coords z0 - pw)
         dsl = tuple(slice(s0, s0 + d) for s0, d in zip((z0, y0, x0), ddim))
-        a_d = img_p[(slice(None),) + dsl].contiguous()                  # contiguous: ~4x faster box sums
+        img0 = (z0 - pw, y0 - pw, x0 - pw)
+        a_d = _data_box(images, img0, ddim, 0.0, torch.float32, dev)   # contiguous: ~4x faster box sums
         t_d = tgt_p[dsl].contiguous()
         v_d = val_p[dsl].contiguous()
-        l_d = lab_p[(slice(None),) + dsl].to(torch.int64).contiguous()
+        l_d = _data_box(labels, img0, ddim, -1, torch.int64, dev)
         csl = tuple(slice(s0 + big_r, s0 + big_r + d) for s0, d in zip((z0, y0, x0), cdim))
         cidx = cen_p[csl].nonzero()                                    # (M, 3) centre-box coords
         c_lin = _lin(cidx, cdim)
@@ -209,7 +208,8 @@ def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: to
         # weights at the centres, in chunks
         w_c = torch.zeros((b, cidx.shape[0]), dtype=torch.float32, device=dev)
         a_flat, t_flat, v_flat = a_d.reshape(b, -1), t_d.reshape(-1), v_d.reshape(-1)
-        e_flat = err_p[(slice(None),) + dsl].reshape(b, -1) if err_p is not None else None
+        e_flat = _data_box(error_probs, img0, ddim, 0.0, torch.float32, dev).reshape(b, -1) \
+            if error_probs is not None else None
         for s in range(0, cidx.shape[0], 4096):
             bl = base_lin[s:s + 4096]
             tp = bl[:, None] + p_lin[None]                              # (m, P)
@@ -279,7 +279,8 @@ def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: to
         n_c, x_lin, winner, wblk, i_, l_, p_ = res
         n_solved += n_c
         fused[x_lin] = winner
-        wmaps[:, x_lin] = wblk
+        w_idx.append(x_lin.cpu())
+        w_val.append(wblk.cpu())
         sp_idx.append(i_)
         sp_lab.append(l_)
         sp_prob.append(p_)
@@ -305,17 +306,30 @@ def joint_label_fusion(images: torch.Tensor | Sequence[torch.Tensor], target: to
     post = Posteriors(shape, fused_np, unc.cpu().numpy(), cat(sp_idx, np.int64), cat(sp_lab, np.int64),
                       cat(sp_prob, np.float32).astype(np.float32))
     info = {"uncertain_voxels": int(unc.sum()), "solved_centres": n_solved, "voxels": int(np.prod(shape))}
-    return fused_np, post, wmaps.reshape(b, *shape).cpu().numpy(), info
+    # blocks are disjoint, so each solved voxel has one entry
+    weights = AtlasWeights(shape, fill, cat(w_idx, np.int64),
+                           torch.cat(w_val, 1).numpy() if w_val else np.zeros((b, 0), np.float32))
+    del w_idx, w_val
+    return fused_np, post, (weights if compact_weights else np.asarray(weights)), info
 
 
-def _padded_stack(xs: torch.Tensor | Sequence[torch.Tensor], pw: int, value: float, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """(B, Z + 2 pw, Y + 2 pw, X + 2 pw) of ``dtype``: each (Z, Y, X) ``xs[i]`` in the middle, ``value`` around
-    (what ``F.pad(stack(xs), [pw] * 6, value=value)`` gives, one atlas copied at a time)."""
-    z, y, x = (int(n) for n in xs[0].shape[-3:])
-    out = torch.full((len(xs), z + 2 * pw, y + 2 * pw, x + 2 * pw), value, dtype=dtype, device=device)
+def _data_box(xs: torch.Tensor | Sequence[torch.Tensor], start: Sequence[int], dims: Sequence[int], value: float,
+              dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(B, *dims) contiguous ``dtype``: the box of ``dims`` voxels starting at image voxel ``start`` (may lie
+    outside the image) of each (Z, Y, X) ``xs[i]``, ``value`` where it leaves the image: what slicing
+    ``F.pad(stack(xs), value=value)`` at that box gives, without the padded stack."""
+    shape = [int(n) for n in xs[0].shape[-3:]]
+    out = torch.full((len(xs), *(int(d) for d in dims)), value, dtype=dtype, device=device)
+    src, dst = [], []
+    for s0, d, n in zip(start, dims, shape):
+        lo, hi = max(0, s0), min(n, s0 + d)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s0, hi - s0))
+    src_t, dst_t = tuple(src), tuple(dst)
     for i in range(len(xs)):
-        out[i, pw:pw + z, pw:pw + y, pw:pw + x] = xs[i]
+        out[(i, *dst_t)] = xs[i][src_t]
     return out
 
 
