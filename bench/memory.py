@@ -145,33 +145,38 @@ def compare(a: Path, b: Path) -> list[str]:
     for f in ("qa.csv", "metrics.csv", "metrics.json", "atlases/report.json"):
         if (a / f).exists() != (b / f).exists():
             problems.append(f"{f} in one folder only")
-        elif (a / f).exists() and _table(a / f) != _table(b / f):
+        elif (a / f).exists() and _table(a / f, a.parent) != _table(b / f, b.parent):
             problems.append(f"{f} differs")
     ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
     for key in ("labels", "target_grid", "atlases", "summary", "outputs"):  # atlases: the per-atlas QA numbers
-        if _strip(ma.get(key)) != _strip(mb.get(key)):
+        if _strip(ma.get(key), a.parent) != _strip(mb.get(key), b.parent):
             problems.append(f"manifest {key!r} differs")
     return problems
 
 
-def _table(path: Path):
-    """A CSV's rows without the seconds column (timings differ between any two runs), or a JSON file."""
+def _table(path: Path, root: Path | None = None):
+    """A CSV's rows without the seconds column (timings differ between any two runs), or a JSON file
+    (:func:`_strip`)."""
     import csv
     if path.suffix == ".json":
-        return _strip(json.loads(path.read_text()))
+        return _strip(json.loads(path.read_text()), root)
     with open(path, newline="") as f:
         return [{k: v for k, v in row.items() if "second" not in k} for row in csv.DictReader(f)]
 
 
-def _strip(x):
+def _strip(x, root: Path | None = None):
     """A manifest part without timings and output paths (which differ between any two runs); input paths from the
-    repository's .cache on (a run from a copy of the tree sees them under the copy)."""
+    repository's .cache on (a run from a copy of the tree sees them under the copy); ``root`` (the folder above the
+    output folder, where a run may keep its own copy of the inputs, e.g. the atlas set) written as ``<run>``."""
     if isinstance(x, dict):
-        return {k: _strip(v) for k, v in x.items() if not any(w in k for w in ("second", "time", "timing", "path", "dir"))}
+        return {k: _strip(v, root) for k, v in x.items()
+                if not any(w in k for w in ("second", "time", "timing", "path", "dir"))}
     if isinstance(x, list):
-        return [_strip(v) for v in x]
+        return [_strip(v, root) for v in x]
     if isinstance(x, str) and "/.cache/" in x:  # an input under the cache, as seen from the run's (copied) tree
         return x[x.index("/.cache/"):]
+    if isinstance(x, str) and root is not None and x.startswith(str(root) + os.sep):
+        return "<run>" + x[len(str(root)):]
     return x
 
 
