@@ -472,3 +472,24 @@ def test_every_segment_preset_is_a_registration_preset():
     opts = SegmentOptions(preset="greedy")
     assert get_params(opts.preset, stage="deformable").deform_optimizer == "greedy"
     assert get_params(SegmentOptions().preset, stage="deformable").deform_optimizer == "adam"
+
+
+def test_deformable_unit_floor_scales_the_levels(brains):
+    """``deform_min_unit_mm``: on a 4 mm brain a floor of 8 mm counts the deformable levels in 8 mm, i.e. the same
+    registration as levels twice as coarse in the target's own voxels (bitwise); a floor below the voxel size
+    changes nothing, and it stays out of the reports of presets that do not set it."""
+    target, atlas = brains[0][0], AtlasInput("s1", *brains[1])
+    base = dict(affine_shrink=(2.0,), affine_iterations=(10,), deform_iterations=(8, 4))
+    floored = get_params("greedy", **base, deform_shrink=(1.5, 1.0), control_shrink=(1.5, 1.0), deform_min_unit_mm=8.0)
+    by_hand = get_params("greedy", **base, deform_shrink=(3.0, 2.0), control_shrink=(3.0, 2.0), deform_min_unit_mm=0.0)
+    a = register(target, [atlas], params=floored, device="cpu").atlases[0]
+    b = register(target, [atlas], params=by_hand, device="cpu").atlases[0]
+    np.testing.assert_array_equal(a.field, b.field)
+    low = get_params("greedy", **base, deform_shrink=(1.5, 1.0), control_shrink=(1.5, 1.0), deform_min_unit_mm=1.4)
+    none = get_params("greedy", **base, deform_shrink=(1.5, 1.0), control_shrink=(1.5, 1.0), deform_min_unit_mm=0.0)
+    np.testing.assert_array_equal(register(target, [atlas], params=low, device="cpu").atlases[0].field,
+                                  register(target, [atlas], params=none, device="cpu").atlases[0].field)
+    assert "deform_min_unit_mm" not in get_params("default").to_json()
+    assert get_params("greedy").to_json()["deform_min_unit_mm"] == pytest.approx(1.4)
+    with pytest.raises(MASRefineError, match="deform_min_unit_mm"):
+        get_params("greedy", deform_min_unit_mm=-1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -135,6 +135,11 @@ def register(target: Volume | sitk.Image, atlases: Sequence[AtlasInput], label_t
     target_vol = as_image_volume(target, dev)  # a Volume: as it is; sitk: normalised once, here
     target_grid = target_vol.grid
     deformable = params.stage == "deformable"
+    floor = params.deform_min_unit_mm / min(target_grid.spacing)
+    if deformable and floor > 1.0:  # the deformable levels' unit raised to deform_min_unit_mm (params.py)
+        params = replace(params, deform_shrink=tuple(round(s * floor, 6) for s in params.deform_shrink),
+                         control_shrink=tuple(round(s * floor, 6) for s in params.control_shrink),
+                         deform_min_unit_mm=0.0)
     shrinks = list(params.affine_shrink) + (list(params.deform_shrink) if deformable else [])
     report(progress, STAGE, 0.0, "preparing target")
     tpyr = TargetPyramid(target_vol, shrinks, dev)
