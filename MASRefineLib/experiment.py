@@ -252,9 +252,11 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: Optional[int], n_targ
             base = Load().run(Run(SegmentOptions(), dev, target_path=t.image, atlas_dir=str(aset.root)), None)
             grid = base.target.grid
             if prereg == "unet":
-                t0 = time.perf_counter()
+                t0, trained = time.perf_counter(), not (aset.models_dir / "segmenter.json").exists()
                 seg = ensure_segmenter(base.atlas_set, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)
-                training.setdefault("segmenter", round(time.perf_counter() - t0, 1))
+                if trained:  # loading a segmenter trained before is not training
+                    training["segmenter"] = round(time.perf_counter() - t0, 1)
+                    write_json(training, tpath)
                 t0 = time.perf_counter()
                 labels = seg.predict_labels(base.target.numpy(), grid)
                 secs = {"segment": round(time.perf_counter() - t0, 2)}
@@ -265,16 +267,20 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: Optional[int], n_targ
             opts = SegmentOptions(prereg=prereg, refine="IS" if any(r[2] == "IS" for r in spec) else "none",
                                   fusion="votenet" if any(r[3] == "votenet" for r in spec) else "pv",
                                   device=str(dev), preset=preset, seed=seed, train_missing=True)
-            t0 = time.perf_counter()
-            had_seg = (aset.models_dir / "segmenter.json").exists()
             had_vn = votenet_model_path(aset, prereg) is not None
             base = base.replace(options=opts)
+            # each model's training timed apart, and recorded as soon as it is done (an interrupted run keeps it)
+            if opts.refine == "IS" and not (aset.models_dir / "segmenter.json").exists():
+                t0 = time.perf_counter()
+                ensure_segmenter(aset, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)
+                training["segmenter"] = round(time.perf_counter() - t0, 1)
+                write_json(training, tpath)
+            t0 = time.perf_counter()
             if opts.refine == "IS" or opts.fusion == "votenet":
                 base = Models().run(base, None)
             if opts.fusion == "votenet" and not had_vn:
                 training[f"votenet-{prereg}"] = round(time.perf_counter() - t0, 1)
-            elif opts.refine == "IS" and not had_seg:
-                training["segmenter"] = round(time.perf_counter() - t0, 1)
+                write_json(training, tpath)
             t0 = time.perf_counter()
             registered = Register().run(base, None)
             t_reg = time.perf_counter() - t0
