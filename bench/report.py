@@ -159,7 +159,8 @@ def render(dataset: str, split: str) -> str:
             seen.add((proc, st))
             per = [r["methods"][m]["per_atlas_dice"][st] for r in shown if r["methods"].get(m, {}).get("per_atlas_dice", {}).get(st)]
             vals = {g: [d[g] for t in per for d in t.values()] for g in gs}
-            name = {"ants": "ANTs SyN", "greedy-jlf": "greedy"}.get(proc, "MASRefine")
+            name = {"ants": "ANTs SyN", "greedy-jlf": "greedy", "masrefine": "MASRefine"}.get(
+                proc, f"MASRefine {proc.removeprefix('masrefine-')}")  # e.g. "MASRefine greedy"
             warp_rows.append([f"{name}, {st}"] + [_ms(vals[g], 100, 1) for g in gs] + [str(len(per))])
     if warp_rows:
         lines += ["", "Warped atlases before fusion: Dice of each atlas against the target's truth (mean ± sd over "
