@@ -347,7 +347,7 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
                                       "value": c["metrics"]["groups"][g][m]})
     done = [r for r in rows if summary[r[0]]["n"]]  # the rows with finished cells
     # Markdown
-    head = ["Pre-registration", "Method"] + [f"{lab} {g}" for _, lab, _, _ in METRICS for g in gnames]
+    head = ["Pre-registration", "Method"] + [f"{lab} {g}" for _, lab, _, _ in METRICS for g in gnames] + ["targets"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, prereg, refine, fusion, name in done:
         s = summary[key]
@@ -355,9 +355,9 @@ def write_table(out: Path, rows, target_ids: Sequence[str], groups: dict[str, li
         if fusion == "votenet" and s["methods"] and "votenet" not in s["methods"]:
             shown = f"{name.replace('VoteNet+', s['methods'][0].upper())} (VoteNet+ unavailable)"
         cellv = [_fmt(s[(g, m)][0] * sc, s[(g, m)][1] * sc, d) for m, _, sc, d in METRICS for g in gnames]
-        lines.append("| " + " | ".join([prereg or "–", shown] + cellv) + " |")
+        lines.append("| " + " | ".join([prereg or "–", shown] + cellv + [str(s["n"])]) + " |")  # sd of 1 target: 0
     n_t = len(target_ids)
-    md = [f"# Table 1 (mean (sd) over {n_t} target{'s' if n_t != 1 else ''})", "",
+    md = [f"# Table 1 (mean (sd) over {n_t} target{'s' if n_t != 1 else ''}; a row with fewer has not finished)", "",
           "Groups: " + "; ".join(f"{g} = labels {v}" for g, v in groups.items()) +
           ". ASD: average symmetric surface distance; SD: surface Dice at 0.7 mm; 95MD: 95th-percentile "
           "Hausdorff distance; VD: volume Dice.", ""] + lines

@@ -64,7 +64,7 @@ def test_table_resume_and_split_guard(data, tmp_path, capsys):
     mtimes = {p: os.path.getmtime(p) for p in (out / "cells").rglob("*.json")}
     assert cli_main(args + ["--prereg", "affine", "--rows", "affine-pv"]) == 0
     printed = capsys.readouterr().out
-    assert "# Table 1 (mean (sd) over 2 targets)" in printed and "table1.csv" in printed
+    assert "# Table 1 (mean (sd) over 2 targets" in printed and "table1.csv" in printed
     assert {p: os.path.getmtime(p) for p in (out / "cells").rglob("*.json")} == mtimes
     # a cell that is deleted is computed again, alone
     victim = out / "cells" / "affine-pv" / f"{split['targets'][0]}.json"
