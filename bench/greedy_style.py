@@ -47,7 +47,11 @@ OURS = {"default": ("default", {}), "greedy-style": ("greedy", {}),
                                            "deform_iterations": (100, 50), "deform_lr": (1.0, 1.0)}),
         # greedy's schedule one octave up (levels 8, 4, 2 v): on the 0.7 mm knee grid its finest level is 1.4 mm,
         # about as many voxels as an IXI brain at 2 mm, where greedy's own 1 v level costs ~6x our default
-        "greedy-style-2v": ("greedy", {"deform_shrink": (8.0, 4.0, 2.0), "control_shrink": (8.0, 4.0, 2.0)})}
+        "greedy-style-2v": ("greedy", {"deform_shrink": (8.0, 4.0, 2.0), "control_shrink": (8.0, 4.0, 2.0),
+                                       "deform_min_unit_mm": 0.0})}
+# the schedules above as they were measured (before the greedy preset's 1.4 mm floor, deform_min_unit_mm): with the
+# floor, "greedy-style" on a 0.7 mm knee is "greedy-style-2v"; on a 2 mm brain nothing changes
+OURS["greedy-style-coarse"][1]["deform_min_unit_mm"] = 0.0
 
 
 def _ours(dataset: str, method: str, target: Path, atlas_ids: list[str]) -> tuple[list[np.ndarray], list[float], dict]:
