@@ -236,6 +236,16 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: Optional[int], n_targ
         if not isinstance(training, dict):
             raise MASRefineError(f"{tpath}: must hold a JSON object (training seconds per model); delete it")
 
+    def train_segmenter() -> Any:
+        """The surrogate segmenter (loaded, or trained when missing); a training is timed and recorded at once
+        (an interrupted run keeps it; loading one trained before is not training)."""
+        t0, trained = time.perf_counter(), not (aset.models_dir / "segmenter.json").exists()
+        seg = ensure_segmenter(aset, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)
+        if trained:
+            training["segmenter"] = round(time.perf_counter() - t0, 1)
+            write_json(training, tpath)
+        return seg
+
     n_units = len(targets) * (len(preregs) + (1 if unet else 0))
     unit = 0
     for t in targets:
@@ -252,11 +262,7 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: Optional[int], n_targ
             base = Load().run(Run(SegmentOptions(), dev, target_path=t.image, atlas_dir=str(aset.root)), None)
             grid = base.target.grid
             if prereg == "unet":
-                t0, trained = time.perf_counter(), not (aset.models_dir / "segmenter.json").exists()
-                seg = ensure_segmenter(base.atlas_set, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)
-                if trained:  # loading a segmenter trained before is not training
-                    training["segmenter"] = round(time.perf_counter() - t0, 1)
-                    write_json(training, tpath)
+                seg = train_segmenter()
                 t0 = time.perf_counter()
                 labels = seg.predict_labels(base.target.numpy(), grid)
                 secs = {"segment": round(time.perf_counter() - t0, 2)}
@@ -269,12 +275,9 @@ def run_experiment(data_dir: str | os.PathLike, n_atlases: Optional[int], n_targ
                                   device=str(dev), preset=preset, seed=seed, train_missing=True)
             had_vn = votenet_model_path(aset, prereg) is not None
             base = base.replace(options=opts)
-            # each model's training timed apart, and recorded as soon as it is done (an interrupted run keeps it)
+            # each model's training timed apart (the segmenter first), and recorded as soon as it is done
             if opts.refine == "IS" and not (aset.models_dir / "segmenter.json").exists():
-                t0 = time.perf_counter()
-                ensure_segmenter(aset, SegmentOptions(preset=preset, seed=seed, refine="IS"), dev, None)
-                training["segmenter"] = round(time.perf_counter() - t0, 1)
-                write_json(training, tpath)
+                train_segmenter()  # (an existing one is loaded by Models below, once)
             t0 = time.perf_counter()
             if opts.refine == "IS" or opts.fusion == "votenet":
                 base = Models().run(base, None)

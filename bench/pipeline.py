@@ -69,15 +69,14 @@ TOLERANCE_MM = {"knee": 0.7, "ixi": 2.0}
 FORMAT = 1  # of the result files
 
 
+# each MASRefine method: its segment options besides the defaults
+SEGMENT_CHOICES = {"masrefine": {}, "masrefine-fast": {"preset": "fast"}, "masrefine-greedy": {"preset": "greedy"},
+                   "masrefine-paper": {"refine": "IS", "fusion": "votenet"}}
+
+
 def segment_options(method: str, threads: int):
     from MASRefineLib.pipeline import SegmentOptions
-    if method == "masrefine":
-        return SegmentOptions(device="cpu", threads=threads, train_missing=False)
-    if method == "masrefine-fast":
-        return SegmentOptions(preset="fast", device="cpu", threads=threads, train_missing=False)
-    if method == "masrefine-greedy":
-        return SegmentOptions(preset="greedy", device="cpu", threads=threads, train_missing=False)
-    return SegmentOptions(refine="IS", fusion="votenet", device="cpu", threads=threads, train_missing=False)
+    return SegmentOptions(**SEGMENT_CHOICES[method], device="cpu", threads=threads, train_missing=False)
 
 
 def method_key(method: str, threads: int) -> dict:

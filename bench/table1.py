@@ -136,8 +136,7 @@ def collect(dataset: str, split: str, work: Path) -> Path:
 
 def render() -> str:
     """Each measured table (re-rendered from its cells) and the knee's comparison with the paper."""
-    from MASRefineLib.experiment import ROWS, default_groups, write_table
-    from MASRefineLib.labels import LabelTable
+    from MASRefineLib.experiment import ROWS, write_table
     parts = ["# The paper's Table 1, measured (`bench/table1.py`)", "",
              "Rendered by `bench/table1.py --render` from the result files under `docs/results/table1/` (cells written",
              "by `masrefine experiment` with the fixed benchmark split: the 10 tuning atlases, the 5 report targets).",
@@ -145,12 +144,9 @@ def render() -> str:
     for d in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
         split = json.loads((d / "split.json").read_text())
         dataset = d.name.split("-")[0]
-        table = LabelTable.load(datasets.knee_cache() / "labels.json" if dataset == "knee"
-                                else datasets.ixi_label_table()) if datasets.available() else None
-        if dataset == "knee":
-            groups = {"bone": [1, 3], "cartilage": [2, 4]}
-        else:
-            groups = default_groups(table) if table is not None else {"all": []}
+        # the label groups the experiment used, as its cells record them (no label table needed to render)
+        first = json.loads(next(d.glob("cells/*/*.json")).read_text())
+        groups = {g: v["labels"] for g, v in first["metrics"]["groups"].items()}
         training = json.loads((d / "training.json").read_text()) if (d / "training.json").exists() else None
         r = write_table(d, ROWS, split["targets"], groups, training)
         parts += [f"## {d.name}: {len(split['atlases'])} atlases, {len(split['targets'])} targets", "",
