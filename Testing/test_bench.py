@@ -179,6 +179,6 @@ def test_report_renders_tables_from_result_files(tmp_path, monkeypatch):
 
 def test_rendered_docs_match_the_committed_results():
     """docs/results/pipeline.md and the README block are what bench/report.py renders from the result files."""
-    for script in ("report.py", "speed.py"):  # and docs/results/speed.md
+    for script in ("report.py", "speed.py", "batch.py"):  # and docs/results/speed.md, docs/results/batch.md
         r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--check"], capture_output=True, text=True)
         assert r.returncode == 0, (script, r.stdout, r.stderr)

@@ -20,7 +20,10 @@ batch then skips: for checking the table only). The batch must beat the loop; th
     .venv/bin/python bench/batch.py                        # about 3 x 8 x 10 CPU min with the defaults
     .venv/bin/python bench/batch.py --refine none --targets 4
 
-Prints one table and writes ``.cache/bench-batch/results.json``.
+    .venv/bin/python bench/batch.py --check                # exit 1 when docs/results/batch.md is out of date
+
+Writes ``docs/results/batch/knee-tuning.json`` (the measurement, with the commit and package versions; committed)
+and renders ``docs/results/batch.md`` from it (``--render`` renders again without measuring).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "docs" / "results" / "batch" / "knee-tuning.json"
+DOC = ROOT / "docs" / "results" / "batch.md"
 MASREFINE = [sys.executable, "-m", "MASRefineLib.cli"]
 
 
@@ -76,6 +81,35 @@ def run(cmd: list[str]) -> tuple[float, dict]:
     return time.perf_counter() - t0, peaks
 
 
+def render(doc: dict | None = None) -> str:
+    """docs/results/batch.md from the result file (or from ``doc``): one row per way, the loop first."""
+    if doc is None:
+        if not RESULT.exists():
+            return "# Cohort runs: `masrefine batch` against a loop of `segment` (issue 24)\n\nNot measured yet.\n"
+        doc = json.loads(RESULT.read_text())
+    results = doc["results"]
+    loop = results.get("loop", {}).get("wall_s")
+    v = doc.get("versions", {})
+    lines = ["# Cohort runs: `masrefine batch` against a loop of `segment` (issue 24)", "",
+             "Rendered by `bench/batch.py` from `docs/results/batch/knee-tuning.json`, not typed. "
+             f"{len(doc['targets'])} knee targets (tuning subjects, never report subjects), {len(doc['atlases'])} "
+             f"tuning atlases, options `{' '.join(doc['options'])}`, {doc['cpus']} CPUs, commit {doc.get('commit', '?')}, "
+             f"{doc.get('date', '?')}, " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".", "",
+             "- `loop`: one `masrefine segment --threads 2` process per target, one after the other;",
+             "- `batch-WxT`: `masrefine batch --workers W --threads-per-worker T` (a Dask LocalCluster).", "",
+             "Seconds per target: the loop's per process; the batch's per task (W targets run at once). "
+             "Load at start: the 1-minute load average when the way began (above 2, something else shared the cores).",
+             "", "| way | wall s (all targets) | targets / hour | s / target | peak MB per worker | faster than the loop |"
+             " load at start |", "|---|---|---|---|---|---|---|"]
+    for way, r in results.items():
+        peaks = r.get("peak_mb_per_worker") or {}
+        pk = ", ".join(f"{x:.0f}" for x in peaks.values()) if peaks else f"{max(r['peak_mb_per_process']):.0f} (max)"
+        vs = f"{loop / r['wall_s']:.2f}x" if loop else ""
+        lines.append(f"| {way} | {r['wall_s']:.0f} | {r['targets_per_hour']:.1f} | {r['per_target_s']:.0f} | {pk} | "
+                     f"{vs} | {r['load_at_start']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", type=int, default=8, help="knee targets (default 8)")
@@ -84,7 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--ways", default="loop,batch-1x2,batch-2x1")
     ap.add_argument("--keep", action="store_true", help="reuse finished outputs (checking the table only)")
+    ap.add_argument("--render", action="store_true", help="render docs/results/batch.md from the committed result")
+    ap.add_argument("--check", action="store_true", help="exit 1 when docs/results/batch.md is out of date")
     a = ap.parse_args(argv)
+    if a.check:
+        ok = DOC.exists() and DOC.read_text() == render()
+        print("docs/results/batch.md is up to date" if ok else "docs/results/batch.md differs: run bench/batch.py --render")
+        return 0 if ok else 1
+    if a.render:
+        DOC.write_text(render())
+        print(DOC.read_text())
+        return 0
 
     atlases, _ = datasets.benchmark_split("knee", "tuning")
     report = set(datasets.REPORT_SUBJECTS["knee"])
@@ -132,18 +176,18 @@ def main(argv: list[str] | None = None) -> int:
                             "peak_mb_per_worker": per_worker, "peak_mb_all_processes": pk}
         results[way].update(targets_per_hour=len(targets) * 3600 / results[way]["wall_s"], load_at_start=load)
 
-    doc = {"targets": targets, "atlases": atlases, "options": opts, "cpus": os.cpu_count(), "results": results}
-    (work / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    loop = results.get("loop", {}).get("wall_s")
-    print(f"{len(targets)} knee targets, {len(atlases)} atlases, {' '.join(opts)}, {os.cpu_count()} CPUs\n")
-    print("| way | wall s | targets / hour | s / target | peak MB per worker | vs loop | load at start |")
-    print("|---|---|---|---|---|---|---|")
-    for way, r in results.items():
-        peaks = r.get("peak_mb_per_worker") or {}
-        pk = ", ".join(f"{v:.0f}" for v in peaks.values()) if peaks else f"{max(r['peak_mb_per_process']):.0f} (max)"
-        vs = f"{loop / r['wall_s']:.2f}x" if loop else ""
-        print(f"| {way} | {r['wall_s']:.0f} | {r['targets_per_hour']:.1f} | {r['per_target_s']:.0f} | {pk} | {vs} | "
-              f"{r['load_at_start']:.1f} |")
+    import pipeline  # noqa: E402  (bench/pipeline.py: the commit and package versions every result records)
+    from importlib.metadata import version
+    doc = {"targets": targets, "atlases": atlases, "options": opts, "cpus": os.cpu_count(),
+           "commit": pipeline.commit(), "date": time.strftime("%Y-%m-%d"),
+           "versions": {k: version(k) for k in ("torch", "SimpleITK", "dask", "distributed")}, "results": results}
+    if a.keep:  # a table check on reused outputs is not a measurement: it stays in .cache
+        (work / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    else:
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(json.dumps(doc, indent=1) + "\n")
+        DOC.write_text(render())
+    print(render(doc))
     return 0
 
 
