@@ -454,6 +454,24 @@ def test_gaussian_smoothing_of_fields():
     assert gaussian_smooth(imp, 0.0) is imp
 
 
+def test_gaussian_smoothing_is_monai_separable_filtering_with_replicate_borders():
+    """Why gaussian_smooth is ours (its docstring): MONAI's GaussianFilter pads with zeros, so it pulls a
+    field toward 0 at the border (a constant field loses most of its value in a corner); MONAI's
+    separable_filtering with replicate padding and the same sampled, normalised kernel is the same numbers."""
+    from monai.networks.layers import GaussianFilter, separable_filtering
+    from monai.networks.layers.convutils import gaussian_1d
+    from MASRefineLib.registration.deformable import gaussian_smooth
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 3, 20, 24, 22, generator=g)
+    for sigma in (0.7071, 1.732):
+        k = gaussian_1d(torch.tensor(sigma), truncated=4.0, approx="sampled", normalize=True)
+        theirs = separable_filtering(f.reshape(6, 1, *f.shape[2:]), [k] * 3, mode="replicate").reshape(f.shape)
+        torch.testing.assert_close(gaussian_smooth(f, sigma), theirs, atol=1e-5, rtol=0)
+        const = torch.ones(1, 1, 12, 12, 12)
+        assert GaussianFilter(3, sigma, truncated=4.0, approx="sampled")(const).min().item() < 0.6
+        assert gaussian_smooth(const, sigma).min().item() == pytest.approx(1.0, abs=1e-6)
+
+
 def test_register_command_offers_every_preset():
     """``masrefine register --preset`` lists its choices by hand (building the parser must not import torch);
     they are the registration presets, no more, no fewer."""
