@@ -15,6 +15,9 @@ are the split's 10 tuning atlases, and for more than 10 the further tuning subje
     .venv/bin/python bench/memory.py --atlases 10 --name knee-10-before
     .venv/bin/python bench/memory.py --compare .cache/memory/knee-10-before/out .cache/memory/knee-10/out
     .venv/bin/python bench/memory.py --render
+    # issue 22's series: 5, 10, 20, 40 atlases of one commit, one plot (beyond 26 atlases the subjects repeat)
+    for n in 5 10 20 40; do .venv/bin/python bench/memory.py --atlases $n --name stream-$n; done
+    .venv/bin/python bench/memory.py --render --plot stream
 """
 from __future__ import annotations
 
@@ -39,17 +42,50 @@ INTERVAL_S = 0.2
 
 
 def knee_split(n_atlases: int) -> tuple[list[str], str]:
-    """(atlas ids, target id): the tuning split's atlases (extended by further non-report tuning subjects
-    beyond 10) and its first tuning target."""
+    """(atlas subject ids, target id): the tuning split's atlases, extended by further non-report tuning subjects
+    beyond 10, and its first tuning target. Beyond the tuning subjects besides the target (26 on the knee data)
+    the subjects repeat in the same order: memory depends on how many atlases a run holds, not on who they are
+    (the repeats are registered and fused like any atlas; their Dice says nothing)."""
     from bench import datasets
     atlases, targets = datasets.benchmark_split("knee", "tuning")
     target = targets[0]
     pool = datasets.training_pool("knee", exclude=[target, *atlases])
     order = [s for s in datasets._seed0_order("knee") if s in set(pool)]  # the seed-0 order, as the split's
-    ids = (atlases + order)[:n_atlases]
-    if len(ids) < n_atlases:
-        raise SystemExit(f"only {len(ids)} knee tuning subjects besides the target; asked for {n_atlases}")
-    return ids, target
+    distinct = atlases + order
+    return [distinct[i % len(distinct)] for i in range(n_atlases)], target
+
+
+def atlas_ids(subjects: list[str]) -> list[str]:
+    """Atlas ids of ``subjects``: a subject's k-th repeat (k >= 2) is ``<subject>-r<k>``."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in subjects:
+        seen[s] = seen.get(s, 0) + 1
+        out.append(s if seen[s] == 1 else f"{s}-r{seen[s]}")
+    return out
+
+
+def knee_atlas_set(subjects: list[str]):
+    """The atlas set of ``subjects`` (bench/datasets.make_atlas_set); with repeats, one in ``.cache/memory/`` whose
+    images and labels folders hold links named by :func:`atlas_ids` to the knee cache's files."""
+    from bench import datasets
+    if len(set(subjects)) == len(subjects):
+        return datasets.make_atlas_set("knee", subjects)
+    from MASRefineLib.atlas import AtlasSet, init_atlas_set
+    kd = datasets.knee_dataset(sorted(set(subjects)))
+    ids = atlas_ids(subjects)
+    root = WORK / f"atlas-set-knee-{len(ids)}"
+    if (root / "atlas.json").exists() and AtlasSet.load(root).ids == ids:
+        return AtlasSet.load(root)
+    for kind in ("images", "labels"):
+        d = root / "files" / kind
+        d.mkdir(parents=True, exist_ok=True)
+        for s, i in zip(subjects, ids):
+            link = d / f"{i}.nii.gz"
+            if not link.is_symlink():
+                link.symlink_to((kd / kind / f"{s}.nii.gz").resolve())
+    return init_atlas_set(root, root / "files" / "images", root / "files" / "labels", kd / "labels.json", ids=ids,
+                          overwrite=True)
 
 
 class Sampler(threading.Thread):
@@ -90,8 +126,9 @@ def measure(n_atlases: int, name: str, threads: int, commit: str | None = None) 
     from bench import datasets
     from MASRefineLib.pipeline import SegmentOptions, segment
 
-    ids, target = knee_split(n_atlases)
-    aset = datasets.make_atlas_set("knee", ids)
+    subjects, target = knee_split(n_atlases)
+    aset = knee_atlas_set(subjects)
+    ids = aset.ids
     img, truth = datasets.knee_case(target)
     out = WORK / name / "out"
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +143,7 @@ def measure(n_atlases: int, name: str, threads: int, commit: str | None = None) 
     s.stop.set()
     s.join()
     rec = {"name": name, "dataset": "knee", "split": "tuning", "target": target, "atlases": ids,
-           "n_atlases": len(ids), "threads": threads, "interval_s": INTERVAL_S, "seconds": round(time.perf_counter() - t0, 1),
+           "n_atlases": len(ids), "distinct_subjects": len(set(subjects)), "threads": threads, "interval_s": INTERVAL_S, "seconds": round(time.perf_counter() - t0, 1),
            "peak_mb": round(max(s.peaks.values()) / 2**20),
            "stages": [{"stage": k, "peak_mb": round(s.peaks[k] / 2**20)} for k in s.order],
            "output": str(out.relative_to(ROOT)), "commit": commit or _commit(), "date": time.strftime("%Y-%m-%d"),
@@ -215,6 +252,35 @@ def slopes() -> str:
     return "\n".join(rows)
 
 
+def plot(series: str, path: Path) -> bool:
+    """Peak MB and seconds against the number of atlases for the result files named ``<series>-<N>`` (one
+    commit's runs), both in one figure at ``path``. False when fewer than two such runs exist."""
+    recs = sorted((json.loads(p.read_text()) for p in RESULTS.glob(f"{series}-*.json")), key=lambda r: r["n_atlases"])
+    recs = [r for r in recs if r["name"] == f"{series}-{r['n_atlases']}"]
+    if len(recs) < 2:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = [r["n_atlases"] for r in recs]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot(n, [r["peak_mb"] for r in recs], "o-", color="tab:blue", label="peak MB")
+    ax.axhline(3072, color="tab:blue", ls=":", lw=1)
+    ax.set_xlabel("atlases")
+    ax.set_ylabel("peak resident memory (MB)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(n, [r["seconds"] for r in recs], "s--", color="tab:red", label="seconds")
+    ax2.set_ylabel("wall seconds", color="tab:red")
+    ax.set_xticks(n)
+    commits = sorted({r["commit"] for r in recs})
+    ax.set_title(f"segment defaults, knee tuning target, {recs[0]['threads']} threads ({', '.join(commits)})", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_doc() -> None:
     text = DOC.read_text()
     i, j = text.index(BEGIN) + len(BEGIN), text.index(END)
@@ -233,6 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", help="commit to record when run from a copy without .git (e.g. a git archive of it)")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two output folders and exit")
     ap.add_argument("--render", action="store_true", help="render docs/results/memory/*.json into docs/memory.md")
+    ap.add_argument("--plot", metavar="SERIES", help="with --render: plot the runs named SERIES-<N> into "
+                    "docs/results/memory/SERIES.png (peak MB and seconds against N)")
     a = ap.parse_args(argv)
     if a.compare:
         pa, pb = (Path(x).resolve() for x in a.compare)
@@ -247,6 +315,8 @@ def main(argv=None) -> int:
         (RESULTS / f"compare-{pa.parent.name}-{pb.parent.name}.txt").write_text(text + "\n")
         return 1 if problems else 0
     if a.render:
+        if a.plot:
+            print(f"plot: {'written' if plot(a.plot, RESULTS / (a.plot + '.png')) else 'fewer than two runs'}")
         write_doc()
         print(render())
         print(slopes())
